@@ -36,7 +36,7 @@ from PIL import Image
 from common.datasets import (CITYSCAPES_LABELID_TO_TRAINID, CS19_TO_11, DSEC_SEQUENCES, MAPILLARY_TO_TRAINID,
                              PALETTES, SYNTHIA_TO_TRAINID, make_lut)
 
-GENERATOR_VERSION = 1  # bump when the output changes, so ensure_synthetic_sample regenerates stale samples
+GENERATOR_VERSION = 2  # bump when the output changes, so ensure_synthetic_sample regenerates stale samples
 SIZE_RATIO = 1 / 8     # every size is the real native size times this
 
 # --------------------------------------------------------------------------------------------------------------
@@ -70,6 +70,14 @@ MAPILLARY_V12_NAMES = (
     "Traffic Sign (Back)", "Traffic Sign (Front)", "Trash Can", "Bicycle", "Boat", "Bus", "Car", "Caravan",
     "Motorcycle", "On Rails", "Other Vehicle", "Trailer", "Truck", "Wheeled Slow", "Car Mount", "Ego Vehicle",
     "Unlabeled")
+
+
+def _encode_lut(mapping: dict[int, int], void: int) -> np.ndarray:
+    """trainId -> raw id LUT; every trainId without an entry (and 255) becomes the dataset's void id."""
+    lut = np.full(256, void, np.uint8)
+    for k, v in mapping.items():
+        lut[k] = v
+    return lut
 
 
 def _palette(colours: dict[int, tuple[int, int, int]]) -> list[int]:
@@ -378,8 +386,7 @@ class _Gen:
 
 def _write_cityscapes(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
     d = root / "cityscapes"
-    lab_ids = make_lut(TRAIN_TO_LABELID)
-    lab_ids[255] = 0  # void -> unlabeled (labelId 0)
+    lab_ids = _encode_lut(TRAIN_TO_LABELID, 0)  # void -> unlabeled (labelId 0)
     cities = {"train": ["aachen", "bochum"], "val": ["frankfurt"], "test": ["berlin"]}
     for split, n in (("train", n_train), ("val", n_eval), ("test", 1)):
         for k in range(n):
@@ -402,13 +409,11 @@ def _write_numbered(root: Path, g: _Gen, n_train: int, n_eval: int, name: str) -
     ids = list(range(1, n_train + 1)) + [50 * (k + 1) for k in range(n_eval)]  # eval split: ids = 0 mod 50
     if name == "gta5":
         d, wh, digits = root / "gta5", (239, 132), 5
-        lut = make_lut(TRAIN_TO_LABELID)
-        lut[255] = 0
+        lut = _encode_lut(TRAIN_TO_LABELID, 0)
         pal = _palette(_LABELID_COLOURS)
     else:
         d, wh, digits = root / "synthia", (160, 95), 7
-        lut = make_lut(TRAIN_TO_SYNTHIA)
-        lut[255] = 0
+        lut = _encode_lut(TRAIN_TO_SYNTHIA, 0)
     for k in ids:
         stem = f"{k:0{digits}d}"
         if name == "gta5":
@@ -469,8 +474,7 @@ def _write_bdd(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
 
 def _write_mapillary(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
     d = root / "mapillary"
-    lut = make_lut(TRAIN_TO_MAPILLARY)
-    lut[255] = 65  # Unlabeled
+    lut = _encode_lut(TRAIN_TO_MAPILLARY, 65)  # void -> Unlabeled
     cols = _mapillary_colours()
     pal = _palette(cols)
     sizes = [(256, 192), (240, 135), (200, 150)]  # Mapillary sizes vary
@@ -546,8 +550,7 @@ def _write_dsec(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
 
 def _write_fmb(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
     d = root / "fmb"
-    lut = make_lut(TRAIN_TO_FMB)
-    lut[255] = 0
+    lut = _encode_lut(TRAIN_TO_FMB, 0)  # wall, fence and void -> unlabelled
     n = n_train + n_eval
     for k in range(n):
         split = "test" if k % 3 == 1 and sum(1 for j in range(k) if j % 3 == 1) < n_eval else "train"
