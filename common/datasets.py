@@ -337,8 +337,8 @@ def read_rgb(name: str, path: Path) -> Image.Image:
         a loaded PIL image in mode "RGB" (H, W, 3) uint8.
     """
     def fn(im: Image.Image) -> Image.Image:
-        im.load()
-        return im.convert("RGB") if im.mode != "RGB" else im.copy()
+        im.load()  # leaving the `with` block closes only the file; the decoded pixels stay (no copy needed)
+        return im.convert("RGB") if im.mode != "RGB" else im
     return _decode(name, path, fn)
 
 
@@ -997,8 +997,17 @@ for _k, _v in SYNTHIA_TO_TRAINID.items():
 
 
 def _present(raw: np.ndarray) -> np.ndarray:
-    """Sorted distinct values of a uint8 map (a bincount: much cheaper than np.unique's sort on 2 Mpx)."""
+    """Sorted distinct values of a uint8 map."""
     return np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
+
+
+def _bad_values(raw: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Values of `raw` outside `allowed`; a 256-entry boolean lookup first, since almost every label is clean."""
+    bad = np.ones(256, bool)
+    bad[allowed] = False
+    if not bad[raw].any():
+        return np.empty(0, np.int64)
+    return np.setdiff1d(_present(raw), allowed)
 
 
 def _fmt_set(vals: np.ndarray) -> str:
@@ -1047,6 +1056,16 @@ class SegDataset(torch.utils.data.Dataset):
             if self.crop_size > min(w, h):
                 raise DatasetError(f"error: --crop-size {self.crop_size} is larger than the resized {name} image "
                                    f"({w}x{h} after resize). Lower --crop-size.")
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers started with "spawn" pickle the dataset: locks cannot travel, h5 handles must not
+        state = dict(self.__dict__)
+        del state["_warn_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._warn_lock = threading.Lock()
 
     # ---------------------------------------------------------------- construction checks
     def _check_sizes(self, on_mismatch: str) -> None:
@@ -1114,7 +1133,7 @@ class SegDataset(torch.utils.data.Dataset):
             raw = raw[..., 0]  # DELIVER: the class is channel 0
         if kind in ("trainIds", "cs_trainIds"):
             k = self.native_classes
-            bad = np.setdiff1d(_present(raw), np.r_[np.arange(k), IGNORE])
+            bad = _bad_values(raw, np.r_[np.arange(k), IGNORE])
             if bad.size:
                 hint = (" This is a labelIds map; use *_gtFine_labelTrainIds.png or --label-format labelIds."
                         if kind == "cs_trainIds" else
@@ -1124,7 +1143,7 @@ class SegDataset(torch.utils.data.Dataset):
                                    f"{{0..{k - 1}, 255}}.{hint}")
             return raw.copy()
         if kind in _RAW_MAX:
-            bad = np.setdiff1d(_present(raw), np.r_[np.arange(_RAW_MAX[kind] + 1), IGNORE])
+            bad = _bad_values(raw, np.r_[np.arange(_RAW_MAX[kind] + 1), IGNORE])
             if bad.size:
                 raise DatasetError(f"error: {self.name}: label '{it.label}' has values {_fmt_set(bad)} outside "
                                    f"{{0..{_RAW_MAX[kind]}, 255}}. Expected the raw {self.name} label encoding.")
@@ -1183,11 +1202,17 @@ class SegDataset(torch.utils.data.Dataset):
         return resize_size(self.info.train_resize, wh, self.scale)
 
     @staticmethod
-    def _to_tensor(im: Image.Image) -> torch.Tensor:
-        if im.mode == "F":
-            a = torch.from_numpy(np.array(im, dtype=np.float32, copy=True))
-            return a.clamp_(0, 1)[None].expand(3, -1, -1).contiguous()  # grey replicated to 3 channels
-        return torch.from_numpy(np.array(im, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
+    def _to_array(im: Image.Image) -> np.ndarray:
+        """(H, W, C) uint8 for RGB, (H, W) float32 in [0, 1] for grey modalities."""
+        return np.asarray(im)
+
+    @staticmethod
+    def _to_tensor(a: np.ndarray) -> torch.Tensor:
+        # one pass: channel-first layout, float conversion and /255 together (C-ordered copy by astype)
+        if a.ndim == 2:
+            g = np.clip(a, 0.0, 1.0).astype(np.float32)
+            return torch.from_numpy(np.broadcast_to(g, (3,) + g.shape).copy())  # grey replicated to 3 channels
+        return torch.from_numpy(a.transpose(2, 0, 1).astype(np.float32)).mul_(1.0 / 255.0)
 
     def _check_same_size(self, i: int, im: Image.Image, label: np.ndarray) -> None:
         if self.has_labels and im.size != label.shape[::-1]:
@@ -1209,7 +1234,8 @@ class SegDataset(torch.utils.data.Dataset):
         if not self.has_labels:
             label = np.full((im.size[1], im.size[0]), IGNORE, np.uint8)
         self._check_same_size(i, im, label)
-        return {"image": self._to_tensor(im), "label": torch.from_numpy(self._convert[label].astype(np.int64)),
+        return {"image": self._to_tensor(self._to_array(im)),
+                "label": torch.from_numpy(self._convert[label].astype(np.int64)),
                 "name": self.items[i].name, "split": self.split}
 
     def sample(self, i: int, rng: np.random.Generator, rcs_class: Optional[int] = None,
@@ -1260,12 +1286,11 @@ class SegDataset(torch.utils.data.Dataset):
         sx, sy = w0 / tw, h0 / th
         img = im.resize((c, c), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + c) * sx, (y0 + c) * sy)) \
             if (tw, th) != (w0, h0) else im.crop((x0, y0, x0 + c, y0 + c))
-        image = self._to_tensor(img)
-        if rng.random() < 0.5:
-            image = image.flip(-1)
-            lab = lab[:, ::-1]
+        arr = self._to_array(img)
+        if rng.random() < 0.5:  # joint horizontal flip, on the small crop before any float conversion
+            arr, lab = arr[:, ::-1], lab[:, ::-1]
         label_t = torch.from_numpy(self._convert[lab].astype(np.int64))  # LUT indexing makes a fresh copy
-        return {"image": image.contiguous(), "label": label_t, "name": self.items[i].name, "split": self.split}
+        return {"image": self._to_tensor(arr), "label": label_t, "name": self.items[i].name, "split": self.split}
 
     def eval_size(self, hw: tuple[int, int]) -> tuple[int, int]:
         """`eval_input_size(self.name, hw, self.scale)`: (W, H) of the evaluation input for an image (H, W)."""
