@@ -7,12 +7,12 @@ What is here, top to bottom:
 - file readers that handle the encodings of §3 (palette PNGs read as indices, SYNTHIA 16-bit labels through
   Pillow's raw modes, DELIVER depth by dtype, DSEC raw events rendered per §6);
 - one listing function per layout, then `SegDataset` (eval items at native size, train items resized, cropped,
-  flipped and converted, §5), `RareClassSampling` (DAFormer RCS) and `TrainStream` (batches as a pure function of
-  (seed, step, index), so resuming and DDP sharding need no sampler state).
+  flipped and converted, §5), `RareClassSampling` (DAFormer RCS) and `TrainStream` (batches as a pure function
+  of (seed, step, index), so resuming and DDP sharding need no sampler state).
 
-Conventions: images float32 (3, H, W) in [0, 1] (grey modalities replicated to 3 channels); labels int64 (H, W) with
-255 = ignore; sizes are written (W, H) as in datasets.md, array shapes (H, W). Bad input fails at construction with
-the one-line messages of datasets.md §12 (`DatasetError`, a `UserError`).
+Conventions: images float32 (3, H, W) in [0, 1] (grey modalities replicated to 3 channels); labels int64 (H,
+W) with 255 = ignore; sizes are written (W, H) as in datasets.md, array shapes (H, W). Bad input fails at
+construction with the one-line messages of datasets.md §12 (`DatasetError`, a `UserError`).
 
 Tags: [official] the dataset's own release or tooling, [ref: X] a public re-implementation, [our choice].
 """
@@ -42,12 +42,12 @@ IGNORE = 255
 
 
 class DatasetError(UserError):
-    """A dataset on disk does not match its official layout or encoding (one-line message, datasets.md §12)."""
+    """A dataset on disk does not match its official layout or encoding (one line, datasets.md §12)."""
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Registry (datasets.md §2 and §5)
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DatasetInfo:
     """One registry entry.
@@ -59,12 +59,13 @@ class DatasetInfo:
         train_split, eval_split: native split names used for training and for the metric.
         train_resize: ("exact", (W, H)) or ("keep", (W, H)) = keep-ratio into the box (datasets.md §5).
         eval_input: same convention, the input size at evaluation.
-        metric: "native" (label size), "half" (half the label size, Mapillary) or "input" (the eval input size,
-            label nearest-resized; MADM's targets).
+        metric: "native" (label size), "half" (half the label size, Mapillary) or "input" (the eval input
+            size, label nearest-resized; MADM's targets).
         modality: "rgb" | "event" | "infrared" | "depth".
         download: where to get it.
         splits: every native split name the loader knows.
-        no_gt_splits: splits listed without labels (no public ground truth, or an unlabeled target train split).
+        no_gt_splits: splits listed without labels (no public ground truth, or an unlabeled target train
+            split).
         counts: expected number of items per split (a mismatch is a warning, datasets.md §2).
         native_size: typical native (W, H).
     """
@@ -84,29 +85,39 @@ class DatasetInfo:
     native_size: tuple[int, int] = (0, 0)
 
 
+def _exact(w: int, h: int) -> tuple[str, tuple[int, int]]:
+    return ("exact", (w, h))
+
+
+def _keep(w: int, h: int) -> tuple[str, tuple[int, int]]:
+    return ("keep", (w, h))
+
+
 def _acdc_info(cond: Optional[str]) -> DatasetInfo:
     val_counts = {"fog": 100, "night": 106, "rain": 100, "snow": 100}
     n_val = val_counts[cond] if cond else sum(val_counts.values())
     return DatasetInfo(
-        name=f"acdc_{cond}" if cond else "acdc", folder="acdc", num_classes=19, train_split="train",
-        eval_split="val", train_resize=("exact", (960, 540)), eval_input=("exact", (960, 540)), metric="native",
-        modality="rgb", download="https://acdc.vision.ee.ethz.ch/download (rgb_anon_trainvaltest.zip, gt_trainval.zip)",
-        splits=("train", "val", "test"), no_gt_splits=("test",),
-        counts=(("train", 400 if cond else 1600), ("val", n_val)), native_size=(1920, 1080))
+        f"acdc_{cond}" if cond else "acdc", "acdc", 19, "train", "val", _exact(960, 540), _exact(960, 540),
+        "native", "rgb",
+        "https://acdc.vision.ee.ethz.ch/download (rgb_anon_trainvaltest.zip, gt_trainval.zip)",
+        ("train", "val", "test"), ("test",), (("train", 400 if cond else 1600), ("val", n_val)), (1920, 1080))
 
 
+# Fields in order: name, folder, classes, train split, eval split, train resize, eval input, metric, modality,
+# download, splits, splits without labels, expected counts, native (W, H). Sizes: datasets.md §5.
 DATASETS: dict[str, DatasetInfo] = {
     "cityscapes": DatasetInfo(
-        "cityscapes", "cityscapes", 19, "train", "val", ("exact", (1024, 512)), ("exact", (1024, 512)), "native",
-        "rgb", "https://www.cityscapes-dataset.com/downloads/ (leftImg8bit_trainvaltest.zip, gtFine_trainvaltest.zip)",
+        "cityscapes", "cityscapes", 19, "train", "val", _exact(1024, 512), _exact(1024, 512), "native", "rgb",
+        "https://www.cityscapes-dataset.com/downloads/ "
+        "(leftImg8bit_trainvaltest.zip, gtFine_trainvaltest.zip)",
         ("train", "val", "test"), ("test",), (("train", 2975), ("val", 500)), (2048, 1024)),
     # GTA5 and SYNTHIA are sources: "all" is the whole release, "val" the ids = 0 mod 50 [our choice]
     "gta5": DatasetInfo(
-        "gta5", "gta5", 19, "all", "val", ("keep", (1280, 720)), ("keep", (1280, 720)), "native", "rgb",
+        "gta5", "gta5", 19, "all", "val", _keep(1280, 720), _keep(1280, 720), "native", "rgb",
         "https://download.visinf.tu-darmstadt.de/data/from_games/", ("all", "val"), (),
         (("all", 24966), ("val", 499)), (1914, 1052)),
     "synthia": DatasetInfo(
-        "synthia", "synthia", 19, "all", "val", ("exact", (1280, 760)), ("exact", (1280, 760)), "native", "rgb",
+        "synthia", "synthia", 19, "all", "val", _exact(1280, 760), _exact(1280, 760), "native", "rgb",
         "https://synthia-dataset.net/downloads/ (SYNTHIA-RAND-CITYSCAPES)", ("all", "val"), (),
         (("all", 9400), ("val", 188)), (1280, 760)),
     "acdc": _acdc_info(None),
@@ -116,29 +127,29 @@ DATASETS: dict[str, DatasetInfo] = {
     "acdc_snow": _acdc_info("snow"),
     # the train split is unlabeled (night images only) [ref: DAFormer CS->DZ]
     "dark_zurich": DatasetInfo(
-        "dark_zurich", "dark_zurich", 19, "train", "val", ("exact", (960, 540)), ("exact", (960, 540)), "native",
-        "rgb", "https://www.trace.ethz.ch/publications/2019/GCMA_UIoU/ (Dark_Zurich_train_anon.zip, "
-        "Dark_Zurich_val_anon.zip)", ("train", "val", "test"), ("train", "test"), (("train", 2416), ("val", 50)),
-        (1920, 1080)),
+        "dark_zurich", "dark_zurich", 19, "train", "val", _exact(960, 540), _exact(960, 540), "native", "rgb",
+        "https://www.trace.ethz.ch/publications/2019/GCMA_UIoU/ (Dark_Zurich_train_anon.zip, "
+        "Dark_Zurich_val_anon.zip)",
+        ("train", "val", "test"), ("train", "test"), (("train", 2416), ("val", 50)), (1920, 1080)),
     "bdd100k": DatasetInfo(
-        "bdd100k", "bdd100k", 19, "train", "val", ("exact", (1280, 720)), ("exact", (1280, 720)), "native", "rgb",
+        "bdd100k", "bdd100k", 19, "train", "val", _exact(1280, 720), _exact(1280, 720), "native", "rgb",
         "https://bdd-data.berkeley.edu (10K images + semantic segmentation labels)", ("train", "val", "test"),
         ("test",), (("train", 7000), ("val", 1000)), (1280, 720)),
     "mapillary": DatasetInfo(
-        "mapillary", "mapillary", 19, "training", "validation", ("keep", (1024, 512)), ("keep", (1024, 512)),
-        "half", "rgb", "https://www.mapillary.com/dataset/vistas (v1.2)", ("training", "validation", "testing"),
+        "mapillary", "mapillary", 19, "training", "validation", _keep(1024, 512), _keep(1024, 512), "half",
+        "rgb", "https://www.mapillary.com/dataset/vistas (v1.2)", ("training", "validation", "testing"),
         ("testing",), (("training", 18000), ("validation", 2000)), (0, 0)),
     "dsec_event": DatasetInfo(
-        "dsec_event", "dsec", 11, "train", "test", ("exact", (768, 512)), ("exact", (512, 512)), "input", "event",
+        "dsec_event", "dsec", 11, "train", "test", _exact(768, 512), _exact(512, 512), "input", "event",
         "https://dsec.ifi.uzh.ch (events; DSEC-Semantic labels); edge PNGs: links in the XiaRho/MADM README",
         ("train", "test"), (), (("train", 4037), ("test", 2806)), (640, 440)),
     "fmb_infrared": DatasetInfo(
-        "fmb_infrared", "fmb", 9, "train", "test", ("exact", (683, 512)), ("exact", (512, 512)), "input",
-        "infrared", "links in the JinyuanLiu-CV/SegMiF README", ("train", "test"), (),
+        "fmb_infrared", "fmb", 9, "train", "test", _exact(683, 512), _exact(512, 512), "input", "infrared",
+        "links in the JinyuanLiu-CV/SegMiF README", ("train", "test"), (),
         (("train", 1220), ("test", 280)), (800, 600)),
     "deliver_depth": DatasetInfo(
-        "deliver_depth", "deliver", 11, "train", "test", ("exact", (712, 712)), ("exact", (512, 512)), "input",
-        "depth", "links in the jamycheung/DELIVER README", ("train", "val", "test"), (),
+        "deliver_depth", "deliver", 11, "train", "test", _exact(712, 712), _exact(512, 512), "input", "depth",
+        "links in the jamycheung/DELIVER README", ("train", "val", "test"), (),
         (("train", 3983), ("test", 1897)), (1042, 1042)),
 }
 
@@ -148,27 +159,29 @@ EVAL_PROTOCOL: dict[str, tuple[tuple[str, tuple[int, int]], str]] = {
 
 # DSEC-Semantic sequences [official; ref: ESS, MADM]
 DSEC_SEQUENCES = {
-    "train": ("zurich_city_00_a", "zurich_city_01_a", "zurich_city_02_a", "zurich_city_04_a", "zurich_city_05_a",
-              "zurich_city_06_a", "zurich_city_07_a", "zurich_city_08_a"),
+    "train": ("zurich_city_00_a", "zurich_city_01_a", "zurich_city_02_a", "zurich_city_04_a",
+              "zurich_city_05_a", "zurich_city_06_a", "zurich_city_07_a", "zurich_city_08_a"),
     "test": ("zurich_city_13_a", "zurich_city_14_c", "zurich_city_15_a"),
 }
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 DELIVER_CONDITIONS = ("cloud", "fog", "night", "rain", "sun")
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Class sets, palettes, label maps (datasets.md §4)
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 CLASS_SETS: dict[int, tuple[str, ...]] = {
-    19: ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-         "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"),
+    19: ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+         "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+         "bicycle"),
     # [ref: MADM config_files/common/data/*.py]; ESS calls id 0 "background", MADM maps Cityscapes sky to it
     11: ("sky", "building", "fence", "person", "pole", "road", "sidewalk", "vegetation", "car", "wall",
          "traffic sign"),
     9: ("sky", "building", "person", "pole", "road", "sidewalk", "vegetation", "car", "traffic sign"),
 }
-_CS_COLOURS = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-               (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-               (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)]
+_CS_COLOURS = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+               (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+               (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+               (0, 80, 100), (0, 0, 230), (119, 11, 32)]
 _NAMED_COLOURS = dict(zip(CLASS_SETS[19], _CS_COLOURS))
 # the 11/9-class "traffic sign" is drawn in the Cityscapes traffic-light colour, as in MADM
 _NAMED_COLOURS_SMALL = {**_NAMED_COLOURS, "traffic sign": (250, 170, 30)}
@@ -196,7 +209,8 @@ DELIVER_TO_11 = {0: 1, 1: 2, 3: 3, 4: 4, 5: 5, 6: 5, 7: 6, 8: 7, 9: 8, 10: 9, 11
 FMB_TO_9 = {1: 4, 2: 5, 3: 1, 4: 8, 5: 8, 6: 6, 7: 0, 8: 2, 9: 7, 10: 7, 11: 7, 12: 7, 13: 7, 14: 3}
 CS19_TO_11 = {0: 5, 1: 6, 2: 1, 3: 9, 4: 2, 5: 4, 6: 10, 7: 10, 8: 7, 9: 7, 10: 0, 11: 3, 12: 3,
               **{i: 8 for i in range(13, 19)}}
-CS19_TO_9 = {0: 4, 1: 5, 2: 1, 5: 3, 6: 8, 7: 8, 8: 6, 9: 6, 10: 0, 11: 2, 12: 2, **{i: 7 for i in range(13, 19)}}
+CS19_TO_9 = {0: 4, 1: 5, 2: 1, 5: 3, 6: 8, 7: 8, 8: 6, 9: 6, 10: 0, 11: 2, 12: 2,
+             **{i: 7 for i in range(13, 19)}}
 C11_TO_9 = {0: 0, 1: 1, 3: 2, 4: 3, 5: 4, 6: 5, 7: 6, 8: 7, 10: 8}  # [our choice]
 C9_TO_11 = {0: 0, 1: 1, 2: 3, 3: 4, 4: 5, 5: 6, 6: 7, 7: 8, 8: 10}  # [our choice]
 
@@ -205,7 +219,8 @@ def make_lut(mapping: dict[int, int]) -> np.ndarray:
     """A 256-entry lookup table: `lut[v] = mapping.get(v, 255)`, with 255 -> 255.
 
     Returns:
-        (256,) uint8. Apply once to a copy (`lut[label]`): never chain in-place replacements (datasets.md §4.6).
+        (256,) uint8. Apply once to a copy (`lut[label]`): never chain in-place replacements (datasets.md
+        §4.6).
     """
     lut = np.full(256, IGNORE, np.uint8)
     for k, v in mapping.items():
@@ -215,8 +230,8 @@ def make_lut(mapping: dict[int, int]) -> np.ndarray:
 
 
 def _deliver_lut() -> np.ndarray:
-    # Stored value s = raw + 1 (0 = unlabelled). Do 0 -> 255 explicitly instead of relying on uint8 wrap-around of
-    # s - 1 (MADM's trick; with int64 it would give -1).
+    # Stored value s = raw + 1 (0 = unlabelled). Do 0 -> 255 explicitly instead of relying on uint8
+    # wrap-around of s - 1 (MADM's trick; with int64 it would give -1).
     lut = np.full(256, IGNORE, np.uint8)
     for raw_minus_1, c in DELIVER_TO_11.items():
         lut[raw_minus_1 + 1] = c
@@ -242,18 +257,19 @@ def convert_labels(src_k: int, tgt_k: int) -> np.ndarray:
     if (src_k, tgt_k) in _CONVERSIONS:
         return make_lut(_CONVERSIONS[(src_k, tgt_k)])
     if src_k in CLASS_SETS and tgt_k in CLASS_SETS:
-        raise DatasetError(f"error: class sets: cannot convert {src_k}-class labels to {tgt_k} classes; a merged "
-                           f"class cannot be split. Expected a conversion 19->19/11/9, 11->11/9 or 9->9/11.")
-    raise DatasetError(f"error: class sets: unknown class count {src_k if src_k not in CLASS_SETS else tgt_k}. "
-                       f"Expected 19, 11 or 9.")
+        raise DatasetError(f"error: class sets: cannot convert {src_k}-class labels to {tgt_k} classes; a "
+                           f"merged class cannot be split. Expected a conversion 19->19/11/9, 11->11/9 or "
+                           f"9->9/11.")
+    raise DatasetError(f"error: class sets: unknown class count "
+                       f"{src_k if src_k not in CLASS_SETS else tgt_k}. Expected 19, 11 or 9.")
 
 
 def check_pair(src: str, tgt: str) -> int:
     """The model's class count for a `--src` / `--tgt` pair (the target's); `tgt` may be a comma list.
 
     Raises:
-        DatasetError: the source's class set cannot be mapped onto the target's (datasets.md §12 "Class sets"),
-            or targets of a comma list have different class sets.
+        DatasetError: the source's class set cannot be mapped onto the target's (datasets.md §12 "Class
+            sets"), or targets of a comma list have different class sets.
     """
     for n in [src] + tgt.split(","):
         if n not in DATASETS:
@@ -261,13 +277,14 @@ def check_pair(src: str, tgt: str) -> int:
     tgts = tgt.split(",")
     ks = {DATASETS[t].num_classes for t in tgts}
     if len(ks) > 1:
-        raise DatasetError(f"error: --tgt {tgt}: the targets have different class sets ({sorted(ks)}). Expected "
-                           f"targets sharing one class set.")
+        raise DatasetError(f"error: --tgt {tgt}: the targets have different class sets ({sorted(ks)}). "
+                           f"Expected targets sharing one class set.")
     k_src, k_tgt = DATASETS[src].num_classes, ks.pop()
     if k_src != k_tgt and (k_src, k_tgt) not in _CONVERSIONS:
         # only 11 -> 19 and 9 -> 19 land here: every other pair of class sets has a table in datasets.md §4.5
-        raise DatasetError(f"error: --src {src} has {k_src} classes but --tgt {tgts[0]} needs {k_tgt}; a merged "
-                           f"class cannot be split. Use a {k_tgt}-class source (cityscapes, gta5, synthia, ...).")
+        raise DatasetError(f"error: --src {src} has {k_src} classes but --tgt {tgts[0]} needs {k_tgt}; a "
+                           f"merged class cannot be split. Use a {k_tgt}-class source (cityscapes, gta5, "
+                           f"synthia, ...).")
     return k_tgt
 
 
@@ -275,11 +292,13 @@ def _scaled(v: int, scale: float) -> int:
     return max(1, int(v * scale + 0.5))
 
 
-def resize_size(spec: tuple[str, tuple[int, int]], wh: tuple[int, int], scale: float = 1.0) -> tuple[int, int]:
+def resize_size(spec: tuple[str, tuple[int, int]], wh: tuple[int, int],
+                scale: float = 1.0) -> tuple[int, int]:
     """Target (W, H) of a resize rule for an image of size `wh` = (w, h).
 
     Args:
-        spec: ("exact", (W, H)) or ("keep", (W, H)); the box is multiplied by `scale` first (the demo uses 1/8).
+        spec: ("exact", (W, H)) or ("keep", (W, H)); the box is multiplied by `scale` first (the demo uses
+            1/8).
         wh: the image's (w, h).
     Returns:
         (W, H). Keep-ratio: s = min(W/w, H/h), size = int(w*s + 0.5) x int(h*s + 0.5) [ref: mmseg].
@@ -303,9 +322,9 @@ def eval_input_size(name: str, hw: tuple[int, int], scale: float = 1.0) -> tuple
     return resize_size(DATASETS[name].eval_input, (w, h), scale)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # File readers (every read checks mode / dtype: datasets.md §10 pitfalls 2-4)
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 _READ_ERRORS = (OSError, SyntaxError, ValueError, zlib.error, EOFError, Image.DecompressionBombError)
 
 
@@ -355,7 +374,8 @@ def read_label_array(name: str, path: Path, allow_rgb: bool = False) -> np.ndarr
         DatasetError: colour (RGB/RGBA) labels unless allowed, 16-bit labels, undecodable files.
     """
     def fn(im: Image.Image) -> np.ndarray:
-        if im.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr") and not (allow_rgb and im.mode in ("RGB", "RGBA")):
+        colour = im.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr")
+        if colour and not (allow_rgb and im.mode in ("RGB", "RGBA")):
             article = "an" if im.mode[0] in "RL" else "a"
             raise DatasetError(f"error: {name}: label '{path}' is {article} {im.mode} image. Expected a "
                                f"single-channel class-index PNG (not a colormap).")
@@ -368,8 +388,9 @@ def read_label_array(name: str, path: Path, allow_rgb: bool = False) -> np.ndarr
 
 
 def _with_rawmode(im: Image.Image, rawmode: str) -> np.ndarray:
-    # Pillow's PNG plugin describes a 16-bit RGB file as mode "RGB" with decoder raw mode "RGB;16B", which keeps
-    # only the high byte of every sample. Replacing the raw mode of each tile before `load()` picks the other byte.
+    # Pillow's PNG plugin describes a 16-bit RGB file as mode "RGB" with decoder raw mode "RGB;16B", which
+    # keeps only the high byte of every sample. Replacing the raw mode of each tile before `load()` picks the
+    # other byte.
     im.tile = [t._replace(args=rawmode if isinstance(t.args, str) else (rawmode,) + tuple(t.args[1:]))
                for t in im.tile]
     im.load()
@@ -398,8 +419,9 @@ def read_synthia_label(name: str, path: Path) -> np.ndarray:
     else:
         ids = read_label_array(name, path).astype(np.uint16)
     if ids.max() == 0:
-        raise DatasetError(f"error: synthia: label '{path}' decoded with max 0; SYNTHIA labels are 16-bit RGB and "
-                           f"are read with Pillow's RGB;16B + RGB;16L raw modes; upgrade Pillow if this fails.")
+        raise DatasetError(f"error: synthia: label '{path}' decoded with max 0; SYNTHIA labels are 16-bit "
+                           f"RGB and are read with Pillow's RGB;16B + RGB;16L raw modes; upgrade Pillow if "
+                           f"this fails.")
     return ids
 
 
@@ -422,33 +444,37 @@ def read_grey(name: str, path: Path, depth: bool = False) -> np.ndarray:
     arr = _decode(name, path, lambda im: np.asarray(im))
     if arr.ndim == 3:
         rgb = arr[..., :3]
-        if depth and not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
-            _note_once(f"{name}:carla", f"note: {name}: '{path}' is CARLA 24-bit RGB depth; decoding "
-                                        f"(R + 256G + 65536B)/(2^24-1)*1000 m, shown as log1p(d)/log1p(1000).")
+        same = np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
+        if depth and not same:
+            _note_once(f"{name}:carla", f"note: {name}: '{path}' is CARLA 24-bit RGB depth; decoding (R + "
+                                        f"256G + 65536B)/(2^24-1)*1000 m, shown as log1p(d)/log1p(1000).")
             d = rgb.astype(np.float64) @ np.array([1.0, 256.0, 65536.0]) / (2**24 - 1) * 1000.0
             return (np.log1p(d) / np.log1p(1000.0)).astype(np.float32)
         arr = rgb[..., 0]
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / 255.0
     if arr.dtype in (np.uint16, np.int32) and arr.size:
-        _note_once(f"{name}:16", f"note: {name}: '{path}' is uint16 (max {int(arr.max())}); normalising by 65535.")
+        _note_once(f"{name}:16", f"note: {name}: '{path}' is uint16 (max {int(arr.max())}); normalising by "
+                                 f"65535.")
         return np.clip(arr.astype(np.float32) / 65535.0, 0.0, 1.0)
     return np.clip(arr.astype(np.float32), 0.0, 1.0)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # DSEC raw events -> image (datasets.md §6) [our choice; approximates MADM's pre-rendered edge PNGs]
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _import_h5py(folder: Path, split: str) -> Any:
     try:
-        import hdf5plugin  # noqa: F401  (registers Blosc/ZSTD filters; must come before opening official files)
+        # registers the Blosc/ZSTD filters of the official files; must be imported before h5py opens them
+        import hdf5plugin  # noqa: F401
     except ImportError:
         pass
     try:
         import h5py
     except ImportError:
         raise DatasetError(f"error: dsec_event: raw events need the optional package h5py (pip install h5py "
-                           f"hdf5plugin), or the pre-rendered edge images in '{folder}/69mask_{split}_edges/'."
+                           f"hdf5plugin), or the pre-rendered edge images in "
+                           f"'{folder}/69mask_{split}_edges/'."
                            ) from None
     return h5py
 
@@ -511,9 +537,9 @@ class _EventFiles:
             return self.arrays[(str(path), key)]
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Layouts: each lister returns the items of one split (datasets.md §3)
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 @dataclass
 class _Item:
     image: Optional[Path]          # None for raw DSEC events (rendered from the h5 file)
@@ -534,7 +560,8 @@ class _Listing:
 
 
 def _err_missing_split(name: str, folder: Path, rel: str, pattern: str) -> DatasetError:
-    return DatasetError(f"error: {name}: no folder '{rel}' under '{folder}'. Expected {pattern} (official layout).")
+    return DatasetError(f"error: {name}: no folder '{rel}' under '{folder}'. Expected {pattern} (official "
+                        f"layout).")
 
 
 def _err_empty(name: str, directory: Path, what: str = ".png") -> DatasetError:
@@ -549,10 +576,16 @@ def _pair(name: str, images: list[Path], label_for: Callable[[Path], Path], img_
         lab = label_for(img)
         if not lab.is_file():
             n_lab = n_labels_present()
-            raise DatasetError(f"error: {name}: {len(images)} images but {n_lab} labels; first without a label: "
-                               f"{img.name}. Images and labels are paired by stem in '{img_dir}' and '{lab_dir}'.")
+            raise DatasetError(f"error: {name}: {len(images)} images but {n_lab} labels; first without a "
+                               f"label: {img.name}. Images and labels are paired by stem in '{img_dir}' and "
+                               f"'{lab_dir}'.")
         items.append(_Item(img, lab, img.relative_to(folder).as_posix()))
     return items
+
+
+def _unlabeled(images: list[Path], folder: Path) -> _Listing:
+    """A split without ground truth: items carry all-ignore labels, the metric refuses it."""
+    return _Listing([_Item(p, None, p.relative_to(folder).as_posix()) for p in images], "none", "rgb", False)
 
 
 def _require_dir(name: str, folder: Path, rel: str, pattern: str) -> Path:
@@ -563,23 +596,26 @@ def _require_dir(name: str, folder: Path, rel: str, pattern: str) -> Path:
 
 
 def _list_cityscapes(name: str, folder: Path, split: str, opts: dict) -> _Listing:
-    pattern = "leftImg8bit/<train|val|test>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/*_gtFine_labelIds.png"
+    pattern = ("leftImg8bit/<train|val|test>/<city>/*_leftImg8bit.png and "
+               "gtFine/<split>/<city>/*_gtFine_labelIds.png")
     img_dir = _require_dir(name, folder, f"leftImg8bit/{split}", pattern)
     images = sorted(img_dir.glob("*/*_leftImg8bit.png"))
     if not images:
         raise _err_empty(name, img_dir, "*_leftImg8bit.png")
     if split in DATASETS[name].no_gt_splits:
-        return _Listing([_Item(p, None, p.relative_to(folder).as_posix()) for p in images], "none", "rgb", False)
+        return _unlabeled(images, folder)
     lab_dir = _require_dir(name, folder, f"gtFine/{split}", pattern)
     fmt = opts.get("label_format", "auto")
 
     def label_path(img: Path, suffix: str) -> Path:
         stem = img.name[: -len("_leftImg8bit.png")]
         return lab_dir / img.parent.name / f"{stem}_gtFine_{suffix}.png"
-    if fmt == "auto":  # trainIds if the converted files are complete for this split, else labelIds [our choice]
+    # trainIds if the converted files are complete for this split, else labelIds [our choice]
+    if fmt == "auto":
         fmt = "trainIds" if all(label_path(p, "labelTrainIds").is_file() for p in images) else "labelIds"
     if fmt not in ("trainIds", "labelIds"):
-        raise DatasetError(f"error: --label-format: unknown value '{fmt}'. Expected auto, trainIds or labelIds.")
+        raise DatasetError(f"error: --label-format: unknown value '{fmt}'. Expected auto, trainIds or "
+                           f"labelIds.")
     suffix = "labelTrainIds" if fmt == "trainIds" else "labelIds"
     items = _pair(name, images, lambda p: label_path(p, suffix), img_dir, lab_dir, folder,
                   lambda: len(list(lab_dir.glob(f"*/*_gtFine_{suffix}.png"))))
@@ -600,11 +636,13 @@ def _list_numbered(name: str, folder: Path, split: str, opts: dict, img_rel: str
         raise _err_empty(name, img_dir, f"{'N' * digits}.png")
     fmt = opts.get("label_format", "auto")
     if fmt == "auto":  # DAFormer's converted files if complete, else the raw encoding
-        fmt = "trainIds" if all((lab_dir / f"{p.stem}_labelTrainIds.png").is_file() for p in images) else "raw"
+        complete = all((lab_dir / f"{p.stem}_labelTrainIds.png").is_file() for p in images)
+        fmt = "trainIds" if complete else "raw"
     if fmt == "labelIds":
         fmt = "raw"
     if fmt not in ("trainIds", "raw"):
-        raise DatasetError(f"error: --label-format: unknown value '{fmt}'. Expected auto, trainIds or labelIds.")
+        raise DatasetError(f"error: --label-format: unknown value '{fmt}'. Expected auto, trainIds or "
+                           f"labelIds.")
     suffix = "_labelTrainIds" if fmt == "trainIds" else ""
     items = _pair(name, images, lambda p: lab_dir / f"{p.stem}{suffix}.png", img_dir, lab_dir, folder,
                   lambda: len([q for q in lab_dir.iterdir()
@@ -625,10 +663,11 @@ def _list_acdc(name: str, folder: Path, split: str, opts: dict) -> _Listing:
             conds = [c for c in opts["conditions"].split(",") if c]
         bad = [c for c in conds if c not in ACDC_CONDITIONS]
         if bad:
-            raise DatasetError(f"error: --conditions: unknown ACDC condition '{bad[0]}'. Expected a comma list of "
-                               f"{', '.join(ACDC_CONDITIONS)}.")
+            raise DatasetError(f"error: --conditions: unknown ACDC condition '{bad[0]}'. Expected a comma "
+                               f"list of {', '.join(ACDC_CONDITIONS)}.")
+    # DAFormer's flattened rgb_anon/{train,val}/ (acdc only: the condition is lost)
     flat = (name == "acdc" and not any((folder / "rgb_anon" / c).is_dir() for c in ACDC_CONDITIONS)
-            and (folder / "rgb_anon" / split).is_dir())  # DAFormer's flattened rgb_anon/{train,val}/ (acdc only)
+            and (folder / "rgb_anon" / split).is_dir())
     no_gt = split in DATASETS[name].no_gt_splits
     items: list[_Item] = []
     for cond in ([""] if flat else conds):
@@ -656,7 +695,7 @@ def _list_dark_zurich(name: str, folder: Path, split: str, opts: dict) -> _Listi
     if not images:
         raise _err_empty(name, img_dir, "*_rgb_anon.png")
     if split in DATASETS[name].no_gt_splits:
-        return _Listing([_Item(p, None, p.relative_to(folder).as_posix()) for p in images], "none", "rgb", False)
+        return _unlabeled(images, folder)
     lab_dir = _require_dir(name, folder, f"gt/{split}/night", "gt/val/night/<seq>/*_gt_labelTrainIds.png")
     items = _pair(name, images, lambda p: lab_dir / p.parent.name / p.name.replace(
         "_rgb_anon.png", "_gt_labelTrainIds.png"), img_dir, lab_dir, folder,
@@ -671,14 +710,15 @@ def _list_bdd(name: str, folder: Path, split: str, opts: dict) -> _Listing:
         lab_dir, lab_suffix = folder / "labels" / "sem_seg" / "masks" / split, ".png"
         lab_rel = f"labels/sem_seg/masks/{split}"
     else:  # the older release: seg/images/<split>/*.jpg + seg/labels/<split>/*_train_id.png [ref: mmseg]
-        img_dir = _require_dir(name, folder, f"seg/images/{split}", pattern + " (or seg/images/<split>/*.jpg)")
+        img_dir = _require_dir(name, folder, f"seg/images/{split}",
+                               pattern + " (or seg/images/<split>/*.jpg)")
         lab_dir, lab_suffix = folder / "seg" / "labels" / split, "_train_id.png"
         lab_rel = f"seg/labels/{split}"
     images = sorted(img_dir.glob("*.jpg"))
     if not images:
         raise _err_empty(name, img_dir, ".jpg")
     if split in DATASETS[name].no_gt_splits:
-        return _Listing([_Item(p, None, p.relative_to(folder).as_posix()) for p in images], "none", "rgb", False)
+        return _unlabeled(images, folder)
     _require_dir(name, folder, lab_rel, pattern)
     items = _pair(name, images, lambda p: lab_dir / f"{p.stem}{lab_suffix}", img_dir, lab_dir, folder,
                   lambda: len(list(lab_dir.glob(f"*{lab_suffix}"))))
@@ -698,15 +738,16 @@ def _list_mapillary(name: str, folder: Path, split: str, opts: dict) -> _Listing
         except (ValueError, KeyError, TypeError) as e:
             raise _corrupt(name, cfg, e) from None
         if n != 66:
-            raise DatasetError(f"error: mapillary: '{cfg}' lists {n} labels. Expected the 66 labels of Vistas v1.2 "
-                               f"(v2.0 with 124 is not used).")
+            raise DatasetError(f"error: mapillary: '{cfg}' lists {n} labels. Expected the 66 labels of "
+                               f"Vistas v1.2 (v2.0 with 124 is not used).")
     if split in DATASETS[name].no_gt_splits:
-        return _Listing([_Item(p, None, p.relative_to(folder).as_posix()) for p in images], "none", "rgb", False)
+        return _unlabeled(images, folder)
     lab_dir = folder / split / "v1.2" / "labels"
     if not lab_dir.is_dir():
         lab_dir = folder / split / "labels"  # older downloads: labels/ directly under the split (v1.x)
     if not lab_dir.is_dir():
-        raise _err_missing_split(name, folder, f"{split}/v1.2/labels", pattern + " (v2.0 labels are not used)")
+        raise _err_missing_split(name, folder, f"{split}/v1.2/labels",
+                                 pattern + " (v2.0 labels are not used)")
     items = _pair(name, images, lambda p: lab_dir / f"{p.stem}.png", img_dir, lab_dir, folder,
                   lambda: len(list(lab_dir.glob("*.png"))))
     return _Listing(items, "mapillary", "rgb")
@@ -786,36 +827,41 @@ def _list_dsec(name: str, folder: Path, split: str, opts: dict) -> _Listing:
         if not items:
             raise _err_empty(name, edges_dir / present[0])
         if not has_labels:
-            _note_once(f"dsec:{split}:nolabels", f"note: dsec_event: no labels for the {split} edge images; items "
-                                                 f"carry all-ignore labels (an unlabeled target split).")
+            _note_once(f"dsec:{split}:nolabels", f"note: dsec_event: no labels for the {split} edge images; "
+                                                 f"items carry all-ignore labels (an unlabeled target "
+                                                 f"split).")
             has_labels = all(it.label is not None for it in items)
         return _Listing(items, "trainIds" if has_labels else "none", "grey", has_labels, crop_top=True)
-    # raw events: frames k >= 1 with k % stride == 0 (frame 0 has no preceding events); train stride 2 [ref: MADM]
+    # raw events: frames k >= 1 with k % stride == 0 (frame 0 has no preceding events); train stride 2
+    # [ref: MADM]
     h5py = _import_h5py(folder, split)
     stride = int(opts.get("frame_stride") or (2 if split == "train" else 1))
     present = [s for s in seqs if (folder / split / s).is_dir()]
     if not present:
         raise _err_missing_split(name, folder, f"{split}/{seqs[0]}",
-                                 f"{split}/<seq>/events/left/events.h5 and {split}/<seq>/semantic/11classes/data/")
+                                 f"{split}/<seq>/events/left/events.h5 and "
+                                 f"{split}/<seq>/semantic/11classes/data/")
     for seq in present:
         ev = folder / split / seq / "events" / "left" / "events.h5"
         rect = ev.parent / "rectify_map.h5"
         for f in (ev, rect):
             if not f.is_file():
                 raise DatasetError(f"error: dsec_event: no file '{f.relative_to(folder)}' under '{folder}'. "
-                                   f"Expected {split}/<seq>/events/left/{{events.h5,rectify_map.h5}} (official "
-                                   f"layout).")
+                                   f"Expected {split}/<seq>/events/left/{{events.h5,rectify_map.h5}} "
+                                   f"(official layout).")
         _check_events_h5(h5py, ev)
         lab_dir, tried = _dsec_label_dir(folder, split, seq, events=True)
         if lab_dir is None:
-            raise DatasetError(f"error: dsec_event: no labels for sequence '{seq}'. Tried {', '.join(tried)}. "
-                               f"Download DSEC-Semantic from https://dsec.ifi.uzh.ch/dsec-semantic/.")
+            raise DatasetError(f"error: dsec_event: no labels for sequence '{seq}'. Tried "
+                               f"{', '.join(tried)}. Download DSEC-Semantic from "
+                               f"https://dsec.ifi.uzh.ch/dsec-semantic/.")
         labels = sorted(lab_dir.glob("*.png"))
         sem = lab_dir.parent.parent  # .../semantic or .../semantic/left
-        ts_file = next((p for p in (sem / "timestamps.txt", sem.parent / "timestamps.txt") if p.is_file()), None)
+        candidates = (sem / "timestamps.txt", sem.parent / "timestamps.txt")
+        ts_file = next((p for p in candidates if p.is_file()), None)
         if ts_file is None:
-            raise DatasetError(f"error: dsec_event: no timestamps.txt for sequence '{seq}' in '{sem}'. Expected one "
-                               f"int64 microsecond timestamp per label file (DSEC-Semantic).")
+            raise DatasetError(f"error: dsec_event: no timestamps.txt for sequence '{seq}' in '{sem}'. "
+                               f"Expected one int64 microsecond timestamp per label file (DSEC-Semantic).")
         ts = np.loadtxt(ts_file, dtype=np.int64, ndmin=1)  # int64 us: never through float (pitfall 12)
         if len(ts) != len(labels):
             raise DatasetError(f"error: dsec_event: '{seq}' has {len(ts)} timestamps but {len(labels)} label "
@@ -835,12 +881,13 @@ def _check_events_h5(h5py: Any, path: Path) -> None:
     """Open, check the keys of, and close one events file (handles are reopened lazily per worker)."""
     try:
         with h5py.File(path, "r") as f:
-            ok = all(k in f for k in ("events/x", "events/y", "events/p", "events/t", "ms_to_idx", "t_offset"))
+            keys = ("events/x", "events/y", "events/p", "events/t", "ms_to_idx", "t_offset")
+            ok = all(k in f for k in keys)
     except OSError as e:
         raise _corrupt("dsec_event", path, e) from None
     if not ok:
-        raise DatasetError(f"error: dsec_event: '{path}' lacks '/ms_to_idx' or '/t_offset'. Expected a DSEC events "
-                           f"file (events/x, events/y, events/p, events/t, ms_to_idx, t_offset).")
+        raise DatasetError(f"error: dsec_event: '{path}' lacks '/ms_to_idx' or '/t_offset'. Expected a DSEC "
+                           f"events file (events/x, events/y, events/p, events/t, ms_to_idx, t_offset).")
 
 
 _LISTERS: dict[str, Callable[[str, Path, str, dict], _Listing]] = {
@@ -864,7 +911,8 @@ _MARKERS = {"cityscapes": ("leftImg8bit",), "gta5": ("images", "labels"), "synth
             "dsec": ("69mask_train_edges", "69mask_test_edges", "test_semantic_labels", "train", "test"),
             "fmb": ("train", "test"), "deliver": ("depth", "semantic")}
 _ROOT_HINTS = {
-    "cityscapes": ("leftImg8bit/{split}/<city>/*_leftImg8bit.png", "gtFine/{split}/<city>/*_gtFine_labelIds.png",
+    "cityscapes": ("leftImg8bit/{split}/<city>/*_leftImg8bit.png",
+                   "gtFine/{split}/<city>/*_gtFine_labelIds.png",
                    "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
                    "https://www.cityscapes-dataset.com/downloads/"),
     "gta5": ("images/NNNNN.png", "labels/NNNNN.png", "the images and labels zips from "
@@ -873,7 +921,8 @@ _ROOT_HINTS = {
                 "https://synthia-dataset.net/downloads/"),
     "acdc": ("rgb_anon/<cond>/{split}/<seq>/*_rgb_anon.png", "gt/<cond>/{split}/<seq>/*_gt_labelTrainIds.png",
              "rgb_anon_trainvaltest.zip and gt_trainval.zip from https://acdc.vision.ee.ethz.ch/download"),
-    "dark_zurich": ("rgb_anon/{split}/night/<seq>/*_rgb_anon.png", "gt/val/night/<seq>/*_gt_labelTrainIds.png",
+    "dark_zurich": ("rgb_anon/{split}/night/<seq>/*_rgb_anon.png",
+                    "gt/val/night/<seq>/*_gt_labelTrainIds.png",
                     "Dark_Zurich_train_anon.zip and Dark_Zurich_val_anon.zip from "
                     "https://www.trace.ethz.ch/publications/2019/GCMA_UIoU/"),
     "bdd100k": ("images/10k/{split}/*.jpg", "labels/sem_seg/masks/{split}/*.png",
@@ -906,8 +955,9 @@ def resolve_folder(name: str, root: str | Path, split: str = "train") -> Path:
         return root
     shown = root if root.name == info.folder else sub
     a, b, how = _ROOT_HINTS["acdc" if name.startswith("acdc") else name]
-    raise DatasetError(f"error: {name}: folder '{shown}' not found. Expected '{shown}/{a.format(split=split)}' and "
-                       f"'{shown}/{b.format(split=split)}'. Download {how} and set --data-root.")
+    raise DatasetError(f"error: {name}: folder '{shown}' not found. Expected "
+                       f"'{shown}/{a.format(split=split)}' and '{shown}/{b.format(split=split)}'. Download "
+                       f"{how} and set --data-root.")
 
 
 def native_split(name: str, split: str) -> str:
@@ -929,9 +979,9 @@ def is_synthetic(folder: Path) -> bool:
     return (folder / "SYNTHETIC").is_file() or (folder.parent / "SYNTHETIC").is_file()
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Small caches (header sizes, RCS statistics) keyed by a hash of the file list
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _files_hash(paths: Sequence[Optional[Path]]) -> str:
     """Hash of the file list with sizes and modification times, so a replaced file invalidates a cache."""
     h = hashlib.sha1()
@@ -983,14 +1033,15 @@ def _parallel_map(fn: Callable[[Any], Any], xs: Sequence[Any], workers: int = 8)
         return list(pool.map(fn, xs, chunksize=16))
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The dataset
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Allowed raw values per label encoding, checked after every decode (datasets.md §10 pitfall 1/4).
 _RAW_MAX = {"cs_labelIds": 33, "mapillary": 65, "fmb": 14, "deliver": 25}
 _NATIVE_LUTS = {"cs_labelIds": make_lut(CITYSCAPES_LABELID_TO_TRAINID),
                 "cs_labelIds_palette": make_lut(CITYSCAPES_LABELID_TO_TRAINID),
-                "mapillary": make_lut(MAPILLARY_TO_TRAINID), "fmb": make_lut(FMB_TO_9), "deliver": _deliver_lut()}
+                "mapillary": make_lut(MAPILLARY_TO_TRAINID), "fmb": make_lut(FMB_TO_9),
+                "deliver": _deliver_lut()}
 _SYNTHIA_LUT16 = np.full(65536, IGNORE, np.uint8)
 for _k, _v in SYNTHIA_TO_TRAINID.items():
     _SYNTHIA_LUT16[_k] = _v
@@ -1002,7 +1053,7 @@ def _present(raw: np.ndarray) -> np.ndarray:
 
 
 def _bad_values(raw: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    """Values of `raw` outside `allowed`; a 256-entry boolean lookup first, since almost every label is clean."""
+    """Values of `raw` outside `allowed`; a boolean lookup first, since almost every label is clean."""
     bad = np.ones(256, bool)
     bad[allowed] = False
     if not bad[raw].any():
@@ -1019,17 +1070,18 @@ class SegDataset(torch.utils.data.Dataset):
     """One split of one dataset in its official layout; built by `build_dataset`.
 
     Attributes:
-        name, split (native name), info (`DatasetInfo`), folder (dataset folder), train (bool: items go through the
-        train transform), num_classes (the output class set), native_classes, class_names and palette (of the
-        output class set), has_labels (False for splits without ground truth: labels are all 255),
-        synthetic (inside the synthetic sample), scale (multiplies every size of datasets.md §5),
+        name, split (native name), info (`DatasetInfo`), folder (dataset folder), train (bool: items go
+        through the train transform), num_classes (the output class set), native_classes, class_names and
+        palette (of the output class set), has_labels (False for splits without ground truth: labels are all
+        255), synthetic (inside the synthetic sample), scale (multiplies every size of datasets.md §5),
         crop_size, cat_max_ratio.
     """
 
     def __init__(self, name: str, folder: Path, split: str, listing: _Listing, *, train: bool, crop_size: int,
                  scale: float, num_classes: int, cat_max_ratio: Optional[float], options: dict) -> None:
         self.name, self.folder, self.split, self.info = name, folder, split, DATASETS[name]
-        self.train, self.crop_size, self.scale, self.cat_max_ratio = train, int(crop_size), float(scale), cat_max_ratio
+        self.train, self.crop_size, self.scale = train, int(crop_size), float(scale)
+        self.cat_max_ratio = cat_max_ratio
         self.native_classes = self.info.num_classes
         self.num_classes = num_classes
         self.class_names = CLASS_SETS[num_classes]
@@ -1054,8 +1106,8 @@ class SegDataset(torch.utils.data.Dataset):
         if self.train:
             w, h = self._train_size(first.shape[::-1])
             if self.crop_size > min(w, h):
-                raise DatasetError(f"error: --crop-size {self.crop_size} is larger than the resized {name} image "
-                                   f"({w}x{h} after resize). Lower --crop-size.")
+                raise DatasetError(f"error: --crop-size {self.crop_size} is larger than the resized {name} "
+                                   f"image ({w}x{h} after resize). Lower --crop-size.")
 
     def __getstate__(self) -> dict:
         # DataLoader workers started with "spawn" pickle the dataset: locks cannot travel, h5 handles must not
@@ -1069,7 +1121,7 @@ class SegDataset(torch.utils.data.Dataset):
 
     # ---------------------------------------------------------------- construction checks
     def _check_sizes(self, on_mismatch: str) -> None:
-        """Image vs label size from the file headers (cached per file list); GTA5 may skip mismatched pairs."""
+        """Image vs label size from the file headers (cached per file list); GTA5 may skip mismatches."""
         parts = [p for it in self.items for p in (it.image, it.label)]
         key = f"sizes_{self.name}_{self.split}_{_files_hash(parts)}.json"
         paths = _cache_candidates(self.folder, None, key)
@@ -1077,8 +1129,8 @@ class SegDataset(torch.utils.data.Dataset):
         if cached is not None and len(cached.get("sizes", [])) == len(self.items):
             sizes = [tuple(map(tuple, s)) for s in cached["sizes"]]
         else:
-            sizes = _parallel_map(lambda it: (_image_size(self.name, it.image), _image_size(self.name, it.label)),
-                                  self.items)
+            sizes = _parallel_map(
+                lambda it: (_image_size(self.name, it.image), _image_size(self.name, it.label)), self.items)
             _write_json_cache(paths, {"sizes": [list(map(list, s)) for s in sizes]})
         keep, bad = [], []
         for it, (si, sl) in zip(self.items, sizes):
@@ -1087,8 +1139,8 @@ class SegDataset(torch.utils.data.Dataset):
             (keep if si == sl else bad).append((it, si, sl))
         if bad and on_mismatch == "skip":
             warnings.warn(f"{self.name}: skipped {len(bad)} image/label pairs of different sizes (e.g. "
-                          f"{bad[0][0].name}: {bad[0][1][0]}x{bad[0][1][1]} vs {bad[0][2][0]}x{bad[0][2][1]}) "
-                          f"[size_mismatch=skip]", stacklevel=3)
+                          f"{bad[0][0].name}: {bad[0][1][0]}x{bad[0][1][1]} vs "
+                          f"{bad[0][2][0]}x{bad[0][2][1]}) [size_mismatch=skip]", stacklevel=3)
             self.items = [k[0] for k in keep]
         elif bad:
             it, si, sl = bad[0]
@@ -1098,14 +1150,14 @@ class SegDataset(torch.utils.data.Dataset):
     def _check_counts(self) -> None:
         expected = dict(self.info.counts).get(self.split)
         if expected is not None and expected != len(self.items) and not self.synthetic:
-            warnings.warn(f"{self.name}: split '{self.split}' has {len(self.items)} items; the official release has "
-                          f"{expected} (downloads differ slightly).", stacklevel=3)
+            warnings.warn(f"{self.name}: split '{self.split}' has {len(self.items)} items; the official "
+                          f"release has {expected} (downloads differ slightly).", stacklevel=3)
 
     def require_labels(self) -> None:
         """Raise the §12 "Test split" error when this split has no ground truth (the metric refuses it)."""
         if not self.has_labels:
-            raise DatasetError(f"error: {self.name}: split '{self.split}' has no public ground truth; use --split "
-                               f"val for a metric.")
+            raise DatasetError(f"error: {self.name}: split '{self.split}' has no public ground truth; use "
+                               f"--split val for a metric.")
 
     # ---------------------------------------------------------------- decoding
     def __len__(self) -> int:
@@ -1139,18 +1191,19 @@ class SegDataset(torch.utils.data.Dataset):
                         if kind == "cs_trainIds" else
                         " This looks like a labelIds map; use the *_labelTrainIds.png files."
                         if bad.max() <= 33 and k == 19 else f" Expected {self.name} class ids.")
-                raise DatasetError(f"error: {self.name}: label '{it.label}' has values {_fmt_set(bad)} outside "
-                                   f"{{0..{k - 1}, 255}}.{hint}")
+                raise DatasetError(f"error: {self.name}: label '{it.label}' has values {_fmt_set(bad)} "
+                                   f"outside {{0..{k - 1}, 255}}.{hint}")
             return raw.copy()
         if kind in _RAW_MAX:
             bad = _bad_values(raw, np.r_[np.arange(_RAW_MAX[kind] + 1), IGNORE])
             if bad.size:
-                raise DatasetError(f"error: {self.name}: label '{it.label}' has values {_fmt_set(bad)} outside "
-                                   f"{{0..{_RAW_MAX[kind]}, 255}}. Expected the raw {self.name} label encoding.")
+                raise DatasetError(f"error: {self.name}: label '{it.label}' has values {_fmt_set(bad)} "
+                                   f"outside {{0..{_RAW_MAX[kind]}, 255}}. Expected the raw {self.name} "
+                                   f"label encoding.")
         return _NATIVE_LUTS[kind][raw]  # one LUT on a copy, never chained replacements (pitfall 10)
 
     def load_image(self, i: int) -> Image.Image:
-        """The input of item `i` at native size: PIL "RGB" (uint8) or "F" (float32 in [0, 1], grey modalities)."""
+        """The input of item `i` at native size: PIL "RGB" (uint8) or "F" (float32 in [0, 1], grey)."""
         it = self.items[i]
         if self.image_kind == "rgb":
             return read_rgb(self.name, it.image)
@@ -1187,14 +1240,16 @@ class SegDataset(torch.utils.data.Dataset):
         except OSError as e:
             if "filter" in str(e).lower() or "decompress" in str(e).lower() or "plugin" in str(e).lower():
                 raise DatasetError(f"error: dsec_event: cannot decompress '{ev}' (Blosc). pip install h5py "
-                                   f"hdf5plugin, or use the pre-rendered edge images (69mask_*_edges).") from None
+                                   f"hdf5plugin, or use the pre-rendered edge images "
+                                   f"(69mask_*_edges).") from None
             raise _corrupt(self.name, ev, e) from None
         if len(x) == 0:
             with self._warn_lock:
                 if it.extra["seq"] not in self._empty_warned:
                     self._empty_warned.add(it.extra["seq"])
-                    warnings.warn(f"dsec_event: empty event window for a frame of '{it.extra['seq']}' (mid-grey "
-                                  f"image); further empty windows of this sequence are not reported.")
+                    warnings.warn(f"dsec_event: empty event window for a frame of '{it.extra['seq']}' "
+                                  f"(mid-grey image); further empty windows of this sequence are not "
+                                  f"reported.")
         return render_events(x, y, p, rect, hw)
 
     # ---------------------------------------------------------------- items
@@ -1211,21 +1266,22 @@ class SegDataset(torch.utils.data.Dataset):
         # one pass: channel-first layout, float conversion and /255 together (C-ordered copy by astype)
         if a.ndim == 2:
             g = np.clip(a, 0.0, 1.0).astype(np.float32)
-            return torch.from_numpy(np.broadcast_to(g, (3,) + g.shape).copy())  # grey replicated to 3 channels
+            # grey replicated to 3 channels
+            return torch.from_numpy(np.broadcast_to(g, (3,) + g.shape).copy())
         return torch.from_numpy(a.transpose(2, 0, 1).astype(np.float32)).mul_(1.0 / 255.0)
 
     def _check_same_size(self, i: int, im: Image.Image, label: np.ndarray) -> None:
         if self.has_labels and im.size != label.shape[::-1]:
-            raise DatasetError(f"error: {self.name}: image '{self.items[i].image}' is {im.size[0]}x{im.size[1]} but "
-                               f"its label is {label.shape[1]}x{label.shape[0]}. Image and label must have the same "
-                               f"size.")
+            raise DatasetError(f"error: {self.name}: image '{self.items[i].image}' is "
+                               f"{im.size[0]}x{im.size[1]} but its label is "
+                               f"{label.shape[1]}x{label.shape[0]}. Image and label must have the same size.")
 
     def __getitem__(self, i: int) -> dict:
         """Eval item at native size (or a random train sample when `train`).
 
         Returns:
-            {"image": float32 (3, H, W) in [0, 1], "label": int64 (H, W) in the output class set (255 = ignore),
-             "name": str (path relative to the dataset folder), "split": str}.
+            {"image": float32 (3, H, W) in [0, 1], "label": int64 (H, W) in the output class set (255 =
+             ignore), "name": str (path relative to the dataset folder), "split": str}.
         """
         if self.train:
             return self.sample(i, np.random.default_rng())
@@ -1243,10 +1299,10 @@ class SegDataset(torch.utils.data.Dataset):
         """Train transform of item `i` (datasets.md §5): resize -> random crop -> flip -> label conversion.
 
         Resize: image bilinear, label nearest, to the (scaled) train size. Crop: `crop_size` squared; with
-        `cat_max_ratio`, up to 10 redraws until >= 2 labelled classes and the largest < ratio of labelled pixels
-        [ref: mmseg RandomCrop]; with `rcs_class`, up to 10 redraws until the crop holds > `rcs_min_pixels` pixels of
-        that class in NATIVE ids [ref: DAFormer RCS]. Flip: horizontal, p = 0.5, joint. Conversion to the model's
-        class set after cropping [ref: MADM order].
+        `cat_max_ratio`, up to 10 redraws until >= 2 labelled classes and the largest < ratio of labelled
+        pixels [ref: mmseg RandomCrop]; with `rcs_class`, up to 10 redraws until the crop holds >
+        `rcs_min_pixels` pixels of that class in NATIVE ids [ref: DAFormer RCS]. Flip: horizontal, p = 0.5,
+        joint. Conversion to the model's class set after cropping [ref: MADM order].
 
         Args:
             rng: the only source of randomness (TrainStream passes a generator seeded by (seed, step, j)).
@@ -1262,8 +1318,8 @@ class SegDataset(torch.utils.data.Dataset):
         tw, th = self._train_size((w0, h0))
         c = self.crop_size
         if c > tw or c > th:
-            raise DatasetError(f"error: --crop-size {c} is larger than the resized {self.name} image ({tw}x{th} "
-                               f"after resize). Lower --crop-size.")
+            raise DatasetError(f"error: --crop-size {c} is larger than the resized {self.name} image "
+                               f"({tw}x{th} after resize). Lower --crop-size.")
         # labels: nearest only (pitfall 7); resizing the uint8 map costs little next to the image decode
         lab = label if (tw, th) == (w0, h0) else np.asarray(
             Image.fromarray(label).resize((tw, th), Image.NEAREST))
@@ -1281,8 +1337,8 @@ class SegDataset(torch.utils.data.Dataset):
             if rcs_class is None or int((crop == rcs_class).sum()) > rcs_min_pixels:
                 break
         lab = lab[y0:y0 + c, x0:x0 + c]
-        # Resize only the crop window: Pillow's `box` maps output pixels to the same source coordinates as resizing
-        # the whole image and cropping, so this equals resize-then-crop at a fraction of the cost.
+        # Resize only the crop window: Pillow's `box` maps output pixels to the same source coordinates as
+        # resizing the whole image and cropping, so this equals resize-then-crop at a fraction of the cost.
         sx, sy = w0 / tw, h0 / th
         img = im.resize((c, c), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + c) * sx, (y0 + c) * sy)) \
             if (tw, th) != (w0, h0) else im.crop((x0, y0, x0 + c, y0 + c))
@@ -1290,10 +1346,11 @@ class SegDataset(torch.utils.data.Dataset):
         if rng.random() < 0.5:  # joint horizontal flip, on the small crop before any float conversion
             arr, lab = arr[:, ::-1], lab[:, ::-1]
         label_t = torch.from_numpy(self._convert[lab].astype(np.int64))  # LUT indexing makes a fresh copy
-        return {"image": self._to_tensor(arr), "label": label_t, "name": self.items[i].name, "split": self.split}
+        return {"image": self._to_tensor(arr), "label": label_t, "name": self.items[i].name,
+                "split": self.split}
 
     def eval_size(self, hw: tuple[int, int]) -> tuple[int, int]:
-        """`eval_input_size(self.name, hw, self.scale)`: (W, H) of the evaluation input for an image (H, W)."""
+        """`eval_input_size(self.name, hw, self.scale)`: (W, H) of the eval input for an image (H, W)."""
         return eval_input_size(self.name, hw, self.scale)
 
     def __repr__(self) -> str:
@@ -1308,8 +1365,8 @@ def build_dataset(name: str, root: str | Path = "data", split: str = "train", *,
 
     Args:
         name: a registry name (`DATASETS`).
-        root: the data root containing the default folder (e.g. `data/` with `data/cityscapes/`) or the dataset
-            folder itself.
+        root: the data root containing the default folder (e.g. `data/` with `data/cityscapes/`) or the
+            dataset folder itself.
         split: "train" / "val" (aliases of the registry's train / eval split) or a native name ("all", "test",
             "validation", ...).
         train: items go through the train transform; default: split is the train split.
@@ -1335,24 +1392,24 @@ def build_dataset(name: str, root: str | Path = "data", split: str = "train", *,
     k = num_classes or info.num_classes
     convert_labels(info.num_classes, k)  # fail early on 11/9 -> 19
     listing = _LISTERS[name](name, folder, split, options)
-    return SegDataset(name, folder, split, listing, train=train, crop_size=crop_size, scale=scale, num_classes=k,
-                      cat_max_ratio=cat_max_ratio, options=options)
+    return SegDataset(name, folder, split, listing, train=train, crop_size=crop_size, scale=scale,
+                      num_classes=k, cat_max_ratio=cat_max_ratio, options=options)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Rare-class sampling [ref: DAFormer mmseg/datasets/uda_dataset.py, tools/convert_datasets/gta.py]
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 class RareClassSampling:
     """Sample source images so that rare classes are seen more often (DAFormer RCS).
 
     Statistics over the train split at original resolution, per native class c: pixel frequency f_c (over
-    labelled pixels) and the images with > `min_pixels` pixels of c. Draw: p_c = softmax((1 - f_c) / T) over classes
-    with f_c > 0 (and at least one qualifying image), then a uniform image from c's list. Stats are computed once
-    (tqdm) and cached as JSON in `<dataset folder>/.cache/` (or `cache_dir` when that is read-only), keyed by
-    dataset, split and a hash of the label file list.
+    labelled pixels) and the images with > `min_pixels` pixels of c. Draw: p_c = softmax((1 - f_c) / T) over
+    classes with f_c > 0 (and at least one qualifying image), then a uniform image from c's list. Stats are
+    computed once (tqdm) and cached as JSON in `<dataset folder>/.cache/` (or `cache_dir` when that is
+    read-only), keyed by dataset, split and a hash of the label file list.
 
-    Pixel thresholds are defined at the real native resolution; they are multiplied by `dataset.scale ** 2` so the
-    synthetic sample (native / 8, demo scale 1/8) keeps the same proportions [our choice].
+    Pixel thresholds are defined at the real native resolution; they are multiplied by `dataset.scale ** 2` so
+    the synthetic sample (native / 8, demo scale 1/8) keeps the same proportions [our choice].
 
     Attributes:
         classes: (C,) int native ids that can be drawn; probs: (C,) float64 their probabilities.
@@ -1382,8 +1439,9 @@ class RareClassSampling:
         self.freq = total / max(total.sum(), 1.0)
         self.classes = np.array([c for c in range(k) if self.freq[c] > 0 and self.samples[c]], np.int64)
         if not len(self.classes):
-            raise DatasetError(f"error: {dataset.name}: no class has an image with more than {self.min_pixels} "
-                               f"pixels. Expected a labelled split; lower --rcs-min-pixels.")
+            raise DatasetError(f"error: {dataset.name}: no class has an image with more than "
+                               f"{self.min_pixels} pixels. Expected a labelled split; lower "
+                               f"--rcs-min-pixels.")
         logits = (1.0 - self.freq[self.classes]) / temperature
         e = np.exp(logits - logits.max())  # softmax, shifted for stability
         self.probs = e / e.sum()
@@ -1409,7 +1467,8 @@ class RareClassSampling:
             for d in pool.map(count, range(len(ds)), chunksize=8):
                 out.append(d)
                 bar.update(1)
-        _write_json_cache(paths, {"dataset": ds.name, "split": ds.split, "names": [it.name for it in ds.items],
+        _write_json_cache(paths, {"dataset": ds.name, "split": ds.split,
+                                  "names": [it.name for it in ds.items],
                                   "counts": [{str(c): n for c, n in d.items()} for d in out]})
         return out
 
@@ -1424,16 +1483,16 @@ class RareClassSampling:
         return c, int(lst[int(rng.integers(len(lst)))])
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Deterministic, resumable training stream
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 class TrainStream:
-    """Training batches as a pure function of (seed, stream_id, step, j): nothing to checkpoint, no sampler state.
+    """Training batches as a pure function of (seed, stream_id, step, j): no sampler state to checkpoint.
 
-    Sample j of step `step` uses `rng = np.random.default_rng([seed, stream_id, step, j])` for the image choice
-    (uniform, or RCS when given), the crop and the flip, so resuming at step s reproduces the original run and
-    DDP ranks / accumulation micro-steps just ask for disjoint `start` ranges. Images are drawn with replacement
-    (not epoch permutations) [our choice]: the batch size need not be known to the stream.
+    Sample j of step `step` uses `rng = np.random.default_rng([seed, stream_id, step, j])` for the image
+    choice (uniform, or RCS when given), the crop and the flip, so resuming at step s reproduces the original
+    run and DDP ranks / accumulation micro-steps just ask for disjoint `start` ranges. Images are drawn with
+    replacement (not epoch permutations) [our choice]: the batch size need not be known to the stream.
 
     Decoding runs in `workers` threads (PIL releases the GIL) and, after each call, the same range of the next
     step is prefetched in the background; results are identical with or without threads.
@@ -1501,8 +1560,8 @@ class TrainStream:
         self._pending = {}
 
 
-__all__ = ["DATASETS", "DatasetInfo", "EVAL_PROTOCOL", "CLASS_SETS", "PALETTES", "convert_labels", "check_pair",
-           "eval_input_size", "resize_size", "build_dataset", "SegDataset", "RareClassSampling", "TrainStream",
-           "DatasetError", "make_lut", "render_events", "read_synthia_label", "IGNORE", "DSEC_SEQUENCES",
-           "CITYSCAPES_LABELID_TO_TRAINID", "SYNTHIA_TO_TRAINID", "MAPILLARY_TO_TRAINID", "DELIVER_TO_11",
-           "FMB_TO_9", "CS19_TO_11", "CS19_TO_9", "C11_TO_9", "C9_TO_11"]
+__all__ = ["DATASETS", "DatasetInfo", "EVAL_PROTOCOL", "CLASS_SETS", "PALETTES", "convert_labels",
+           "check_pair", "eval_input_size", "resize_size", "build_dataset", "SegDataset", "RareClassSampling",
+           "TrainStream", "DatasetError", "make_lut", "render_events", "read_synthia_label", "IGNORE",
+           "DSEC_SEQUENCES", "CITYSCAPES_LABELID_TO_TRAINID", "SYNTHIA_TO_TRAINID", "MAPILLARY_TO_TRAINID",
+           "DELIVER_TO_11", "FMB_TO_9", "CS19_TO_11", "CS19_TO_9", "C11_TO_9", "C9_TO_11"]

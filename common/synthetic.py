@@ -1,17 +1,19 @@
 """A tiny synthetic sample of every dataset in its real layout and label encoding (datasets.md §9).
 
-`python -m common.synthetic --out data/synthetic` writes, in a few seconds and a few MB, procedural street scenes
-for all 14 registry names, so `--demo` runs and the tests exercise exactly the loaders that read the real data:
-Cityscapes labelIds (+ labelTrainIds for train), GTA5 palette PNGs, SYNTHIA 16-bit RGB labels, ACDC / Dark Zurich /
-BDD trainIds, Mapillary v1.2 palette PNGs + config, DSEC edge PNGs and raw `events.h5`, DELIVER depth with raw+1 in
-channel 0, FMB raw ids.
+`python -m common.synthetic --out data/synthetic` writes, in a few seconds and a few MB, procedural street
+scenes for all 14 registry names, so `--demo` runs and the tests exercise exactly the loaders that read the
+real data: Cityscapes labelIds (+ labelTrainIds for train), GTA5 palette PNGs, SYNTHIA 16-bit RGB labels, ACDC
+/ Dark Zurich / BDD trainIds, Mapillary v1.2 palette PNGs + config, DSEC edge PNGs and raw `events.h5`,
+DELIVER depth with raw+1 in channel 0, FMB raw ids.
 
-How a sample is made: a 19-class label map first (sky, buildings, road trapezoid, sidewalks, vegetation, poles with
-signs/lights, vehicles, persons/riders), each object with a distance from a flat-ground camera model. Every modality
-is rendered from that map and geometry, so every modality predicts the labels: RGB = per-class colour + a per-class
-grating texture + noise; depth = distance; infrared = per-class temperature; events = two renders 1-2 px apart,
-log-intensity change thresholded. Each dataset applies a fixed colour transform (its "style"), scaled by `shift`,
-so a model trained on one source loses accuracy on another domain, which the methods' learning tests rely on.
+How a sample is made: a 19-class label map first (sky, buildings, road trapezoid, sidewalks, vegetation, poles
+with signs/lights, vehicles, persons/riders), each object with a distance from a flat-ground camera model.
+Every modality
+is rendered from that map and geometry, so every modality predicts the labels: RGB = per-class colour + a
+per-class grating texture + noise; depth = distance; infrared = per-class temperature; events = two renders
+1-2 px apart, log-intensity change thresholded. Each dataset applies a fixed colour transform (its "style"),
+scaled by `shift`, so a model trained on one source loses accuracy on another domain, which the methods'
+learning tests rely on.
 
 Sizes are native / 8 at the real aspect ratio (Cityscapes 256x128, DSEC 80x55 labels and 80x60 edge images).
 Nothing here is committed: the sample is generated on demand (`ensure_synthetic_sample`).
@@ -39,14 +41,14 @@ from common.datasets import (CITYSCAPES_LABELID_TO_TRAINID, CS19_TO_11, DSEC_SEQ
 GENERATOR_VERSION = 2  # bump when the output changes, so ensure_synthetic_sample regenerates stale samples
 SIZE_RATIO = 1 / 8     # every size is the real native size times this
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Inverse label maps: scene trainId (19) -> each dataset's raw encoding
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 TRAIN_TO_LABELID = {v: k for k, v in CITYSCAPES_LABELID_TO_TRAINID.items()}
 TRAIN_TO_SYNTHIA = {v: k for k, v in SYNTHIA_TO_TRAINID.items()}
 # one canonical Mapillary v1.2 id per trainId (road 13, sidewalk 15, ...)
-TRAIN_TO_MAPILLARY = {0: 13, 1: 15, 2: 17, 3: 6, 4: 3, 5: 45, 6: 48, 7: 50, 8: 30, 9: 29, 10: 27, 11: 19, 12: 20,
-                      13: 55, 14: 61, 15: 54, 16: 58, 17: 57, 18: 52}
+TRAIN_TO_MAPILLARY = {0: 13, 1: 15, 2: 17, 3: 6, 4: 3, 5: 45, 6: 48, 7: 50, 8: 30, 9: 29, 10: 27, 11: 19,
+                      12: 20, 13: 55, 14: 61, 15: 54, 16: 58, 17: 57, 18: 52}
 # DELIVER raw (0 Building ... 24 Truck); stored as raw + 1 with 0 = unlabelled
 TRAIN_TO_DELIVER_RAW = {0: 6, 1: 7, 2: 0, 3: 10, 4: 1, 5: 4, 6: 17, 7: 11, 8: 8, 9: 21, 10: 12, 11: 3, 12: 3,
                         13: 9, 14: 24, 15: 23, 16: 9, 17: 22, 18: 22}
@@ -54,21 +56,22 @@ TRAIN_TO_DELIVER_RAW = {0: 6, 1: 7, 2: 0, 3: 10, 4: 1, 5: 4, 6: 17, 7: 11, 8: 8,
 TRAIN_TO_FMB = {0: 1, 1: 2, 2: 3, 5: 14, 6: 4, 7: 5, 8: 6, 9: 6, 10: 7, 11: 8, 12: 8, 13: 9, 14: 10, 15: 11,
                 16: 10, 17: 12, 18: 13}
 
-# Cityscapes colours of all 34 labelIds: the palette of GTA5's label PNGs [official cityscapesscripts labels.py]
+# Cityscapes colours of the labelIds: the palette of GTA5's label PNGs [official cityscapesscripts labels.py]
 _LABELID_COLOURS = {0: (0, 0, 0), 1: (0, 0, 0), 2: (0, 0, 0), 3: (0, 0, 0), 4: (0, 0, 0), 5: (111, 74, 0),
                     6: (81, 0, 81), 9: (250, 170, 160), 10: (230, 150, 140), 14: (180, 165, 180),
                     15: (150, 100, 100), 16: (150, 120, 90), 18: (153, 153, 153), 29: (0, 0, 90),
                     30: (0, 0, 110)}
 _LABELID_COLOURS.update({TRAIN_TO_LABELID[t]: tuple(int(v) for v in PALETTES[19][t]) for t in range(19)})
 MAPILLARY_V12_NAMES = (
-    "Bird", "Ground Animal", "Curb", "Fence", "Guard Rail", "Barrier", "Wall", "Bike Lane", "Crosswalk - Plain",
-    "Curb Cut", "Parking", "Pedestrian Area", "Rail Track", "Road", "Service Lane", "Sidewalk", "Bridge", "Building",
-    "Tunnel", "Person", "Bicyclist", "Motorcyclist", "Other Rider", "Lane Marking - Crosswalk",
-    "Lane Marking - General", "Mountain", "Sand", "Sky", "Snow", "Terrain", "Vegetation", "Water", "Banner", "Bench",
-    "Bike Rack", "Billboard", "Catch Basin", "CCTV Camera", "Fire Hydrant", "Junction Box", "Mailbox", "Manhole",
-    "Phone Booth", "Pothole", "Street Light", "Pole", "Traffic Sign Frame", "Utility Pole", "Traffic Light",
-    "Traffic Sign (Back)", "Traffic Sign (Front)", "Trash Can", "Bicycle", "Boat", "Bus", "Car", "Caravan",
-    "Motorcycle", "On Rails", "Other Vehicle", "Trailer", "Truck", "Wheeled Slow", "Car Mount", "Ego Vehicle",
+    "Bird", "Ground Animal", "Curb", "Fence", "Guard Rail", "Barrier", "Wall", "Bike Lane",
+    "Crosswalk - Plain", "Curb Cut", "Parking", "Pedestrian Area", "Rail Track", "Road", "Service Lane",
+    "Sidewalk", "Bridge", "Building", "Tunnel", "Person", "Bicyclist", "Motorcyclist", "Other Rider",
+    "Lane Marking - Crosswalk", "Lane Marking - General", "Mountain", "Sand", "Sky", "Snow", "Terrain",
+    "Vegetation", "Water", "Banner", "Bench", "Bike Rack", "Billboard", "Catch Basin", "CCTV Camera",
+    "Fire Hydrant", "Junction Box", "Mailbox", "Manhole", "Phone Booth", "Pothole", "Street Light", "Pole",
+    "Traffic Sign Frame", "Utility Pole", "Traffic Light", "Traffic Sign (Back)", "Traffic Sign (Front)",
+    "Trash Can", "Bicycle", "Boat", "Bus", "Car", "Caravan", "Motorcycle", "On Rails", "Other Vehicle",
+    "Trailer", "Truck", "Wheeled Slow", "Car Mount", "Ego Vehicle",
     "Unlabeled")
 
 
@@ -96,13 +99,14 @@ def _mapillary_colours() -> dict[int, tuple[int, int, int]]:
     return cols
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Scene: a 19-class label map with per-pixel distance (flat ground, pinhole camera at 1.5 m)
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 SKY_DIST = 1000.0
 
 
-def make_scene(rng: np.random.Generator, h: int, w: int, absent: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+def make_scene(rng: np.random.Generator, h: int, w: int,
+               absent: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
     """Procedural street scene.
 
     Geometry: horizon row y_h; a ground point at row y is at distance Z = f * 1.5 / (y - y_h) with f = w; an
@@ -130,7 +134,8 @@ def make_scene(rng: np.random.Generator, h: int, w: int, absent: tuple[int, ...]
     vx = w * rng.uniform(0.35, 0.65)
     # road between vx - a*u and vx + b*u, sidewalks s*u wide on both sides (u = y - y_h)
     a, b, s = rng.uniform(0.9, 1.8), rng.uniform(0.9, 1.8), rng.uniform(0.5, 1.1)
-    lat = (xs - vx) / u_rows                                                  # lateral position in camera heights
+    # lateral position in camera heights
+    lat = (xs - vx) / u_rows
     if 1 not in absent:
         label[ground & (lat > -a - s) & (lat < b + s)] = 1
     label[ground & (lat > -a) & (lat < b)] = 0
@@ -215,9 +220,9 @@ def make_scene(rng: np.random.Generator, h: int, w: int, absent: tuple[int, ...]
     return {"label": label, "dist": dist}
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Renders (all from the label map and the distance)
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 _C = np.arange(256)
 _THETA = np.deg2rad((_C * 47) % 180).astype(np.float32)                 # per-class grating orientation
 _LAMBDA = (2.5 + (_C * 5) % 7).astype(np.float32)                       # and wavelength (px)
@@ -230,7 +235,7 @@ _TEMPERATURE[:19] = [120, 105, 95, 90, 80, 70, 150, 60, 75, 100, 15, 235, 225, 1
 
 
 def _texture(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Per-class grating in [-1, 1] (orientation and wavelength depend on the class): a cue every modality shares."""
+    """Per-class grating in [-1, 1] (orientation and wavelength per class), shared by all modalities."""
     h, w = label.shape
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     phase = rng.uniform(0, 2 * np.pi, 256).astype(np.float32)
@@ -244,7 +249,7 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int = 6) -> n
 
 
 def render_rgb(scene: dict, rng: np.random.Generator, tex: np.ndarray) -> np.ndarray:
-    """Reference-style RGB, float32 (h, w, 3) in [0, 255]: class colour (jittered per image) + texture + noise."""
+    """Reference-style RGB, float32 (h, w, 3) in [0, 255]: class colour (per-image jitter), texture, noise."""
     label = scene["label"]
     jitter = rng.normal(0, 8, (256, 3)).astype(np.float32)
     rgb = _BASE_RGB[label] + jitter[label] + 22 * tex[..., None]
@@ -323,8 +328,8 @@ def scene_events(scene: dict, rng: np.random.Generator, tex: np.ndarray, thresho
     """Events of an ego-motion of 1-2 px: log-intensity change between two renders, thresholded.
 
     Returns:
-        x, y (uint16) and p (uint8, 1 = brighter) of every event; a pixel whose change spans n thresholds fires
-        n events (at most 4).
+        x, y (uint16) and p (uint8, 1 = brighter) of every event; a pixel whose change spans n thresholds
+        fires n events (at most 4).
     """
     grey = (_BASE_RGB[scene["label"]].mean(-1) + 25 * tex + 10).astype(np.float32)
     dx = int(rng.integers(1, 3))
@@ -339,9 +344,9 @@ def scene_events(scene: dict, rng: np.random.Generator, tex: np.ndarray, thresho
     return x, y, p
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Writers
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def write_png16_rgb(path: Path, arr: np.ndarray) -> None:
     """Write (h, w, 3) uint16 as a 16-bit-per-channel RGB PNG (colour type 2) with the stdlib only.
 
@@ -351,7 +356,8 @@ def write_png16_rgb(path: Path, arr: np.ndarray) -> None:
     raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))  # filter 0 per row, big-endian
 
     def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        crc = zlib.crc32(tag + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
                      + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
@@ -489,7 +495,8 @@ def _write_mapillary(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
             _save(d / split / "v1.2" / "labels" / f"{stem}.png", lab, palette=pal)
     labels = [{"name": n.lower().replace(" ", "-"), "readable": n, "color": list(cols[i]),
                "instances": False, "evaluate": i != 65} for i, n in enumerate(MAPILLARY_V12_NAMES)]
-    (d / "config_v1.2.json").write_text(json.dumps({"labels": labels, "version": "1.2 (synthetic)"}, indent=1))
+    cfg = {"labels": labels, "version": "1.2 (synthetic)"}
+    (d / "config_v1.2.json").write_text(json.dumps(cfg, indent=1))
 
 
 def _write_dsec(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
@@ -528,7 +535,8 @@ def _write_dsec(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
             ev_x.append(x[order]), ev_y.append(y[order]), ev_p.append(p[order]), ev_t.append(t)
             keep = (k % 2 == 0) if split == "train" else True  # MADM's train edges: even frames >= 2
             if keep:
-                _save(d / f"69mask_{split}_edges" / seq / f"{k:06d}.png", render_events(x, y, p, ident, sensor))
+                edges = render_events(x, y, p, ident, sensor)
+                _save(d / f"69mask_{split}_edges" / seq / f"{k:06d}.png", edges)
         sem.mkdir(parents=True, exist_ok=True)
         (sem / "timestamps.txt").write_text("".join(f"{int(t)}\n" for t in ts))
         if h5py is None:
@@ -536,7 +544,8 @@ def _write_dsec(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
         ev_dir = d / split / seq / "events" / "left"
         ev_dir.mkdir(parents=True, exist_ok=True)
         t_all = np.concatenate(ev_t)
-        ms_to_idx = np.searchsorted(t_all, np.arange(0, t_all[-1] // 1000 + 2) * 1000, "left").astype(np.uint64)
+        ms = np.arange(0, t_all[-1] // 1000 + 2) * 1000
+        ms_to_idx = np.searchsorted(t_all, ms, "left").astype(np.uint64)  # first event at or after each ms
         with h5py.File(ev_dir / "events.h5", "w") as f:  # uncompressed: readable without hdf5plugin
             f.create_dataset("events/x", data=np.concatenate(ev_x))
             f.create_dataset("events/y", data=np.concatenate(ev_y))
@@ -580,7 +589,8 @@ def _write_deliver(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
                 _save(d / "depth" / cond / split / m / f"{frame}_depth_left.png", render_depth(s, s["tex"]))
 
 
-_WRITERS = [("cityscapes", _write_cityscapes), ("gta5", lambda r, g, a, b: _write_numbered(r, g, a, b, "gta5")),
+_WRITERS = [("cityscapes", _write_cityscapes),
+            ("gta5", lambda r, g, a, b: _write_numbered(r, g, a, b, "gta5")),
             ("synthia", lambda r, g, a, b: _write_numbered(r, g, a, b, "synthia")), ("acdc", _write_acdc),
             ("dark_zurich", _write_dark_zurich), ("bdd100k", _write_bdd), ("mapillary", _write_mapillary),
             ("dsec", _write_dsec), ("fmb", _write_fmb), ("deliver", _write_deliver)]
@@ -615,8 +625,8 @@ def _swap_in(tmp: Path, root: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_synthetic_sample(root: str | Path = "data/synthetic", n_train: int = 8, n_eval: int = 4, seed: int = 0,
-                           shift: float = 1.0) -> Path:
+def write_synthetic_sample(root: str | Path = "data/synthetic", n_train: int = 8, n_eval: int = 4,
+                           seed: int = 0, shift: float = 1.0) -> Path:
     """Write the synthetic sample of every dataset under `root` (replacing an existing one).
 
     Args:
@@ -626,8 +636,8 @@ def write_synthetic_sample(root: str | Path = "data/synthetic", n_train: int = 8
         seed: everything is a deterministic function of the seed.
         shift: 0 = every dataset in the reference style, 1 = the full per-dataset style shift.
     Returns:
-        `Path(root)`. The sample is built in a temporary sibling folder and renamed into place, so readers never
-        see half a sample.
+        `Path(root)`. The sample is built in a temporary sibling folder and renamed into place, so readers
+        never see half a sample.
     """
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -651,8 +661,8 @@ def _is_current(root: Path) -> bool:
 def ensure_synthetic_sample(root: str | Path = "data/synthetic") -> Path:
     """Return `root`, writing the default sample first if it is missing or from an older generator.
 
-    Safe when several processes call it at once (tests, DDP ranks): each writes to its own temporary folder and
-    renames it into place; a process that loses the race keeps the winner's (identical) sample.
+    Safe when several processes call it at once (tests, DDP ranks): each writes to its own temporary folder
+    and renames it into place; a process that loses the race keeps the winner's (identical) sample.
     """
     root = Path(root)
     if _is_current(root):

@@ -1,7 +1,8 @@
 """Loaders, label maps, transforms, RCS and the error messages of datasets.md, on the synthetic sample.
 
 The expected tables below are typed from datasets.md §4, not computed by `common.datasets`; each label map is
-checked through the loader (a file with every raw value, read back by `build_dataset`), not only as a constant.
+checked through the loader (a file with every raw value, read back by `build_dataset`), not only as a
+constant.
 """
 import json
 import shutil
@@ -23,22 +24,24 @@ from common.synthetic import ensure_synthetic_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# ---------------------------------------------------------------------------------------------- expected tables
+# ---- expected tables ---------------------------------------------------------------------------------------
 # datasets.md §4.2
 CS_LABELID_TO_TRAINID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
                          25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 # §4.3
-SYNTHIA = {1: 10, 2: 2, 3: 0, 4: 1, 5: 4, 6: 8, 7: 5, 8: 13, 9: 7, 10: 11, 11: 18, 12: 17, 15: 6, 16: 9, 17: 12,
-           18: 14, 19: 15, 20: 16, 21: 3}
+SYNTHIA = {1: 10, 2: 2, 3: 0, 4: 1, 5: 4, 6: 8, 7: 5, 8: 13, 9: 7, 10: 11, 11: 18, 12: 17, 15: 6, 16: 9,
+           17: 12, 18: 14, 19: 15, 20: 16, 21: 3}
 # §4.4, written per target class as in the spec
-MAPILLARY_BY_CLASS = {0: [7, 8, 10, 13, 14, 23, 24], 1: [2, 9, 11, 15], 2: [17], 3: [6], 4: [3], 5: [44, 45, 47],
-                      6: [48], 7: [46, 49, 50], 8: [30], 9: [29], 10: [27], 11: [19], 12: [20, 21, 22], 13: [55],
+MAPILLARY_BY_CLASS = {0: [7, 8, 10, 13, 14, 23, 24], 1: [2, 9, 11, 15], 2: [17], 3: [6], 4: [3],
+                      5: [44, 45, 47], 6: [48], 7: [46, 49, 50], 8: [30], 9: [29], 10: [27], 11: [19],
+                      12: [20, 21, 22], 13: [55],
                       14: [61], 15: [54], 16: [58], 17: [57], 18: [52]}
 MAPILLARY_IGNORED = [0, 1, 4, 5, 12, 16, 18, 25, 26, 28, *range(31, 44), 51, 53, 56, 59, 60, *range(62, 66)]
 # §4.5 ('-' = 255)
 CS_TO_11 = [5, 6, 1, 9, 2, 4, 10, 10, 7, 7, 0, 3, 3, 8, 8, 8, 8, 8, 8]
 CS_TO_9 = [4, 5, 1, 255, 255, 3, 8, 8, 6, 6, 0, 2, 2, 7, 7, 7, 7, 7, 7]
-DELIVER_RAWM1_TO_11 = [1, 2, 255, 3, 4, 5, 5, 6, 7, 8, 9, 10, 0, 255, 255, 255, 255, 10, 255, 255, 255, 7, 8, 8, 8]
+DELIVER_RAWM1_TO_11 = [1, 2, 255, 3, 4, 5, 5, 6, 7, 8, 9, 10, 0, 255, 255, 255, 255, 10, 255, 255, 255,
+                       7, 8, 8, 8]
 FMB_TO_9 = [255, 4, 5, 1, 8, 8, 6, 0, 2, 7, 7, 7, 7, 7, 3]
 C11_TO_9 = [0, 1, 255, 2, 3, 4, 5, 6, 7, 255, 8]
 C9_TO_11 = [0, 1, 3, 4, 5, 6, 7, 8, 10]
@@ -80,19 +83,20 @@ def expected_lut(table: dict) -> np.ndarray:
     return lut
 
 
-# ---------------------------------------------------------------------------------------------- registry, tables
+# ---- registry, tables --------------------------------------------------------------------------------------
 def test_registry_names_class_sets_palettes():
     assert list(DATASETS) == NAMES
     assert {n: DATASETS[n].num_classes for n in NAMES} == {
         **{n: 19 for n in NAMES[:11]}, "dsec_event": 11, "fmb_infrared": 9, "deliver_depth": 11}
     assert len(CLASS_SETS[19]) == 19 and len(CLASS_SETS[11]) == 11 and len(CLASS_SETS[9]) == 9
-    assert CLASS_SETS[11][0] == "sky" and CLASS_SETS[11][10] == "traffic sign" and CLASS_SETS[9][8] == "traffic sign"
+    assert CLASS_SETS[11][0] == "sky" and CLASS_SETS[11][10] == "traffic sign"
+    assert CLASS_SETS[9][8] == "traffic sign"
     assert PALETTES[19].dtype == np.uint8 and PALETTES[19].tolist() == [list(c) for c in CS_PALETTE]
     assert PALETTES[11].shape == (11, 3) and PALETTES[9].shape == (9, 3)
     assert tuple(PALETTES[11][10]) == (250, 170, 30)  # MADM: traffic sign in the traffic-light colour
     assert tuple(PALETTES[11][0]) == (70, 130, 180) and tuple(PALETTES[9][2]) == (220, 20, 60)
-    assert D.EVAL_PROTOCOL["mapillary"][1] == "half" and D.EVAL_PROTOCOL["dsec_event"] == (("exact", (512, 512)),
-                                                                                           "input")
+    assert D.EVAL_PROTOCOL["mapillary"][1] == "half"
+    assert D.EVAL_PROTOCOL["dsec_event"] == (("exact", (512, 512)), "input")
 
 
 def test_constant_tables_match_spec():
@@ -124,8 +128,8 @@ def test_check_pair_and_class_set_message():
     assert check_pair("dsec_event", "fmb_infrared") == 9
     with pytest.raises(DatasetError) as e:
         check_pair("dsec_event", "cityscapes")
-    assert str(e.value) == ("error: --src dsec_event has 11 classes but --tgt cityscapes needs 19; a merged class "
-                            "cannot be split. Use a 19-class source (cityscapes, gta5, synthia, ...).")
+    assert str(e.value) == ("error: --src dsec_event has 11 classes but --tgt cityscapes needs 19; a merged "
+                            "class cannot be split. Use a 19-class source (cityscapes, gta5, synthia, ...).")
 
 
 def test_unknown_dataset_name_via_cli(capsys):
@@ -139,9 +143,9 @@ def test_unknown_dataset_name_via_cli(capsys):
         tgt: str = "cityscapes"
     with pytest.raises(UserError) as e:
         parse_args(Args, ["--tgt", "cityscape"])
-    assert str(e.value) == ("error: --tgt: unknown dataset 'cityscape'. Choose one of: cityscapes, gta5, synthia, "
-                            "acdc, acdc_fog, acdc_night, acdc_rain, acdc_snow, dark_zurich, bdd100k, mapillary, "
-                            "dsec_event, fmb_infrared, deliver_depth.")
+    assert str(e.value) == ("error: --tgt: unknown dataset 'cityscape'. Choose one of: cityscapes, gta5, "
+                            "synthia, acdc, acdc_fog, acdc_night, acdc_rain, acdc_snow, dark_zurich, "
+                            "bdd100k, mapillary, dsec_event, fmb_infrared, deliver_depth.")
     with pytest.raises(SystemExit) as ex:
         run_cli(lambda a: {}, Args, ["--tgt", "cityscape"])
     assert ex.value.code == 2
@@ -160,7 +164,7 @@ def test_sizes():
     assert eval_input_size("fmb_infrared", (600, 800), 1 / 8) == (64, 64)
 
 
-# ---------------------------------------------------------------------------------------------- every loader
+# ---- every loader ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_loader_on_synthetic(sample, name):
     info = DATASETS[name]
@@ -204,9 +208,11 @@ def test_synthetic_split_sizes(sample):
     assert (dz[0]["label"] == 255).all()
     # FMB: test names interleave with train names
     tr, te = build_dataset("fmb_infrared", sample, "train"), build_dataset("fmb_infrared", sample, "test")
-    assert len(tr) == 8 and len(te) == 4 and not {i.image.name for i in tr.items} & {i.image.name for i in te.items}
+    assert len(tr) == 8 and len(te) == 4
+    assert not {i.image.name for i in tr.items} & {i.image.name for i in te.items}
     # DELIVER: front camera only
-    assert all(i.image.name.endswith("_depth_front.png") for i in build_dataset("deliver_depth", sample).items)
+    items = build_dataset("deliver_depth", sample).items
+    assert all(i.image.name.endswith("_depth_front.png") for i in items)
 
 
 def test_root_is_data_root_or_dataset_folder(sample):
@@ -230,7 +236,8 @@ def _cityscapes_single(tmp_path: Path, label: np.ndarray, suffix: str = "labelId
     (d / "leftImg8bit" / "val" / "x").mkdir(parents=True)
     (d / "gtFine" / "val" / "x").mkdir(parents=True)
     h, w = label.shape
-    Image.fromarray(np.full((h, w, 3), 100, np.uint8)).save(d / "leftImg8bit/val/x/x_000000_000019_leftImg8bit.png")
+    img = np.full((h, w, 3), 100, np.uint8)
+    Image.fromarray(img).save(d / "leftImg8bit/val/x/x_000000_000019_leftImg8bit.png")
     Image.fromarray(label).save(d / f"gtFine/val/x/x_000000_000019_gtFine_{suffix}.png")
     (tmp_path / "SYNTHETIC").write_text("{}")
     return d
@@ -289,8 +296,9 @@ def test_synthia_all_zero_label_message(tmp_path):
     with pytest.raises(DatasetError) as e:
         build_dataset("synthia", d, "all")
     p = d / "GT" / "LABELS" / "0000001.png"
-    assert str(e.value) == (f"error: synthia: label '{p}' decoded with max 0; SYNTHIA labels are 16-bit RGB and are "
-                            f"read with Pillow's RGB;16B + RGB;16L raw modes; upgrade Pillow if this fails.")
+    assert str(e.value) == (f"error: synthia: label '{p}' decoded with max 0; SYNTHIA labels are 16-bit RGB "
+                            f"and are read with Pillow's RGB;16B + RGB;16L raw modes; upgrade Pillow if this "
+                            f"fails.")
 
 
 def test_mapillary_map_through_loader_and_config(sample, tmp_path):
@@ -352,7 +360,7 @@ def test_bdd_old_layout(sample, tmp_path):
     assert torch.equal(old[1]["label"], new[1]["label"]) and torch.equal(old[1]["image"], new[1]["image"])
 
 
-# ---------------------------------------------------------------------------------------------- DSEC
+# ---- DSEC --------------------------------------------------------------------------------------------------
 def test_dsec_edges_and_events(sample):
     pytest.importorskip("h5py")
     edges = build_dataset("dsec_event", sample, "test", dsec_input="edges")
@@ -392,8 +400,8 @@ def test_dsec_timestamps_mismatch(sample, tmp_path):
     ts.write_text(ts.read_text() + "1600000000999999\n")
     with pytest.raises(DatasetError) as e:
         build_dataset("dsec_event", d, "test", dsec_input="events")
-    assert str(e.value) == ("error: dsec_event: 'zurich_city_13_a' has 6 timestamps but 5 label files; they must "
-                            "match one to one.")
+    assert str(e.value) == ("error: dsec_event: 'zurich_city_13_a' has 6 timestamps but 5 label files; they "
+                            "must match one to one.")
 
 
 def test_dsec_missing_labels_message(sample, tmp_path):
@@ -422,8 +430,8 @@ def test_dsec_h5_without_keys(sample, tmp_path):
         f.create_dataset("events/x", data=np.zeros(3, np.uint16))
     with pytest.raises(DatasetError) as e:
         build_dataset("dsec_event", d, "test", dsec_input="events")
-    assert str(e.value) == (f"error: dsec_event: '{ev}' lacks '/ms_to_idx' or '/t_offset'. Expected a DSEC events "
-                            f"file (events/x, events/y, events/p, events/t, ms_to_idx, t_offset).")
+    assert str(e.value) == (f"error: dsec_event: '{ev}' lacks '/ms_to_idx' or '/t_offset'. Expected a DSEC "
+                            f"events file (events/x, events/y, events/p, events/t, ms_to_idx, t_offset).")
 
 
 def test_dsec_without_h5py(sample, monkeypatch):
@@ -435,7 +443,7 @@ def test_dsec_without_h5py(sample, monkeypatch):
                             f"'{sample / 'dsec'}/69mask_test_edges/'.")
 
 
-# ---------------------------------------------------------------------------------------------- DELIVER depth dtypes
+# ---- DELIVER depth dtypes ----------------------------------------------------------------------------------
 def test_deliver_depth_dtypes(sample, tmp_path, capsys):
     d = copy_ds(sample, "deliver", tmp_path)
     ds = build_dataset("deliver_depth", d, "test")
@@ -446,7 +454,8 @@ def test_deliver_depth_dtypes(sample, tmp_path, capsys):
     D._notes_printed.clear()
     x = ds[0]["image"]
     assert abs(float(x[0, 0, 0]) - 40213 / 65535) < 1e-6
-    assert f"note: deliver_depth: '{p}' is uint16 (max 40213); normalising by 65535." in capsys.readouterr().out
+    note = f"note: deliver_depth: '{p}' is uint16 (max 40213); normalising by 65535."
+    assert note in capsys.readouterr().out
     carla = np.zeros((h, w, 3), np.uint8)
     carla[..., 0], carla[..., 1], carla[..., 2] = 10, 20, 1  # different channels: CARLA 24-bit depth
     Image.fromarray(carla).save(p)
@@ -454,7 +463,7 @@ def test_deliver_depth_dtypes(sample, tmp_path, capsys):
     assert abs(float(ds[0]["image"][0, 3, 3]) - np.log1p(metres) / np.log1p(1000)) < 1e-5
 
 
-# ---------------------------------------------------------------------------------------------- transforms
+# ---- transforms --------------------------------------------------------------------------------------------
 def test_train_transform_matches_resize_then_crop(sample):
     ds = build_dataset("cityscapes", sample, "train", scale=1 / 8, crop_size=40)  # 256x128 -> 128x64
     im, lab = ds.load_image(2), ds.load_label(2)
@@ -476,7 +485,8 @@ def test_train_conversion_after_crop(sample):
     ds19 = build_dataset("cityscapes", sample, "train", scale=1 / 8, crop_size=48)
     ds11 = build_dataset("cityscapes", sample, "train", scale=1 / 8, crop_size=48, num_classes=11)
     a, b = ds19.sample(1, np.random.default_rng(5)), ds11.sample(1, np.random.default_rng(5))
-    assert np.array_equal(b["label"].numpy(), np.array(CS_TO_11 + [255] * 237)[np.minimum(a["label"].numpy(), 255)])
+    lut = np.array(CS_TO_11 + [255] * 237)
+    assert np.array_equal(b["label"].numpy(), lut[a["label"].numpy()])
     assert ds11.class_names == CLASS_SETS[11] and ds11.num_classes == 11
     with pytest.raises(DatasetError):
         build_dataset("dsec_event", sample, "train", num_classes=19)
@@ -495,11 +505,11 @@ def test_cat_max_ratio(sample):
 def test_crop_too_large_message(sample):
     with pytest.raises(DatasetError) as e:
         build_dataset("dsec_event", sample, "train", scale=1 / 8, crop_size=1024)
-    assert str(e.value) == ("error: --crop-size 1024 is larger than the resized dsec_event image (96x64 after "
-                            "resize). Lower --crop-size.")
+    assert str(e.value) == ("error: --crop-size 1024 is larger than the resized dsec_event image (96x64 "
+                            "after resize). Lower --crop-size.")
 
 
-# ---------------------------------------------------------------------------------------------- TrainStream, RCS
+# ---- TrainStream, RCS --------------------------------------------------------------------------------------
 def test_train_stream_determinism(sample):
     ds = build_dataset("gta5", sample, "all", scale=1 / 8, crop_size=32)
     s1, s2 = TrainStream(ds, seed=3, workers=0), TrainStream(ds, seed=3, workers=2)
@@ -576,14 +586,14 @@ def test_rcs_crops_hold_the_class(sample):
     assert plain.batch(0, 0, 1)["label"].shape == (1, 32, 32)
 
 
-# ---------------------------------------------------------------------------------------------- §12 messages
+# ---- §12 messages ------------------------------------------------------------------------------------------
 def test_missing_root_message(tmp_path):
     with pytest.raises(DatasetError) as e:
         build_dataset("cityscapes", tmp_path, "val")
     r = tmp_path / "cityscapes"
     assert str(e.value) == (
-        f"error: cityscapes: folder '{r}' not found. Expected '{r}/leftImg8bit/val/<city>/*_leftImg8bit.png' and "
-        f"'{r}/gtFine/val/<city>/*_gtFine_labelIds.png'. Download leftImg8bit_trainvaltest.zip and "
+        f"error: cityscapes: folder '{r}' not found. Expected '{r}/leftImg8bit/val/<city>/*_leftImg8bit.png' "
+        f"and '{r}/gtFine/val/<city>/*_gtFine_labelIds.png'. Download leftImg8bit_trainvaltest.zip and "
         f"gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com/downloads/ and set --data-root.")
 
 
@@ -593,7 +603,8 @@ def test_missing_split_folder_message(sample, tmp_path):
     with pytest.raises(DatasetError) as e:
         build_dataset("acdc", tmp_path, "val")
     assert str(e.value) == (f"error: acdc: no folder 'rgb_anon/fog/val' under '{d}'. Expected "
-                            f"rgb_anon/<fog|night|rain|snow>/<train|val|test>/<seq>/*_rgb_anon.png (official layout).")
+                            f"rgb_anon/<fog|night|rain|snow>/<train|val|test>/<seq>/*_rgb_anon.png (official "
+                            f"layout).")
 
 
 def test_empty_split_message(sample, tmp_path):
@@ -610,8 +621,8 @@ def test_image_without_label_message(sample, tmp_path):
     (d / "labels" / "00003.png").unlink()
     with pytest.raises(DatasetError) as e:
         build_dataset("gta5", d, "all")
-    assert str(e.value) == (f"error: gta5: 12 images but 11 labels; first without a label: 00003.png. Images and "
-                            f"labels are paired by stem in '{d}/images' and '{d}/labels'.")
+    assert str(e.value) == (f"error: gta5: 12 images but 11 labels; first without a label: 00003.png. Images "
+                            f"and labels are paired by stem in '{d}/images' and '{d}/labels'.")
 
 
 def test_size_mismatch_message_and_gta_skip(sample, tmp_path):
@@ -622,8 +633,8 @@ def test_size_mismatch_message_and_gta_skip(sample, tmp_path):
     lab.crop((0, 0, 160, 88)).save(it.label)
     with pytest.raises(DatasetError) as e:
         build_dataset("bdd100k", d, "val")
-    assert str(e.value) == (f"error: bdd100k: image '{it.image}' is 160x90 but its label is 160x88. Image and label "
-                            f"must have the same size.")
+    assert str(e.value) == (f"error: bdd100k: image '{it.image}' is 160x90 but its label is 160x88. Image "
+                            f"and label must have the same size.")
     g = copy_ds(sample, "gta5", tmp_path)
     lab = g / "labels" / "00002.png"
     Image.open(lab).crop((0, 0, 200, 100)).save(lab)
@@ -641,8 +652,9 @@ def test_out_of_range_ids_message(tmp_path):
     p = d / "gtFine/val/x/x_000000_000019_gtFine_labelTrainIds.png"
     with pytest.raises(DatasetError) as e:
         build_dataset("cityscapes", d, "val")
-    assert str(e.value) == (f"error: cityscapes: label '{p}' has values {{19, 26, 33}} outside {{0..18, 255}}. This "
-                            f"is a labelIds map; use *_gtFine_labelTrainIds.png or --label-format labelIds.")
+    assert str(e.value) == (f"error: cityscapes: label '{p}' has values {{19, 26, 33}} outside "
+                            f"{{0..18, 255}}. This is a labelIds map; use *_gtFine_labelTrainIds.png or "
+                            f"--label-format labelIds.")
 
 
 def test_rgb_label_message(sample, tmp_path):
@@ -652,8 +664,8 @@ def test_rgb_label_message(sample, tmp_path):
     Image.open(p).convert("RGB").save(p)
     with pytest.raises(DatasetError) as e:
         build_dataset("bdd100k", d, "val")
-    assert str(e.value) == (f"error: bdd100k: label '{p}' is an RGB image. Expected a single-channel class-index PNG "
-                            f"(not a colormap).")
+    assert str(e.value) == (f"error: bdd100k: label '{p}' is an RGB image. Expected a single-channel "
+                            f"class-index PNG (not a colormap).")
 
 
 def test_corrupt_file_message(sample, tmp_path):
@@ -664,9 +676,11 @@ def test_corrupt_file_message(sample, tmp_path):
     with pytest.raises(DatasetError) as e:
         ds[1]
     msg = str(e.value)
-    assert msg.startswith(f"error: deliver_depth: cannot read '{p}' (") and msg.endswith("). Re-download the file.")
+    assert msg.startswith(f"error: deliver_depth: cannot read '{p}' (") and msg.endswith("). Re-download the "
+                                                                                         "file.")
     p.write_bytes(b"not a png at all")
-    with pytest.raises(DatasetError, match=r"^error: deliver_depth: cannot read '.*' \(.+\)\. Re-download the file"):
+    with pytest.raises(DatasetError, match=r"^error: deliver_depth: cannot read '.*' \(.+\)\. Re-download "
+                                           r"the file"):
         build_dataset("deliver_depth", d, "test")
 
 
@@ -675,7 +689,8 @@ def test_test_split_without_ground_truth(sample):
     assert not ds.has_labels and (ds[0]["label"] == 255).all()
     with pytest.raises(DatasetError) as e:
         ds.require_labels()
-    assert str(e.value) == "error: cityscapes: split 'test' has no public ground truth; use --split val for a metric."
+    assert str(e.value) == ("error: cityscapes: split 'test' has no public ground truth; use --split val for "
+                            "a metric.")
 
 
 def test_count_warning_silenced_by_marker(sample, tmp_path):

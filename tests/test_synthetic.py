@@ -1,5 +1,5 @@
-"""The synthetic sample (datasets.md §9): layouts and encodings, sizes, determinism, speed, the class/colour signal
-and the style shift the methods' learning tests rely on, and concurrent `ensure_synthetic_sample`."""
+"""The synthetic sample (datasets.md §9): layouts and encodings, sizes, determinism, speed, the class/colour
+signal and the style shift the methods' learning tests rely on, and concurrent `ensure_synthetic_sample`."""
 import json
 import struct
 import sys
@@ -38,16 +38,20 @@ def first(root: Path, pattern: str) -> Path:
 def test_layouts_sizes_and_encodings(sample):
     assert json.loads((sample / "SYNTHETIC").read_text())["size_ratio"] == 1 / 8
     # native / 8 at the real aspect ratio
-    sizes = {"cityscapes/leftImg8bit/train/*/*_leftImg8bit.png": (256, 128), "gta5/images/?????.png": (239, 132),
+    sizes = {"cityscapes/leftImg8bit/train/*/*_leftImg8bit.png": (256, 128),
+             "gta5/images/?????.png": (239, 132),
              "synthia/RGB/*.png": (160, 95), "acdc/rgb_anon/fog/train/*/*_rgb_anon.png": (240, 135),
-             "dark_zurich/rgb_anon/train/night/*/*.png": (240, 135), "bdd100k/images/10k/train/*.jpg": (160, 90),
-             "dsec/69mask_train_edges/*/*.png": (80, 60), "dsec/test_semantic_labels/*/11classes/*.png": (80, 55),
+             "dark_zurich/rgb_anon/train/night/*/*.png": (240, 135),
+             "bdd100k/images/10k/train/*.jpg": (160, 90),
+             "dsec/69mask_train_edges/*/*.png": (80, 60),
+             "dsec/test_semantic_labels/*/11classes/*.png": (80, 55),
              "fmb/train/Infrared/*.png": (100, 75), "deliver/depth/*/train/*/*_depth_front.png": (130, 130)}
     for pattern, wh in sizes.items():
         assert Image.open(first(sample, pattern)).size == wh, pattern
     # Cityscapes: labelIds everywhere, labelTrainIds for train only
     cs = sample / "cityscapes" / "gtFine"
-    assert len(list(cs.glob("train/*/*_labelTrainIds.png"))) == 8 and not list(cs.glob("val/*/*_labelTrainIds.png"))
+    assert len(list(cs.glob("train/*/*_labelTrainIds.png"))) == 8
+    assert not list(cs.glob("val/*/*_labelTrainIds.png"))
     assert len(list(cs.glob("val/*/*_labelIds.png"))) == 4
     ids = np.array(Image.open(first(cs, "val/*/*_labelIds.png")))
     assert ids.max() > 18 and set(np.unique(ids)) <= set(range(34))  # really labelIds, not trainIds
@@ -70,7 +74,8 @@ def test_layouts_sizes_and_encodings(sample):
     for split, seq, n in (("train", "zurich_city_00_a", 17), ("test", "zurich_city_13_a", 5)):
         sem_dir = sample / "dsec" / split / seq / "semantic"
         ts = np.loadtxt(sem_dir / "timestamps.txt", dtype=np.int64)
-        assert len(ts) == n == len(list(sem_dir.rglob("11classes/data/*.png"))) and (np.diff(ts) == 50_000).all()
+        assert len(ts) == n == len(list(sem_dir.rglob("11classes/data/*.png")))
+        assert (np.diff(ts) == 50_000).all()
     edge = np.array(Image.open(first(sample, "dsec/69mask_test_edges/*/*.png")))
     assert np.median(edge) in (127, 128) and edge.min() < 100 and edge.max() > 160
 
