@@ -1542,8 +1542,8 @@ class TrainStream:
             self._pool = ThreadPoolExecutor(self.workers)
         key = (int(step), int(start), int(count))
         fut = self._pending.pop(key, None)
-        for k in list(self._pending):  # a prefetch that will not be asked for (e.g. after a jump)
-            if k[0] <= key[0]:
+        for k in list(self._pending):  # prefetches of past steps will not be asked for (e.g. after a jump)
+            if k[0] < key[0]:
                 self._pending.pop(k)
         out = fut.result() if fut is not None else self._compute(*key)
         if self._pool is not None and self.prefetch:

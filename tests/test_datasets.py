@@ -185,11 +185,12 @@ def test_loader_on_synthetic(sample, name):
             assert tuple(x.shape[1:]) == (h, w)
         else:
             assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])  # grey replicated
-    tr = build_dataset(name, sample, "train", scale=1 / 8, crop_size=48)
+    tr = build_dataset(name, sample, "train", scale=1 / 8, crop_size=64)  # the demo's setting
     assert tr.train and tr.split == info.train_split and len(tr) > 0
-    s = tr.sample(0, np.random.default_rng(0))
-    assert tuple(s["image"].shape) == (3, 48, 48) and s["image"].dtype == torch.float32
-    assert tuple(s["label"].shape) == (48, 48) and s["label"].dtype == torch.int64
+    s = tr.sample(len(tr) - 1, np.random.default_rng(0))
+    assert tuple(s["image"].shape) == (3, 64, 64) and s["image"].dtype == torch.float32
+    assert 0 <= float(s["image"].min()) and float(s["image"].max()) <= 1
+    assert tuple(s["label"].shape) == (64, 64) and s["label"].dtype == torch.int64
     assert set(s["label"].unique().tolist()) <= allowed
 
 
@@ -524,6 +525,13 @@ def test_train_stream_determinism(sample):
     nxt = s2.batch(6, 0, 4)  # served by the prefetch
     assert torch.equal(nxt["image"], s1.batch(6, 0, 4)["image"])
     assert not torch.equal(a["image"], nxt["image"])
+    # accumulation / DDP pattern: several micro-batches per step, each prefetched for the next step
+    s3 = TrainStream(ds, seed=3, workers=2)
+    for step in (7, 8, 9):
+        parts = [s3.batch(step, k * 2, 2) for k in range(2)]
+        whole = s1.batch(step, 0, 4)
+        assert torch.equal(torch.cat([p["image"] for p in parts]), whole["image"])
+    s3.close()
     other = TrainStream(ds, seed=3, stream_id=1, workers=0).batch(5, 0, 4)
     assert not torch.equal(a["image"], other["image"])
     single = s1.sample(5, 2)
