@@ -709,3 +709,41 @@ def test_count_warning_silenced_by_marker(sample, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_dataset("bdd100k", tmp_path / "b", "val")
+
+
+def test_acdc_flattened_daformer_layout(sample, tmp_path):
+    src = sample / "acdc"
+    d = tmp_path / "acdc"
+    for kind in ("rgb_anon", "gt"):
+        shutil.copytree(src / kind / "fog" / "train", d / kind / "train")
+    (tmp_path / "SYNTHETIC").write_text("{}")
+    flat = build_dataset("acdc", tmp_path, "train", train=False)
+    official = build_dataset("acdc_fog", sample, "train", train=False)
+    assert len(flat) == len(official) == 4
+    assert torch.equal(flat[0]["label"], official[0]["label"])
+    with pytest.raises(DatasetError, match="no folder 'rgb_anon/fog/train'"):
+        build_dataset("acdc_fog", tmp_path, "train")  # the condition is lost in the flattened layout
+
+
+def test_mapillary_older_and_v2_layouts(sample, tmp_path):
+    d = copy_ds(sample, "mapillary", tmp_path)
+    ref = build_dataset("mapillary", d, "val")[0]["label"]
+    (d / "validation" / "v1.2" / "labels").rename(d / "validation" / "labels")  # older download
+    assert torch.equal(build_dataset("mapillary", d, "val")[0]["label"], ref)
+    (d / "validation" / "v2.0").mkdir()
+    (d / "validation" / "labels").rename(d / "validation" / "v2.0" / "labels")  # v2.0 only: not used
+    with pytest.raises(DatasetError, match="no folder 'validation/v1.2/labels'"):
+        build_dataset("mapillary", d, "val")
+
+
+def test_unknown_split_and_options(sample):
+    with pytest.raises(DatasetError, match="unknown split 'validation'"):
+        build_dataset("cityscapes", sample, "validation")
+    with pytest.raises(DatasetError, match="--label-format: unknown value 'colour'"):
+        build_dataset("cityscapes", sample, "val", label_format="colour")
+    with pytest.raises(DatasetError, match="--dsec-input: unknown value 'frames'"):
+        build_dataset("dsec_event", sample, "val", dsec_input="frames")
+    with pytest.raises(DatasetError, match="unknown ACDC condition 'haze'"):
+        build_dataset("acdc", sample, "val", conditions="fog,haze")
+    assert build_dataset("mapillary", sample, "validation").split == "validation"
+    assert build_dataset("deliver_depth", sample, "val").split == "test"  # "val" is the eval split alias
