@@ -46,6 +46,9 @@ Deviations from the official code (and the paper), every one deliberate:
     - [our choice] Targets other than Cityscapes: the dataset's evaluation resize, padded right/bottom to a multiple
       of 64 and cropped back (the official repo has no such test configs). Checkpoints every 2000 steps (official
       10,000). Any `--src/--tgt` pair; `--tgt a,b` scores several targets.
+    - [our choice] `--demo` runs the same code at 1/8 of the sizes with the tiny SD, the authors' 5-step schedule
+      and the narrowest widths among the official config's commented alternatives (`--proj-dims 128 320 512 64`),
+      a higher lr (3e-4) and 40 steps, so it finishes on two CPU cores; its numbers mean nothing.
     - Kept on purpose (official quirks): SD 2.1 predicts v, yet its raw output is used as epsilon in the update;
       CA outputs are summed, not averaged, over prompt passes; weight decay on every parameter; CE averaged over all
       pixels including ignored ones; the two branches go through the head in two calls (BN statistics per call).
@@ -633,7 +636,8 @@ def photometric_distortion(img: torch.Tensor, rng: np.random.Generator) -> torch
         x = _hsv_to_rgb(torch.cat([hsv[:, :1], (hsv[:, 1:2] * rng.uniform(0.5, 1.5)).clamp(0, 1), hsv[:, 2:]], 1))
     if rng.integers(2):
         hsv = _rgb_to_hsv(x)
-        x = _hsv_to_rgb(torch.cat([(hsv[:, :1] + rng.integers(-18, 19) / 180) % 1.0, hsv[:, 1:]], 1))
+        # numpy randint(-18, 18) as in mmseg: the upper bound is exclusive
+        x = _hsv_to_rgb(torch.cat([(hsv[:, :1] + rng.integers(-18, 18) / 180) % 1.0, hsv[:, 1:]], 1))
     if not contrast_first:
         x = contrast(x)
     return x[0].clamp(0, 1)
@@ -684,6 +688,7 @@ def train(args: Args) -> dict:
     if args.crop_size % 64:
         raise UserError(f"error: --crop-size {args.crop_size}: DIFF reshapes features at stride 64, so the crop "
                         "must be a multiple of 64 (official: 512).")
+    inversion_schedule(args.num_steps)                                       # fails early on an unknown schedule
     num_classes = check_pair(args.src, args.tgt)
     scale = 1 / 8 if args.demo else 1.0
     out = args.out or f"runs/diff-{args.src}-{args.tgt.replace(',', '+')}"
@@ -703,8 +708,9 @@ def train(args: Args) -> dict:
     prompts, prompt_ids = class_prompts(args.prompt_classes, num_classes)
     emb = encode_prompts(sd.tokenizer, sd.text_encoder, [""] + prompts)              # (1 + P, 77, d)
     sd.text_encoder = sd.tokenizer = None
-    sd.unet.to(precision.frozen_dtype)
-    sd.vae.to(precision.frozen_dtype)
+    if precision.frozen_dtype != torch.float32:  # inference only: half precision is enough (official fp16)
+        sd.unet.to(precision.frozen_dtype)
+        sd.vae.to(precision.frozen_dtype)
     extractor = DiffusionExtractor(sd.unet, sd.vae, sd.scheduler, emb, prompt_ids, args.num_steps,
                                    args.guidance_scale, args.eta, args.eta_t_range)
     model = DIFFSegmentor(extractor.in_channels, num_classes, args.proj_dims, args.grad_checkpointing).to(device)
@@ -742,6 +748,7 @@ def train(args: Args) -> dict:
     if args.profile:
         return run_profile(args, sd, extractor, model, train_step, num_classes, prompt_ids, device)
     out = prepare_out_dir(out, args.resume, args.eval_only, dist.is_main, allow_existing=args.demo)
+    resume_from = resume_checkpoint(out) if args.resume else None           # nothing is written before this check
     if dist.is_main:
         write_metrics(out, asdict(args), key="args")
     if args.eval_only:
@@ -753,9 +760,8 @@ def train(args: Args) -> dict:
     rcs = RareClassSampling(src_ds, args.rcs_temperature, args.rcs_min_pixels, cache_dir=Path(out) / "cache")
     stream = TrainStream(src_ds, args.seed, rcs, stream_id=0)
     start = 0
-    if args.resume:
-        path = resume_checkpoint(out)
-        weights, state = load_checkpoint(path, map_location="cpu")
+    if resume_from is not None:
+        weights, state = load_checkpoint(resume_from, map_location="cpu")
         model.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -763,7 +769,7 @@ def train(args: Args) -> dict:
         gen.set_state(state["generator"])
         start = state["step"]
         if dist.is_main:
-            print(f"resumed from {path} at step {start}")
+            print(f"resumed from {resume_from} at step {start}")
 
     def save(step: int) -> None:
         if dist.is_main:
@@ -842,20 +848,24 @@ def evaluate_targets(model: DIFFSegmentor, extractor: DiffusionExtractor, datase
 
 
 # ---- --profile: FLOPs per iteration with and without the official wastes, in one run ----
-def structure_flops(sd, extractor: DiffusionExtractor, num_classes: int, dims: tuple, x_shape: tuple,
-                    y: torch.Tensor, official: bool) -> int:
-    """FLOPs of one training iteration (forward + backward), counted on the meta device (no compute, no memory).
+def meta_extractor(unet: nn.Module, vae: nn.Module, scheduler, extractor: DiffusionExtractor) -> DiffusionExtractor:
+    """A copy of `extractor` whose UNet and VAE live on the meta device: shapes only, no weights, no compute."""
+    with torch.device("meta"):
+        unet, vae = type(unet).from_config(unet.config), type(vae).from_config(vae.config)
+    return DiffusionExtractor(unet, vae, scheduler, extractor.emb.to("meta"), extractor.prompt_ids,
+                              len(extractor.seq), extractor.g, extractor.eta, extractor.eta_t_range)
+
+
+def structure_flops(ext: DiffusionExtractor, num_classes: int, dims: tuple, x_shape: tuple, y: torch.Tensor,
+                    official: bool) -> int:
+    """FLOPs of one training iteration (forward + backward) of a meta-device extractor + trained part.
 
     official=False: our structure. official=True: the official one rebuilt -- the stride-64 block extracted and its
     bottleneck run, the duplicated "" guidance pass in both branches, all 37 steps.
     """
     with torch.device("meta"):
-        unet = type(sd.unet).from_config(sd.unet.config)
-        vae = type(sd.vae).from_config(sd.vae.config)
-        c64 = len(extractor.save) * sum(c for _, c in feature_layers(unet, True)[64])
-        model = DIFFSegmentor(extractor.in_channels, num_classes, dims, with_stride64=c64 if official else None)
-    ext = DiffusionExtractor(unet, vae, sd.scheduler, extractor.emb.to("meta"), extractor.prompt_ids,
-                             len(extractor.seq), extractor.g, extractor.eta, extractor.eta_t_range)
+        c64 = len(ext.save) * sum(c for _, c in feature_layers(ext.unet, True)[64])
+        model = DIFFSegmentor(ext.in_channels, num_classes, dims, with_stride64=c64 if official else None)
     x, y_meta = torch.zeros(x_shape, device="meta"), y.to("meta")
 
     def step() -> None:
@@ -878,9 +888,10 @@ def run_profile(args: Args, sd, extractor, model, train_step, num_classes: int, 
     for k, cid in enumerate(prompt_ids):                                     # one horizontal band per prompt class
         y_present[:, k * c // (len(prompt_ids) + 1): (k + 1) * c // (len(prompt_ids) + 1)] = cid
     extra = {"setting": f"crop {c}, batch {B}, --num-steps {args.num_steps}, {args.sd_model}"}
+    ext = meta_extractor(sd.unet, sd.vae, sd.scheduler, extractor)
     for name, y in (("no_prompt_class", y_absent), ("prompt_classes", y_present)):
-        ours = structure_flops(sd, extractor, num_classes, args.proj_dims, tuple(x.shape), y, official=False)
-        official = structure_flops(sd, extractor, num_classes, args.proj_dims, tuple(x.shape), y, official=True)
+        ours = structure_flops(ext, num_classes, args.proj_dims, tuple(x.shape), y, official=False)
+        official = structure_flops(ext, num_classes, args.proj_dims, tuple(x.shape), y, official=True)
         extra.update({f"flops_{name}": ours, f"flops_official_{name}": official,
                       f"ratio_{name}": round(ours / official, 4)})
     y_present = y_present.to(device)
@@ -894,9 +905,9 @@ def main(args: Args) -> dict:
         root = ensure_synthetic_sample("data/synthetic" if args.data_root == "data" else args.data_root)
         # Sizes x1/8, the authors' 5-step schedule and the narrowest widths of the official diff_config.yaml's
         # commented alternatives ([512, 512, 320, 128] / 64), so the whole loop runs on two CPU cores.
-        args = replace_defaults(args, sd_model="tiny", data_root=str(root), num_steps=5, crop_size=64, iters=60,
-                                proj_dims=(128, 320, 512, 64), warmup_iters=5, log_every=10, eval_every=60,
-                                ckpt_every=60, out="runs/diff-demo")
+        args = replace_defaults(args, sd_model="tiny", data_root=str(root), num_steps=5, crop_size=64, iters=40,
+                                proj_dims=(128, 320, 512, 64), lr=3e-4, warmup_iters=5, log_every=5, eval_every=40,
+                                ckpt_every=40, out="runs/diff-demo")
     return train(args)
 
 
