@@ -554,6 +554,8 @@ def setup(args: Args) -> Run:
             if args.ttda:  # TTDA reads target *train* images; their labels are never used
                 tgt_train[t] = cd.build_dataset(t, args.data_root, "train", train=True, crop_size=args.crop_size,
                                                 scale=scale, num_classes=K)
+    if args.resume and not args.profile:  # fail before anything is written to --out
+        runtime.resume_checkpoint(args.out)
     parts = load_sd(args.sd_model, parts=("unet", "vae"), device=device)  # text encoder: only on a cache miss
     if device.type == "cuda":  # frozen, inference-only weights: half precision halves memory and doubles speed
         parts.unet.to(precision.frozen_dtype)
@@ -626,8 +628,11 @@ def checkpoint_state(run: Run, opt, scaler, step: int) -> tuple[dict, dict]:
     return weights, state
 
 
-def train(run: Run) -> dict:
-    """Source-only training with prompt randomization; evaluates every --eval-every steps and at the end."""
+def train(run: Run) -> tuple[dict, list]:
+    """Source-only training with prompt randomization; evaluates every --eval-every steps and at the end.
+
+    Returns (the last evaluation {target: result}, the logged (averaged) loss history).
+    """
     a, model = run.args, run.model
     model.train()
     net = run.dist.wrap(model)
@@ -643,7 +648,7 @@ def train(run: Run) -> dict:
         runtime.set_rng_state(state["rng"])
         start = state["step"]
         print(f"resumed from {ck} at step {start}")
-    timer, result = runtime.RunTimer(), {}
+    timer, result, window, history = runtime.RunTimer(), {}, {}, []
     P, b0 = len(SCENE_PROMPTS), run.dist.rank * a.batch_size  # global batch = batch_size x world
     for step in range(start, a.iters):
         batch = stream.batch(step, b0, a.batch_size)
@@ -651,17 +656,22 @@ def train(run: Run) -> dict:
         idx = draw_scene_prompts(a.seed, step, b0, a.batch_size, P, a.scene_prompts_per_image)  # (B, K_s)
         logs = train_step(run, net, opt, scaler, x, y, idx, step)
         timer.tick()
+        window = {k: window.get(k, 0.0) + v for k, v in logs.items()}
         done = step + 1
-        if done % a.log_every == 0 or done == a.iters:
+        if done % a.log_every == 0 or done == a.iters:  # losses averaged over the steps since the last line
+            n = timer.n
+            avg = {k: (v / n if k != "lr" else logs["lr"]) for k, v in window.items()}
+            history.append({"step": done, **avg})
+            window = {}
             if run.dist.is_main:
-                print(runtime.log_line(done, a.iters, logs, timer.lap(), runtime.peak_memory_gb(run.device)),
+                print(runtime.log_line(done, a.iters, avg, timer.lap(), runtime.peak_memory_gb(run.device)),
                       flush=True)
         if (done % a.ckpt_every == 0 or done == a.iters) and run.dist.is_main:
             runtime.save_checkpoint(run.out, done, *checkpoint_state(run, opt, scaler, done), keep=a.keep_ckpts)
         if done % a.eval_every == 0 or done == a.iters:
             result = evaluate_targets(run, done, scene=None)
             model.train()
-    return result
+    return result, history
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -824,7 +834,7 @@ def resolve_args(args: Args) -> Args:
         args = runtime.replace_defaults(args, sd_model="tiny", data_root="data/synthetic", out="runs/ptdiffseg-demo",
                                         crop_size=64, iters=60, eval_every=60, log_every=10, ckpt_every=60,
                                         warmup_iters=5, lr=6e-3, adapter_lr=6e-4, eval_stride=43, ttda=True,
-                                        ttda_steps=5, ttda_threshold=0.5)
+                                        ttda_steps=8, ttda_lr=1e-2, ttda_threshold=0.5)
         ensure_synthetic_sample(args.data_root)
     if args.out is None:
         args = dataclasses.replace(args, out=f"runs/ptdiffseg-{args.src}-{args.tgt.replace(',', '+')}")
@@ -842,18 +852,18 @@ def main(args: Args) -> dict:
         return profile(run)
     if run.dist.is_main:
         runtime.write_metrics(run.out, dataclasses.asdict(args), key="args")
-    step = 0
+    step, history = 0, []
     if args.eval_only:
         weights, state = runtime.load_checkpoint(args.ckpt, map_location=run.device)
         run.model.load_state_dict(weights)
         step = int(state.get("step", 0))
         result = evaluate_targets(run, step)
     else:
-        result = train(run)
+        result, history = train(run)
         step = args.iters
     out = {t: {"miou": r["miou"], "per_class_iou": r["per_class_iou"]} for t, r in result.items()}
     summary = {"step": step, "targets": out, "miou": float(np.mean([r["miou"] for r in result.values()])),
-               "per_class_iou": next(iter(out.values()))["per_class_iou"]}
+               "per_class_iou": next(iter(out.values()))["per_class_iou"], "train_log": history}
     if args.ttda:
         scenes = {t: ttda(run, t) for t in run.tgt_eval}
         after = evaluate_targets(run, step, scenes, tag="TTDA prompt")
