@@ -652,18 +652,21 @@ def strip(prefix: str, weights: dict) -> dict:
     return {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
 
 
-def load_stage1_weights(path: str) -> dict:
-    """net_ema weights of a stage-1 checkpoint folder, its weights file or a run folder (its stage1/ copy)."""
+def load_stage1_weights(path: str) -> tuple[dict, int]:
+    """(net_ema weights, stage-1 step) of a stage-1 checkpoint folder, its weights file or a run folder."""
     p = Path(path)
+    if not p.exists():
+        raise UserError(f"error: --stage1-ckpt: '{path}' not found. Expected a checkpoint folder written by "
+                        "iccld.py --stage 1 or --stage both (<out>/stage1/checkpoints/step_XXXXXXX).")
     if p.is_dir() and not (p / "weights.safetensors").exists():
         p = runtime.latest_checkpoint(p / "stage1") or runtime.latest_checkpoint(p) or p
-    weights, _ = runtime.load_checkpoint(p)
+    weights, state = runtime.load_checkpoint(p)
     net_w = strip("net_ema", weights)
     if not net_w:
         raise UserError(f"error: --stage1-ckpt: '{path}' holds no net_ema weights. Expected a checkpoint "
                         "written by iccld.py --stage 1 or --stage both "
                         "(<out>/stage1/checkpoints/step_XXXXXXX).")
-    return net_w
+    return net_w, int(state.get("step", 0)) if state.get("stage") == 1 else int(state.get("offset", 0))
 
 
 def eval_input(s: Setup) -> tuple[Optional[tuple[int, int]], str]:
@@ -778,7 +781,7 @@ def train_stage1(s: Setup, state: Optional[tuple[dict, dict]] = None) -> tuple[I
         logs = step_fn(i)
         timer.tick()
         step = i + 1
-        if step % a.log_every == 0 and s.dist.is_main:
+        if (step % a.log_every == 0 or step == 1) and s.dist.is_main:
             print("[stage 1] " + runtime.log_line(step, a.iters, logs, timer.lap(),
                                                   runtime.peak_memory_gb(device)))
         if step % a.eval_every == 0 or step == a.iters:
@@ -791,8 +794,8 @@ def train_stage1(s: Setup, state: Optional[tuple[dict, dict]] = None) -> tuple[I
                   "args": dataclasses.asdict(a)}
             runtime.save_checkpoint(s.out, step, weights, st, keep=a.keep_ckpts)
             if step == a.iters:  # kept outside the rotation: what --stage 2 starts from
-                runtime.save_checkpoint(s.out / "stage1", step, prefixed("net_ema", net_ema), {"stage": 1},
-                                        keep=1)
+                runtime.save_checkpoint(s.out / "stage1", step, prefixed("net_ema", net_ema),
+                                        {"stage": 1, "step": step}, keep=1)
     return net_ema, last
 
 
@@ -918,7 +921,7 @@ def train_stage2(s: Setup, net_w: dict, offset: int, state: Optional[tuple[dict,
         logs = step_fn(j)
         timer.tick()
         step = j + 1
-        if step % a.log_every == 0 and s.dist.is_main:
+        if (step % a.log_every == 0 or step == 1) and s.dist.is_main:
             print("[stage 2] " + runtime.log_line(step, a.iters_stage2, logs, timer.lap(),
                                                   runtime.peak_memory_gb(device)))
         if step % a.eval_every == 0 or step == a.iters_stage2:
@@ -1003,7 +1006,7 @@ def main(args: Args) -> dict:
         if args.stage == "1":
             fn = train_stage1(s)[1]["step_fn"]
         else:
-            net_w = (load_stage1_weights(args.stage1_ckpt) if args.stage1_ckpt
+            net_w = (load_stage1_weights(args.stage1_ckpt)[0] if args.stage1_ckpt
                      else ICCLDNet(sd.vae, K).state_dict())
             fn = train_stage2(s, net_w, 0)["step_fn"]
         counter = iter(range(10**9))
@@ -1016,6 +1019,7 @@ def main(args: Args) -> dict:
 
     # checkpoints to start from, read before the run folder is touched
     resume_state = stage1_w = None
+    stage1_step = args.iters
     if args.eval_only:
         weights, _ = runtime.load_checkpoint(args.ckpt)
     elif args.resume:
@@ -1024,7 +1028,7 @@ def main(args: Args) -> dict:
             raise UserError(f"error: --resume: the latest checkpoint in '{args.out}' is from stage 1. "
                             "Resume with --stage both (or --stage 1).")
     elif args.stage == "2":
-        stage1_w = load_stage1_weights(args.stage1_ckpt)
+        stage1_w, stage1_step = load_stage1_weights(args.stage1_ckpt)
     s.out = runtime.prepare_out_dir(args.out, resume=args.resume, eval_only=args.eval_only,
                                     is_main=dist.is_main, allow_existing=args.demo)
     if dist.is_main:
@@ -1059,15 +1063,15 @@ def main(args: Args) -> dict:
                   "stage": 1, "miou_direct": res1.get("miou")}
         stage1_w = {k: v.detach().float().cpu() for k, v in net_ema.state_dict().items()}
         del net_ema
-        if args.stage == "both":
-            runtime.seed_everything(args.seed + 1)  # stage 2 draws from its own seeded stream
     if args.stage in ("2", "both"):
-        offset = args.iters if args.stage == "both" else 0
-        state2 = None
-        if st_stage == 2:
-            state2 = resume_state
-            stage1_w = strip("net_ema", resume_state[0])
-            offset = resume_state[1]["offset"]
+        state2 = resume_state if st_stage == 2 else None
+        if state2 is not None:
+            stage1_w, offset = strip("net_ema", state2[0]), state2[1]["offset"]
+        else:
+            # stage 2 draws from its own seeded stream and continues the data stream after stage 1's steps, so
+            # --stage 2 --stage1-ckpt X reproduces the second half of --stage both bit for bit (tested)
+            runtime.seed_everything(args.seed + 1)
+            offset = stage1_step
         res2 = train_stage2(s, stage1_w, offset, state2, direct=res1 if st_stage != 2 else None)
         result = {"miou": res2["miou"], "per_class_iou": res2["per_class_iou"], "step": args.iters_stage2,
                   "stage": 2, "miou_direct": res2["miou_direct"], **{k: res2[k] for k in ("miou16", "miou13")
