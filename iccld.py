@@ -669,20 +669,20 @@ def load_stage1_weights(path: str) -> tuple[dict, int]:
     return net_w, int(state.get("step", 0)) if state.get("stage") == 1 else int(state.get("offset", 0))
 
 
-def eval_input(s: Setup) -> tuple[Optional[tuple[int, int]], str]:
-    """(W, H) eval input of the target (datasets.md section 5) and the metric mode; None = per image."""
+def eval_input(s: Setup) -> tuple[Optional[tuple[int, int]], str, str]:
+    """(W, H) eval input of the target (datasets.md section 5; None = per image, keep-ratio targets), the metric
+    mode and the metric size "WxH" of the first image, for the eval line."""
     info = s.eval_set.info
-    mode, _ = info.eval_input
-    if mode != "exact":
-        return None, info.metric
-    item = s.eval_set[0]
-    return datasets.eval_input_size(info.name, tuple(item["label"].shape), s.scale), info.metric
+    h, w = s.eval_set[0]["label"].shape
+    size = datasets.eval_input_size(info.name, (h, w), s.scale)
+    mh, mw = {"native": (h, w), "half": (h // 2, w // 2), "input": size[::-1]}[info.metric]
+    return (size if info.eval_input[0] == "exact" else None), info.metric, f"{mw}x{mh}"
 
 
 def evaluate(s: Setup, predict_fn, step: int, tag: str, pictures: bool) -> dict:
     """Score predict_fn on the target eval split with common.metrics.evaluate; print the table and the eval
     line; append to metrics.json (rank 0)."""
-    size, metric_mode = eval_input(s)
+    size, metric_mode, metric_wh = eval_input(s)
     info = s.eval_set.info
 
     def fn(x):
@@ -699,8 +699,9 @@ def evaluate(s: Setup, predict_fn, step: int, tag: str, pictures: bool) -> dict:
     if s.dist.is_main:
         print(res["table"])
         extra = "".join(f" | {k} {100 * res[k]:.2f}" for k in ("miou16", "miou13") if k in res)
-        print(f"eval step {step} | {tag} | mIoU {100 * res['miou']:.2f}{extra} | "
-              + res["resolution"].replace(", ", " | "))
+        in_wh = res["resolution"].split(",")[0].split()[-1]
+        print(f"eval step {step} | mIoU {100 * res['miou']:.2f}{extra} | input {in_wh} | metric {metric_wh} | "
+              f"{tag}")
         if s.out is not None:
             runtime.write_metrics(s.out, {"step": step, "path": tag, **{k: v for k, v in res.items()
                                                                         if k not in ("table", "confusion")}})
@@ -1038,20 +1039,20 @@ def main(args: Args) -> dict:
         net = ICCLDNet(sd.vae, K)
         net.load_state_dict(strip("net_ema", weights))
         net = frozen(net, s)
-        if not strip("unet_ema", weights):
-            with prec.autocast():
-                res = evaluate(s, net.direct, 0, "stage1 direct", pictures=True)
-            return {"miou": res["miou"], "per_class_iou": res["per_class_iou"], "step": 0}
-        unet = widen_conv_in(sd.unet)
-        unet.load_state_dict(strip("unet_ema", weights))
-        unet = frozen(unet, s)
-        ddim = DDIMScheduler.from_config(sd.scheduler.config, prediction_type="epsilon", clip_sample=False)
-        gen = torch.Generator().manual_seed(args.seed)
+        has_unet = bool(strip("unet_ema", weights))
         with prec.autocast():
-            ctx = sd.ctx.to(device)
-            res = evaluate(s, lambda x: predict_diffusion(net, unet, ctx, ddim, args.sample_steps, gen, x), 0,
-                           f"diffusion T={args.sample_steps}", True)
-        return {"miou": res["miou"], "per_class_iou": res["per_class_iou"], "step": 0}
+            res = direct = evaluate(s, net.direct, 0, "stage1 direct", pictures=not has_unet)
+            if has_unet:
+                unet = widen_conv_in(sd.unet)
+                unet.load_state_dict(strip("unet_ema", weights))
+                unet = frozen(unet, s)
+                ddim = DDIMScheduler.from_config(sd.scheduler.config, prediction_type="epsilon",
+                                                 clip_sample=False)
+                gen, ctx = torch.Generator().manual_seed(args.seed), sd.ctx.to(device)
+                res = evaluate(s, lambda x: predict_diffusion(net, unet, ctx, ddim, args.sample_steps, gen, x),
+                               0, f"stage2 diffusion T={args.sample_steps} (unet_ema)", pictures=True)
+        return {"miou": res["miou"], "per_class_iou": res["per_class_iou"], "step": 0,
+                "miou_direct": direct["miou"], **{k: res[k] for k in ("miou16", "miou13") if k in res}}
 
     timer = runtime.RunTimer()
     result: dict = {}

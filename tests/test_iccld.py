@@ -270,6 +270,14 @@ def test_stage_2_from_the_stage_1_checkpoint_reproduces_both(tmp_path, data_root
     assert res["miou"] == full_run[1]["miou"] and res["miou_direct"] == full_run[1]["miou_direct"]
 
 
+def test_eval_only_reproduces_the_final_evaluation(tmp_path, data_root, full_run):
+    """--eval-only --ckpt <stage-2 checkpoint>: same z_T seed, same numbers for both paths as the run's own."""
+    ck = runtime.latest_checkpoint(full_run[0])
+    res = iccld.main(_args(tmp_path, data_root, out=str(tmp_path / "ev"), eval_only=True, ckpt=str(ck)))
+    assert res["miou"] == full_run[1]["miou"] and res["miou_direct"] == full_run[1]["miou_direct"]
+    assert not (tmp_path / "ev" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--stage", "2"], "--stage 2: no stage-1 checkpoint"),
     (["--eval-only"], "--eval-only: no --ckpt given"),
