@@ -632,6 +632,7 @@ def train_step(run: Run, net: nn.Module, opt, scaler, x: torch.Tensor, y: torch.
 
 
 def checkpoint_state(run: Run, opt, scaler, step: int) -> tuple[dict, dict]:
+    """(weights: adapter + FPN + head incl. BN statistics, state: optimizer, scaler, RNG, step, args)."""
     weights = {k: v for k, v in run.model.state_dict().items()}
     state = {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
              "rng": runtime.get_rng_state(), "args": dataclasses.asdict(run.args)}
@@ -659,11 +660,11 @@ def train(run: Run) -> tuple[dict, list]:
         start = state["step"]
         print(f"resumed from {ck} at step {start}")
     timer, result, window, history = runtime.RunTimer(), {}, {}, []
-    P, b0 = len(SCENE_PROMPTS), run.dist.rank * a.batch_size  # global batch = batch_size x world
+    n_pool, b0 = len(SCENE_PROMPTS), run.dist.rank * a.batch_size  # global batch = batch_size x world
     for step in range(start, a.iters):
         batch = stream.batch(step, b0, a.batch_size)
         x, y = to_model_input(batch, run.device)                                     # (B, 3, H, W), (B, H, W)
-        idx = draw_scene_prompts(a.seed, step, b0, a.batch_size, P, a.scene_prompts_per_image)  # (B, K_s)
+        idx = draw_scene_prompts(a.seed, step, b0, a.batch_size, n_pool, a.scene_prompts_per_image)
         logs = train_step(run, net, opt, scaler, x, y, idx, step)
         timer.tick()
         window = {k: window.get(k, 0.0) + v for k, v in logs.items()}
@@ -682,6 +683,8 @@ def train(run: Run) -> tuple[dict, list]:
         if done % a.eval_every == 0 or done == a.iters:
             result = evaluate_targets(run, done, scene=None)
             model.train()
+    if not result:  # resumed a run that had already finished: score its final weights
+        result = evaluate_targets(run, a.iters, scene=None)
     return result, history
 
 

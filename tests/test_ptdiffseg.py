@@ -267,6 +267,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
+def test_non_finite_loss_stops_with_the_step(tmp_path, monkeypatch):
+    ensure_synthetic_sample(DATA)
+    monkeypatch.setattr(P, "consistency_loss", lambda logits: torch.tensor(float("nan")))
+    with pytest.raises(UserError, match="non-finite loss .* at step 0"):
+        P.train(P.setup(demo_args(tmp_path, iters=2)))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The demo end to end, which is also the learning test
 # ------------------------------------------------------------------------------------------------------------
