@@ -45,7 +45,7 @@ Deviations from the paper and the official code's active path (specs/madm.md giv
     (same maths), targets other than the paper's three (LPLR on source + mixed [1, 1], DPLG t0 {50, 51} until
     0.8 iters), any source/target pair of the registry.
   * `--demo` (not a paper setting): tiny random SD, synthetic data at 1/8 size (crop 64, eval 64), 40 steps,
-    lr 1e-3 and fusion stride 4, so that it learns something within a minute on a CPU.
+    lr 3e-3 and fusion stride 4, so that it learns something within a minute on a CPU.
   Kept on purpose (official quirks): the teacher shares the student's UNet (only conditioning, projections and
   head are EMA'd); the teacher head runs in train mode; one fixed seed-42 noise pattern, added even at t = 0;
   s0 decoded without gradient; conv_norm_out / conv_out frozen; CE averaged over all pixels; ClassMix may
@@ -174,7 +174,7 @@ TASKS = {"dsec_event": (50, 0.8, (20.0,)),
          "deliver_depth": (60, 0.5, (1.0, 1.0))}
 TASK_OTHER = (50, 0.8, (1.0, 1.0))
 LATENT_NOISE_SIZE = 64        # eps_fix is drawn at 64x64 latents (512 px) and resized otherwise; official
-DEMO = dict(sd_model="tiny", data_root="data/synthetic", iters=40, crop_size=64, eval_size=64, lr=1e-3,
+DEMO = dict(sd_model="tiny", data_root="data/synthetic", iters=40, crop_size=64, eval_size=64, lr=3e-3,
             log_every=5, eval_every=40, ckpt_every=40, fusion_stride=4)
 
 
