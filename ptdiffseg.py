@@ -583,6 +583,8 @@ def setup(args: Args) -> Run:
         c_emb, s_emb = prompt_embeddings(args.sd_model, class_names, out / "cache", write=dist.is_main)
     sd = FrozenSD(parts.unet, parts.vae, args.timestep, args.latent_scale, args.grad_checkpointing)
     model = PTDiffSeg(c_emb, s_emb, sd.channels, args.adapter_gamma_init).to(device)
+    if dist.world > 1 and device.type == "cuda":  # mmseg/VPD configs use SyncBN; gloo on CPU has no SyncBN
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return Run(args, device, precision, dist, sd, model, out, scale, K, class_names, cd.PALETTES[K],
                src_train, tgt_eval, tgt_train)
 
@@ -715,13 +717,17 @@ def ttda(run: Run, target: str) -> torch.Tensor:
         with run.precision.autocast():
             logits = model(sd, z, s.expand(B, -1))       # gradient reaches s through cross-attention
         loss, kept = ttda_loss(logits, logits_src, tuple(x.shape[-2:]), a.ttda_threshold)
-        if loss is not None:  # no confident pixel in this batch: skip the step (counts toward --ttda-steps)
+        opt.zero_grad(set_to_none=False)
+        if loss is not None:
             runtime.check_finite(loss, step)
-            opt.zero_grad(set_to_none=True)
             loss.backward()
-            if run.dist.world > 1:  # s is not inside a DDP module: average its gradient by hand
-                run.dist.all_reduce_sum(s.grad)
-                s.grad /= run.dist.world
+        any_kept = torch.tensor([float(loss is not None)], device=run.device)
+        if run.dist.world > 1:  # s is not inside a DDP module: average its gradient over processes by hand
+            s.grad = s.grad if s.grad is not None else torch.zeros_like(s)
+            run.dist.all_reduce_sum(any_kept)
+            run.dist.all_reduce_sum(s.grad)
+            s.grad /= run.dist.world
+        if any_kept.item() > 0:  # no confident pixel anywhere: skip the step (it counts toward --ttda-steps)
             opt.step()
             kept_sum, used = kept_sum + kept, used + 1
         # ---------- METHOD STEP END ----------
@@ -730,8 +736,9 @@ def ttda(run: Run, target: str) -> torch.Tensor:
             vals = {"loss_ttda": loss.item() if loss is not None else 0.0, "kept": kept, "lr": a.ttda_lr}
             print("ttda " + runtime.log_line(step + 1, a.ttda_steps, vals, timer.lap(),
                                             runtime.peak_memory_gb(run.device)), flush=True)
-    print(f"ttda {target}: {used}/{a.ttda_steps} steps had confident pixels (mean kept fraction "
-          f"{kept_sum / max(used, 1):.3f}); |s - s0| = {float((s.detach() - s0).norm()):.3e}")
+    if run.dist.is_main:
+        print(f"ttda {target}: {used}/{a.ttda_steps} steps had confident pixels (mean kept fraction "
+              f"{kept_sum / max(used, 1):.3f}); |s - s0| = {float((s.detach() - s0).norm()):.3e}")
     for p, f in zip(model.parameters(), flags):
         p.requires_grad_(f)
     model.train(was_training)
