@@ -360,6 +360,14 @@ def test_error_paths(data, tmp_path):
     assert not (tmp_path / "x").exists()  # nothing written before the inputs validate
 
 
+def test_profile_needs_no_data_and_writes_nothing(tmp_path):
+    res = madm.main(madm.Args(sd_model="tiny", profile=1, crop_size=32, fusion_stride=4,
+                              data_root=str(tmp_path / "no-data"), out=str(tmp_path / "out")))
+    for key in ("flops_per_iter", "sec_per_iter", "peak_mem_gb", "matmul_peak_gflops", "utilization"):
+        assert res[key] > 0, key
+    assert not (tmp_path / "out").exists()
+
+
 def test_kill_and_resume_is_bit_identical(data, tmp_path):
     """SIGKILL a run after its step-2 checkpoint exists, resume it, and compare the final weights bit for bit
     with an uninterrupted run of the same seed (CPU)."""
@@ -386,6 +394,12 @@ def test_kill_and_resume_is_bit_identical(data, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert not torch.equal(a["seg.head.conv_seg.weight"], _weights(out, 2)["seg.head.conv_seg.weight"])
+    # --eval-only on the final checkpoint scores what the run scored at its end
+    ckpt = tmp_path / "ref" / "checkpoints" / "step_0000006"
+    ev = madm.main(small_args(eval_only=True, ckpt=str(ckpt), out=str(tmp_path / "ev")))
+    last = json.loads((tmp_path / "ref" / "metrics.json").read_text())["evals"][-1]
+    assert ev["miou"] == pytest.approx(last["miou"], abs=1e-6)
+    assert list((tmp_path / "ev" / "predictions").glob("*.png"))
 
 
 def _free_port() -> int:
