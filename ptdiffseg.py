@@ -858,7 +858,7 @@ def resolve_args(args: Args) -> Args:
     if args.demo:  # tiny random SD + synthetic sample, ~1 minute on CPU; the user's own flags win
         args = runtime.replace_defaults(args, sd_model="tiny", data_root="data/synthetic",
                                         out="runs/ptdiffseg-demo",
-                                        crop_size=64, iters=60, eval_every=60, log_every=10, ckpt_every=60,
+                                        crop_size=64, iters=50, eval_every=50, log_every=10, ckpt_every=50,
                                         warmup_iters=5, lr=6e-3, adapter_lr=6e-4, eval_stride=43, ttda=True,
                                         ttda_steps=8, ttda_lr=1e-2, ttda_threshold=0.5)
         ensure_synthetic_sample(args.data_root)
