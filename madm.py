@@ -39,6 +39,9 @@ Deviations from the paper and the official code's active path (specs/madm.md giv
   * Evaluation scores the full test list (the official 2-GPU evaluation scores only the first half: its
     cross-rank gather is commented out); `miou_first_half` in metrics.json reports that set for comparison.
   * `--resume` restores the step counter (the official code restarts the EMA ramp and DPLG on resume).
+  * Data order: source (with rare-class sampling) and target images are drawn with replacement by
+    `common.datasets.TrainStream`, a pure function of (seed, step, index), instead of a shuffled sampler with
+    state; this makes resume and any GPU count reproduce the same batches.
   * Models and data by `--sd-model` / `--data-root` instead of hard-coded paths.
   * Options that are not official: `--fusion-stride 4` (fuse at 1/4 and upsample the logits; saves memory,
     changes results), `--eval-label-size native` (score at the native label size), `--grad-checkpointing`
@@ -789,6 +792,7 @@ def train(args: Args) -> dict:
         # ---------- METHOD STEP BEGIN ----------
         if i >= 1:  # EMA of conditioning + projections + head; the UNet stays shared (official cmdise.py)
             ema_update(ema_seg, raw.seg, i, args.ema_alpha)
+        # Multi-step LR with linear warm-up, one value for every parameter (no head multiplier; official).
         lr = args.lr * lr_factor(i, args.iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -812,14 +816,16 @@ def train(args: Args) -> dict:
 
             # -- Source pass: CE + LPLR on the source latent; backward now to free its activations.
             sync = contextlib.nullcontext() if dist.world == 1 else student.no_sync()
-            with sync, precision.autocast():
-                logits_s, o_s = student(encode(x_s), 0)            # (b, K, H, W), (b, 4, H/8, W/8)
-                l_src = loss_ce_source(logits_s, y_s)
-                l_reg_s = lplr_w[0] * loss_lplr(o_s, palette_latent(frozen.vae, y_s, palette),
-                                                (y_s != 255).float())
-                loss = (l_src + l_reg_s) / accum                   # micro-losses add up: scale by 1/A
-                runtime.check_finite(loss, i, out)
-                scaler.scale(loss).backward()
+            with sync:
+                with precision.autocast():
+                    logits_s, o_s = student(encode(x_s), 0)        # (b, K, H, W), (b, 4, H/8, W/8)
+                    l_src = loss_ce_source(logits_s, y_s)
+                    # LPLR target: palette image of y_s through the frozen VAE; ignore pixels masked out.
+                    z_pal = palette_latent(frozen.vae, y_s, palette)   # (b, 4, H/8, W/8), no grad
+                    l_reg_s = lplr_w[0] * loss_lplr(o_s, z_pal, (y_s != 255).float())
+                    loss = (l_src + l_reg_s) / accum               # micro-losses add up: scale by 1/A
+                runtime.check_finite(loss, i, out)                 # stop on NaN/inf, keep the last checkpoint
+                scaler.scale(loss).backward()                      # frees this pass's activations
 
             # -- ClassMix (no grad): half of the source classes pasted onto the target crop.
             M = class_mix_masks(y_s)                               # (b, 1, H, W) 1 = source pixel
@@ -828,23 +834,25 @@ def train(args: Args) -> dict:
 
             # -- Mixed pass: quality-weighted CE (+ LPLR on the mixed latent when the task uses it).
             sync = contextlib.nullcontext() if dist.world == 1 or last else student.no_sync()
-            with sync, precision.autocast():
-                logits_m, o_m = student(encode(x_m), 0)
-                l_mix = loss_ce_mixed(logits_m, y_m, w_m)
-                l_reg_t = torch.zeros((), device=device)
-                if len(lplr_w) > 1:  # mask (y_m != 255) * q: q also weights pasted source pixels (official)
-                    l_reg_t = lplr_w[1] * loss_lplr(o_m, palette_latent(frozen.vae, y_m, palette),
-                                                    (y_m != 255).float() * q)
-                loss = (l_mix + l_reg_t) / accum
+            with sync:
+                with precision.autocast():
+                    logits_m, o_m = student(encode(x_m), 0)        # same student, same conditioning
+                    l_mix = loss_ce_mixed(logits_m, y_m, w_m)
+                    l_reg_t = torch.zeros((), device=device)
+                    if len(lplr_w) > 1:  # event regresses the source only; infrared / depth also the mix
+                        # mask (y_m != 255) * q: q also weights the pasted source pixels (official quirk)
+                        z_pal = palette_latent(frozen.vae, y_m, palette)
+                        l_reg_t = lplr_w[1] * loss_lplr(o_m, z_pal, (y_m != 255).float() * q)
+                    loss = (l_mix + l_reg_t) / accum
                 runtime.check_finite(loss, i, out)
-                scaler.scale(loss).backward()
+                scaler.scale(loss).backward()                      # DDP all-reduces here on the last one
             for key, v in (("loss_src", l_src), ("loss_mix", l_mix), ("loss_reg_s", l_reg_s),
                            ("loss_reg_t", l_reg_t), ("q", q), ("t_dplg", t_dplg)):
                 logs[key] += float(v.detach() if torch.is_tensor(v) else v) / accum
         # Clip the accumulated, unscaled gradient to global L2 norm 0.01 (official; rescales almost always).
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
-        scaler.step(optimizer)
+        scaler.unscale_(optimizer)                                 # no-op without fp16
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)  # returns the pre-clip norm
+        scaler.step(optimizer)                                     # skipped on inf/NaN gradients (fp16)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         # ---------- METHOD STEP END ----------
