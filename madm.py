@@ -248,7 +248,7 @@ class Frozen:
 
     def noise(self, z: torch.Tensor) -> torch.Tensor:
         """eps_fix at the latent size of z (bicubic when not 64x64), broadcast over the batch (official)."""
-        eps = self.eps_fix.to(z.device, torch.float32)
+        eps = self.eps_fix                                                   # fp32, on z's device
         if eps.shape[-2:] != z.shape[-2:]:
             eps = F.interpolate(eps, size=z.shape[-2:], mode="bicubic", align_corners=False)
         return eps.expand(z.shape[0], -1, -1, -1).to(z.dtype)                   # (B, 4, h, w)
@@ -669,7 +669,7 @@ def build_model(args: Args, num_classes: int, device: torch.device, precision: r
     if device.type == "cuda":
         vae.to(dtype=vae_dtype)
     frozen = Frozen(vae, sd.scheduler, FeatureCapture(unet, [F32, F16, F8], pre=[F32, F16]),
-                    TimeOffsetHook(unet), make_eps_fix(args.noise_seed))
+                    TimeOffsetHook(unet), make_eps_fix(args.noise_seed).to(device))
     torch.manual_seed(args.seed)                                              # head / conditioning init
     time_dim = unet.time_embedding.linear_2.out_features                      # 1280 in SD 1.x
     seg = SegHead(Conditioning(e_empty, time_dim), feature_channels(unet), num_classes,

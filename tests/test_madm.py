@@ -215,6 +215,22 @@ def test_conditioning_starts_with_zero_time_offset_and_shapes(model):
     assert "e_empty" in dict(cond.named_buffers()) and "e_empty" not in dict(cond.named_parameters())
 
 
+def test_fixed_noise_pattern_and_t0_noising(model):
+    """Decision 4: one seed-42 pattern (independent of --seed), broadcast over the batch, bicubic-resized;
+    at t = 0 the SD schedule gives z_t = 0.99957 z + 0.02915 eps (beta_0 = 0.00085)."""
+    student, _ = model
+    frozen = student.frozen
+    g = torch.Generator().manual_seed(42)
+    assert torch.equal(frozen.eps_fix, torch.randn(1, 4, 64, 64, generator=g))
+    z = torch.randn(3, 4, 8, 8)
+    eps = frozen.noise(z)
+    assert eps.shape == (3, 4, 8, 8) and torch.equal(eps[0], eps[2])
+    ref = torch.nn.functional.interpolate(frozen.eps_fix, size=(8, 8), mode="bicubic", align_corners=False)
+    assert torch.allclose(eps[:1], ref)
+    z_t = madm.add_noise(frozen.scheduler, z, eps, 0)
+    assert torch.allclose(z_t, math.sqrt(1 - 0.00085) * z + math.sqrt(0.00085) * eps, atol=1e-6)
+
+
 def test_forward_shapes_and_features(model):
     student, _ = model
     z = torch.randn(2, 4, 8, 8)
