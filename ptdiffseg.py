@@ -81,6 +81,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from common import datasets as cd
 from common import metrics, runtime
@@ -247,7 +248,6 @@ def prompt_embeddings(sd_model: str, class_names: tuple[str, ...], cache_dir: Op
 
     The text encoder is loaded only when the cache misses and is freed right after (training never uses it).
     """
-    from safetensors.torch import load_file, save_file
     path = embedding_cache_path(cache_dir, sd_model, class_names) if cache_dir is not None else None
     if path is not None and path.is_file():
         t = load_file(str(path))
@@ -837,14 +837,12 @@ def profile(run: Run) -> dict:
     net, opt, scaler = run.dist.wrap(run.model.train()), make_optimizer(run), run.precision.make_scaler()
     g = torch.Generator().manual_seed(a.seed)
     x = (torch.rand(a.batch_size, 3, a.crop_size, a.crop_size, generator=g) * 2 - 1).to(run.device)
-    y = torch.randint(0, run.num_classes, (a.batch_size, a.crop_size, a.crop_size), generator=g)
-    y = y.to(run.device)
+    y = torch.randint(0, run.num_classes, (a.batch_size, a.crop_size, a.crop_size), generator=g).to(x.device)
     idx = draw_scene_prompts(a.seed, 0, 0, a.batch_size, len(SCENE_PROMPTS), a.scene_prompts_per_image)
     step_fn = lambda: train_step(run, net, opt, scaler, x, y, idx, 0)  # noqa: E731
-    extra = {"method": "ptdiffseg", "sd_model": a.sd_model, "crop_size": a.crop_size,
-             "batch_size": a.batch_size,
-             "unet_batch": a.batch_size * a.scene_prompts_per_image, "precision": run.precision.reason,
-             "grad_checkpointing": a.grad_checkpointing}
+    extra = {"method": "ptdiffseg", "sd_model": a.sd_model, "crop_size": a.crop_size, "batch": a.batch_size,
+             "unet_batch": a.batch_size * a.scene_prompts_per_image, "grad_ckpt": a.grad_checkpointing,
+             "precision": run.precision.reason}
     result = runtime.profile_training(step_fn, a.profile, run.device, extra=extra)
     print(json.dumps(result), flush=True)
     return result
@@ -856,9 +854,9 @@ def profile(run: Run) -> dict:
 def resolve_args(args: Args) -> Args:
     """Apply the --demo values (only where the user kept a default) and the default --out."""
     if args.demo:  # tiny random SD + synthetic sample, ~1 minute on CPU; the user's own flags win
-        args = runtime.replace_defaults(args, sd_model="tiny", data_root="data/synthetic",
-                                        out="runs/ptdiffseg-demo",
-                                        crop_size=64, iters=50, eval_every=50, log_every=10, ckpt_every=50,
+        args = runtime.replace_defaults(args, sd_model="tiny", data_root="data/synthetic", crop_size=64,
+                                        out="runs/ptdiffseg-demo", iters=50, eval_every=50, log_every=10,
+                                        ckpt_every=50,
                                         warmup_iters=5, lr=6e-3, adapter_lr=6e-4, eval_stride=43, ttda=True,
                                         ttda_steps=8, ttda_lr=1e-2, ttda_threshold=0.5)
         ensure_synthetic_sample(args.data_root)
@@ -881,7 +879,12 @@ def main(args: Args) -> dict:
     step, history = 0, []
     if args.eval_only:
         weights, state = runtime.load_checkpoint(args.ckpt, map_location=run.device)
-        run.model.load_state_dict(weights)
+        try:
+            run.model.load_state_dict(weights)
+        except RuntimeError:  # e.g. trained for another class set or SD version
+            raise UserError(f"error: --ckpt: '{args.ckpt}' does not fit this model ({run.num_classes} "
+                            f"classes, --sd-model {args.sd_model}). Expected a ptdiffseg.py checkpoint "
+                            "trained with the same class set and SD model.") from None
         step = int(state.get("step", 0))
         result = evaluate_targets(run, step)
     else:
@@ -900,7 +903,6 @@ def main(args: Args) -> dict:
             if run.dist.is_main:
                 print(f"ttda {t} | source prompt mIoU {100 * b:.2f} | TTDA prompt mIoU {100 * f:.2f} | "
                       f"delta {100 * (f - b):+.2f}")
-                from safetensors.torch import save_file
                 (run.out / "ttda").mkdir(exist_ok=True)
                 save_file({"scene": scenes[t].cpu().contiguous()},
                           str(run.out / "ttda" / f"{t}_scene.safetensors"))
