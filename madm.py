@@ -254,19 +254,25 @@ class Frozen:
         return eps.expand(z.shape[0], -1, -1, -1).to(z.dtype)                   # (B, 4, h, w)
 
 
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Leave the trained parts' autocast for a frozen part (also on the meta device, which has no autocast)."""
+    kind = device.type
+    return torch.autocast(kind, enabled=False) if kind in ("cuda", "cpu") else contextlib.nullcontext()
+
+
 def encode_image(vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Image (B, 3, H, W) in [0, 1] -> clean latent z = posterior mean x 0.18215 (B, 4, H/8, W/8), fp32.
 
     Grey modalities arrive replicated to 3 channels and are fed as if they were RGB: x * 2 - 1 in [-1, 1].
     The frozen VAE runs in its storage dtype (fp16 on CUDA), outside the trained parts' autocast, no grad.
     """
-    with torch.autocast(x.device.type, enabled=False):
+    with _no_autocast(x.device):
         return vae_encode(vae, x * 2 - 1).float()
 
 
 def decode_latent(vae: nn.Module, o: torch.Tensor) -> torch.Tensor:
     """Scaled latent (B, 4, h, w) -> image (B, 3, 8h, 8w), not clipped, fp32, no grad, outside autocast."""
-    with torch.autocast(o.device.type, enabled=False):
+    with _no_autocast(o.device):
         return vae_decode(vae, o.detach()).float()
 
 

@@ -244,6 +244,27 @@ def test_forward_shapes_and_features(model):
     assert f[madm.F32].shape == (2, c32, 2, 2)
 
 
+def test_real_sd15_shapes_on_the_meta_device():
+    """The paper's model without allocating weights: SD 1.x features 320 / 640 / 1280 channels at strides
+    8 / 16 / 32, the 77 x 768 context, the 1280-d time offset, logits at the full 512 x 512 input."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from common.sd_backbone import FeatureCapture, sd_config
+    cfg = sd_config("sd15")
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**cfg["unet"]), AutoencoderKL(**cfg["vae"])
+        assert madm.feature_channels(unet) == (320, 640, 1280)
+        assert unet.time_embedding.linear_2.out_features == 1280
+        capture = FeatureCapture(unet, [madm.F32, madm.F16, madm.F8], pre=[madm.F32, madm.F16])
+        frozen = madm.Frozen(vae, DDPMScheduler(**cfg["scheduler"]), capture, madm.TimeOffsetHook(unet),
+                             torch.zeros(1, 4, 64, 64))
+        seg = madm.SegHead(madm.Conditioning(torch.zeros(1, 77, 768), 1280), (320, 640, 1280), 11, 1)
+        with torch.no_grad():
+            logits, o = madm.Student(unet, seg, frozen)(torch.zeros(1, 4, 64, 64), 0)
+    assert logits.shape == (1, 11, 512, 512) and o.shape == (1, 4, 64, 64)
+    shapes = {k: tuple(v.shape) for k, v in capture.features.items()}
+    assert shapes == {madm.F32: (1, 1280, 16, 16), madm.F16: (1, 640, 32, 32), madm.F8: (1, 320, 64, 64)}
+
+
 def test_ema_updates_exactly_the_head_and_shares_the_unet(model):
     student, ema_seg = model
     seg = student.seg
