@@ -773,21 +773,19 @@ def train(args: Args) -> dict:
         elif dist.is_main:
             runtime.write_metrics(out, args, key="args")
     if args.eval_only:
-        weights, _ = runtime.load_checkpoint(args.ckpt)
+        weights, state = runtime.load_checkpoint(args.ckpt)
         load_weights(student, ema_seg, weights, args.ckpt)
         runtime.prepare_out_dir(str(out), eval_only=True, is_main=dist.is_main)
-        return evaluate(args, student, val_set, precision, dist, out, step=0, class_names=class_names,
-                        palette=palette)
+        return evaluate(args, student, val_set, precision, dist, out, step=state.get("step", 0),
+                        class_names=class_names, palette=palette)
     student = dist.wrap(student)  # DDP when launched with torchrun (gradients averaged over processes)
-    if profiling:
-        def fake_batch(step: int, start_idx: int, count: int, labels: bool) -> dict:
+    if profiling:  # random crops of the right shapes: the cost of a step does not depend on the pixels
+        def fake_batch(step: int, start_idx: int, count: int) -> dict:
             g = torch.Generator().manual_seed(step * 1000 + start_idx)
             c = args.crop_size
-            out_ = {"image": torch.rand(count, 3, c, c, generator=g)}
-            out_["label"] = torch.randint(0, num_classes, (count, c, c), generator=g)
-            return out_
-        get_src = lambda s, i, n: fake_batch(s, i, n, True)      # noqa: E731
-        get_tgt = lambda s, i, n: fake_batch(s, i + 10**6, n, False)  # noqa: E731
+            return {"image": torch.rand(count, 3, c, c, generator=g),
+                    "label": torch.randint(0, num_classes, (count, c, c), generator=g)}
+        get_src = get_tgt = fake_batch
     else:
         get_src, get_tgt = src_stream.batch, tgt_stream.batch
 
