@@ -881,8 +881,9 @@ def train_stage2(s: Setup, net_w: dict, offset: int, state: Optional[tuple[dict,
             d_fake = disc(x0_hat[b:])                             # mixed + target (B2, 1, h/8, w/8)
             l_eps = eps_loss(eps_hat, eps, w_lat)
             l_adv = lsgan_g_loss(d_fake)
-        runtime.check_finite(l_eps, offset + j, s.out)
-        scaler.scale(l_eps + a.lambda_adv * l_adv).backward()
+        l_gen = l_eps + a.lambda_adv * l_adv                      # L = L_eps + lambda_adv * L_adv
+        runtime.check_finite(l_gen, offset + j, s.out)
+        scaler.scale(l_gen).backward()
         scaler.step(opt)
         opt.zero_grad(set_to_none=True)
         # discriminator step on detached x0_hat: source = 1, mixed and target = 0
@@ -904,18 +905,14 @@ def train_stage2(s: Setup, net_w: dict, offset: int, state: Optional[tuple[dict,
         return {"step_fn": step_fn}
     ddim = DDIMScheduler.from_config(sched.config, prediction_type="epsilon", clip_sample=False)
 
-    def predict(x):
-        gen = predict.gen
-        return predict_diffusion(net, unet_ema, ctx, ddim, a.sample_steps, gen, x)
-
     def run_eval(step):
-        predict.gen = torch.Generator().manual_seed(a.seed)      # same z_T at every evaluation
+        nonlocal direct  # E, D are frozen: the direct path cannot change in stage 2, so it is scored once
+        gen = torch.Generator().manual_seed(a.seed)              # same z_T at every evaluation
         with s.prec.autocast():
-            res = evaluate(s, predict, step, f"stage2 diffusion T={a.sample_steps} (unet_ema)", pictures=True)
-            if "direct" not in run_eval.cache:  # E, D are frozen: the direct path cannot change in stage 2
-                run_eval.cache["direct"] = evaluate(s, net.direct, step, "stage1 direct", pictures=False)
-        return {**res, "miou_direct": run_eval.cache["direct"]["miou"]}
-    run_eval.cache = {"direct": direct} if direct else {}
+            res = evaluate(s, lambda x: predict_diffusion(net, unet_ema, ctx, ddim, a.sample_steps, gen, x),
+                           step, f"stage2 diffusion T={a.sample_steps} (unet_ema)", pictures=True)
+            direct = direct or evaluate(s, net.direct, step, "stage1 direct", pictures=False)
+        return {**res, "miou_direct": direct["miou"]}
 
     timer, last = runtime.RunTimer(), {}
     for j in range(start, a.iters_stage2):
@@ -1000,8 +997,8 @@ def main(args: Args) -> dict:
         sd.text_encoder = None
     palette = np.asarray(datasets.PALETTES[K])
     class_names = datasets.CLASS_SETS[K]
+    # sd.vae stays on the CPU: E, D and E_lab are copies moved to the device where they are built
     s = Setup(args, device, prec, dist, K, palette, class_names, src_stream, tgt_stream, eval_set, scale, sd)
-    s.sd.vae.to(device)
 
     if args.profile:  # one stage's training step, nothing written
         if args.stage == "1":
