@@ -650,6 +650,9 @@ def micro_seed(seed: int, step: int, j: int) -> int:
 def task_settings(args: Args) -> tuple[int, float, tuple[float, ...]]:
     """(DPLG t0 lo, DPLG end fraction, LPLR weights) for --tgt, overridden by explicit flags."""
     t0, frac, weights = TASKS.get(args.tgt, TASK_OTHER)
+    if args.lplr_weights is not None and len(args.lplr_weights) not in (1, 2):
+        raise UserError(f"error: --lplr-weights: got {len(args.lplr_weights)} values. Expected 1 (source latent "
+                        "only) or 2 (source and mixed latents).")
     return (args.dplg_t0 if args.dplg_t0 is not None else t0,
             args.dplg_end_frac if args.dplg_end_frac is not None else frac,
             tuple(args.lplr_weights) if args.lplr_weights else weights)
