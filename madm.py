@@ -14,10 +14,13 @@ quality-weighted pseudo labels. Two additions make it work across modalities:
     decoder turns the UNet output into a full-resolution "colour label image" s0, one more input of the head.
 
 Paper -> code map
-  Sec. 3.1 SD as a backbone, learnable prompt / time offset .. Conditioning, TimeOffsetHook, madm_forward
-  Sec. 3.2 DPLG (Fig. 2, teacher branch) ..................... dplg_timestep, teacher pass in train()
-  Sec. 3.3 LPLR (Fig. 2, palette -> latent, decoder -> s0) ... palette_image, palette_latent, loss_lplr
-  Sec. 3.4 self-training (source CE, ClassMix, pseudo labels)  pseudo_labels, class_mix, loss_ce_*
+  (the paper's Fig. 2 overview; the official code's module names in brackets)
+  SD UNet as the backbone, learnable prompt / time offset ..... Conditioning, TimeOffsetHook, madm_forward
+                                                                [ldm_diffusers.py, ldm_base.py]
+  DPLG: diffusion-based pseudo labels (teacher branch) ........ dplg_timestep, teacher pass in train()
+  LPLR: label palette + latent regression, decoder -> s0 ...... palette_image, palette_latent, loss_lplr
+  Self-training: source CE, EMA teacher, ClassMix, quality q .. pseudo_labels, class_mix, loss_ce_*
+                                                                [cmdise.py, mtmadise.py, dacs_transforms.py]
   Head: DAFormer context-aware fusion of s0, f8, f16, f32 .... Bottleneck, SegHead, DAFormerHead
   Optimisation: AdamW, clip 0.01, multi-step LR + warm-up .... param_groups, lr_factor
 
@@ -182,7 +185,7 @@ DEMO = dict(sd_model="tiny", data_root="data/synthetic", iters=40, crop_size=64,
 
 
 # ------------------------------------------------------------------------------------------------------------
-# SD backbone with learnable conditioning (Sec. 3.1; official ldm_base.py ClipFeatureProject)
+# SD backbone with learnable conditioning (Fig. 2; official ldm_base.py ClipFeatureProject)
 # ------------------------------------------------------------------------------------------------------------
 class Conditioning(nn.Module):
     """Learnable text context and time offset, shared by every student pass; the teacher uses its EMA copy.
@@ -255,7 +258,7 @@ class Frozen:
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Leave the trained parts' autocast for a frozen part (also on the meta device, which has no autocast)."""
+    """Leave the trained parts' autocast for a frozen part (also works on the meta device)."""
     kind = device.type
     return torch.autocast(kind, enabled=False) if kind in ("cuda", "cpu") else contextlib.nullcontext()
 
@@ -538,7 +541,7 @@ class Student(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# LPLR: label palette and latent regression (Sec. 3.3, Fig. 2)
+# LPLR: label palette and latent regression (paper, Fig. 2; official mtmadise.py)
 # ------------------------------------------------------------------------------------------------------------
 def palette_image(y: torch.Tensor, palette: np.ndarray) -> torch.Tensor:
     """Colour a label map with the class palette: y (B, H, W) ids, 255 -> black -> (B, 3, H, W) in [0, 1]."""
@@ -573,7 +576,7 @@ def loss_lplr(o: torch.Tensor, z_pal: torch.Tensor, mask: torch.Tensor) -> torch
 
 
 # ------------------------------------------------------------------------------------------------------------
-# DPLG, pseudo labels and the self-training losses (Sec. 3.2, 3.4; official mtmadise.py, dacs_transforms.py)
+# DPLG, pseudo labels and the self-training losses (paper, Fig. 2; official mtmadise.py, dacs_transforms.py)
 # ------------------------------------------------------------------------------------------------------------
 def dplg_timestep(step: int, t0: int, t_end: int) -> int:
     """DPLG teacher timestep t = int(t0 (1 - i / T_end)) for i <= T_end, else 0 (linear decay to t = 0)."""
@@ -651,8 +654,9 @@ def task_settings(args: Args) -> tuple[int, float, tuple[float, ...]]:
     """(DPLG t0 lo, DPLG end fraction, LPLR weights) for --tgt, overridden by explicit flags."""
     t0, frac, weights = TASKS.get(args.tgt, TASK_OTHER)
     if args.lplr_weights is not None and len(args.lplr_weights) not in (1, 2):
-        raise UserError(f"error: --lplr-weights: got {len(args.lplr_weights)} values. Expected 1 (source latent "
-                        "only) or 2 (source and mixed latents).")
+        n = len(args.lplr_weights)
+        raise UserError(f"error: --lplr-weights: got {n} values. Expected 1 (source latent only) or 2 "
+                        "(source and mixed latents).")
     return (args.dplg_t0 if args.dplg_t0 is not None else t0,
             args.dplg_end_frac if args.dplg_end_frac is not None else frac,
             tuple(args.lplr_weights) if args.lplr_weights else weights)
