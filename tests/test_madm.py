@@ -384,6 +384,13 @@ def test_learning_on_synthetic_source(data, tmp_path):
     assert res["miou"] > max(3 * best_constant, 0.04), (res["miou"], best_constant, res["per_class_iou"])
 
 
+def test_non_finite_loss_stops_with_the_step(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(madm, "loss_ce_source", lambda logits, y: torch.tensor(float("nan")))
+    with pytest.raises(UserError, match="non-finite loss .* at step 1"):
+        madm.main(small_args(iters=2, out=str(tmp_path / "nan")))
+    assert not (tmp_path / "nan" / "checkpoints").exists()
+
+
 def test_error_paths(data, tmp_path):
     with pytest.raises(UserError, match="--eval-only"):
         madm.main(small_args(eval_only=True))
