@@ -178,14 +178,22 @@ DEMO = dict(sd_model="tiny", iters=100, iters_stage2=50, crop_size=64, warmup_it
 # ------------------------------------------------------------------------------------------------------------
 # E: the SD VAE encoder with skip outputs (Fig. 2, left)
 # ------------------------------------------------------------------------------------------------------------
+def checkpointed(enabled: bool, fn, *xs):
+    """fn(*xs), recomputed in backward instead of storing its activations when `enabled`
+    (--grad-checkpointing; same values and gradients, tested)."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *xs, use_reentrant=False)
+    return fn(*xs)
+
+
 class ImageEncoder(nn.Module):
     """E(x) -> (z0, skips): the pretrained SD VAE encoder + quant_conv, written as an explicit loop so the
     inter-coder skips can be taken from inside it.
 
     x (B, 3, H, W) in [-1, 1] -> z0 (B, 4, H/8, W/8) = posterior mean x scaling_factor (SD's latent space),
-    skips = [f1, f2, f4, f8]: outputs of `down_blocks[i].resnets[-1]` before the downsampler, at strides 1, 2,
-    4, 8
-    (128, 256, 512, 512 channels for SD). The posterior variance is never used: segmentation wants the mode.
+    skips = [f1, f2, f4, f8]: outputs of `down_blocks[i].resnets[-1]` before the downsampler, at strides
+    1, 2, 4, 8 (128, 256, 512, 512 channels for SD). The posterior variance is never used: segmentation
+    wants the mode.
     """
 
     def __init__(self, vae: nn.Module):
@@ -199,11 +207,6 @@ class ImageEncoder(nn.Module):
     def skip_channels(self) -> list[int]:
         return [blk.resnets[-1].out_channels for blk in self.encoder.down_blocks]
 
-    def _ckpt(self, fn, *xs):
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(fn, *xs, use_reentrant=False)
-        return fn(*xs)
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         enc = self.encoder
         h = enc.conv_in(x)                                        # (B, 128, H, W)
@@ -213,11 +216,11 @@ class ImageEncoder(nn.Module):
                 for resnet in blk.resnets:
                     h = resnet(h, temb=None)
                 return h
-            h = self._ckpt(run, h)                                # (B, C_i, H/2^i, W/2^i) skip f_{2^i}
+            h = checkpointed(self.grad_checkpointing, run, h)     # (B, C_i, H/2^i, W/2^i) = skip f_{2^i}
             skips.append(h)
             for down in blk.downsamplers or []:
                 h = down(h)                                       # stride doubles
-        h = self._ckpt(enc.mid_block, h)                          # (B, 512, H/8, W/8)
+        h = checkpointed(self.grad_checkpointing, enc.mid_block, h)       # (B, 512, H/8, W/8)
         moments = self.quant_conv(enc.conv_out(enc.conv_act(enc.conv_norm_out(h))))  # (B, 8, H/8, W/8)
         z0 = moments[:, :4] * self.scaling_factor                 # (B, 4, H/8, W/8) posterior mean, scaled
         return z0, skips
@@ -255,19 +258,14 @@ class SegDecoder(nn.Module):
             self.skip_convs.append(conv)
         self.grad_checkpointing = False
 
-    def _ckpt(self, fn, *xs):
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(fn, *xs, use_reentrant=False)
-        return fn(*xs)
-
     def forward(self, z: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         dec = self.decoder
         h = self.post_quant_conv(z / self.scaling_factor)         # (B, 4, h, w) unscaled latent
         h = dec.conv_in(h)                                        # (B, 512, h, w)
-        h = self._ckpt(dec.mid_block, h)                          # (B, 512, h, w)
+        h = checkpointed(self.grad_checkpointing, dec.mid_block, h)       # (B, 512, h, w)
         for k, blk in enumerate(dec.up_blocks):
             h = h + self.skip_convs[k](skips[-1 - k])             # inter-coder connection at stride 8 / 2^k
-            h = self._ckpt(blk, h)                                # (B, C_k, 2h, 2w) (last block: no upsample)
+            h = checkpointed(self.grad_checkpointing, blk, h)     # (B, C_k, 2h, 2w); last block: no upsample
         h = dec.conv_act(dec.conv_norm_out(h))                    # (B, 128, H, W)
         return dec.conv_out(h)                                    # (B, K, H, W) logits at full resolution
 
@@ -670,8 +668,8 @@ def load_stage1_weights(path: str) -> tuple[dict, int]:
 
 
 def eval_input(s: Setup) -> tuple[Optional[tuple[int, int]], str, str]:
-    """(W, H) eval input of the target (datasets.md section 5; None = per image, keep-ratio targets), the metric
-    mode and the metric size "WxH" of the first image, for the eval line."""
+    """(W, H) eval input of the target (datasets.md section 5; None = per image, keep-ratio targets), the
+    metric mode and the metric size "WxH" of the first image, for the eval line."""
     info = s.eval_set.info
     h, w = s.eval_set[0]["label"].shape
     size = datasets.eval_input_size(info.name, (h, w), s.scale)
@@ -700,8 +698,8 @@ def evaluate(s: Setup, predict_fn, step: int, tag: str, pictures: bool) -> dict:
         print(res["table"])
         extra = "".join(f" | {k} {100 * res[k]:.2f}" for k in ("miou16", "miou13") if k in res)
         in_wh = res["resolution"].split(",")[0].split()[-1]
-        print(f"eval step {step} | mIoU {100 * res['miou']:.2f}{extra} | input {in_wh} | metric {metric_wh} | "
-              f"{tag}")
+        print(f"eval step {step} | mIoU {100 * res['miou']:.2f}{extra} | input {in_wh} | "
+              f"metric {metric_wh} | {tag}")
         if s.out is not None:
             runtime.write_metrics(s.out, {"step": step, "path": tag, **{k: v for k, v in res.items()
                                                                         if k not in ("table", "confusion")}})
@@ -1046,8 +1044,8 @@ def main(args: Args) -> dict:
                 ddim = DDIMScheduler.from_config(sd.scheduler.config, prediction_type="epsilon",
                                                  clip_sample=False)
                 gen, ctx = torch.Generator().manual_seed(args.seed), sd.ctx.to(device)
-                res = evaluate(s, lambda x: predict_diffusion(net, unet, ctx, ddim, args.sample_steps, gen, x),
-                               0, f"stage2 diffusion T={args.sample_steps} (unet_ema)", pictures=True)
+                sample = lambda x: predict_diffusion(net, unet, ctx, ddim, args.sample_steps, gen, x)  # noqa
+                res = evaluate(s, sample, 0, f"stage2 diffusion T={args.sample_steps} (unet_ema)", True)
         return {"miou": res["miou"], "per_class_iou": res["per_class_iou"], "step": 0,
                 "miou_direct": direct["miou"], **{k: res[k] for k in ("miou16", "miou13") if k in res}}
 
