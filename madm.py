@@ -835,7 +835,7 @@ def train(args: Args) -> dict:
                     z_pal = palette_latent(frozen.vae, y_s, palette)   # (b, 4, H/8, W/8), no grad
                     l_reg_s = lplr_w[0] * loss_lplr(o_s, z_pal, (y_s != 255).float())
                     loss = (l_src + l_reg_s) / accum               # micro-losses add up: scale by 1/A
-                runtime.check_finite(loss, i + 1, out)              # stop on NaN/inf, keep the last checkpoint
+                runtime.check_finite(loss, i + 1, out)             # stop on NaN/inf, keep the last checkpoint
                 scaler.scale(loss).backward()                      # frees this pass's activations
 
             # -- ClassMix (no grad): half of the source classes pasted onto the target crop.

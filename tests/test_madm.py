@@ -1,5 +1,6 @@
-"""Tests of madm.py: components against hand-computed values, equivalence of the memory/speed choices, a learning
-test on the synthetic sample, kill-and-resume bit equality, 2-process gloo DDP equivalence and the demo end to end.
+"""Tests of madm.py: components against hand-computed values, equivalence of the memory/speed choices, a
+learning test on the synthetic sample, kill-and-resume bit equality, 2-process gloo DDP equivalence and the
+demo end to end.
 
 Everything runs on CPU with the tiny random SD (loaded through from_pretrained) at crop 32-64.
 """
@@ -49,7 +50,8 @@ def model():
     """One tiny-SD MADM model (student + EMA SegHead) for the component tests of this module."""
     torch.manual_seed(0)
     args = madm.Args(sd_model="tiny", fusion_stride=1)
-    student, ema_seg = madm.build_model(args, 11, torch.device("cpu"), choose_precision("fp32", torch.device("cpu")))
+    cpu = torch.device("cpu")
+    student, ema_seg = madm.build_model(args, 11, cpu, choose_precision("fp32", cpu))
     return student, ema_seg
 
 
@@ -138,7 +140,7 @@ def test_lplr_loss_zero_for_perfect_latent_and_masks_ignore():
     o = torch.randn(2, 4, 4, 4)
     full = torch.ones(2, 32, 32)
     assert madm.loss_lplr(o, o.clone(), full).item() == 0.0
-    # error 1 everywhere; left half of the pixels ignored -> half of the elements count, divided by ALL elements
+    # error 1 everywhere; left half of the pixels ignored -> half the elements count, divided by ALL of them
     mask = full.clone()
     mask[..., :16] = 0
     assert madm.loss_lplr(o + 1, o, mask).item() == pytest.approx(0.5)
@@ -195,15 +197,17 @@ def test_trainable_parts_and_weight_decay_groups(model):
     unet = student.unet
     assert not any(p.requires_grad for p in unet.conv_out.parameters())
     assert not any(p.requires_grad for p in unet.conv_norm_out.parameters())
-    assert all(p.requires_grad for n, p in unet.named_parameters() if not n.startswith(("conv_out", "conv_norm_out")))
+    frozen = ("conv_out", "conv_norm_out")
+    assert all(p.requires_grad for n, p in unet.named_parameters() if not n.startswith(frozen))
     assert not any(p.requires_grad for p in student.frozen.vae.parameters())
     assert not any(p.requires_grad for p in ema_seg.parameters())
     decay, no_decay = madm.param_groups(student, 0.05)
     ids = lambda ps: {id(p) for p in ps}  # noqa: E731
     seg = student.seg
-    assert ids([seg.cond.prompt, seg.cond.time_offset, seg.cond.alpha_u, seg.cond.alpha_t]) <= ids(decay["params"])
-    assert ids([seg.proj["s0"].norm1.weight, seg.head.conv_seg.bias, unet.conv_in.bias]) <= ids(no_decay["params"])
-    assert id(unet.conv_in.weight) in ids(decay["params"]) and id(seg.head.embed[0].weight) in ids(decay["params"])
+    dec, nodec = ids(decay["params"]), ids(no_decay["params"])
+    assert ids([seg.cond.prompt, seg.cond.time_offset, seg.cond.alpha_u, seg.cond.alpha_t]) <= dec
+    assert ids([seg.proj["s0"].norm1.weight, seg.head.conv_seg.bias, unet.conv_in.bias]) <= nodec
+    assert id(unet.conv_in.weight) in dec and id(seg.head.embed[0].weight) in dec
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
 
 
@@ -343,7 +347,8 @@ def test_text_encoder_is_freed_after_embedding_the_empty_prompt(model):
     gc.collect()
     alive = lambda: sum(isinstance(o, CLIPTextModel) for o in gc.get_objects())  # noqa: E731
     before = alive()
-    madm.build_model(madm.Args(sd_model="tiny"), 11, torch.device("cpu"), choose_precision("fp32", torch.device("cpu")))
+    cpu = torch.device("cpu")
+    madm.build_model(madm.Args(sd_model="tiny"), 11, cpu, choose_precision("fp32", cpu))
     gc.collect()
     assert alive() <= before
 
@@ -479,7 +484,6 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(data, tmp_path):
     assert ref.returncode == 0, ref.stderr[-2000:]
     assert "accumulation 2" in ref.stdout
     a, b = _weights(tmp_path / "ddp", 1), _weights(tmp_path / "one", 1)
-    init = madm.Args()  # noqa: F841  (documentation: same seed, same init)
     moved = 0
     for k in a:
         if "running_" in k or "num_batches" in k:
