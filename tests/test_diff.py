@@ -155,6 +155,22 @@ def test_skipping_stride64_changes_no_output(sd):
     assert all(p.grad is None or not p.grad.any() for n, p in ref.named_parameters() if "s64" in n)
 
 
+def test_grad_checkpointing_changes_no_gradient():
+    torch.manual_seed(0)
+    ch = {8: 96, 16: 192, 32: 384}
+    feats = [{s: torch.randn(1, c, 64 // s, 64 // s) for s, c in ch.items()} for _ in range(2)]
+    y = torch.randint(0, 19, (1, 64, 64))
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(1)
+        model = diff.DIFFSegmentor(ch, 19, DEMO_DIMS, grad_checkpointing=ckpt)
+        torch.manual_seed(2)                             # same dropout masks
+        loss, _ = diff.ipkl_loss(*reversed(model(feats)), y)
+        loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(*grads))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # IPKL latent fusion
 # ------------------------------------------------------------------------------------------------------------
@@ -265,6 +281,9 @@ def test_demo_end_to_end(tmp_path):
     ce = [float(line.split("loss_ce_uncond ")[1].split(" ")[0]) for line in r.stdout.splitlines()
           if line.startswith("step ")]
     assert len(ce) >= 3 and ce[-1] < 0.8 * ce[0], ce
+    # --eval-only on the final checkpoint reproduces the demo's last evaluation (the eval generator is reseeded)
+    r2 = diff.main(diff.Args(demo=True, eval_only=True, ckpt=str(latest_checkpoint(out)), out=str(tmp_path / "ev")))
+    assert r2["miou"] == pytest.approx(metrics["evals"][-1]["miou"], abs=1e-9)
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path):
