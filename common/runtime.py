@@ -592,9 +592,37 @@ def matmul_peak_gflops(device: torch.device, dtype: Optional[torch.dtype] = None
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
+_CPU_SDPA_REGISTERED = False
+
+
+def _register_cpu_sdpa_flops() -> None:
+    """Teach `FlopCounterMode` PyTorch's CPU flash-attention kernels.
+
+    `flop_counter` has formulas for the CUDA SDPA kernels only; on CPU `F.scaled_dot_product_attention` dispatches
+    to `_scaled_dot_product_flash_attention_for_cpu`, which it would count as 0 FLOPs (and so leave every
+    attention layer out of `utilization`). Same formulas as the CUDA kernels: 4·B·H·Lq·Lk·D forward, 2× backward,
+    which is what the math path (two bmm) is counted as on the meta device.
+    """
+    global _CPU_SDPA_REGISTERED
+    if _CPU_SDPA_REGISTERED:
+        return
+    from torch.utils import flop_counter as fc
+    aten = torch.ops.aten
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is not None and fwd not in fc.flop_registry:
+        fc.register_flop_formula(fwd)(
+            lambda q, k, v, *args, out_shape=None, **kw: fc.sdpa_flop_count(q, k, v))
+    if bwd is not None and bwd not in fc.flop_registry:
+        fc.register_flop_formula(bwd)(
+            lambda g, q, k, v, *args, out_shape=None, **kw: fc.sdpa_backward_flop_count(g, q, k, v))
+    _CPU_SDPA_REGISTERED = True
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call of `fn` (forward and backward) counted by `torch.utils.flop_counter.FlopCounterMode`."""
     from torch.utils.flop_counter import FlopCounterMode
+    _register_cpu_sdpa_flops()
     counter = FlopCounterMode(display=False)
     with counter:
         fn()

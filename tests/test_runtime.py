@@ -144,6 +144,20 @@ def test_precision_on_cpu_and_profile_keys():
     assert set(out) >= {"flops_per_iter", "sec_per_iter", "peak_mem_gb", "matmul_peak_gflops", "utilization"}
 
 
+def test_cpu_flash_attention_is_counted_like_the_math_path():
+    """On CPU, SDPA runs a flash kernel that FlopCounterMode would count as 0; ours counts it as 2 bmm."""
+    import torch.nn.functional as F
+    b, h, lq, lk, d = 2, 3, 16, 24, 8
+    q = torch.randn(b, h, lq, d)
+    k, v = torch.randn(b, h, lk, d), torch.randn(b, h, lk, d)
+    cpu = runtime.count_flops(lambda: F.scaled_dot_product_attention(q, k, v))
+    meta = runtime.count_flops(lambda: F.scaled_dot_product_attention(q.to("meta"), k.to("meta"), v.to("meta")))
+    assert cpu == meta == 2 * (2 * b * h * lq * lk * d)
+    qg = q.clone().requires_grad_()
+    with_backward = runtime.count_flops(lambda: F.scaled_dot_product_attention(qg, k, v).sum().backward())
+    assert with_backward > cpu
+
+
 def test_run_cli_prints_one_line_and_exits_2(tmp_path):
     script = textwrap.dedent(f"""
         import sys
