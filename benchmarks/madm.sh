@@ -13,3 +13,17 @@ python madm.py --sd-model random-sd15 --profile 5 --crop-size 512 --device cuda
 python madm.py --sd-model random-sd15 --profile 5 --crop-size 512 --device cuda --grad-checkpointing
 python madm.py --sd-model random-sd15 --profile 5 --crop-size 512 --device cuda --grad-checkpointing --fusion-stride 4
 python madm.py --sd-model random-sd15 --profile 2 --crop-size 256 --device cpu
+# The DAFormer head's FLOPs at crop 256 (one image, forward + backward) with our corrected conv-backward formula and with
+# PyTorch's (which counts the depthwise ASPP's weight gradient as dense): the correction applied to the README's MADM row.
+python -c "
+import torch, madm
+from common.runtime import count_flops
+from torch.utils.flop_counter import FlopCounterMode
+with torch.device('meta'):
+    head = madm.DAFormerHead([128, 512, 512, 512], 11)
+f = [torch.zeros(1, 128, 256, 256, device='meta', requires_grad=True)] + [
+    torch.zeros(1, 512, s, s, device='meta', requires_grad=True) for s in (32, 16, 8)]
+ours = count_flops(lambda: head(f).sum().backward())
+with FlopCounterMode(display=False) as m:
+    head(f).sum().backward()
+print('head fwd+bwd TFLOP: corrected', ours / 1e12, 'pytorch', m.get_total_flops() / 1e12)"

@@ -158,6 +158,21 @@ def test_cpu_flash_attention_is_counted_like_the_math_path():
     assert with_backward > cpu
 
 
+def test_grouped_conv_backward_is_not_counted_as_dense():
+    """torch's convolution_backward formula ignores groups; ours: each gradient costs one forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(1, 16, 12, 12, requires_grad=True)
+    for groups in (1, 4, 16):
+        conv = torch.nn.Conv2d(16, 8 if groups == 4 else 16, 3, padding=1, groups=groups)
+        fwd = runtime.count_flops(lambda: conv(x))
+        assert fwd == 2 * 12 * 12 * 9 * (16 // groups) * conv.out_channels
+        assert runtime.count_flops(lambda: conv(x).sum().backward()) == 3 * fwd
+        if groups == 1:  # identical to PyTorch's own count where PyTorch is right
+            with FlopCounterMode(display=False) as ref:
+                conv(x).sum().backward()
+            assert ref.get_total_flops() == 3 * fwd
+
+
 def test_run_cli_prints_one_line_and_exits_2(tmp_path):
     script = textwrap.dedent(f"""
         import sys
