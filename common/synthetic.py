@@ -600,7 +600,7 @@ def _write_into(folder: Path, n_train: int, n_eval: int, seed: int, shift: float
     for index, (_, writer) in enumerate(_WRITERS):
         writer(folder, _Gen(seed, index, shift), n_train, n_eval)
     marker = {"generator_version": GENERATOR_VERSION, "seed": seed, "n_train": n_train, "n_eval": n_eval,
-              "shift": shift, "size_ratio": SIZE_RATIO}
+              "shift": shift, "size_ratio": SIZE_RATIO, "raw_events": _have_h5py()}
     (folder / "SYNTHETIC").write_text(json.dumps(marker) + "\n")  # written last: marks a complete sample
 
 
@@ -651,11 +651,27 @@ def write_synthetic_sample(root: str | Path = "data/synthetic", n_train: int = 8
     return root
 
 
-def _is_current(root: Path) -> bool:
+def _have_h5py() -> bool:
+    """Raw DSEC events (events.h5) are written only when the optional h5py is installed."""
     try:
-        return json.loads((root / "SYNTHETIC").read_text()).get("generator_version") == GENERATOR_VERSION
+        import h5py  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _is_current(root: Path) -> bool:
+    """A complete sample from this generator -- and, once h5py is installed, one that has the raw events.
+
+    Why the second condition: a sample written by `--demo` before `pip install h5py` lacks events.h5; reusing it
+    would make the raw-event loader fail on a file the user was never told is missing.
+    """
+    try:
+        marker = json.loads((root / "SYNTHETIC").read_text())
     except (OSError, ValueError):
         return False
+    return (marker.get("generator_version") == GENERATOR_VERSION
+            and (marker.get("raw_events", False) or not _have_h5py()))
 
 
 def ensure_synthetic_sample(root: str | Path = "data/synthetic") -> Path:

@@ -209,3 +209,20 @@ def test_ensure_is_safe_under_concurrency(tmp_path):
     mtime = (root / "SYNTHETIC").stat().st_mtime_ns
     ensure_synthetic_sample(root)  # present and current: nothing rewritten
     assert (root / "SYNTHETIC").stat().st_mtime_ns == mtime
+
+
+def test_ensure_rewrites_a_sample_written_before_h5py_was_installed(tmp_path, monkeypatch):
+    """`--demo` before `pip install h5py` leaves a sample without events.h5; it must not be reused afterwards."""
+    pytest.importorskip("h5py")
+    root = tmp_path / "synthetic"
+    events = root / "dsec" / "train" / "zurich_city_00_a" / "events" / "left" / "events.h5"
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "h5py", None)  # `import h5py` raises ImportError, as without the package
+        ensure_synthetic_sample(root)
+        assert not events.exists()
+        mtime = (root / "SYNTHETIC").stat().st_mtime_ns
+        ensure_synthetic_sample(root)  # still no h5py: the sample is current, nothing rewritten
+        assert (root / "SYNTHETIC").stat().st_mtime_ns == mtime
+    ensure_synthetic_sample(root)  # h5py importable again: rewritten with the raw events
+    assert events.is_file()
+    assert json.loads((root / "SYNTHETIC").read_text())["raw_events"] is True
