@@ -523,10 +523,7 @@ def widen_conv_in(unet: nn.Module, extra: int = 4) -> nn.Module:
         new.weight.zero_()
         new.weight[:, : old.in_channels] = old.weight
         new.bias.copy_(old.bias)
-    # same device, dtype and memory layout (channels_last from load_sd) as the layer it replaces
-    unet.conv_in = new.to(old.weight.device, old.weight.dtype).to(
-        memory_format=torch.channels_last if old.weight.is_contiguous(memory_format=torch.channels_last)
-        else torch.contiguous_format)
+    unet.conv_in = new.to(old.weight.device, old.weight.dtype)
     unet.register_to_config(in_channels=old.in_channels + extra)
     return unet
 

@@ -253,11 +253,7 @@ def load_sd(model: str, parts: Sequence[str] = ALL_PARTS, device: str | torch.de
         device: where the weights go.
     Returns:
         an `SD` with fp32 weights, every module in eval mode with `requires_grad_(False)`: the method unfreezes
-        and casts what it trains. The UNet's conv weights are `channels_last` (NHWC; same values, so same
-        outputs to rounding, tested): measured on the 2-core CPU at SD 1.5 size, crop 256, batch 2, one UNet
-        forward + backward takes 14.5 s instead of 17.8 s, and NHWC is the layout cuDNN's tensor-core convs
-        want (the diffusers "speed up inference" guide). The VAE stays NCHW: the same measurement of its
-        encoder + decoder read 112 s instead of 92 s in NHWC (its full-resolution GroupNorms dominate).
+        and casts what it trains.
     Raises:
         UserError: weights not found (offline, wrong id or incomplete folder), with the id and how to fix it.
     """
@@ -293,8 +289,6 @@ def load_sd(model: str, parts: Sequence[str] = ALL_PARTS, device: str | torch.de
         m = loaded.get(part)
         if m is not None:
             m.to(device).eval().requires_grad_(False)
-    if loaded.get("unet") is not None:
-        loaded["unet"].to(memory_format=torch.channels_last)
     return SD(loaded.get("unet"), loaded.get("vae"), loaded.get("text_encoder"), loaded.get("tokenizer"),
               loaded["scheduler"], model)
 
