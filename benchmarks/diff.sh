@@ -9,5 +9,5 @@ python diff.py --src gta5 --tgt cityscapes --out runs/diff-gta5-cityscapes
 # flops_{no_prompt_class,prompt_classes}, flops_official_*, ratio_* (ours / official).
 python diff.py --sd-model random-sd21 --profile 3 --crop-size 512 --device cuda
 python diff.py --sd-model random-sd21 --profile 1 --crop-size 256 --device cpu --num-steps 5
-# FLOPs ratio ours / official at SD 2.1 size, crop 512, 37 steps (meta device, no weights; about 10 minutes on 2 busy CPU cores):
+# FLOPs ratio ours / official at SD 2.1 size, crop 512, 37 steps (meta device, no weights; about 2 minutes on the idle 2-core machine):
 DIFF_SD21_FLOPS=1 python -m pytest -q -s tests/test_diff.py -k sd21_size
