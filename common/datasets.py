@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.runtime import UserError
+from common.console import UserError, progress
 
 IGNORE = 255
 
@@ -1453,8 +1453,6 @@ class RareClassSampling:
         cached = _read_json_cache(paths)
         if cached is not None and cached.get("names") == [it.name for it in ds.items]:
             return [{int(c): int(n) for c, n in d.items()} for d in cached["counts"]]
-        from tqdm import tqdm
-
         def count(i: int) -> dict[int, int]:
             lab = ds.load_label(i)
             bc = np.bincount(lab.ravel(), minlength=256)[: ds.native_classes]
@@ -1462,8 +1460,8 @@ class RareClassSampling:
         out: list[dict[int, int]] = []
         workers = max(1, min(8, os.cpu_count() or 1))
         # stream over the labels (nothing kept but the counts); threads overlap the PNG decodes
-        with ThreadPoolExecutor(workers) as pool, tqdm(total=len(ds), desc=f"RCS stats {ds.name} {ds.split}",
-                                                        dynamic_ncols=True, leave=False) as bar:
+        with ThreadPoolExecutor(workers) as pool, progress(total=len(ds), desc=f"RCS stats {ds.name} {ds.split}",
+                                                           leave=False) as bar:
             for d in pool.map(count, range(len(ds)), chunksize=8):
                 out.append(d)
                 bar.update(1)

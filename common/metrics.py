@@ -16,6 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common import console
+from common.runtime import save_side_by_side
+
 # SYNTHIA shares 16 of the 19 Cityscapes classes (terrain, truck, train never occur); mIoU13 also drops wall,
 # fence, pole (datasets.md §7).
 SYNTHIA16 = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
@@ -165,7 +168,6 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.
     Returns:
         `summarize(...)` plus "resolution" (the string printed in the header), "num_images" and "table".
     """
-    from common.runtime import save_side_by_side  # runtime imports nothing from here; avoid a cycle at import
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     indices = list(range(rank, len(dataset), world))  # disjoint shards, no padding: no image counted twice
     conf = np.zeros((num_classes, num_classes), np.int64)
@@ -173,8 +175,7 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.
     n_pictures = 0
     it = indices
     if progress and rank == 0:
-        from tqdm import tqdm
-        it = tqdm(indices, desc=f"eval {desc}".strip(), leave=False, dynamic_ncols=True)
+        it = console.progress(indices, desc=f"eval {desc}".strip(), leave=False)
     for i in it:
         item = dataset[i]
         image, label = item["image"], np.asarray(item["label"])

@@ -28,16 +28,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-
-# --------------------------------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------------------------------
-class UserError(Exception):
-    """Bad input: the message is one line, `error: <what>: <what is wrong>. Expected ... <how to fix>.`
-
-    The method's `__main__` guard (`run_cli`) prints it to stderr and exits with code 2 without a traceback; in a
-    notebook the exception propagates with the same message.
-    """
+from common.console import UserError, log, progress  # noqa: F401  (re-exported for the method files)
+from common.datasets import DATASETS
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -117,7 +109,6 @@ def parse_args(args_cls: type, argv: Optional[list[str]] = None) -> Any:
 
 def check_dataset_names(args: Any) -> None:
     """UserError for an unknown `--src` / `--tgt` (datasets.md §12 "Unknown name")."""
-    from common.datasets import DATASETS  # local import: datasets imports this module
     for flag in ("src", "tgt"):
         value = getattr(args, flag, None)
         if value is None:

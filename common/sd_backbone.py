@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from common.runtime import UserError
+from common.console import UserError
 
 ALL_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
 
