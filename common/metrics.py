@@ -202,7 +202,8 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.
         if pictures_dir is not None and rank == 0 and n_pictures < num_pictures:
             n_pictures += 1
             name = Path(str(item.get("name", i))).stem
-            save_side_by_side(Path(pictures_dir) / f"{i:04d}_{name}.png", image, label, pred, palette)
+            save_side_by_side(Path(pictures_dir) / f"{i:04d}_{name}.png", image, label, pred, palette,
+                              class_names)
     conf_t = torch.from_numpy(conf).to(device if (dist is not None and dist.world > 1
                                                   and device.type == "cuda") else "cpu")
     if dist is not None:

@@ -23,7 +23,7 @@ import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -119,8 +119,22 @@ def check_dataset_names(args: Any) -> None:
                                 f"{', '.join(DATASETS)}.")
 
 
+def in_notebook_kernel() -> bool:
+    """True when this process is a Jupyter / Colab kernel: its command line is the kernel's
+    (`.../ipykernel_launcher.py -f .../kernel-1234.json`), not the user's."""
+    return Path(sys.argv[0] if sys.argv else "").name.endswith("kernel_launcher.py")
+
+
 def run_cli(main: Callable[[Any], dict], args_cls: type, argv: Optional[list[str]] = None) -> None:
-    """Parse the command line, run `main(args)`; bad input ends with one line on stderr and exit code 2."""
+    """Parse the command line, run `main(args)`; bad input ends with one line on stderr and exit code 2.
+
+    Pasted into a notebook cell (the `__main__` guard is true there too) it parses nothing and only says how to
+    run: argparse would see the kernel's `-f kernel.json` and raise SystemExit (the classic notebook failure).
+    """
+    if argv is None and in_notebook_kernel():
+        print(f"{args_cls.__name__} and main are defined; run main({args_cls.__name__}(demo=True)) for the demo, "
+              f"or main({args_cls.__name__}(src=..., tgt=..., ...)) (the kernel's command line is not parsed).")
+        return
     try:
         args = parse_args(args_cls, argv)
         main(args)
@@ -221,6 +235,11 @@ class Precision:
 def choose_precision(name: str, device: torch.device) -> Precision:
     """Pick the training precision: bf16 where the GPU supports it, fp16 + GradScaler otherwise, fp32 on CPU.
 
+    `--precision bf16` / `fp16` also run on the CPU (PyTorch's CPU autocast supports both, and the GradScaler has a
+    CPU variant) and then take exactly the GPU's code path: frozen parts stored in half precision, the same
+    autocast regions, the same scaler calls. That is slow and meant for checking the GPU path on a machine
+    without one. `fp32` means fp32 everywhere, frozen parts included.
+
     Args:
         name: "auto" | "fp32" | "bf16" | "fp16".
         device: the training device.
@@ -230,24 +249,25 @@ def choose_precision(name: str, device: torch.device) -> Precision:
     dev = device.type
     if name not in ("auto", "fp32", "bf16", "fp16"):
         raise UserError(f"error: --precision: unknown value '{name}'. Expected auto, fp32, bf16 or fp16.")
-    if dev != "cuda":
-        if name not in ("auto", "fp32"):
-            raise UserError(f"error: --precision {name}: mixed precision needs a CUDA device; "
-                            "use --precision auto or fp32 on CPU.")
-        return Precision(None, False, torch.float32, dev, "fp32 on CPU (autocast buys nothing there)")
-    bf16_ok = torch.cuda.is_bf16_supported()
-    if name == "auto":
-        name = "bf16" if bf16_ok else "fp16"
-        why = ("bf16 autocast: this GPU supports bf16 (no loss scaling needed)" if bf16_ok else
-               "fp16 autocast + GradScaler: this GPU has no bf16 support")
+    if name == "fp32" or (name == "auto" and dev != "cuda"):
+        why = "fp32 as requested" if name == "fp32" else "fp32 on CPU (autocast buys nothing there)"
+        return Precision(None, False, torch.float32, dev, why + "; frozen parts fp32")
+    if dev == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if name == "auto":
+            name = "bf16" if bf16_ok else "fp16"
+            why = ("bf16 autocast: this GPU supports bf16 (no loss scaling needed)" if bf16_ok else
+                   "fp16 autocast + GradScaler: this GPU has no bf16 support")
+        else:
+            why = f"{name} as requested"
+        if name == "bf16" and not bf16_ok:
+            raise UserError("error: --precision bf16: this GPU does not support bf16. Expected --precision fp16 "
+                            "or auto.")
     else:
-        why = f"{name} as requested"
-    if name == "bf16" and not bf16_ok:
-        raise UserError("error: --precision bf16: this GPU does not support bf16. Use --precision fp16 or auto.")
-    if name == "fp32":
-        return Precision(None, False, torch.float16, dev, "fp32 trained parts as requested; frozen parts fp16")
+        why = f"{name} on CPU as requested: the GPU code path, slow, meant for checking"
     dtype = torch.bfloat16 if name == "bf16" else torch.float16
-    return Precision(dtype, name == "fp16", dtype, dev, why + f"; frozen parts stored in {name}")
+    scaler = " + GradScaler" if name == "fp16" and "GradScaler" not in why else ""
+    return Precision(dtype, name == "fp16", dtype, dev, why + scaler + f"; frozen parts stored in {name}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -436,6 +456,70 @@ def require_ckpt(args: Any) -> None:
                         "(a checkpoint folder written by training).")
 
 
+class Checkpointer:
+    """Finds, restores, writes and prunes the checkpoints of one run folder: `--resume`, `--ckpt-every`,
+    `--keep-ckpts`, atomic writes (`save_checkpoint`). The RNG states and the step go into every checkpoint
+    and come back on `resume`, so a resumed run continues bit-identically.
+
+    Args:
+        out: the run folder; checkpoints go to `<out>/checkpoints/step_XXXXXXX/`.
+        every: steps between checkpoints (0 = only the last step).
+        keep: how many to keep (<= 0 keeps all).
+        is_main: only rank 0 writes.
+    """
+
+    def __init__(self, out: str | Path, every: int, keep: int = 3, is_main: bool = True):
+        self.out, self.every, self.keep, self.is_main = Path(out), every, keep, is_main
+
+    def due(self, step: int, last: int) -> bool:
+        """A checkpoint is written every `every` steps and after the last one."""
+        return step == last or (self.every > 0 and step % self.every == 0)
+
+    def save(self, step: int, weights: dict[str, torch.Tensor], state: dict) -> Optional[Path]:
+        """Write `weights` (safetensors) and `state` + step + RNG states (state.pt) atomically; rank 0 only."""
+        if not self.is_main:
+            return None
+        return save_checkpoint(self.out, step, weights, {**state, "step": step, "rng": get_rng_state()},
+                               keep=self.keep)
+
+    def latest(self) -> Optional[Path]:
+        return latest_checkpoint(self.out)
+
+    def resume(self, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
+        """Read the newest complete checkpoint (UserError when there is none) and restore the RNG states.
+
+        Call it last before the loop: whatever draws random numbers after it shifts the resumed run.
+        Returns:
+            (weights, state); `state["step"]` is the number of optimizer steps done.
+        """
+        path = resume_checkpoint(self.out)
+        weights, state = load_checkpoint(path, map_location)
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        if self.is_main:
+            log(f"resumed from {path} at step {state.get('step', 0)}")
+        return weights, state
+
+
+def validate_args(args: Any, crop_multiple: int = 8) -> None:
+    """The checks every script shares, before anything is built or written (one-line UserError each)."""
+    def need(ok: bool, flag: str, what: str) -> None:
+        if not ok:
+            raise UserError(f"error: --{flag}: {what}")
+    require_ckpt(args)
+    need(not (args.eval_only and args.resume), "resume", "cannot be combined with --eval-only. Expected one of "
+         "them: --resume continues training, --eval-only --ckpt scores a checkpoint.")
+    need(not (args.profile and getattr(args, "estimate_memory", False)), "estimate-memory",
+         "cannot be combined with --profile. Expected one of them.")
+    need(args.profile >= 0, "profile", f"got {args.profile}. Expected a number of iterations >= 1 (0 = off).")
+    for flag in ("iters", "log_every", "eval_every", "batch_size"):
+        v = getattr(args, flag)
+        need(v >= 1, flag.replace("_", "-"), f"got {v}. Expected an integer >= 1.")
+    need(args.ckpt_every >= 0, "ckpt-every", f"got {args.ckpt_every}. Expected >= 0 (0 = only at the end).")
+    need(args.crop_size >= crop_multiple and args.crop_size % crop_multiple == 0, "crop-size",
+         f"got {args.crop_size}. Expected a positive multiple of {crop_multiple} (e.g. 512).")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Logging and metrics.json
 # --------------------------------------------------------------------------------------------------------------
@@ -522,6 +606,62 @@ class RunTimer:
         return ms
 
 
+class TrainLog:
+    """The progress of one training loop, the same in every script.
+
+    On a terminal a tqdm bar (steps, ETA, latest losses); every `every` steps (and at the last) one fixed-format
+    line with the values averaged over the steps since the previous line (`lr` is the latest), written with
+    `console.log` so the bar is not broken; the same records in `<out>/metrics.json` under `key`. On `--resume`
+    the records up to the resumed step are kept from metrics.json.
+
+    Args:
+        out: run folder (None = write nothing), total: last step, every: `--log-every`, device: for the memory
+        column, is_main: only rank 0 prints and writes, start: steps already done, prefix: e.g. "[stage 2] ",
+        key: the metrics.json key.
+    """
+
+    def __init__(self, out: Optional[str | Path], total: int, every: int, device: torch.device, is_main: bool = True,
+                 start: int = 0, prefix: str = "", key: str = "train_log"):
+        self.out, self.total, self.every, self.device = (Path(out) if out else None), total, every, device
+        self.is_main, self.prefix, self.key = is_main, prefix, key
+        self.history: list[dict] = []
+        path = self.out / "metrics.json" if self.out else None
+        if start > 0 and path is not None and path.exists():
+            self.history = [r for r in json.loads(path.read_text()).get(key, []) if r["step"] <= start]
+        self.window: dict[str, float] = {}
+        self.timer = RunTimer()
+        self.bar = progress(total=total, initial=start, desc=prefix.strip() or "train",
+                            leave=False) if is_main else None
+
+    def step(self, step: int, logs: dict[str, float]) -> Optional[dict]:
+        """Record the logs of optimizer step `step` (1-based, = steps done); print and write when due.
+
+        Returns the averaged record when a line was due, else None.
+        """
+        self.timer.tick()
+        for k, v in logs.items():
+            self.window[k] = self.window.get(k, 0.0) + float(v)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{float(v):.3g}" for k, v in list(logs.items())[:3]}, refresh=False)
+        if step % self.every and step != self.total:
+            return None
+        n = self.timer.n
+        rec = {k: (float(logs[k]) if k == "lr" else v / n) for k, v in self.window.items()}
+        self.window = {}
+        ms = self.timer.lap()
+        if self.is_main:
+            log(self.prefix + log_line(step, self.total, rec, ms, peak_memory_gb(self.device)))
+            self.history.append({"step": step, **rec})
+            if self.out is not None:
+                write_metrics(self.out, self.history, key=self.key)
+        return rec
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Pictures
 # --------------------------------------------------------------------------------------------------------------
@@ -533,25 +673,109 @@ def colorize(label: np.ndarray, palette: np.ndarray) -> "Image.Image":
     return Image.fromarray(lut[np.asarray(label, dtype=np.uint8)])
 
 
+def _legend(classes: list[tuple[str, tuple[int, int, int]]], width: int) -> "Image.Image":
+    """A white strip naming the colour of each class: swatch + name, wrapped over as many rows as needed."""
+    from PIL import Image, ImageDraw, ImageFont
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    items, x, y, row_h = [], 8, 6, 22
+    for name, colour in classes:
+        w = 18 + 6 + int(probe.textlength(name, font=font)) + 16
+        if x + w > width and x > 8:
+            x, y = 8, y + row_h
+        items.append((x, y, name, colour))
+        x += w
+    strip = Image.new("RGB", (width, y + row_h + 4), "white")
+    draw = ImageDraw.Draw(strip)
+    for x, y, name, colour in items:
+        draw.rectangle([x, y + 2, x + 18, y + 18], fill=tuple(int(c) for c in colour), outline="black")
+        draw.text((x + 24, y + 2), name, fill="black", font=font)
+    return strip
+
+
 def save_side_by_side(path: str | Path, image: torch.Tensor, gt: np.ndarray, pred: np.ndarray,
-                      palette: np.ndarray) -> None:
-    """Write `input | ground truth | prediction` as one PNG.
+                      palette: np.ndarray, class_names: Optional[Sequence[str]] = None,
+                      min_height: int = 256) -> None:
+    """Write `input | ground truth | prediction` as one PNG, with a legend strip under it.
+
+    Panels smaller than `min_height` pixels are upscaled (nearest, so labels stay crisp) until they are at least
+    that high; the legend names the colours of the classes that appear in the ground truth or the prediction
+    (ignore = black).
 
     Args:
         image: float (3, H, W) in [0, 1] (resized to the label size if it differs).
         gt, pred: int (H, W) class ids, 255 = ignore (black).
         palette: (K, 3) uint8.
+        class_names: K names for the legend (None = no legend).
+        min_height: smallest panel height in pixels.
     """
     from PIL import Image
     h, w = gt.shape
     img = (image.detach().float().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    img = Image.fromarray(img).resize((w, h), Image.BILINEAR)
-    canvas = Image.new("RGB", (3 * w, h))
-    canvas.paste(img, (0, 0))
-    canvas.paste(colorize(gt, palette), (w, 0))
-    canvas.paste(colorize(pred, palette), (2 * w, 0))
+    panels = [Image.fromarray(img).resize((w, h), Image.BILINEAR), colorize(gt, palette), colorize(pred, palette)]
+    f = max(1, -(-min_height // h))  # integer upscale factor: a 64-pixel demo panel becomes 256 pixels high
+    panels = [p.resize((w * f, h * f), Image.NEAREST) for p in panels]
+    canvas = Image.new("RGB", (3 * w * f, h * f), "white")
+    for k, p in enumerate(panels):
+        canvas.paste(p, (k * w * f, 0))
+    if class_names is not None:
+        present = sorted(set(np.unique(gt).tolist()) | set(np.unique(pred).tolist()))
+        classes = [(class_names[c], tuple(palette[c])) for c in present if c < len(class_names)]
+        if 255 in present:
+            classes.append(("ignore", (0, 0, 0)))
+        legend = _legend(classes, canvas.width)
+        full = Image.new("RGB", (canvas.width, canvas.height + legend.height), "white")
+        full.paste(canvas, (0, 0))
+        full.paste(legend, (0, canvas.height))
+        canvas = full
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
+
+
+def write_curves(out_dir: str | Path) -> Optional[Path]:
+    """`<out>/curves.png`: every logged loss and the evaluation mIoU over steps, from `<out>/metrics.json`.
+
+    Needs matplotlib (installed in Colab; not a dependency): without it one line says the plot was skipped.
+    Returns the file, or None when nothing was written.
+    """
+    path = Path(out_dir) / "metrics.json"
+    if not path.exists():
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("curves.png skipped: matplotlib is not installed (pip install matplotlib to get the training curves)")
+        return None
+    data = json.loads(path.read_text())
+    logs = {k: v for k, v in data.items() if k.startswith("train_log") and isinstance(v, list) and v}
+    evals = [e for e in data.get("evals", []) if isinstance(e, dict) and e.get("miou") is not None]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, recs in logs.items():
+        for name in recs[0]:
+            if name.startswith("loss") and all(r.get(name) is not None for r in recs):
+                label = name if len(logs) == 1 else f"{key.replace('train_log', '').strip('_')} {name}"
+                ax1.plot([r["step"] for r in recs], [r[name] for r in recs], label=label)
+    ax1.set(xlabel="step", ylabel="loss", title="training losses")
+    ax1.legend(fontsize=8)
+    groups: dict[str, list] = {}
+    for e in evals:  # one line per evaluated target / path
+        tag = " ".join(str(e[k]) for k in ("target", "path", "prompt") if k in e) or "mIoU"
+        groups.setdefault(tag, []).append(e)
+    for tag, es in groups.items():
+        ax2.plot([e.get("step", 0) for e in es], [100 * e["miou"] for e in es], "o-", label=tag)
+    ax2.set(xlabel="step", ylabel="mIoU (%)", title="evaluation")
+    if groups:
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    png = Path(out_dir) / "curves.png"
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -657,3 +881,160 @@ def profile_training(step_fn: Callable[[], Any], n_iters: int, device: torch.dev
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     result.update(extra or {})
     return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --estimate-memory: peak GPU memory of one training step, predicted without a GPU
+# --------------------------------------------------------------------------------------------------------------
+# What the prediction leaves out, added as a margin to answer "does it fit N GB": the CUDA context (0.3-0.5 GB,
+# never counted by PyTorch's allocator), cuDNN / cuBLAS workspaces (up to a few hundred MB) and the caching
+# allocator's fragmentation (reserved - allocated, typically 5-15 % in steady training). Our choice of margin.
+MARGIN_GB, MARGIN_FRACTION = 1.0, 0.15
+
+
+class _StandInValues(torch.utils._python_dispatch.TorchDispatchMode):
+    """Under FakeTensorMode a tensor has a shape but no value; a training step still reads a few values (a
+    loss for the log line, `if torch.rand(()) > p`, the classes present in a label map). This mode answers them
+    with stand-ins: scalars read as 1 / 1.0 / True (a loss is finite, a random branch is taken, every prompt
+    class is present: the larger-memory path), and value-dependent shapes (unique, nonzero) as if every element
+    were distinct / non-zero (the largest shape). Memory depends on shapes only, so the prediction is that of
+    the most memory-hungry variant of the step."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        aten, kwargs = torch.ops.aten, kwargs or {}
+        if func is aten._local_scalar_dense.default:
+            t = args[0]
+            return True if t.dtype == torch.bool else (1.0 if t.is_floating_point() else 1)
+        if func in (aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default):
+            x = args[0]
+            n = min(x.numel(), 256)  # labels: at most 256 distinct values
+            vals = torch.arange(n, dtype=x.dtype, device=x.device)
+            outs = [vals]
+            if kwargs.get("return_inverse", args[2] if len(args) > 2 else False):
+                outs.append(torch.zeros(x.shape, dtype=torch.long, device=x.device))
+            else:
+                outs.append(torch.zeros(0, dtype=torch.long, device=x.device))
+            outs.append(torch.ones(n, dtype=torch.long, device=x.device))
+            return tuple(outs) if func is aten._unique2.default else tuple(outs)
+        if func is aten.nonzero.default:
+            x = args[0]
+            return torch.zeros(x.numel(), x.dim(), dtype=torch.long, device=x.device)
+        return func(*args, **kwargs)
+
+
+def _apply_replacing_parameters(self: torch.nn.Module, fn: Callable, recurse: bool = True) -> torch.nn.Module:
+    """`Module._apply` (behind `.to()`, `.half()`, ...) that registers new Parameters instead of swapping them in
+    place: PyTorch swaps fake parameters with `torch.utils.swap_tensors`, which FakeTensorMode's weak references
+    make fail ("Cannot swap t1 because it has weakref associated with it")."""
+    if recurse:
+        for child in self.children():
+            child._apply(fn)
+    for key, p in self._parameters.items():
+        if p is not None:
+            with torch.no_grad():
+                new = torch.nn.Parameter(fn(p), requires_grad=p.requires_grad)
+            if p.grad is not None:
+                new.grad = fn(p.grad)
+            self._parameters[key] = new
+    for key, b in self._buffers.items():
+        if b is not None:
+            self._buffers[key] = fn(b)
+    return self
+
+
+def _mem_tracker() -> Any:
+    """`torch.distributed._tools.mem_tracker.MemTracker` that also accepts frozen parameters: PyTorch's version
+    registers a gradient hook on every parameter of a module and fails on those with requires_grad=False."""
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+    except ImportError:
+        raise UserError("error: --estimate-memory: this PyTorch has no torch.distributed._tools.mem_tracker. "
+                        "Expected PyTorch >= 2.5 (pip install -U torch).") from None
+
+    class Tracker(MemTracker):
+        def _track_module_params_and_buffers(self, module: torch.nn.Module, install_grad_hooks: bool = True):
+            def grad_hook(grad: torch.Tensor) -> None:
+                self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+            params = 0
+            for p in module.parameters():
+                params += sum(w.mem_consumed for w in self._update_and_maybe_create_winfos(p, _MemRefType.PARAM))
+                if p.grad is not None:
+                    self._update_and_maybe_create_winfos(p.grad, _MemRefType.GRAD)
+                if p.requires_grad and install_grad_hooks and self._param_to_grad_hook_handles.get(p) is None:
+                    self._param_to_grad_hook_handles[p] = (
+                        p.register_hook(grad_hook),
+                        p.register_post_accumulate_grad_hook(lambda q: grad_hook(q.grad)))
+            buffers = sum(w.mem_consumed for b in module.buffers()
+                          for w in self._update_and_maybe_create_winfos(b, _MemRefType.BUFFER))
+            return params, buffers
+    return Tracker()
+
+
+def estimate_memory(build: Callable[[], tuple[Callable[[], Any], list]], steps: int = 2,
+                    extra: Optional[dict] = None) -> dict:
+    """Predict the peak memory of training steps without allocating anything.
+
+    `build()` runs under `torch._subclasses.fake_tensor.FakeTensorMode` (tensors have shapes and dtypes but no
+    storage) with `sd_backbone.architecture_only()` (the SD parts are built from their configs, no weight file
+    is read) and returns `(step_fn, tracked)`: one training step with random inputs of the real shapes, and the
+    modules and optimizers it holds. `steps` calls of `step_fn` are tracked by
+    `torch.distributed._tools.mem_tracker.MemTracker` (the second one holds the optimizer state the first
+    created). Byte counts are those of the dtypes the step uses, so a step run in the GPU's precision (bf16 or
+    fp16 autocast, frozen parts in half) predicts `torch.cuda.max_memory_allocated` of that step.
+
+    Returns:
+        {"predicted_peak_gb", "parameters_gb", "gradients_gb", "optimizer_state_gb", "activations_gb",
+         "buffers_gb", "temporary_gb", "other_gb", "margin_gb", "predicted_total_gb", "leaves_out"}.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from common.sd_backbone import architecture_only
+    apply = torch.nn.Module._apply
+    torch.nn.Module._apply = _apply_replacing_parameters  # `.to(dtype)` of fake parameters (see there)
+    try:
+        with architecture_only(), FakeTensorMode(allow_non_fake_inputs=True), _StandInValues():
+            step_fn, tracked = build()
+            tracker = _mem_tracker()
+            tracker.track_external(*tracked)
+            with tracker:
+                for _ in range(steps):
+                    step_fn()
+                    tracker.reset_mod_stats()  # per-module stats are per iteration; the peak is kept
+            snap = tracker.get_tracker_snapshot("peak")
+    finally:
+        torch.nn.Module._apply = apply
+    per_kind: dict[str, float] = {}
+    for dev_snap in snap.values():
+        for kind, nbytes in dev_snap.items():
+            name = kind if isinstance(kind, str) else kind.value
+            per_kind[name] = per_kind.get(name, 0) + nbytes / 1e9
+    peak = per_kind.get("Total", 0.0)
+    margin = MARGIN_GB + MARGIN_FRACTION * peak
+    keys = {"Parameter": "parameters_gb", "Gradient": "gradients_gb", "Optstate": "optimizer_state_gb",
+            "Activation": "activations_gb", "Buffer": "buffers_gb", "Temp": "temporary_gb", "Other": "other_gb"}
+    out = {"predicted_peak_gb": round(peak, 3),
+           **{v: round(per_kind.get(k, 0.0), 3) for k, v in keys.items()},
+           "margin_gb": round(margin, 3), "predicted_total_gb": round(peak + margin, 3),
+           "leaves_out": "CUDA context, cuDNN/cuBLAS workspaces, allocator fragmentation: covered by margin_gb = "
+                         f"{MARGIN_GB} GB + {MARGIN_FRACTION:.0%} of the peak (our choice)"}
+    out.update(extra or {})
+    return out
+
+
+def measure(args: Any, build: Callable[[], tuple[Callable[[], Any], list]], device: torch.device,
+            extra: Optional[dict] = None) -> dict:
+    """The `--profile N` / `--estimate-memory` entry of every script: one JSON line (rank 0), nothing written.
+
+    `build()` makes one training step with random inputs of the training shapes (the cost of a step does not
+    depend on the pixels) and returns `(step_fn, [modules and optimizers])`; see `profile_training` and
+    `estimate_memory`.
+    """
+    if getattr(args, "estimate_memory", False):
+        result = estimate_memory(build, extra=extra)
+    else:
+        step_fn, _ = build()
+        result = profile_training(step_fn, args.profile, device, extra=extra)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result), flush=True)
+    return result
+
