@@ -653,7 +653,50 @@ def _list_numbered(name: str, folder: Path, split: str, opts: dict, img_rel: str
     return listing
 
 
+def _acdc_files(directory: Path, suffix: str) -> list[Path]:
+    """`*<suffix>` files directly in `directory` and one folder deeper (sorted, no duplicates).
+
+    The official ACDC release keeps a sequence folder (`<split>/<seq>/<file>`); DAFormer's README flattens it
+    with `rsync -a rgb_anon/*/<split>/*/* rgb_anon/<split>/` (the same for `gt/`), which leaves the files
+    directly in the split folder. Only the exact split folder is listed, so `*_ref` folders never match.
+    """
+    return sorted(set(directory.glob(f"*{suffix}")) | set(directory.glob(f"*/*{suffix}")))
+
+
+def _acdc_label_finder(img_dir: Path, lab_dir: Path) -> Callable[[Path], Path]:
+    """Image path -> label path, for nested, flattened or mixed image and label folders.
+
+    The label is `<stem>_gt_labelTrainIds.png` at the image's own relative path under `lab_dir` when it is
+    there, else the one file of that name anywhere in `lab_dir` (directly or in a sequence folder): ACDC names
+    (`GOPRxxxx_frame_NNNNNN`) are unique across sequences. A missing or ambiguous name gives the expected
+    nested path, which `_pair` reports as "first without a label".
+    """
+    by_name: dict[str, list[Path]] = {}
+    for q in _acdc_files(lab_dir, "_gt_labelTrainIds.png"):
+        by_name.setdefault(q.name, []).append(q)
+
+    def label_for(img: Path) -> Path:
+        fname = img.name[: -len("_rgb_anon.png")] + "_gt_labelTrainIds.png"
+        same = lab_dir / img.relative_to(img_dir).parent / fname
+        if same.is_file():
+            return same
+        found = by_name.get(fname, [])
+        return found[0] if len(found) == 1 else same
+    return label_for
+
+
 def _list_acdc(name: str, folder: Path, split: str, opts: dict) -> _Listing:
+    """ACDC in the official nested layout or DAFormer's flattened one (datasets.md §3).
+
+    Official: `rgb_anon/<cond>/<split>/<seq>/*_rgb_anon.png`. Flattened [ref: DAFormer README, `rsync -a
+    rgb_anon/*/<split>/*/* rgb_anon/<split>/`]: `rgb_anon/<split>/*_rgb_anon.png` and
+    `gt/<split>/*_gt_labelTrainIds.png`, files directly in the split folder. The flattened folder is used only
+    when no selected condition has `rgb_anon/<cond>/<split>/` (DAFormer's rsync copies, so both usually exist
+    and the official one, which keeps the condition, wins) and only for `acdc`: the condition is lost there,
+    so `acdc_<cond>` and `--conditions` need the condition folders [our choice]. Inside any split folder,
+    files may sit directly in it or in sequence folders (a per-condition flattening also works); labels are
+    paired by file name, not by the parent folder.
+    """
     pattern = "rgb_anon/<fog|night|rain|snow>/<train|val|test>/<seq>/*_rgb_anon.png"
     if name != "acdc":
         conds = [name.split("_", 1)[1]]
@@ -665,15 +708,18 @@ def _list_acdc(name: str, folder: Path, split: str, opts: dict) -> _Listing:
         if bad:
             raise DatasetError(f"error: --conditions: unknown ACDC condition '{bad[0]}'. Expected a comma "
                                f"list of {', '.join(ACDC_CONDITIONS)}.")
-    # DAFormer's flattened rgb_anon/{train,val}/ (acdc only: the condition is lost)
-    flat = (name == "acdc" and not any((folder / "rgb_anon" / c).is_dir() for c in ACDC_CONDITIONS)
-            and (folder / "rgb_anon" / split).is_dir())
+    flat = (name == "acdc" and (folder / "rgb_anon" / split).is_dir()
+            and not any((folder / "rgb_anon" / c / split).is_dir() for c in conds))
+    if flat and sorted(set(conds)) != sorted(ACDC_CONDITIONS):
+        raise DatasetError(f"error: --conditions: '{folder}/rgb_anon/{split}/' is DAFormer's flattened ACDC "
+                           f"layout, which has no condition folders. Expected {pattern} (official layout) "
+                           f"to select conditions, or no --conditions.")
     no_gt = split in DATASETS[name].no_gt_splits
     items: list[_Item] = []
     for cond in ([""] if flat else conds):
         rel = f"rgb_anon/{split}" if flat else f"rgb_anon/{cond}/{split}"
         img_dir = _require_dir(name, folder, rel, pattern)
-        images = sorted(img_dir.glob("*/*_rgb_anon.png"))  # exact split folder: *_ref folders never match
+        images = _acdc_files(img_dir, "_rgb_anon.png")
         if not images:
             raise _err_empty(name, img_dir, "*_rgb_anon.png")
         if no_gt:
@@ -681,9 +727,8 @@ def _list_acdc(name: str, folder: Path, split: str, opts: dict) -> _Listing:
             continue
         lab_rel = f"gt/{split}" if flat else f"gt/{cond}/{split}"
         lab_dir = _require_dir(name, folder, lab_rel, "gt/<cond>/<split>/<seq>/*_gt_labelTrainIds.png")
-        items += _pair(name, images, lambda p: lab_dir / p.parent.name / p.name.replace(
-            "_rgb_anon.png", "_gt_labelTrainIds.png"), img_dir, lab_dir, folder,
-            lambda: len(list(lab_dir.glob("*/*_gt_labelTrainIds.png"))))
+        items += _pair(name, images, _acdc_label_finder(img_dir, lab_dir), img_dir, lab_dir, folder,
+                       lambda: len(_acdc_files(lab_dir, "_gt_labelTrainIds.png")))
     return _Listing(items, "none" if no_gt else "trainIds", "rgb", not no_gt)
 
 

@@ -725,6 +725,60 @@ def test_acdc_flattened_daformer_layout(sample, tmp_path):
         build_dataset("acdc_fog", tmp_path, "train")  # the condition is lost in the flattened layout
 
 
+def _rsync_flat_acdc(src: Path, dst: Path, split: str, per_condition: bool = False) -> dict:
+    """DAFormer README: `rsync -a rgb_anon/*/<split>/*/* rgb_anon/<split>/` and the same for the gt
+    labelTrainIds, i.e. every file directly in the split folder. Returns {new file name: original name}."""
+    origin = {}
+    for ci, cond in enumerate(("fog", "night", "rain", "snow")):
+        for kind, suffix in (("rgb_anon", "_rgb_anon.png"), ("gt", "_gt_labelTrainIds.png")):
+            out = dst / kind / cond / split if per_condition else dst / kind / split
+            out.mkdir(parents=True, exist_ok=True)
+            for f in sorted((src / kind / cond / split).glob(f"*/*{suffix}")):
+                # real ACDC file names are unique across conditions; the synthetic ones repeat per condition
+                new = f.name.replace("GOPR0", f"GOPR{ci + 1}")
+                shutil.copy(f, out / new)
+                origin[new] = f.relative_to(src).as_posix()
+    return origin
+
+
+def test_acdc_flattened_rsync_layout_pairs_labels_by_name(sample, tmp_path):
+    d = tmp_path / "acdc"
+    origin = _rsync_flat_acdc(sample / "acdc", d, "val")
+    (tmp_path / "SYNTHETIC").write_text("{}")
+    assert not list((d / "rgb_anon" / "val").glob("*/"))  # no sequence folder left
+    flat = build_dataset("acdc", tmp_path, "val")
+    official = build_dataset("acdc", sample, "val")
+    assert len(flat) == len(official) == 8
+    index = {it.name: j for j, it in enumerate(official.items)}
+    labels = set()
+    for i, it in enumerate(flat.items):
+        assert it.image.parent == d / "rgb_anon" / "val" and it.label.parent == d / "gt" / "val"
+        assert it.label.name == it.image.name.replace("_rgb_anon.png", "_gt_labelTrainIds.png")
+        j = index[origin[it.image.name]]
+        a, b = flat[i], official[j]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+        labels.add(a["label"].numpy().tobytes())
+    assert len(labels) == len(flat)  # every label differs, so a wrong pairing could not pass
+    with pytest.raises(DatasetError, match="flattened ACDC layout, which has no condition folders"):
+        build_dataset("acdc", tmp_path, "val", conditions="fog")
+    with pytest.raises(DatasetError, match="no folder 'rgb_anon/fog/val'"):
+        build_dataset("acdc_fog", tmp_path, "val")
+
+
+def test_acdc_flattened_per_condition(sample, tmp_path):
+    d = tmp_path / "acdc"
+    origin = _rsync_flat_acdc(sample / "acdc", d, "train", per_condition=True)
+    (tmp_path / "SYNTHETIC").write_text("{}")
+    fog = build_dataset("acdc_fog", tmp_path, "train", train=False)
+    ref = build_dataset("acdc_fog", sample, "train", train=False)
+    assert len(fog) == len(ref) == 4
+    index = {it.name: j for j, it in enumerate(ref.items)}
+    for i, it in enumerate(fog.items):
+        assert it.image.parent == d / "rgb_anon" / "fog" / "train"
+        assert torch.equal(fog[i]["label"], ref[index[origin[it.image.name]]]["label"])
+    assert len(build_dataset("acdc", tmp_path, "train", train=False)) == 16
+
+
 def test_mapillary_older_and_v2_layouts(sample, tmp_path):
     d = copy_ds(sample, "mapillary", tmp_path)
     ref = build_dataset("mapillary", d, "val")[0]["label"]
