@@ -840,6 +840,31 @@ def _dsec_label_dir(folder: Path, split: str, seq: str, events: bool) -> tuple[O
     return None, tried
 
 
+def _dsec_stride(split: str, opts: dict) -> int:
+    """Frame stride: `frame_stride` if given, else 2 for train and 1 for test [ref: MADM lists]."""
+    raw = opts.get("frame_stride") or (2 if split == "train" else 1)
+    try:
+        stride = int(raw)
+    except (TypeError, ValueError):
+        stride = 0
+    if stride < 1:
+        raise DatasetError(f"error: --frame-stride: invalid value '{raw}'. Expected a positive integer (2 "
+                           f"for train, 1 for test by default).")
+    return stride
+
+
+def _dsec_frame_kept(k: int, stride: int) -> bool:
+    """DSEC frame sampling (datasets.md §10 pitfall 15): frames k >= 1 with k % stride == 0.
+
+    Frame 0 has no preceding events. MADM's lists (`data/json_file/Cityscapes_RGB_to_DSEC_Event_{train,test}
+    .json` in XiaRho/MADM) hold exactly these frames: every train sequence 2, 4, 6, ... (4,037 in all), every
+    test sequence 1, 2, 3, ... (2,806). The same rule applies to the edge PNGs (frame = file stem) and to the
+    raw events (frame = index of the label file, one timestamp each), so both inputs list the same frames even
+    when a download holds more edge files than MADM's lists [ref: MADM].
+    """
+    return k >= 1 and k % stride == 0
+
+
 def _list_dsec(name: str, folder: Path, split: str, opts: dict) -> _Listing:
     mode = opts.get("dsec_input", "auto")
     edges_dir = folder / f"69mask_{split}_edges"
@@ -848,6 +873,7 @@ def _list_dsec(name: str, folder: Path, split: str, opts: dict) -> _Listing:
     if mode not in ("edges", "events"):
         raise DatasetError(f"error: --dsec-input: unknown value '{mode}'. Expected auto, edges or events.")
     seqs = DSEC_SEQUENCES[split]
+    stride = _dsec_stride(split, opts)
     items: list[_Item] = []
     has_labels = True
     if mode == "edges":
@@ -856,7 +882,9 @@ def _list_dsec(name: str, folder: Path, split: str, opts: dict) -> _Listing:
             raise _err_missing_split(name, folder, f"69mask_{split}_edges/{seqs[0]}",
                                      f"69mask_{split}_edges/<seq>/NNNNNN.png for {', '.join(seqs)}")
         for seq in present:
-            files = sorted((edges_dir / seq).glob("*.png"))  # use every file present [ref: MADM]
+            # frame = the file stem (NNNNNN.png); the frames of MADM's lists, not every file present
+            files = sorted(p for p in (edges_dir / seq).glob("*.png")
+                           if p.stem.isdigit() and _dsec_frame_kept(int(p.stem), stride))
             lab_dir, tried = _dsec_label_dir(folder, split, seq, events=False)
             if lab_dir is None:
                 if split == "test":
@@ -870,17 +898,19 @@ def _list_dsec(name: str, folder: Path, split: str, opts: dict) -> _Listing:
             items += _pair(name, files, lambda p: lab_dir / p.name, edges_dir / seq, lab_dir, folder,
                            lambda: len(list(lab_dir.glob("*.png"))))
         if not items:
-            raise _err_empty(name, edges_dir / present[0])
+            raise DatasetError(f"error: dsec_event: '{edges_dir / present[0]}' contains no NNNNNN.png frames "
+                               f"kept by the frame rule (frames >= 1, stride {stride}). Expected MADM's edge "
+                               f"images 69mask_{split}_edges/<seq>/NNNNNN.png.")
+        _note_once(f"dsec:{split}:edges:stride", f"dsec_event {split}: edge images, frame stride {stride}, "
+                                                 f"frames >= 1 ({len(items)} frames)")
         if not has_labels:
             _note_once(f"dsec:{split}:nolabels", f"note: dsec_event: no labels for the {split} edge images; "
                                                  f"items carry all-ignore labels (an unlabeled target "
                                                  f"split).")
             has_labels = all(it.label is not None for it in items)
         return _Listing(items, "trainIds" if has_labels else "none", "grey", has_labels, crop_top=True)
-    # raw events: frames k >= 1 with k % stride == 0 (frame 0 has no preceding events); train stride 2
-    # [ref: MADM]
+    # raw events: the same frames as the edge images (`_dsec_frame_kept`)
     h5py = _import_h5py(folder, split)
-    stride = int(opts.get("frame_stride") or (2 if split == "train" else 1))
     present = [s for s in seqs if (folder / split / s).is_dir()]
     if not present:
         raise _err_missing_split(name, folder, f"{split}/{seqs[0]}",
@@ -912,7 +942,7 @@ def _list_dsec(name: str, folder: Path, split: str, opts: dict) -> _Listing:
             raise DatasetError(f"error: dsec_event: '{seq}' has {len(ts)} timestamps but {len(labels)} label "
                                f"files; they must match one to one.")
         for k, lab in enumerate(labels):
-            if k >= 1 and k % stride == 0:
+            if _dsec_frame_kept(k, stride):
                 items.append(_Item(None, lab, lab.relative_to(folder).as_posix(),
                                    {"seq": seq, "t": int(ts[k]), "events": ev, "rectify": rect}))
     if not items:
@@ -1275,13 +1305,18 @@ class SegDataset(torch.utils.data.Dataset):
             # window [t - 50 ms, t) on the image clock, minus t_offset -> event clock; int64 throughout
             t1 = it.extra["t"] - t_offset
             t0 = t1 - self.event_window_us
-            m0 = min(max(t0 // 1000, 0), len(ms_to_idx) - 1)
-            m1 = -(-t1 // 1000)
-            i0 = int(ms_to_idx[m0])
-            i1 = int(ms_to_idx[m1]) if m1 < len(ms_to_idx) else f["events/t"].shape[0]
-            t = np.asarray(f["events/t"][i0:i1], dtype=np.int64)
-            lo, hi = i0 + int(np.searchsorted(t, t0, "left")), i0 + int(np.searchsorted(t, t1, "left"))
-            x, y, p = (np.asarray(f[f"events/{k}"][lo:hi]) for k in ("x", "y", "p"))
+            if t1 <= 0 or len(ms_to_idx) == 0:
+                # the label precedes the first event (t < t_offset): an empty window. Indexing ms_to_idx with
+                # a negative millisecond would wrap around to the end of the file (or raise IndexError).
+                x = y = p = np.zeros(0, np.int64)
+            else:
+                m0 = min(max(t0, 0) // 1000, len(ms_to_idx) - 1)
+                m1 = -(-t1 // 1000)  # ceil, >= 1 here
+                i0 = int(ms_to_idx[m0])
+                i1 = int(ms_to_idx[m1]) if m1 < len(ms_to_idx) else f["events/t"].shape[0]
+                t = np.asarray(f["events/t"][i0:i1], dtype=np.int64)
+                lo, hi = i0 + int(np.searchsorted(t, t0, "left")), i0 + int(np.searchsorted(t, t1, "left"))
+                x, y, p = (np.asarray(f[f"events/{k}"][lo:hi]) for k in ("x", "y", "p"))
         except OSError as e:
             if "filter" in str(e).lower() or "decompress" in str(e).lower() or "plugin" in str(e).lower():
                 raise DatasetError(f"error: dsec_event: cannot decompress '{ev}' (Blosc). pip install h5py "
@@ -1420,7 +1455,8 @@ def build_dataset(name: str, root: str | Path = "data", split: str = "train", *,
         num_classes: the model's class set (default: the native one); labels are converted after cropping.
         cat_max_ratio: optional mmseg crop constraint (e.g. 0.75).
         options: label_format ("auto" | "trainIds" | "labelIds"; Cityscapes, GTA5, SYNTHIA), dsec_input
-            ("auto" | "edges" | "events"), event_window_ms (50), frame_stride (DSEC events; train 2, test 1),
+            ("auto" | "edges" | "events"), event_window_ms (50), frame_stride (DSEC edges and events; train 2,
+            test 1; frames >= 1),
             conditions (ACDC, comma list), size_mismatch (GTA5: "skip" | "error").
     Returns:
         a `SegDataset`.
@@ -1505,8 +1541,8 @@ class RareClassSampling:
         out: list[dict[int, int]] = []
         workers = max(1, min(8, os.cpu_count() or 1))
         # stream over the labels (nothing kept but the counts); threads overlap the PNG decodes
-        with ThreadPoolExecutor(workers) as pool, progress(total=len(ds), desc=f"RCS stats {ds.name} {ds.split}",
-                                                           leave=False) as bar:
+        desc = f"RCS stats {ds.name} {ds.split}"
+        with ThreadPoolExecutor(workers) as pool, progress(total=len(ds), desc=desc, leave=False) as bar:
             for d in pool.map(count, range(len(ds)), chunksize=8):
                 out.append(d)
                 bar.update(1)

@@ -376,12 +376,81 @@ def test_dsec_edges_and_events(sample):
         sa = torch.sign(a["image"][0] * 255 - 127.5)
         sb = torch.sign(b["image"][0] * 255 - 127.5)
         assert (sa == sb).float().mean() > 0.97
-        assert ((a["image"][0] * 255 - 128).abs() > 1).float().mean() > 0.05  # events exist (not all mid-grey)
+        # events exist (not all mid-grey)
+        assert ((a["image"][0] * 255 - 128).abs() > 1).float().mean() > 0.05
     # frames: train even indices >= 2 (stride 2), test all >= 1
     tr = build_dataset("dsec_event", sample, "train", dsec_input="events", scale=1 / 8, crop_size=32)
     assert [Path(it.name).stem for it in tr.items] == [f"{k:06d}" for k in range(2, 17, 2)]
     assert [Path(it.name).stem for it in events.items] == [f"{k:06d}" for k in range(1, 5)]
     assert len(build_dataset("dsec_event", sample, "train", dsec_input="events", frame_stride=4)) == 4
+
+
+def test_dsec_edge_images_use_the_frame_rule_of_the_raw_events(sample, tmp_path):
+    pytest.importorskip("h5py")
+    d = copy_ds(sample, "dsec", tmp_path)
+    # a download with more edge files than MADM's lists: frame 0 and odd train frames
+    tr_dir = d / "69mask_train_edges" / "zurich_city_00_a"
+    te_dir = d / "69mask_test_edges" / "zurich_city_13_a"
+    for k in (0, 1, 3, 15):
+        shutil.copy(tr_dir / "000002.png", tr_dir / f"{k:06d}.png")
+    shutil.copy(te_dir / "000001.png", te_dir / "000000.png")
+
+    def frames(ds):
+        return [int(Path(it.name).stem) for it in ds.items]
+    kw = dict(scale=1 / 8, crop_size=32)
+    tr_edges = build_dataset("dsec_event", d, "train", dsec_input="edges", **kw)
+    tr_events = build_dataset("dsec_event", d, "train", dsec_input="events", **kw)
+    assert frames(tr_edges) == frames(tr_events) == list(range(2, 17, 2))  # MADM: train even frames >= 2
+    te_edges = build_dataset("dsec_event", d, "test", dsec_input="edges")
+    te_events = build_dataset("dsec_event", d, "test", dsec_input="events")
+    assert frames(te_edges) == frames(te_events) == [1, 2, 3, 4]  # MADM: test frames >= 1
+    s4 = [build_dataset("dsec_event", d, "train", dsec_input=m, frame_stride=4, **kw)
+          for m in ("edges", "events")]
+    assert frames(s4[0]) == frames(s4[1]) == [4, 8, 12, 16]
+    with pytest.raises(DatasetError, match="--frame-stride: invalid value '0'"):
+        build_dataset("dsec_event", d, "test", dsec_input="edges", frame_stride="0")
+
+
+def test_dsec_label_timestamp_before_t_offset_is_an_empty_window(sample, tmp_path, monkeypatch):
+    h5py = pytest.importorskip("h5py")
+    d = copy_ds(sample, "dsec", tmp_path)
+    seq = d / "test" / "zurich_city_13_a"
+    with h5py.File(seq / "events" / "left" / "events.h5", "r") as f:
+        t_offset = int(f["t_offset"][()])
+    ts_file = seq / "semantic" / "timestamps.txt"
+    ts = [int(v) for v in ts_file.read_text().split()]
+    ts[1] = t_offset - 1_000          # 1 ms before the event clock starts: ms index -1 would wrap around
+    ts[2] = t_offset - 1_000_000_000  # 1000 s before: ms index -1e6 would be out of range
+    ts_file.write_text("".join(f"{t}\n" for t in ts))
+    ds = build_dataset("dsec_event", d, "test", dsec_input="events")
+    assert [it.extra["t"] for it in ds.items[:2]] == ts[1:3]
+    reads = []
+    real_get = ds._events.get
+
+    class Spy:  # records the length of every events/t slice that is read
+        def __init__(self, f):
+            self.f = f
+
+        def __getitem__(self, key):
+            v = self.f[key]
+            if key != "events/t":
+                return v
+
+            class T:
+                shape = v.shape
+
+                def __getitem__(self, sl):
+                    reads.append(sl.stop - sl.start)
+                    return v[sl]
+            return T()
+    monkeypatch.setattr(ds._events, "get", lambda h5, path: Spy(real_get(h5, path)))
+    with pytest.warns(UserWarning, match="empty event window"):
+        for i in (0, 1):
+            img = ds[i]["image"][0] * 255
+            assert torch.all((img - 127.5).abs() <= 0.5)  # mid-grey: no event
+            assert reads == []  # nothing read (a wrapped-around index would read the whole file)
+    later = ds[2]["image"][0] * 255  # frame 3 is untouched
+    assert reads and ((later - 127.5).abs() > 1).float().mean() > 0.05
 
 
 def test_render_events_signed_and_rectified():
