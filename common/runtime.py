@@ -326,6 +326,53 @@ def init_distributed(device_name: str = "auto") -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
+def set_determinism(device: torch.device, deterministic: bool = False) -> str:
+    """Make same-seed runs repeat bit for bit where that is cheap, and everywhere with `--deterministic`.
+
+    CPU, always: oneDNN (PyTorch's CPU convolutions and matmuls) is put in its deterministic mode
+    (`torch.backends.mkldnn.deterministic`): some oneDNN backward-weights kernels split their reduction across
+    threads in a scheduling-dependent order on some CPUs, so two runs of the same seed could drift apart in the
+    last bits from the first step on. Everything else our scripts run on the CPU is deterministic for a fixed
+    thread count. CUDA, only with `--deterministic` (it costs speed): cuDNN deterministic algorithms without
+    autotuning, `torch.use_deterministic_algorithms(True, warn_only=True)` and the cuBLAS workspace setting it
+    needs; then two runs on the same GPU model, software versions and process count give the same weights. Without
+    it CUDA runs agree only up to float rounding (atomic adds in some backward kernels).
+
+    Returns:
+        one line saying what is guaranteed, for the start-up printout.
+    """
+    if hasattr(torch.backends.mkldnn, "deterministic"):
+        torch.backends.mkldnn.deterministic = True
+    if device.type != "cuda":
+        return "CPU: same seed and thread count -> bit-identical runs and resume"
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = deterministic
+    if not deterministic:
+        return "CUDA: same seed -> equal up to float rounding (--deterministic for bit-identical runs)"
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return "CUDA --deterministic: same seed, GPU model, versions and process count -> bit-identical runs"
+
+
+def setup_hardware(args: Any) -> tuple[Dist, Precision]:
+    """Processes, device, precision and determinism of a run, from `--device` / `--precision` /
+    `--deterministic` (and torchrun's variables); see `set_determinism`.
+
+    `--estimate-memory` predicts the GPU's memory on the CPU: one process, and `--precision auto` resolves to
+    what a bf16-capable GPU would use (bf16 autocast, frozen parts in bf16); fp16 / fp32 as asked.
+    """
+    if getattr(args, "estimate_memory", False):
+        cpu = torch.device("cpu")
+        name = "bf16" if args.precision == "auto" else args.precision
+        prec = choose_precision(name, cpu)
+        prec.reason = f"{name} as a GPU would run it (--estimate-memory: shapes only, nothing computed)"
+        return Dist(0, 1, 0, cpu), prec
+    dist = init_distributed(args.device)
+    prec = choose_precision(args.precision, dist.device)
+    prec.reason += " | " + set_determinism(dist.device, getattr(args, "deterministic", False))
+    return dist, prec
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Run folder, atomic checkpoints
 # --------------------------------------------------------------------------------------------------------------
