@@ -1069,26 +1069,65 @@ def _files_hash(paths: Sequence[Optional[Path]]) -> str:
     return h.hexdigest()[:16]
 
 
+def user_cache_dir(folder: Path) -> Optional[Path]:
+    """The per-user cache folder of one dataset folder: `$XDG_CACHE_HOME/diffseg/<hash>/`, or
+    `~/.cache/diffseg/<hash>/` when XDG_CACHE_HOME is unset; <hash> = 16 hex digits of the SHA-1 of the
+    resolved dataset folder, so two copies of a dataset never share entries. None when the process has no
+    home folder either (then only the other candidates are used)."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except (RuntimeError, KeyError):
+            return None
+    digest = hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:16]
+    return Path(base) / "diffseg" / digest
+
+
 def _cache_candidates(folder: Path, cache_dir: Optional[str | Path], fname: str) -> list[Path]:
+    """Where a cache file may live, in order: `<dataset>/.cache/`, an explicit `cache_dir`, the per-user
+    `user_cache_dir(folder)`. Writes go to the first writable one, reads look in all of them, so a read-only
+    dataset (a shared GTA5 copy) still computes its header sizes and RCS statistics once per user, with no
+    flag to pass [our choice]."""
     out = [folder / ".cache" / fname]
     if cache_dir is not None:
         out.append(Path(cache_dir) / fname)
-    return out
+    user = user_cache_dir(folder)
+    if user is not None:
+        out.append(user / fname)
+    return list(dict.fromkeys(out))  # drop duplicates, keep the order
 
 
-def _read_json_cache(paths: list[Path]) -> Optional[dict]:
+def _dir_writable(directory: Path) -> bool:
+    """Whether files can be created in `directory` (or, when it does not exist yet, in its nearest existing
+    ancestor, where it would be created). `os.access` answers for the real user and sees read-only mounts;
+    as root it says True for a chmod-protected folder, and the write then simply succeeds."""
+    d = Path(directory)
+    while not d.exists():
+        if d.parent == d:
+            return False
+        d = d.parent
+    return d.is_dir() and os.access(d, os.W_OK | os.X_OK)
+
+
+def _read_json_cache(paths: list[Path], valid: Callable[[dict], bool] = lambda d: True) -> Optional[dict]:
+    """The first candidate that exists, parses and passes `valid`; None if none does."""
     for p in paths:
         if p.is_file():
             try:
-                return json.loads(p.read_text())
+                data = json.loads(p.read_text())
             except (OSError, ValueError):
                 continue
+            if isinstance(data, dict) and valid(data):
+                return data
     return None
 
 
 def _write_json_cache(paths: list[Path], data: dict) -> Optional[Path]:
-    """Write atomically to the first writable location (dataset folder, else `cache_dir`); None if none is."""
+    """Write atomically to the first writable candidate (`_cache_candidates` order); None if none is."""
     for p in paths:
+        if not _dir_writable(p.parent):
+            continue
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
             tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}-{threading.get_ident()}")
@@ -1196,12 +1235,16 @@ class SegDataset(torch.utils.data.Dataset):
 
     # ---------------------------------------------------------------- construction checks
     def _check_sizes(self, on_mismatch: str) -> None:
-        """Image vs label size from the file headers (cached per file list); GTA5 may skip mismatches."""
+        """Image vs label size from the file headers; GTA5 may skip mismatches.
+
+        The sizes are cached per file list (hash of paths, sizes, mtimes) like the RCS statistics: in
+        `<dataset>/.cache/`, or the per-user `user_cache_dir(folder)` when the dataset folder is read-only.
+        """
         parts = [p for it in self.items for p in (it.image, it.label)]
         key = f"sizes_{self.name}_{self.split}_{_files_hash(parts)}.json"
         paths = _cache_candidates(self.folder, None, key)
-        cached = _read_json_cache(paths)
-        if cached is not None and len(cached.get("sizes", [])) == len(self.items):
+        cached = _read_json_cache(paths, lambda d: len(d.get("sizes", [])) == len(self.items))
+        if cached is not None:
             sizes = [tuple(map(tuple, s)) for s in cached["sizes"]]
         else:
             sizes = _parallel_map(
@@ -1486,8 +1529,10 @@ class RareClassSampling:
     Statistics over the train split at original resolution, per native class c: pixel frequency f_c (over
     labelled pixels) and the images with > `min_pixels` pixels of c. Draw: p_c = softmax((1 - f_c) / T) over
     classes with f_c > 0 (and at least one qualifying image), then a uniform image from c's list. Stats are
-    computed once (tqdm) and cached as JSON in `<dataset folder>/.cache/` (or `cache_dir` when that is
-    read-only), keyed by dataset, split and a hash of the label file list.
+    computed once (tqdm) and cached as JSON, keyed by dataset, split and a hash of the label file list, in the
+    first writable of `<dataset folder>/.cache/`, `cache_dir` (optional) and the per-user
+    `user_cache_dir(folder)` (`~/.cache/diffseg/<hash>/`); reads look in all three, so a read-only dataset
+    folder needs no `cache_dir`.
 
     Pixel thresholds are defined at the real native resolution; they are multiplied by `dataset.scale ** 2` so
     the synthetic sample (native / 8, demo scale 1/8) keeps the same proportions [our choice].
@@ -1531,8 +1576,10 @@ class RareClassSampling:
         ds = self.dataset
         key = f"rcs_{ds.name}_{ds.split}_{ds.label_kind}_{_files_hash([it.label for it in ds.items])}.json"
         paths = _cache_candidates(ds.folder, cache_dir, key)
-        cached = _read_json_cache(paths)
-        if cached is not None and cached.get("names") == [it.name for it in ds.items]:
+        names = [it.name for it in ds.items]
+        cached = _read_json_cache(paths, lambda d: d.get("names") == names
+                                  and len(d.get("counts", [])) == len(names))
+        if cached is not None:
             return [{int(c): int(n) for c, n in d.items()} for d in cached["counts"]]
         def count(i: int) -> dict[int, int]:
             lab = ds.load_label(i)
@@ -1546,8 +1593,7 @@ class RareClassSampling:
             for d in pool.map(count, range(len(ds)), chunksize=8):
                 out.append(d)
                 bar.update(1)
-        _write_json_cache(paths, {"dataset": ds.name, "split": ds.split,
-                                  "names": [it.name for it in ds.items],
+        _write_json_cache(paths, {"dataset": ds.name, "split": ds.split, "names": names,
                                   "counts": [{str(c): n for c, n in d.items()} for d in out]})
         return out
 

@@ -644,6 +644,58 @@ def test_rcs_statistics_cache_and_draws(sample, tmp_path, monkeypatch):
     assert np.allclose(again.freq, rcs.freq)
 
 
+def _read_only_tree(folder: Path, monkeypatch) -> None:
+    """chmod a dataset tree read-only. As root chmod does not stop writes; then the loader's writability probe
+    is made to say what a read-only mount would, so the fallback is still exercised."""
+    for q in [folder, *folder.rglob("*")]:
+        q.chmod(0o555 if q.is_dir() else 0o444)
+    try:
+        (folder / ".probe").write_text("x")
+        (folder / ".probe").unlink()
+    except OSError:
+        return  # really read-only
+    real = D._dir_writable
+    inside = folder.resolve()
+    monkeypatch.setattr(D, "_dir_writable",
+                        lambda d: not Path(d).resolve().is_relative_to(inside) and real(d))
+
+
+def test_caches_fall_back_to_the_user_cache_on_a_read_only_dataset(sample, tmp_path, monkeypatch):
+    d = copy_ds(sample, "gta5", tmp_path / "data")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    _read_only_tree(d, monkeypatch)
+    try:
+        ds = build_dataset("gta5", d, "all", scale=1 / 8, crop_size=48)
+        rcs = RareClassSampling(ds)  # no cache_dir, as madm.py and iccld.py call it
+        assert not (d / ".cache").exists()
+
+        def no_decode(*a, **k):
+            raise AssertionError("decoded again instead of reading the cache")
+        # the second construction reads both caches: no header read, no label decode for the statistics
+        with monkeypatch.context() as m:
+            m.setattr(D, "_image_size", no_decode)
+            again = build_dataset("gta5", d, "all", scale=1 / 8, crop_size=48)
+        with monkeypatch.context() as m:
+            m.setattr(D.SegDataset, "load_label", no_decode)
+            assert np.allclose(RareClassSampling(again).freq, rcs.freq)
+        user = D.user_cache_dir(d)
+        assert user.parent == tmp_path / "xdg" / "diffseg" and len(user.name) == 16
+        assert len(list(user.glob("sizes_gta5_all_*.json"))) == 1
+        assert len(list(user.glob("rcs_gta5_all_*.json"))) == 1
+        # without XDG_CACHE_HOME: ~/.cache/diffseg/<hash>/
+        monkeypatch.delenv("XDG_CACHE_HOME")
+        assert D.user_cache_dir(d) == tmp_path / "home" / ".cache" / "diffseg" / user.name
+        build_dataset("gta5", d, "all", scale=1 / 8, crop_size=48)
+        assert list(D.user_cache_dir(d).glob("sizes_gta5_all_*.json"))
+        # an explicit cache_dir comes before the per-user folder
+        assert D._cache_candidates(d, tmp_path / "out", "x.json") == [
+            d / ".cache" / "x.json", tmp_path / "out" / "x.json", D.user_cache_dir(d) / "x.json"]
+    finally:
+        for q in [d, *d.rglob("*")]:
+            q.chmod(0o755 if q.is_dir() else 0o644)
+
+
 def test_rcs_crops_hold_the_class(sample):
     ds = build_dataset("gta5", sample, "all", scale=1 / 8, crop_size=32)
     rcs = RareClassSampling(ds)
