@@ -131,7 +131,7 @@ def test_precision_on_cpu_and_profile_keys():
     p = runtime.choose_precision("auto", torch.device("cpu"))
     assert p.amp_dtype is None and not p.use_scaler and p.frozen_dtype == torch.float32
     with pytest.raises(UserError):
-        runtime.choose_precision("bf16", torch.device("cpu"))
+        runtime.choose_precision("fp8", torch.device("cpu"))
     lin = torch.nn.Linear(64, 64)
     x = torch.randn(32, 64)
 
@@ -192,3 +192,270 @@ def test_run_cli_prints_one_line_and_exits_2(tmp_path):
     r = subprocess.run([sys.executable, str(path)], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip() == "error: --x: bad. Expected good."
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixed precision on the CPU, determinism
+# ----------------------------------------------------------------------------------------------------------------
+def test_half_precision_on_cpu_takes_the_gpu_code_path():
+    """bf16 / fp16 on the CPU: half-precision autocast, frozen parts stored in half, a live GradScaler for fp16
+    only; fp32 means fp32 everywhere (frozen parts too)."""
+    cpu = torch.device("cpu")
+    bf, fp, f32 = (runtime.choose_precision(n, cpu) for n in ("bf16", "fp16", "fp32"))
+    assert (bf.amp_dtype, bf.frozen_dtype, bf.use_scaler) == (torch.bfloat16, torch.bfloat16, False)
+    assert (fp.amp_dtype, fp.frozen_dtype, fp.use_scaler) == (torch.float16, torch.float16, True)
+    assert (f32.amp_dtype, f32.frozen_dtype, f32.use_scaler) == (None, torch.float32, False)
+    assert "checking" in bf.reason and "GradScaler" in fp.reason
+    lin = torch.nn.Linear(8, 8)
+    for prec, dtype in ((bf, torch.bfloat16), (fp, torch.float16)):
+        with prec.autocast():
+            assert lin(torch.randn(2, 8)).dtype == dtype
+    scaler = fp.make_scaler()
+    assert scaler.is_enabled() and scaler.get_scale() == 2.0 ** 16
+    assert not bf.make_scaler().is_enabled()
+    # an inf gradient makes the fp16 scaler skip the step and halve its scale, as on a GPU
+    opt = torch.optim.SGD(lin.parameters(), lr=1.0)
+    w = lin.weight.detach().clone()
+    with fp.autocast():
+        loss = lin(torch.full((2, 8), float("inf"))).float().sum()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(lin.weight, w) and scaler.get_scale() == 2.0 ** 15
+
+
+def test_setup_hardware_makes_the_cpu_deterministic_and_estimate_mode_uses_gpu_precision():
+    @dataclass
+    class A:
+        device: str = "cpu"
+        precision: str = "auto"
+        estimate_memory: bool = False
+    torch.backends.mkldnn.deterministic = False
+    dist, prec = runtime.setup_hardware(A())
+    assert dist.world == 1 and dist.device.type == "cpu" and prec.amp_dtype is None
+    assert torch.backends.mkldnn.deterministic and "bit-identical" in prec.reason
+    _, est = runtime.setup_hardware(A(estimate_memory=True))
+    assert est.amp_dtype == torch.bfloat16 and est.frozen_dtype == torch.bfloat16  # what a bf16 GPU would use
+    _, est16 = runtime.setup_hardware(A(estimate_memory=True, precision="fp16"))
+    assert est16.frozen_dtype == torch.float16 and est16.use_scaler
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpointer, TrainLog, validate_args
+# ----------------------------------------------------------------------------------------------------------------
+def test_checkpointer_saves_step_and_rng_and_resume_restores_them(tmp_path):
+    ck = runtime.Checkpointer(tmp_path, every=2, keep=2)
+    assert [s for s in range(1, 8) if ck.due(s, 7)] == [2, 4, 6, 7]
+    assert [s for s in range(1, 5) if runtime.Checkpointer(tmp_path, 0).due(s, 4)] == [4]
+    with pytest.raises(UserError, match="--resume"):
+        ck.resume()
+    torch.manual_seed(3)
+    ck.save(4, {"w": torch.ones(2)}, {"opt": 1})
+    expected = torch.rand(3)                      # what the run draws right after the checkpoint
+    torch.manual_seed(99)
+    weights, state = ck.resume()
+    assert state["step"] == 4 and state["opt"] == 1 and torch.equal(weights["w"], torch.ones(2))
+    assert torch.equal(torch.rand(3), expected)   # RNG restored: the resumed run draws the same numbers
+    for step in (6, 7):
+        ck.save(step, {"w": torch.ones(2)}, {})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000006", "step_0000007"]
+    assert runtime.Checkpointer(tmp_path, 2, is_main=False).save(8, {"w": torch.ones(2)}, {}) is None
+
+
+def test_train_log_averages_since_the_last_line_and_keeps_history_on_resume(tmp_path, capsys):
+    log = runtime.TrainLog(tmp_path, total=5, every=2, device=torch.device("cpu"))
+    for step, loss in zip(range(1, 6), (1.0, 3.0, 5.0, 7.0, 9.0)):
+        log.step(step, {"loss": loss, "lr": 0.1 * step})
+    log.close()
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step")]
+    assert [ln.split(" | ")[:3] for ln in lines] == [["step 2/5", "loss 2.000", "lr 2.0e-01"],
+                                                     ["step 4/5", "loss 6.000", "lr 4.0e-01"],
+                                                     ["step 5/5", "loss 9.000", "lr 5.0e-01"]]
+    hist = json.loads((tmp_path / "metrics.json").read_text())["train_log"]
+    assert [r["step"] for r in hist] == [2, 4, 5] and hist[1]["loss"] == pytest.approx(6.0)
+    resumed = runtime.TrainLog(tmp_path, total=5, every=2, device=torch.device("cpu"), start=4)
+    assert [r["step"] for r in resumed.history] == [2, 4]
+    assert "\r" not in capsys.readouterr().out  # no progress bar in a captured (non-terminal) stdout
+
+
+@pytest.mark.parametrize("change, flag", [(dict(eval_only=True), "--eval-only"),
+                                          (dict(eval_only=True, ckpt="x", resume=True), "--resume"),
+                                          (dict(iters=0), "--iters"), (dict(log_every=0), "--log-every"),
+                                          (dict(ckpt_every=-1), "--ckpt-every"), (dict(crop_size=60), "--crop-size"),
+                                          (dict(profile=2, estimate_memory=True), "--estimate-memory")])
+def test_validate_args_one_line_per_mistake(change, flag):
+    @dataclass
+    class A:
+        eval_only: bool = False
+        ckpt: Optional[str] = None
+        resume: bool = False
+        profile: int = 0
+        estimate_memory: bool = False
+        iters: int = 10
+        log_every: int = 1
+        eval_every: int = 5
+        batch_size: int = 2
+        ckpt_every: int = 5
+        crop_size: int = 64
+    runtime.validate_args(A(), crop_multiple=64)
+    with pytest.raises(UserError) as e:
+        runtime.validate_args(A(**change), crop_multiple=64)
+    assert str(e.value).startswith(f"error: {flag}") and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --estimate-memory
+# ----------------------------------------------------------------------------------------------------------------
+def test_estimate_memory_counts_exact_bytes_without_allocating():
+    """A frozen bf16 layer, a trained fp32 MLP under bf16 autocast and AdamW: parameters and gradients are
+    counted to the byte, nothing is allocated (the 4 GB layer would not fit in a test), and the values a step
+    reads (a loss for the log, a random branch, the classes of a label map) get stand-ins."""
+    big = 32768  # 32768 x 32768 bf16 = 2.1 GB frozen weight, never allocated
+
+    def build():
+        frozen = torch.nn.Linear(big, big, bias=False).requires_grad_(False).to(torch.bfloat16)
+        mlp = torch.nn.Sequential(torch.nn.Linear(big, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        opt = torch.optim.AdamW(mlp.parameters())
+
+        def step():
+            x = torch.randn(4, big)
+            y = torch.randint(0, 10, (4,))
+            picked = torch.unique(y)[:2]                       # value-dependent shape
+            y = torch.where(torch.isin(y, picked), y, torch.full_like(y, 255))
+            with torch.no_grad():
+                h = frozen(x.to(torch.bfloat16)).float()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = mlp(h)
+            loss = torch.nn.functional.cross_entropy(out.float(), y, ignore_index=255)
+            runtime.check_finite(loss, 1)                      # bool() of a fake tensor
+            if torch.rand(()) > 0.5:                           # a random branch
+                loss = loss * 1.0
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+        return step, [frozen, mlp, opt]
+
+    res = runtime.estimate_memory(build)
+    n_trained = big * 64 + 64 + 64 * 10 + 10
+    assert res["parameters_gb"] == pytest.approx((2 * big * big + 4 * n_trained) / 1e9, abs=1e-3)
+    assert res["gradients_gb"] == pytest.approx(4 * n_trained / 1e9, abs=1e-3)
+    assert res["optimizer_state_gb"] >= 2 * 4 * n_trained / 1e9 - 1e-3   # Adam's two moments (+ step temporaries)
+    assert res["predicted_peak_gb"] >= res["parameters_gb"] + res["gradients_gb"]
+    assert res["predicted_total_gb"] == pytest.approx(res["predicted_peak_gb"] + res["margin_gb"], abs=2e-3)
+    assert res["margin_gb"] == pytest.approx(runtime.MARGIN_GB + runtime.MARGIN_FRACTION * res["predicted_peak_gb"],
+                                             abs=2e-3)
+    assert "CUDA context" in res["leaves_out"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Notebook kernels, terminals, pictures, curves
+# ----------------------------------------------------------------------------------------------------------------
+_KERNEL_ARGV = ["/usr/local/lib/python3.11/site-packages/ipykernel_launcher.py", "-f",
+                "/root/.local/share/jupyter/runtime/kernel-1234.json"]
+
+
+def test_run_cli_in_a_notebook_kernel_parses_nothing(capsys, monkeypatch):
+    @dataclass
+    class Args:
+        demo: bool = False
+        """tiny everything"""
+    called = []
+    monkeypatch.setattr(sys, "argv", _KERNEL_ARGV)
+    runtime.run_cli(lambda a: called.append(a), Args)  # would be SystemExit(2): '-f' is no flag of Args
+    assert called == [] and "main(Args(demo=True))" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["madm.py", "--demo"])  # %run madm.py --demo in IPython: parsed as usual
+    runtime.run_cli(lambda a: called.append(a), Args)
+    assert called == [Args(demo=True)]
+
+
+def test_progress_bars_only_on_a_terminal_and_log_lines_stay_whole(tmp_path):
+    """Through a pipe: no carriage return at all. On a pseudo-terminal: a live bar, and every log line starts on
+    a line of its own (tqdm.write clears the bar first)."""
+    import pty
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(runtime.Path(runtime.__file__).parents[1])!r})
+        import torch
+        from common import runtime
+        log = runtime.TrainLog(None, total=6, every=2, device=torch.device("cpu"))
+        for s in range(1, 7):
+            time.sleep(0.02)
+            log.step(s, {{"loss": 1.0 / s}})
+        log.close()
+    """)
+    path = tmp_path / "bar.py"
+    path.write_text(script)
+    piped = subprocess.run([sys.executable, str(path)], capture_output=True)  # bytes: text mode would turn \r into \n
+    assert piped.returncode == 0, piped.stderr
+    assert b"\r" not in piped.stdout + piped.stderr
+    assert [ln.split(" | ")[0] for ln in piped.stdout.decode().splitlines()] == ["step 2/6", "step 4/6", "step 6/6"]
+    import fcntl
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 x 0
+    p = subprocess.Popen([sys.executable, str(path)], stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    p.wait()
+    os.close(master)
+    out = b"".join(chunks).decode(errors="replace")
+    assert "it/s" in out or "s/it" in out or "%|" in out           # a bar was drawn
+    lines = [seg.split("\r")[-1] for seg in out.replace("\r\n", "\n").split("\n")]
+    steps = [ln for ln in lines if "step " in ln and " | loss " in ln]
+    assert len(steps) == 3 and all(ln.lstrip("\x1b[A").startswith("step ") for ln in steps), steps
+
+
+def test_side_by_side_upscales_small_panels_and_names_the_colours(tmp_path):
+    from PIL import Image
+    palette = np.array([[128, 64, 128], [70, 130, 180], [220, 20, 60]], np.uint8)
+    gt = np.zeros((64, 96), np.uint8)
+    gt[:, 48:] = 1
+    gt[:4] = 255
+    pred = gt.copy()
+    pred[10:20, 10:20] = 2
+    runtime.save_side_by_side(tmp_path / "p.png", torch.rand(3, 64, 96), gt, pred, palette,
+                              ["road", "sky", "person"])
+    im = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
+    assert im.shape[1] == 3 * 96 * 4 and im.shape[0] > 256           # 64 px -> x4 = 256 px, plus the legend
+    assert (im[4 * 30, 96 * 4 + 10] == palette[0]).all()               # ground-truth panel, nearest-upscaled
+    assert (im[4 * 15, 2 * 96 * 4 + 4 * 15] == palette[2]).all()       # prediction panel
+    legend = im[256:]
+    for colour in palette:                                             # a swatch for each class that appears
+        assert (legend == colour).all(-1).sum() > 100
+    big = np.zeros((300, 40), np.uint8)
+    runtime.save_side_by_side(tmp_path / "q.png", torch.rand(3, 300, 40), big, big, palette)
+    assert Image.open(tmp_path / "q.png").size == (120, 300)          # large enough: untouched, no legend
+
+
+def test_curves_png_with_matplotlib_and_one_line_without(tmp_path, capsys, monkeypatch):
+    write_metrics(tmp_path, [{"step": s, "loss_src": 1 / s, "lr": 0.1} for s in (1, 2, 3)], key="train_log")
+    write_metrics(tmp_path, {"step": 3, "miou": 0.25})
+    try:
+        import matplotlib  # noqa: F401
+        have = True
+    except ImportError:
+        have = False
+    if have:
+        png = runtime.write_curves(tmp_path)
+        assert png is not None and png.stat().st_size > 1000
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *a, **kw):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *a, **kw)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    (tmp_path / "curves.png").unlink(missing_ok=True)
+    assert runtime.write_curves(tmp_path) is None and not (tmp_path / "curves.png").exists()
+    assert "curves.png skipped: matplotlib is not installed" in capsys.readouterr().out
