@@ -60,7 +60,8 @@ class DatasetInfo:
         train_resize: ("exact", (W, H)) or ("keep", (W, H)) = keep-ratio into the box (datasets.md §5).
         eval_input: same convention, the input size at evaluation.
         metric: "native" (label size), "half" (half the label size, Mapillary) or "input" (the eval input
-            size, label nearest-resized; MADM's targets).
+            size; MADM's targets). The label is resized only for "half" and "input", with Pillow's NEAREST
+            rule (`common.metrics.resize_label`), as Rein and MADM do.
         modality: "rgb" | "event" | "infrared" | "depth".
         download: where to get it.
         splits: every native split name the loader knows.
@@ -296,24 +297,35 @@ def resize_size(spec: tuple[str, tuple[int, int]], wh: tuple[int, int],
                 scale: float = 1.0) -> tuple[int, int]:
     """Target (W, H) of a resize rule for an image of size `wh` = (w, h).
 
+    Keep-ratio follows mmcv's `rescale_size` (`mmcv/image/geometric.py`), which mmseg's `Resize(keep_ratio=
+    True)` calls: the box is a long edge and a short edge, not a width and a height, s = min(max(W, H) /
+    max(w, h), min(W, H) / min(w, h)), size = int(w*s + 0.5) x int(h*s + 0.5). For landscape images this is
+    min(W/w, H/h); a portrait Mapillary image 3000x4000 goes to 512x683 (long edge <= 1024, short <= 512),
+    not to 384x512 [ref: mmseg].
+
     Args:
         spec: ("exact", (W, H)) or ("keep", (W, H)); the box is multiplied by `scale` first (the demo uses
             1/8).
         wh: the image's (w, h).
     Returns:
-        (W, H). Keep-ratio: s = min(W/w, H/h), size = int(w*s + 0.5) x int(h*s + 0.5) [ref: mmseg].
+        (W, H).
     """
     mode, (bw, bh) = spec
     bw, bh = _scaled(bw, scale), _scaled(bh, scale)
     if mode == "exact":
         return bw, bh
     w, h = wh
-    s = min(bw / w, bh / h)
+    s = min(max(bw, bh) / max(w, h), min(bw, bh) / min(w, h))
     return int(w * s + 0.5), int(h * s + 0.5)
 
 
 def eval_input_size(name: str, hw: tuple[int, int], scale: float = 1.0) -> tuple[int, int]:
     """The evaluation input size of `name` for an image of shape `hw` = (H, W) (datasets.md §5).
+
+    Only the size: eval items stay at native size and `common.metrics.evaluate` resamples them, with the
+    filter of the reference a method compares with (`image_resize`: "bilinear" for mmseg / OpenCV,
+    "pil-bilinear" for MADM's Pillow loader; `label_resize`: Pillow NEAREST). Keep-ratio sizes differ per
+    image: pass `input_size=lambda hw: eval_input_size(name, hw, scale)` to `evaluate`.
 
     Returns:
         (W, H) to pass as `input_size` to `common.metrics.evaluate`.
@@ -1421,7 +1433,10 @@ class SegDataset(torch.utils.data.Dataset):
                rcs_min_pixels: int = 0) -> dict:
         """Train transform of item `i` (datasets.md §5): resize -> random crop -> flip -> label conversion.
 
-        Resize: image bilinear, label nearest, to the (scaled) train size. Crop: `crop_size` squared; with
+        Resize: image bilinear, label nearest, to the (scaled) train size, both with Pillow (BILINEAR is
+        antialiased when shrinking; NEAREST picks floor((i + 0.5) * in / out)) as MADM's train loader does;
+        mmseg's train pipeline uses OpenCV (no antialiasing, INTER_NEAREST) instead, a train-time difference
+        kept [our choice: augmentation, not the metric]. Crop: `crop_size` squared; with
         `cat_max_ratio`, up to 10 redraws until >= 2 labelled classes and the largest < ratio of labelled
         pixels [ref: mmseg RandomCrop]; with `rcs_class`, up to 10 redraws until the crop holds >
         `rcs_min_pixels` pixels of that class in NATIVE ids [ref: DAFormer RCS]. Flip: horizontal, p = 0.5,

@@ -1,9 +1,11 @@
-"""Semantic-segmentation metric (datasets.md §7): one confusion matrix over the whole evaluation set, per-class IoU,
-mIoU as the NaN-mean over classes present in ground truth or prediction, the mmseg-style table, and `evaluate`,
-which runs a method's `predict_fn` over an evaluation dataset with the resolution protocol of datasets.md §5.
+"""Semantic-segmentation metric (datasets.md §7): one confusion matrix over the whole evaluation set,
+per-class IoU, mIoU as the NaN-mean over classes present in ground truth or prediction, the mmseg-style
+table, and `evaluate`, which runs a method's `predict_fn` over an evaluation dataset with the resolution
+protocol of datasets.md §5 and the image / label resampling of the reference a method compares with
+(`resize_image`, `resize_label`).
 
-Convention: confusion matrices are (K, K) int64 with **rows = ground truth, columns = prediction**. Never average
-per-image IoUs: accumulate the matrix over the set by summing, then compute IoU once.
+Convention: confusion matrices are (K, K) int64 with **rows = ground truth, columns = prediction**. Never
+average per-image IoUs: accumulate the matrix over the set by summing, then compute IoU once.
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ def confusion_matrix(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch
         if bad.size:
             raise ValueError(f"{what} contains class {int(bad[0])} but num_classes is {num_classes} "
                              f"(valid 0..{num_classes - 1}).")
-    return np.bincount(num_classes * target + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+    k = num_classes
+    return np.bincount(k * target + pred, minlength=k**2).reshape(k, k)
 
 
 def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -118,7 +121,8 @@ def format_table(conf: np.ndarray, class_names: Sequence[str], header: str, synt
         iou, acc, gt = s["per_class_iou"][name], s["per_class_acc"][name], s["gt_pixels"][name]
         note = "   (absent: excluded from the mean)" if math.isnan(iou) else ""
         gt_str = f"{gt:.2e}" if gt else "0"
-        lines.append(f"| {i:2d} | {name:<{width}} | {100 * iou:6.2f} | {100 * acc:6.2f} | {gt_str:<9} |{note}")
+        lines.append(f"| {i:2d} | {name:<{width}} | {100 * iou:6.2f} | {100 * acc:6.2f} | {gt_str:<9} |"
+                     f"{note}")
     present = int(np.isfinite(iou_per_class(conf)).sum())
     line = (f"mIoU {100 * s['miou']:.2f} | mAcc {100 * s['macc']:.2f} | aAcc {100 * s['aacc']:.2f} | "
             f"classes {present}/{len(class_names)}")
@@ -127,9 +131,92 @@ def format_table(conf: np.ndarray, class_names: Sequence[str], header: str, synt
     return "\n".join(lines + [line])
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# Resizing as the references do it
+# ------------------------------------------------------------------------------------------------------------
+IMAGE_RESIZE = ("bilinear", "pil-bilinear")
+LABEL_RESIZE = ("pil-nearest", "nearest-exact", "nearest")
+# The options each reference's numbers were measured with (see `evaluate`).
+RESIZE_PROTOCOLS: dict[str, dict[str, str]] = {
+    "madm": {"image_resize": "pil-bilinear", "label_resize": "pil-nearest"},
+    "mmseg": {"image_resize": "bilinear", "label_resize": "pil-nearest"},
+}
+
+
+def _check_option(flag: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise console.UserError(f"error: {flag}: unknown value '{value}'. Expected {' or '.join(allowed)}.")
+
+
+def pil_nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of every output pixel of Pillow's NEAREST resize along one axis.
+
+    Pillow (`Image.resize(..., NEAREST)` -> libImaging `ImagingScaleAffine`) starts at x = s/2 with s = n_in /
+    n_out in double precision, adds s once per output pixel and truncates. The running sum is reproduced
+    here with a sequential float64 cumsum, so the result is bit-identical to Pillow for every size pair
+    (checked against Pillow 13 in tests/test_metrics.py). torch's "nearest-exact" computes floor((i + 0.5) s)
+    in one step: the same for the protocol sizes (640->512, 440->512, 800->512, 600->512, 1042->512,
+    halving), different by one pixel on rounding boundaries of other size pairs.
+
+    Returns:
+        (n_out,) int64 in [0, n_in).
+    """
+    s = n_in / n_out
+    pos = np.cumsum(np.r_[s * 0.5, np.full(n_out - 1, s)])
+    return np.minimum(pos.astype(np.int64), n_in - 1)
+
+
+def resize_label(label: np.ndarray | torch.Tensor, size: tuple[int, int],
+                 mode: str = "pil-nearest") -> np.ndarray:
+    """Resize a class-id map with a nearest-neighbour rule.
+
+    Args:
+        label: int (H, W) class ids (255 = ignore).
+        size: (W, H) of the output.
+        mode: "pil-nearest" (Pillow's NEAREST, bit-exact; MADM's labels, Rein's Mapillary half-size labels),
+            "nearest-exact" (torch; floor((i + 0.5) * in / out)) or "nearest" (torch's legacy floor(i * in /
+            out), which picks other pixels: halving a 640-wide map moves every column by one).
+    Returns:
+        int64 (H', W') numpy array.
+    """
+    _check_option("label_resize", mode, LABEL_RESIZE)
+    lab = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    w, h = size
+    if lab.shape == (h, w):
+        return lab.astype(np.int64)
+    if mode == "pil-nearest":
+        rows, cols = pil_nearest_index(lab.shape[0], h), pil_nearest_index(lab.shape[1], w)
+        return lab[np.ix_(rows, cols)].astype(np.int64)
+    t = torch.from_numpy(lab.astype(np.int64))[None, None].double()  # exact for any id < 2**53
+    return F.interpolate(t, size=(h, w), mode=mode)[0, 0].long().numpy()
+
+
+def resize_image(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Resize a float image batch as the reference pipeline does.
+
+    Args:
+        x: float (N, C, h, w), values in [0, 1].
+        size: (W, H) of the output.
+        mode: "bilinear" = torch bilinear, half-pixel centres, no antialiasing: the convention of OpenCV's
+            `cv2.resize(INTER_LINEAR)`, which mmcv's `imresize` / mmseg's `Resize` use (DAFormer, DIFF,
+            Rein); "pil-bilinear" = torch bilinear with `antialias=True`, which reproduces Pillow's
+            `Image.resize(BILINEAR)` (a triangle filter widened by the scale when shrinking), as used by
+            MADM's test loader. Measured against Pillow 13: max 1.0015/255 on uint8 images (Pillow rounds to
+            uint8 after each of its two passes), max 3e-5 on float32 ("F") images.
+    Returns:
+        float (N, C, H, W).
+    """
+    _check_option("image_resize", mode, IMAGE_RESIZE)
+    w, h = size
+    if tuple(x.shape[-2:]) == (h, w):
+        return x
+    return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False,
+                         antialias=(mode == "pil-bilinear"))
+
+
+# ------------------------------------------------------------------------------------------------------------
 # evaluate(): a method's predict_fn over an evaluation dataset
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _metric_size(metric_size: str | tuple[int, int], label_hw: tuple[int, int],
                  input_hw: tuple[int, int]) -> tuple[int, int]:
     """(H, W) at which logits and labels are compared."""
@@ -146,28 +233,61 @@ def _metric_size(metric_size: str | tuple[int, int], label_hw: tuple[int, int],
 @torch.no_grad()
 def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.utils.data.Dataset,
              num_classes: int, class_names: Sequence[str], palette: np.ndarray, *, device: torch.device,
-             dist=None, input_size: Optional[tuple[int, int]] = None, metric_size: str | tuple[int, int] = "native",
-             desc: str = "", pictures_dir: Optional[str | Path] = None, num_pictures: int = 4,
-             synthia: bool = False, pad_to: Optional[int] = None, progress: bool = True) -> dict:
+             dist=None,
+             input_size: Optional[tuple[int, int] | Callable[[tuple[int, int]], tuple[int, int]]] = None,
+             metric_size: str | tuple[int, int] = "native", desc: str = "",
+             pictures_dir: Optional[str | Path] = None, num_pictures: int = 4, synthia: bool = False,
+             pad_to: Optional[int] = None, progress: bool = True, image_resize: str = "bilinear",
+             label_resize: str = "pil-nearest") -> dict:
     """Score `predict_fn` on every item of `dataset` (each process a disjoint shard; matrices summed).
+
+    Resizing follows the reference whose numbers a method is compared with [our choice of defaults]:
+
+    - MADM (`XiaRho/MADM` `data/dataset/cross_modality_dataset.py`, `test_resize_h_w`): Pillow resizes the
+      test image to 512x512 with BILINEAR (antialiased when shrinking: DELIVER 1042->512, DSEC 640x440->512,
+      FMB 800x600->512) and the label with NEAREST; metric at 512x512. Pass `image_resize="pil-bilinear"`,
+      `label_resize="pil-nearest"`, `metric_size="input"` (= `**RESIZE_PROTOCOLS["madm"]`).
+    - mmseg-based protocols (DAFormer, DIFF, ICCLD, PTDiffSeg; Cityscapes 2048x1024 -> 1024x512 and every
+      keep-ratio resize): mmcv `imresize` = OpenCV bilinear without antialiasing -> `image_resize="bilinear"`
+      (the default). The metric is at the native label size, so no label is resized, except Mapillary's half
+      size [ref: Rein `tools/convert_datasets/mapillary_resize.py`], where labels are halved with Pillow
+      NEAREST -> `label_resize="pil-nearest"` (the default; `**RESIZE_PROTOCOLS["mmseg"]`). Rein also
+      halves the Mapillary *image* offline (Pillow BICUBIC, re-saved as JPEG) before mmseg's resize; that
+      chain is not replicated: the image is resized once, native -> eval input.
+
+    Every reference that resizes labels uses Pillow's NEAREST, hence the default "pil-nearest"; torch's legacy
+    "nearest" picks other source pixels (all columns differ when halving a 640-wide label, every other one
+    for 640 -> 512) and is kept only for comparison.
 
     Args:
         predict_fn: image (1, 3, h, w) float in [0, 1] on `device` -> logits (1, K, h', w') (any stride).
-        dataset: evaluation dataset; items {"image" (3, H, W) in [0, 1], "label" int64 (H, W), "name"} at native size.
+        dataset: evaluation dataset; items {"image" (3, H, W) in [0, 1], "label" int64 (H, W), "name"} at
+            native size.
         num_classes, class_names, palette: the model's class set (the target's).
         device: where predict_fn runs.
         dist: a `common.runtime.Dist` (None = one process).
-        input_size: (W, H) to which the image is resized bilinearly before predict_fn; None keeps it.
-        metric_size: "native" (label size), "half" (half the label size, label nearest-halved; Mapillary),
-            "input" (the input size, label nearest-resized; MADM) or (W, H). Logits are upsampled bilinearly to it;
-            an argmax is never upsampled.
+        input_size: (W, H) to which every image is resized before predict_fn; or a function (H, W) of the
+            image -> (W, H) (keep-ratio targets: `lambda hw: eval_input_size(name, hw, scale)`); None keeps
+            the native size.
+        metric_size: "native" (label size), "half" (half the label size, label resized by `label_resize`;
+            Mapillary), "input" (the input size, label resized by `label_resize`; MADM) or (W, H). Logits are
+            upsampled bilinearly to it; an argmax is never upsampled.
         desc: dataset description for the table header, e.g. "cityscapes val".
         pictures_dir: where side-by-side PNGs of the first `num_pictures` items go (rank 0 only); None = none.
         synthia: also report mIoU16 / mIoU13.
-        pad_to: pad the input right/bottom with zeros to a multiple of this and crop the logits back (DIFF: 64).
+        pad_to: pad the input right/bottom with zeros to a multiple of this and crop the logits back (DIFF:
+            64).
+        image_resize: "bilinear" (mmseg / OpenCV) or "pil-bilinear" (Pillow, MADM); see `resize_image`.
+        label_resize: "pil-nearest" (Pillow, bit-exact), "nearest-exact" or "nearest" (torch); see
+            `resize_label`.
     Returns:
-        `summarize(...)` plus "resolution" (the string printed in the header), "num_images" and "table".
+        `summarize(...)` plus "resolution" (the string printed in the header), "num_images", "table",
+        "image_resize" and "label_resize".
+    Raises:
+        UserError: an unknown `image_resize` / `label_resize` value.
     """
+    _check_option("image_resize", image_resize, IMAGE_RESIZE)
+    _check_option("label_resize", label_resize, LABEL_RESIZE)
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     indices = list(range(rank, len(dataset), world))  # disjoint shards, no padding: no image counted twice
     conf = np.zeros((num_classes, num_classes), np.int64)
@@ -181,7 +301,8 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.
         image, label = item["image"], np.asarray(item["label"])
         x = image[None].to(device)
         if input_size is not None:
-            x = F.interpolate(x, size=(input_size[1], input_size[0]), mode="bilinear", align_corners=False)
+            size = input_size(tuple(x.shape[-2:])) if callable(input_size) else input_size
+            x = resize_image(x, size, image_resize)
         h, w = x.shape[-2:]
         in_str = f"{w}x{h}"
         if pad_to:
@@ -196,8 +317,7 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.
         logits = F.interpolate(logits, size=(mh, mw), mode="bilinear", align_corners=False)
         pred = logits.argmax(1)[0].cpu().numpy()
         if (mh, mw) != label.shape:
-            lab = torch.from_numpy(label.astype(np.int64))[None, None].float()
-            label = F.interpolate(lab, size=(mh, mw), mode="nearest")[0, 0].long().numpy()
+            label = resize_label(label, (mw, mh), label_resize)
         conf += confusion_matrix(pred, label, num_classes)
         if pictures_dir is not None and rank == 0 and n_pictures < num_pictures:
             n_pictures += 1
@@ -209,16 +329,19 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.
     if dist is not None:
         dist.all_reduce_sum(conf_t)
     conf = conf_t.cpu().numpy()
-    metric_str = {"native": "native label size", "half": "half the native label size",
-                  "input": f"{in_str} (label nearest-resized)"}.get(metric_size, f"{metric_size}")  # type: ignore
+    metric_names = {"native": "native label size", "half": "half the native label size",
+                    "input": f"{in_str} (label nearest-resized)"}
+    metric_str = metric_names.get(metric_size, f"{metric_size}")  # type: ignore[call-overload]
     resolution = f"input {in_str}, metric at {metric_str}"
-    header = f"per-class results — {desc}, {len(dataset)} images, {resolution}"
+    resize_str = f"image {image_resize}" + (f", label {label_resize}" if metric_size != "native" else "")
+    header = f"per-class results — {desc}, {len(dataset)} images, {resolution} ({resize_str})"
     out = summarize(conf, class_names, synthia)
-    out.update(resolution=resolution, num_images=len(dataset), table=format_table(conf, class_names, header,
-                                                                                    synthia))
+    out.update(resolution=resolution, num_images=len(dataset), image_resize=image_resize,
+               label_resize=label_resize, table=format_table(conf, class_names, header, synthia))
     return out
 
 
 __all__ = ["confusion_matrix", "iou_per_class", "acc_per_class", "mean_iou", "summarize", "format_table",
-           "evaluate", "SYNTHIA16", "SYNTHIA13"]
+           "evaluate", "resize_image", "resize_label", "pil_nearest_index", "IMAGE_RESIZE", "LABEL_RESIZE",
+           "RESIZE_PROTOCOLS", "SYNTHIA16", "SYNTHIA13"]
 warnings.filterwarnings("ignore", message="Mean of empty slice")

@@ -157,6 +157,10 @@ def test_sizes():
     assert resize_size(("keep", (1280, 720)), (1914, 1052)) == (1280, 704)  # datasets.md §5 example
     assert resize_size(("exact", (1024, 512)), (2048, 1024), 1 / 8) == (128, 64)
     assert resize_size(("keep", (1024, 512)), (4000, 3000)) == (683, 512)
+    # mmcv rescale_size: the box is (long edge, short edge), so a portrait image keeps its long edge <= 1024
+    assert resize_size(("keep", (1024, 512)), (3000, 4000)) == (512, 683)
+    assert eval_input_size("mapillary", (4000, 3000)) == (512, 683)
+    assert resize_size(("keep", (1280, 720)), (1052, 1914)) == (704, 1280)
     assert eval_input_size("dsec_event", (440, 640)) == (512, 512)
     assert eval_input_size("cityscapes", (1024, 2048)) == (1024, 512)
     assert eval_input_size("gta5", (1052, 1914)) == (1280, 704)
