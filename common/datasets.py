@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
-import sys
 import threading
 import warnings
 import zlib
