@@ -989,6 +989,23 @@ def _apply_replacing_parameters(self: torch.nn.Module, fn: Callable, recurse: bo
     return self
 
 
+@contextlib.contextmanager
+def shapes_only():
+    """Everything inside computes shapes and dtypes only: `FakeTensorMode` (no storage is allocated), SD parts
+    built from their configs (`sd_backbone.architecture_only`), stand-ins for the values a step reads
+    (`_StandInValues`), and module conversions that work on fake parameters (`_apply_replacing_parameters`)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from common.sd_backbone import architecture_only
+    apply = torch.nn.Module._apply
+    torch.nn.Module._apply = _apply_replacing_parameters
+    try:
+        with architecture_only(), FakeTensorMode(allow_non_fake_inputs=True), _StandInValues():
+            yield
+    finally:
+        torch.nn.Module._apply = apply
+
+
 def _mem_tracker() -> Any:
     """`torch.distributed._tools.mem_tracker.MemTracker` that also accepts frozen parameters: PyTorch's version
     registers a gradient hook on every parameter of a module and fails on those with requires_grad=False."""
@@ -1033,23 +1050,15 @@ def estimate_memory(build: Callable[[], tuple[Callable[[], Any], list]], steps: 
         {"predicted_peak_gb", "parameters_gb", "gradients_gb", "optimizer_state_gb", "activations_gb",
          "buffers_gb", "temporary_gb", "other_gb", "margin_gb", "predicted_total_gb", "leaves_out"}.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from common.sd_backbone import architecture_only
-    apply = torch.nn.Module._apply
-    torch.nn.Module._apply = _apply_replacing_parameters  # `.to(dtype)` of fake parameters (see there)
-    try:
-        with architecture_only(), FakeTensorMode(allow_non_fake_inputs=True), _StandInValues():
-            step_fn, tracked = build()
-            tracker = _mem_tracker()
-            tracker.track_external(*tracked)
-            with tracker:
-                for _ in range(steps):
-                    step_fn()
-                    tracker.reset_mod_stats()  # per-module stats are per iteration; the peak is kept
-            snap = tracker.get_tracker_snapshot("peak")
-    finally:
-        torch.nn.Module._apply = apply
+    with shapes_only():
+        step_fn, tracked = build()
+        tracker = _mem_tracker()
+        tracker.track_external(*tracked)
+        with tracker:
+            for _ in range(steps):
+                step_fn()
+                tracker.reset_mod_stats()  # per-module stats are per iteration; the peak is kept
+        snap = tracker.get_tracker_snapshot("peak")
     per_kind: dict[str, float] = {}
     for dev_snap in snap.values():
         for kind, nbytes in dev_snap.items():
