@@ -989,6 +989,22 @@ def _apply_replacing_parameters(self: torch.nn.Module, fn: Callable, recurse: bo
     return self
 
 
+_tensor_deepcopy = torch.Tensor.__deepcopy__
+
+
+def _deepcopy_fake_aware(self: torch.Tensor, memo: dict) -> torch.Tensor:
+    """`Tensor.__deepcopy__`, except that a fake tensor (or a Parameter holding one) is copied by `clone()`."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    fake = isinstance(self, FakeTensor) or (isinstance(self, torch.nn.Parameter) and isinstance(self.data, FakeTensor))
+    if not fake:
+        return _tensor_deepcopy(self, memo)
+    if id(self) not in memo:
+        with torch.no_grad():
+            new = self.detach().clone()
+        memo[id(self)] = torch.nn.Parameter(new, self.requires_grad) if isinstance(self, torch.nn.Parameter) else new
+    return memo[id(self)]
+
+
 @contextlib.contextmanager
 def shapes_only():
     """Everything inside computes shapes and dtypes only: `FakeTensorMode` (no storage is allocated), SD parts
@@ -997,13 +1013,17 @@ def shapes_only():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from common.sd_backbone import architecture_only
-    apply = torch.nn.Module._apply
+    saved = (torch.nn.Module._apply, torch.Tensor.__deepcopy__, torch.nn.init._no_grad_trunc_normal_)
     torch.nn.Module._apply = _apply_replacing_parameters
+    # copy.deepcopy of a fake tensor rebuilds its storage, which FakeTensorMode refuses (every EMA copy is one)
+    torch.Tensor.__deepcopy__ = _deepcopy_fake_aware
+    # trunc_normal_ redraws `while mask.any()`: with stand-in values that loop never ends, and values do not matter
+    torch.nn.init._no_grad_trunc_normal_ = lambda tensor, *args, **kwargs: tensor
     try:
         with architecture_only(), FakeTensorMode(allow_non_fake_inputs=True), _StandInValues():
             yield
     finally:
-        torch.nn.Module._apply = apply
+        torch.nn.Module._apply, torch.Tensor.__deepcopy__, torch.nn.init._no_grad_trunc_normal_ = saved
 
 
 def _mem_tracker() -> Any:
@@ -1015,7 +1035,31 @@ def _mem_tracker() -> Any:
         raise UserError("error: --estimate-memory: this PyTorch has no torch.distributed._tools.mem_tracker. "
                         "Expected PyTorch >= 2.5 (pip install -U torch).") from None
 
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY
+
     class Tracker(MemTracker):
+        """Two more changes, both for speed and for models that call a root module several times a step (the
+        frozen VAE and the UNet are called for teacher, source and mixed passes): a repeated root call is
+        tracked like a submodule used twice (PyTorch's version takes it for the next iteration and raises), and
+        only the global peak is kept (PyTorch's version walks every module seen so far on every op to keep
+        per-module peaks: about 4 ms an op for the tiny SD's ~700 modules, minutes per step)."""
+
+        def _pre_fw_hook(self, module: torch.nn.Module, inputs: Any) -> None:
+            repeat = module in self.memory_tracking and not self._mod_tracker.is_bw
+            if repeat:
+                self._mod_tracker.parents.add("<repeated call>")
+            try:
+                super()._pre_fw_hook(module, inputs)
+            finally:
+                if repeat:
+                    self._mod_tracker.parents.discard("<repeated call>")
+
+        def _update_peak_stats(self, peak_state: Any) -> None:
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
+                    self._peak_mem[dev] = snap[_TOTAL_KEY]
+                    self._peak_mem_snap[dev] = dict(snap)
+
         def _track_module_params_and_buffers(self, module: torch.nn.Module, install_grad_hooks: bool = True):
             def grad_hook(grad: torch.Tensor) -> None:
                 self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)

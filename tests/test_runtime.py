@@ -1,4 +1,5 @@
 """Plumbing: CLI generated from Args, RNG state round trip, atomic checkpoints, metrics.json, errors."""
+import copy
 import json
 import os
 import subprocess
@@ -315,6 +316,8 @@ def test_estimate_memory_counts_exact_bytes_without_allocating():
     def build():
         frozen = torch.nn.Linear(big, big, bias=False).requires_grad_(False).to(torch.bfloat16)
         mlp = torch.nn.Sequential(torch.nn.Linear(big, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        torch.nn.init.trunc_normal_(mlp[2].weight, std=0.02)   # a rejection loop on real values
+        ema = copy.deepcopy(mlp).requires_grad_(False)          # an EMA copy of fake parameters
         opt = torch.optim.AdamW(mlp.parameters())
 
         def step():
@@ -324,6 +327,8 @@ def test_estimate_memory_counts_exact_bytes_without_allocating():
             y = torch.where(torch.isin(y, picked), y, torch.full_like(y, 255))
             with torch.no_grad():
                 h = frozen(x.to(torch.bfloat16)).float()
+                h = h + 0 * frozen(x.to(torch.bfloat16)).float()  # a root module called twice in one step
+                ema(h)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = mlp(h)
             loss = torch.nn.functional.cross_entropy(out.float(), y, ignore_index=255)
@@ -334,11 +339,11 @@ def test_estimate_memory_counts_exact_bytes_without_allocating():
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss.item()
-        return step, [frozen, mlp, opt]
+        return step, [frozen, mlp, ema, opt]
 
     res = runtime.estimate_memory(build)
     n_trained = big * 64 + 64 + 64 * 10 + 10
-    assert res["parameters_gb"] == pytest.approx((2 * big * big + 4 * n_trained) / 1e9, abs=1e-3)
+    assert res["parameters_gb"] == pytest.approx((2 * big * big + 2 * 4 * n_trained) / 1e9, abs=1e-3)
     assert res["gradients_gb"] == pytest.approx(4 * n_trained / 1e9, abs=1e-3)
     assert res["optimizer_state_gb"] >= 2 * 4 * n_trained / 1e9 - 1e-3   # Adam's two moments (+ step temporaries)
     assert res["predicted_peak_gb"] >= res["parameters_gb"] + res["gradients_gb"]
