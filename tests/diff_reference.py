@@ -13,8 +13,8 @@ diffusion.py` generalized_steps, `.../archs/diffusion_extractor.py`, `.../models
     output discarded.
 The inversion update and the mask fusion are written out here again (official `get_xt_next` and mask
 branch), independently of diff.py. The random draws follow diff.py's order (each branch's VAE sample, then at
-every step one tensor for the positive rows of both branches), so both see the same numbers; the official draws
-are unseeded, so no order is "the" official one.
+every step one tensor for the positive rows of both branches), so both see the same numbers; the official
+draws are unseeded, so no order is "the" official one.
 
 As a script, the FLOP comparison of one training iteration, ours against this structure, on the meta device
 (no weights, nothing computed), for a label without and one with all five prompt classes:
