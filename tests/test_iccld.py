@@ -1,23 +1,34 @@
-"""ICCLD (iccld.py): components, the training losses, sampling, learning, resume, errors and the demo.
+"""ICCLD (iccld.py): components, both training steps against the equations written out here, the baseline flag,
+mixed precision, --estimate-memory, sampling, learning, resume, errors and the demo.
 
 Everything runs on CPU with the tiny random SD and the synthetic sample; one tiny-SD load is shared per module.
+The step tests run one real `train_step_stage1` / `train_step_stage2`, record what it drew (ClassMix masks, the
+augmented image, timesteps, noise, every UNet and discriminator input) and the gradients its optimizers saw,
+and recompute the loss from the equations of the header with the weights from before the step. Every line of
+both METHOD STEP blocks was deleted or replaced by a plausible wrong alternative once; each change turned one
+of these tests red (tests/iccld_mutations.py runs that check).
 """
 import copy
 import json
+import math
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import iccld
 from common import runtime, sd_backbone, synthetic
-from common.runtime import UserError
+from common.console import UserError
+from common.datasets import PALETTES
 
 ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +47,99 @@ def _fresh_unet(sd):
 
 def _ctx(sd, n):
     return sd_backbone.encode_prompts(sd.tokenizer, sd.text_encoder, [""]).expand(n, -1, -1)
+
+
+# ---- references written out from the equations (independent of iccld.py's helpers) ---------------------------
+def _ce(logits, y, w=None):
+    """CE averaged over all pixels, ignored (255) pixels counting 0, optionally pixel-weighted."""
+    valid = y != 255
+    nll = -logits.float().log_softmax(1).gather(1, torch.where(valid, y, 0)[:, None])[:, 0]
+    nll = nll * valid
+    return (nll if w is None else nll * w).mean()
+
+
+def _label_latent(sd, y):
+    """Palette-painted label (ignore black) in [-1, 1] -> pretrained VAE posterior mean x 0.18215."""
+    lut = torch.zeros(256, 3)
+    lut[:19] = torch.tensor(np.asarray(PALETTES[19]), dtype=torch.float32)
+    with torch.no_grad():
+        return sd_backbone.vae_encode(sd.vae, lut[y].permute(0, 3, 1, 2) / 255 * 2 - 1).float()
+
+
+def _alpha_bar():
+    """SD's scaled_linear schedule: beta = linspace(sqrt(0.00085), sqrt(0.012), 1000)^2, alpha_bar = prod(1 - beta)."""
+    beta = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - beta, 0).float()
+
+
+def _lr_factor(i, total, warmup):
+    """DAFormer poly10warm: (1 - i/total)^1 times the linear warm-up from 1e-6 over `warmup` steps."""
+    f = 1 - i / total
+    return f * (1e-6 + (1 - 1e-6) * i / warmup) if i < warmup else f
+
+
+def _pseudo(net_ema, x_t, threshold, rows):
+    """argmax, q = fraction of confident pixels, w = q with the top / bottom rows zeroed."""
+    with torch.no_grad():
+        p = net_ema.direct(x_t).softmax(1)
+    conf, y_hat = p.max(1)
+    q = (conf >= threshold).float().mean()
+    w = torch.full_like(conf, float(q))
+    w[:, :rows[0]] = 0
+    w[:, conf.shape[1] - rows[1]:] = 0
+    return y_hat, q, w
+
+
+def _pool8(w):
+    """Mean over each 8x8 pixel block: (B, H, W) -> (B, 1, H/8, W/8)."""
+    B, H, W = w.shape
+    return w.reshape(B, H // 8, 8, W // 8, 8).mean((2, 4))[:, None]
+
+
+def _setup(sd, prec="fp32", **kw):
+    a = iccld.Args(**{**dict(sd_model="tiny", crop_size=32, iters=20, iters_stage2=20, warmup_iters=10), **kw})
+    return iccld.Setup(a, runtime.Dist(0, 1, 0, CPU), runtime.choose_precision(prec, CPU), 19, copy.deepcopy(sd),
+                       _ctx(sd, 1).float())
+
+
+def _batch(c, seed=0, b=2):
+    """Source images with a few block-shaped classes and an ignore region, random target images."""
+    g = torch.Generator().manual_seed(seed)
+    y_s = torch.randint(0, 4, (b, c // 8, c // 8), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    y_s[:, : c // 4, : c // 4] = 255
+    return torch.rand(b, 3, c, c, generator=g), y_s, torch.rand(b, 3, c, c, generator=g)
+
+
+class Recorder:
+    """Wraps a module function (monkeypatch) and keeps each call's inputs and output."""
+
+    def __init__(self, monkeypatch, owner, name):
+        self.calls, fn = [], getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            self.calls.append((args, kwargs, out))
+            return out
+        monkeypatch.setattr(owner, name, wrapped)
+
+
+def _grads_at_step(opt):
+    """The gradients each parameter holds when `opt.step` runs (the optimizer sees exactly these)."""
+    seen, step = {}, opt.step
+
+    def recording(*args, **kwargs):
+        seen.update({id(p): p.grad.detach().clone() for g in opt.param_groups for p in g["params"]
+                     if p.grad is not None})
+        return step(*args, **kwargs)
+    opt.step = recording
+    return seen
+
+
+def _inputs(module):
+    """Forward pre-hook recording every call's positional and keyword inputs."""
+    calls = []
+    module.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    return calls
 
 
 # ---- components -----------------------------------------------------------------------------------------------
@@ -78,7 +182,6 @@ def test_widening_conv_in_with_zero_channels_leaves_unet_output_unchanged(sd):
 
 
 def test_label_latents_paint_with_the_palette_and_ignore_black(sd):
-    from common.datasets import PALETTES
     lab = iccld.LabelLatents(sd.vae, PALETTES[19])
     y = torch.full((1, 16, 16), 255)
     y[0, :8] = 13  # car
@@ -123,8 +226,8 @@ def test_predicted_x0_inverts_add_noise(sd):
 
 def test_discriminator_and_generator_losses_move_in_opposite_directions():
     torch.manual_seed(0)
-    disc = iccld.Discriminator()
-    torch.nn.init.constant_(disc.net[-1].bias, 0.5)  # start undecided (outputs ~0.5) so both terms have slope
+    disc = iccld.discriminator()
+    torch.nn.init.constant_(disc[-1].bias, 0.5)  # start undecided (outputs ~0.5) so both terms have slope
     x_src = torch.randn(2, 4, 16, 16) + 1.0
     x_tgt = torch.nn.Parameter(torch.randn(4, 4, 16, 16) - 1.0)  # stands for eps_theta's predicted x0
 
@@ -150,28 +253,61 @@ def test_discriminator_and_generator_losses_move_in_opposite_directions():
     assert all(p.grad is None for p in disc.parameters())  # the frozen discriminator got no gradient
 
 
-def test_ddim_with_t_steps_returns_a_latent_that_d_decodes(sd):
-    from diffusers import DDIMScheduler
+def test_ddim_with_t_steps_returns_a_latent_that_d_decodes(sd, monkeypatch):
     net = iccld.ICCLDNet(sd.vae, 19).eval()
     unet = iccld.widen_conv_in(_fresh_unet(sd))
-    ddim = DDIMScheduler.from_config(sd.scheduler.config, prediction_type="epsilon", clip_sample=False)
-    x = torch.rand(1, 3, 32, 48)
+    ddim = iccld.make_sampler(sd.scheduler)
+    x, ctx, decoded = torch.rand(1, 3, 32, 48), _ctx(sd, 1)[:1], Recorder(monkeypatch, net.D, "forward")
     with torch.no_grad():
-        z0, skips = net.E(x * 2 - 1)
         for T in (1, 3):
-            gen = torch.Generator().manual_seed(0)
-            z_bar = iccld.ddim_sample(unet, z0, _ctx(sd, 1)[:1], ddim, T, gen)
+            logits = iccld.predict_diffusion(net, unet, ctx, ddim, T, torch.Generator().manual_seed(0), x)
             assert len(ddim.timesteps) == T
+            z_bar = decoded.calls[-1][0][0]  # the sampled latent D decodes
             assert z_bar.shape == (1, 4, 4, 6) and torch.isfinite(z_bar).all()
-            logits = net.D(z_bar, skips)
-            assert logits.shape == (1, 19, 32, 48)
+            assert logits.shape == (1, 19, 32, 48) and torch.isfinite(logits).all()
         # same seed, same sample; the condition matters once conv_in's extra channels are non-zero
-        a = iccld.predict_diffusion(net, unet, _ctx(sd, 1)[:1], ddim, 3, torch.Generator().manual_seed(1), x)
-        b = iccld.predict_diffusion(net, unet, _ctx(sd, 1)[:1], ddim, 3, torch.Generator().manual_seed(1), x)
+        a = iccld.predict_diffusion(net, unet, ctx, ddim, 3, torch.Generator().manual_seed(1), x)
+        b = iccld.predict_diffusion(net, unet, ctx, ddim, 3, torch.Generator().manual_seed(1), x)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         unet.conv_in.weight[:, 4:].normal_(std=0.1)
-        c = iccld.predict_diffusion(net, unet, _ctx(sd, 1)[:1], ddim, 3, torch.Generator().manual_seed(1), x)
+        c = iccld.predict_diffusion(net, unet, ctx, ddim, 3, torch.Generator().manual_seed(1), x)
         assert (a - c).abs().max() > 1e-4
+
+
+def test_sampling_starts_at_the_last_training_timestep_and_t1_depends_on_the_image(sd, monkeypatch):
+    """Trailing DDIM timesteps (999 for T = 1; 999, 666, 332 for T = 3), one sampler for training-time
+    evaluation and --eval-only (both go through `evaluate`), and at T = 1 the decoded latent is the x0 predicted
+    from z_T at t = 999 (computed here), which depends on the image, not the starting noise itself."""
+    ddim = iccld.make_sampler(sd.scheduler)
+    for T, expected in ((1, [999]), (2, [999, 499]), (3, [999, 666, 332])):
+        ddim.set_timesteps(T)
+        assert ddim.timesteps.tolist() == expected
+    torch.manual_seed(0)
+    net = iccld.ICCLDNet(sd.vae, 19).eval()
+    unet = iccld.widen_conv_in(_fresh_unet(sd))
+    with torch.no_grad():
+        unet.conv_in.weight[:, 4:].normal_(std=0.3)
+    ctx, z_bar = _ctx(sd, 1)[:1], Recorder(monkeypatch, net.D, "forward")
+    x1, x2 = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        for x in (x1, x2):
+            iccld.predict_diffusion(net, unet, ctx, iccld.make_sampler(sd.scheduler), 1,
+                                    torch.Generator().manual_seed(3), x)
+        z_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+        x0 = {}  # x0 predicted from z_T at t for both images: (z_T - sqrt(1 - a_t) eps_hat) / sqrt(a_t)
+        for t in (999, 1):
+            ab = _alpha_bar()[t]
+            for k, x in enumerate((x1, x2)):
+                eps_hat = unet(torch.cat([z_T, net.E(x * 2 - 1)[0]], 1), torch.tensor([t]),
+                               encoder_hidden_states=ctx).sample
+                x0[t, k] = (z_T - (1 - ab).sqrt() * eps_hat) / ab.sqrt()
+    for k in (0, 1):
+        torch.testing.assert_close(z_bar.calls[k][0][0], x0[999, k], rtol=1e-4, atol=1e-4)
+    # SD's "leading" spacing ran T = 1 at t = 1: x0_hat = the starting noise up to 4 % of eps_hat, so the image
+    # barely mattered; at t = 999 the image moves x0_hat at least 10x more
+    moved = (x0[999, 0] - x0[999, 1]).abs().mean()
+    assert moved > 10 * (x0[1, 0] - x0[1, 1]).abs().mean() and moved > 0.1, moved
+    assert (x0[1, 0] - z_T).abs().max() < 0.1 * (x0[999, 0] - z_T).abs().max()
 
 
 def test_pseudo_labels_quality_weight_and_row_crop(sd):
@@ -181,6 +317,8 @@ def test_pseudo_labels_quality_weight_and_row_crop(sd):
     assert (w[:, :2] == 0).all() and (w[:, -5:] == 0).all() and (w[:, 2:-5] == 1).all()
     _, q, _ = iccld.pseudo_labels(net, torch.rand(2, 3, 32, 32), 1.01, (0, 0))
     assert float(q) == 0.0
+    assert iccld.pl_rows(iccld.Args(crop_size=512)) == (15, 120) and iccld.pl_rows(iccld.Args(crop_size=64)) == (2, 15)
+    assert iccld.pl_rows(iccld.Args(tgt="acdc")) == (0, 0)
 
 
 def test_class_mix_mixes_image_label_and_weight_alike():
@@ -196,6 +334,352 @@ def test_class_mix_mixes_image_label_and_weight_alike():
     assert torch.equal(y_m, torch.where(M, y_s, y_hat))
     assert torch.equal(w_m, torch.where(M, torch.ones_like(w_t), w_t))
     assert 0 < M.float().mean() < 1
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_param_groups_lr_and_weight_decay_follow_daformer(sd, stage):
+    """New layers (skip convs + conv_out; the widened conv_in) at --new-layer-lr, the rest at --lr; weight decay
+    0 exactly on the parameters DAFormer's `norm=dict(decay_mult=0.0)` matches (names containing "norm"),
+    --weight-decay on every other weight and bias; the discriminator's Adam has no decay (ADVENT)."""
+    s = _setup(sd, crop_size=64)
+    st = iccld.build_stage1(s) if stage == 1 else iccld.build_stage2(s, None)
+    model = st.modules["net" if stage == 1 else "unet"]
+    names = {id(p): n for n, p in model.named_parameters()}
+    new = ({n for n in names.values() if n.startswith(("D.skip_convs.", "D.decoder.conv_out."))} if stage == 1
+           else {"conv_in.weight", "conv_in.bias"})
+    opt = st.optims["opt"]
+    seen = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(names.values())  # every parameter exactly once
+    for g in opt.param_groups:
+        for p in g["params"]:
+            n = names[id(p)]
+            assert g["base"] == (s.args.new_layer_lr if n in new else s.args.lr), n
+            assert g["weight_decay"] == (0.0 if "norm" in n else s.args.weight_decay), n
+    assert any("norm" in n for n in names.values()) and any(n.endswith(".bias") and "norm" not in n
+                                                             for n in names.values())
+    assert opt.param_groups[0]["base"] == s.args.lr and opt.param_groups[0]["weight_decay"] > 0  # lr logged
+    if stage == 2:
+        assert all(g["weight_decay"] == 0 for g in st.optims["opt_d"].param_groups)
+
+
+# ---- stage 1 step against the equations -----------------------------------------------------------------------
+def _stage1(sd, monkeypatch, source_only=False):
+    """One real stage-1 step at i = 3 on a crop of 32 (Cityscapes target: rows 1 / 8 without pseudo weight), with
+    net and net_ema made different and the skips opened. Returns everything the tests compare."""
+    s = _setup(sd, tgt="cityscapes", source_only=source_only)
+    torch.manual_seed(0)
+    st = iccld.build_stage1(s)
+    net, net_ema, lab, opt, scaler = st.step.args
+    with torch.no_grad():
+        for conv in net.D.skip_convs:
+            conv.weight.normal_(std=0.05)
+        net_ema.load_state_dict(net.state_dict())
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    batch, i = _batch(32), 3
+    before, ema_before = copy.deepcopy(net), copy.deepcopy(net_ema)
+    alpha = min(1 - 1 / (i + 1), s.args.ema_alpha)
+    ema_ref = copy.deepcopy(net_ema)
+    with torch.no_grad():
+        for pe, p in zip(ema_ref.parameters(), net.parameters()):
+            pe.copy_(alpha * pe + (1 - alpha) * p)
+        conf = ema_ref.direct(batch[2]).softmax(1).max(1)[0]
+    s.args.pseudo_threshold = float(conf.median())  # so that 0 < q < 1 and the weights matter
+    rec = {"M": Recorder(monkeypatch, iccld, "class_mix_masks"), "aug": Recorder(monkeypatch, iccld, "strong_augment")}
+    grads = _grads_at_step(opt)
+    torch.manual_seed(5)
+    logs = iccld.train_step_stage1(net, net_ema, lab, opt, scaler, batch, i, s.args, s.prec)
+    return dict(s=s, net=net, net_ema=net_ema, opt=opt, batch=batch, i=i, before=before, ema_before=ema_before,
+                alpha=alpha, rec=rec, grads=grads, logs=logs)
+
+
+def test_stage1_step_gradient_equals_the_reference_loss(sd, monkeypatch):
+    """L = CE(D(E(x_s)), y_s) + CE(D(z_y(y_s), skips(x_s)), y_s) + wCE(D(E(x_m)), y_m; w_m)
+    + wCE(D(z_y(y_m), skips(x_m)), y_m; w_m), with pseudo labels from the EMA copy on the clean target crop,
+    x_m the strongly augmented ClassMix image: the gradient AdamW saw equals this loss's."""
+    r = _stage1(sd, monkeypatch)
+    s, (x_s, y_s, x_t), before = r["s"], r["batch"], r["before"]
+    y_hat, q, w_t = _pseudo(r["net_ema"], x_t, s.args.pseudo_threshold, (1, 8))
+    assert 0 < float(q) < 1 and r["logs"]["q"] == pytest.approx(float(q))
+    M, (aug_in,), x_m = r["rec"]["M"].calls[0][2], r["rec"]["aug"].calls[0][0], r["rec"]["aug"].calls[0][2]
+    m = M[:, 0].bool()
+    torch.testing.assert_close(aug_in, M * x_s + (1 - M) * x_t)            # mix of the clean images
+    assert not torch.equal(aug_in, x_m)                                    # this draw augments
+    y_m, w_m = torch.where(m, y_s, y_hat), torch.where(m, torch.ones_like(w_t), w_t)
+
+    def dec(x, z_lab):
+        z0, skips = before.E(x * 2 - 1)
+        return before.D(z0, skips), before.D(z_lab, skips)
+    src_img, src_lab = dec(x_s, _label_latent(sd, y_s))
+    mix_img, mix_lab = dec(x_m, _label_latent(sd, y_m))
+    terms = [_ce(src_img, y_s), _ce(src_lab, y_s), _ce(mix_img, y_m, w_m), _ce(mix_lab, y_m, w_m)]
+    for key, ref in zip(("loss_src_img", "loss_src_lab", "loss_mix_img", "loss_mix_lab"), terms):
+        assert r["logs"][key] == pytest.approx(ref.item(), rel=1e-4), key
+    ref_grads = torch.autograd.grad(sum(terms), list(before.parameters()))
+    for (name, p), g in zip(r["net"].named_parameters(), ref_grads):
+        torch.testing.assert_close(r["grads"][id(p)], g, rtol=1e-3, atol=1e-7, msg=name)
+
+
+def test_stage1_step_schedule_ema_and_cleared_gradients(sd, monkeypatch):
+    """LR = base x poly-with-warm-up(i) for each group; EMA copy moved by exactly a_i = min(1 - 1/(i+1), 0.999)
+    towards the pre-step weights; the trained weights moved; no gradient left behind."""
+    r = _stage1(sd, monkeypatch)
+    a, f = r["s"].args, _lr_factor(r["i"], 20, 10)
+    for g in r["opt"].param_groups:
+        assert g["lr"] == pytest.approx(g["base"] * f, rel=1e-9)
+    assert {g["base"] for g in r["opt"].param_groups} == {a.lr, a.new_layer_lr}
+    assert r["logs"]["lr"] == pytest.approx(a.lr * f)
+    for pe, pe0, p0 in zip(r["net_ema"].parameters(), r["ema_before"].parameters(), r["before"].parameters()):
+        torch.testing.assert_close(pe, r["alpha"] * pe0 + (1 - r["alpha"]) * p0, rtol=1e-6, atol=1e-7)
+    assert all(p.grad is None for p in r["net"].parameters())
+    assert any(not torch.equal(p, p0) for p, p0 in zip(r["net"].parameters(), r["before"].parameters()))
+
+
+def test_stage1_source_only_is_the_source_loss_alone(sd, monkeypatch):
+    """--source-only: no pseudo labels, no ClassMix, no mixed pass; the gradient is that of the two source terms."""
+    monkeypatch.setattr(iccld, "pseudo_labels", lambda *a, **k: pytest.fail("pseudo labels in --source-only"))
+    r = _stage1(sd, monkeypatch, source_only=True)
+    assert not r["rec"]["M"].calls and not r["rec"]["aug"].calls
+    assert set(r["logs"]) == {"loss_src_img", "loss_src_lab", "lr"}
+    x_s, y_s, _ = r["batch"]
+    z0, skips = r["before"].E(x_s * 2 - 1)
+    loss = _ce(r["before"].D(z0, skips), y_s) + _ce(r["before"].D(_label_latent(sd, y_s), skips), y_s)
+    for p, g in zip(r["net"].parameters(), torch.autograd.grad(loss, list(r["before"].parameters()))):
+        torch.testing.assert_close(r["grads"][id(p)], g, rtol=1e-3, atol=1e-7)
+
+
+# ---- stage 2 step against the equations -----------------------------------------------------------------------
+def _stage2(sd, monkeypatch, source_only=False, lab_offset=0.0):
+    """One real stage-2 step at j = 3 on a crop of 64 with a perturbed frozen stage-1 model, the condition
+    channels of conv_in opened and lambda_adv = 0.5 (so the adversarial term is visible in the gradient)."""
+    s = _setup(sd, crop_size=64, tgt="cityscapes", lambda_adv=0.5, source_only=source_only)
+    torch.manual_seed(0)
+    net = iccld.ICCLDNet(sd.vae, 19)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    st = iccld.build_stage2(s, net.state_dict())
+    unet, unet_ema, disc, fz, opt, opt_d, scaler = st.step.args
+    with torch.no_grad():
+        unet.conv_in.weight[:, 4:].normal_(std=0.1)
+        unet_ema.load_state_dict(unet.state_dict())
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    if lab_offset:
+        lab = fz.lab
+        fz = iccld.Frozen(fz.net, lambda y: lab(y) + lab_offset, fz.ctx, fz.sched, fz.alpha_bars)
+    x_s, y_s, x_t = _batch(64)
+    with torch.no_grad():
+        s.args.pseudo_threshold = float(net.direct(x_t).softmax(1).max(1)[0].median())
+    rec = {"M": Recorder(monkeypatch, iccld, "class_mix_masks"), "aug": Recorder(monkeypatch, iccld, "strong_augment"),
+           "noise": Recorder(monkeypatch, fz.sched, "add_noise"), "unet": _inputs(unet), "disc": _inputs(disc)}
+    before = dict(unet=copy.deepcopy(unet), unet_ema=copy.deepcopy(unet_ema), disc=copy.deepcopy(disc))
+    grads, grads_d = _grads_at_step(opt), _grads_at_step(opt_d)
+    torch.manual_seed(5)
+    logs = iccld.train_step_stage2(unet, unet_ema, disc, fz, opt, opt_d, scaler, (x_s, y_s, x_t), 3, s.args, s.prec)
+    return dict(s=s, net=net, unet=unet, unet_ema=unet_ema, disc=disc, opt=opt, opt_d=opt_d, batch=(x_s, y_s, x_t),
+                before=before, rec=rec, grads=grads, grads_d=grads_d, logs=logs)
+
+
+def test_stage2_step_gradients_equal_the_reference_losses(sd, monkeypatch):
+    """Generator: L = mean(w_lat (eps_hat - eps)^2) + lambda_adv mean((Dis(x0_T[mix, tgt]) - 1)^2) over source,
+    mixed and target latents (z_t = sqrt(a_t) z_y + sqrt(1 - a_t) eps, t ~ U{0..999}; w_lat = 8x8 mean of
+    valid x (1 | w_m | q with the row crop)), x0_T predicted from pure noise at t = 999 with the image latent as
+    condition; discriminator: 1/2 [mean((Dis(x0_T[src]) - 1)^2) + mean(Dis(x0_T[mix, tgt])^2)] on the detached
+    x0_T. Both gradients equal those of these losses with the pre-step weights."""
+    r = _stage2(sd, monkeypatch)
+    a, (x_s, y_s, x_t), rec, b = r["s"].args, r["batch"], r["rec"], 2
+    y_hat, q, w_t = _pseudo(r["net"], x_t, a.pseudo_threshold, (2, 15))  # the frozen stage-1 model
+    assert 0 < float(q) < 1 and r["logs"]["q"] == pytest.approx(float(q))
+    M, (aug_in,), x_m = rec["M"].calls[0][2], rec["aug"].calls[0][0], rec["aug"].calls[0][2]
+    torch.testing.assert_close(aug_in, M * x_s + (1 - M) * x_t)
+    assert not torch.equal(aug_in, x_m)
+    m = M[:, 0].bool()
+    y = torch.cat([y_s, torch.where(m, y_s, y_hat), y_hat])                # source, mixed, target
+    w = (y != 255) * torch.cat([torch.ones_like(w_t), torch.where(m, torch.ones_like(w_t), w_t), w_t])
+    with torch.no_grad():
+        z0 = r["net"].E(torch.cat([x_s, x_m, x_t]) * 2 - 1)[0]             # (6, 4, 8, 8) image latents
+    z_y, n = _label_latent(sd, y), 6
+    (z_y_used, eps, t), _, _ = rec["noise"].calls[0]
+    torch.testing.assert_close(z_y_used, z_y, rtol=1e-4, atol=1e-5)
+    assert t.shape == (n,) and 0 <= t.min() and t.max() <= 999 and len(set(t.tolist())) > 1
+    assert abs(eps.std().item() - 1) < 0.1 and abs(eps.mean().item()) < 0.1
+    ab = _alpha_bar()
+    z_t = ab[t].sqrt()[:, None, None, None] * z_y + (1 - ab[t]).sqrt()[:, None, None, None] * eps
+    (inp, tt), kw = rec["unet"][0][0][:2], rec["unet"][0][1]
+    assert len(rec["unet"]) == 1 and inp.shape == (2 * n, 8, 8, 8)          # one UNet batch: eps loss + z_T
+    torch.testing.assert_close(inp[:n], torch.cat([z_t, z0], 1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(inp[n:, 4:], z0, rtol=1e-4, atol=1e-5)
+    assert torch.equal(tt[:n], t) and (tt[n:] == 999).all()
+    z_T = inp[n:, :4]
+    assert abs(z_T.std().item() - 1) < 0.1 and not torch.allclose(z_T, eps)
+    unet0, disc0 = r["before"]["unet"], r["before"]["disc"]
+    eps_hat = unet0(torch.cat([torch.cat([z_t, z0], 1), torch.cat([z_T, z0], 1)]), torch.cat([t, t * 0 + 999]),
+                    encoder_hidden_states=_ctx(sd, 2 * n)).sample
+    x0_T = (z_T - (1 - ab[999]).sqrt() * eps_hat[n:]) / ab[999].sqrt()
+    l_eps = (_pool8(w.float()) * (eps_hat[:n] - eps) ** 2).mean()
+    l_adv = ((disc0(x0_T[b:]) - 1) ** 2).mean()
+    assert r["logs"]["loss_eps"] == pytest.approx(l_eps.item(), rel=1e-4)
+    assert r["logs"]["loss_adv"] == pytest.approx(l_adv.item(), rel=1e-4)
+    ref = torch.autograd.grad(l_eps + a.lambda_adv * l_adv, list(unet0.parameters()))
+    for (name, p), g in zip(r["unet"].named_parameters(), ref):
+        torch.testing.assert_close(r["grads"][id(p)], g, rtol=1e-3, atol=1e-6, msg=name)
+    # the discriminator judged x0_T (never the label latent): generator call on mixed + target, its own step on all
+    gen_in, dis_in = rec["disc"][0][0][0], rec["disc"][1][0][0]
+    torch.testing.assert_close(gen_in, x0_T[b:], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(dis_in, x0_T, rtol=1e-3, atol=1e-4)
+    x0 = x0_T.detach()
+    l_dis = 0.5 * (((disc0(x0[:b]) - 1) ** 2).mean() + (disc0(x0[b:]) ** 2).mean())
+    assert r["logs"]["loss_dis"] == pytest.approx(l_dis.item(), rel=1e-4)
+    assert r["logs"]["d_src"] == pytest.approx(disc0(x0[:b]).mean().item(), rel=1e-4, abs=1e-6)
+    assert r["logs"]["d_tgt"] == pytest.approx(disc0(x0[b:]).mean().item(), rel=1e-4, abs=1e-6)
+    for p, g in zip(r["disc"].parameters(), torch.autograd.grad(l_dis, list(disc0.parameters()))):
+        torch.testing.assert_close(r["grads_d"][id(p)], g, rtol=1e-3, atol=1e-6)
+
+
+def test_stage2_step_schedules_ema_and_frozen_discriminator(sd, monkeypatch):
+    """UNet LR = base x poly-with-warm-up(j) per group; discriminator LR = 1e-4 (1 - j/total)^0.9; unet_ema
+    moved by exactly a_j; no gradient left on the UNet (the discriminator step used detached inputs) or the
+    discriminator; the discriminator trainable again after the step."""
+    r = _stage2(sd, monkeypatch)
+    a, f = r["s"].args, _lr_factor(3, 20, 10)
+    for g in r["opt"].param_groups:
+        assert g["lr"] == pytest.approx(g["base"] * f, rel=1e-9)
+    assert {g["base"] for g in r["opt"].param_groups} == {a.lr, a.new_layer_lr}
+    assert r["opt_d"].param_groups[0]["lr"] == pytest.approx(a.disc_lr * (1 - 3 / 20) ** 0.9, rel=1e-9)
+    alpha = min(1 - 1 / 4, a.ema_alpha)
+    for pe, pe0, p0 in zip(r["unet_ema"].parameters(), r["before"]["unet_ema"].parameters(),
+                           r["before"]["unet"].parameters()):
+        torch.testing.assert_close(pe, alpha * pe0 + (1 - alpha) * p0, rtol=1e-6, atol=1e-7)
+    assert all(p.grad is None for p in r["unet"].parameters())
+    assert all(p.grad is None and p.requires_grad for p in r["disc"].parameters())
+    for mod in ("unet", "disc"):
+        assert any(not torch.equal(p, p0) for p, p0 in zip(r[mod].parameters(), r["before"][mod].parameters()))
+
+
+def test_stage2_discriminator_input_does_not_depend_on_the_labels(sd, monkeypatch):
+    """Moving every label latent (GT, mixed, pseudo label; ignore pixels included) changes the eps loss but not
+    a single value the discriminator sees: the adversarial path has no label cue."""
+    r0 = _stage2(sd, monkeypatch)
+    r1 = _stage2(sd, monkeypatch, lab_offset=3.0)
+    for (args0, _), (args1, _) in zip(r0["rec"]["disc"], r1["rec"]["disc"]):
+        assert torch.equal(args0[0], args1[0])
+    assert r0["logs"]["loss_eps"] != pytest.approx(r1["logs"]["loss_eps"], rel=1e-3)
+
+
+def test_stage2_source_only_is_the_eps_loss_on_source_latents(sd, monkeypatch):
+    """--source-only: no pseudo labels, no mix, no discriminator; one UNet call on the source latents only, and
+    its gradient is that of mean(w_lat (eps_hat - eps)^2) with w_lat = 8x8 mean of the valid mask."""
+    monkeypatch.setattr(iccld, "pseudo_labels", lambda *a, **k: pytest.fail("pseudo labels in --source-only"))
+    r = _stage2(sd, monkeypatch, source_only=True)
+    assert not r["rec"]["M"].calls and not r["rec"]["disc"] and set(r["logs"]) == {"loss_eps", "lr"}
+    assert all(torch.equal(p, p0) for p, p0 in zip(r["disc"].parameters(), r["before"]["disc"].parameters()))
+    (inp, tt), _ = r["rec"]["unet"][0]
+    (z_y, eps, t), _, z_t = r["rec"]["noise"].calls[0]
+    x_s, y_s, _ = r["batch"]
+    torch.testing.assert_close(z_y, _label_latent(sd, y_s), rtol=1e-4, atol=1e-5)
+    assert inp.shape[0] == 2 and torch.equal(tt, t)
+    with torch.no_grad():
+        z0 = r["net"].E(x_s * 2 - 1)[0]
+    unet0 = r["before"]["unet"]
+    eps_hat = unet0(torch.cat([z_t, z0], 1), t, encoder_hidden_states=_ctx(sd, 2)).sample
+    loss = (_pool8((y_s != 255).float()) * (eps_hat - eps) ** 2).mean()
+    for p, g in zip(r["unet"].parameters(), torch.autograd.grad(loss, list(unet0.parameters()))):
+        torch.testing.assert_close(r["grads"][id(p)], g, rtol=1e-3, atol=1e-6)
+
+
+# ---- mixed precision on CPU: the GPU code path ----------------------------------------------------------------
+@pytest.mark.parametrize("prec", ["bf16", "fp16"])
+def test_mixed_precision_steps_of_both_stages(sd, prec):
+    """bf16 / fp16 autocast with frozen parts in half precision: two steps of each stage give finite losses, the
+    GradScaler moves as it should (fp16: enabled, each step either counted in _growth_tracker or skipped with
+    the scale halved; bf16: disabled), and the first step's losses agree with fp32 from the same weights and
+    draws: source CE and eps loss within 1 % (bf16) / 0.5 % (fp16); the mixed CE (it goes through thresholded
+    pseudo labels) within 5 %."""
+    tol = {"bf16": 1e-2, "fp16": 5e-3}[prec]
+    for stage, crop, keys in ((1, 32, ("loss_src_img", "loss_src_lab")), (2, 64, ("loss_eps",))):
+        logs = {}
+        for name in ("fp32", prec):
+            s = _setup(sd, name, crop_size=crop, pseudo_threshold=0.1)
+            torch.manual_seed(0)
+            st = iccld.build_stage1(s) if stage == 1 else iccld.build_stage2(s, None)
+            scaler = st.optims["scaler"]
+            if name != "fp32":
+                assert next(st.frozen[0].E_lab.parameters()).dtype == s.prec.frozen_dtype != torch.float32
+            steps, tracker = [], 0
+            for i in range(2):
+                torch.manual_seed(10 + i)
+                scale = scaler.get_scale() if scaler.is_enabled() else None
+                steps.append(st.step(_batch(crop, seed=i, b=1), i + 1, s.args, s.prec))
+                assert all(math.isfinite(v) for v in steps[-1].values()), steps[-1]
+                if name == "fp16":  # a finite step counts, an overflowing one halves the scale and restarts
+                    now = scaler.state_dict()["_growth_tracker"]
+                    assert ((now, scaler.get_scale()) in ((tracker + 1, scale), (0, scale / 2))
+                            and scale is not None), (now, tracker, scale)
+                    tracker = now
+                else:
+                    assert not scaler.is_enabled()
+            logs[name] = steps[0]
+        for k in keys:
+            assert logs[prec][k] == pytest.approx(logs["fp32"][k], rel=tol), (stage, k, logs)
+        if stage == 1:
+            assert logs[prec]["loss_mix_img"] == pytest.approx(logs["fp32"]["loss_mix_img"], rel=5e-2)
+
+
+# ---- --estimate-memory ----------------------------------------------------------------------------------------
+def _param_bytes(modules_and_dtypes):
+    return sum(p.numel() * torch.finfo(dt).bits // 8 for m, dt in modules_and_dtypes for p in m.parameters())
+
+
+def test_estimate_memory_tiny_is_fast_writes_nothing_and_counts_every_parameter(sd, tmp_path, capsys):
+    """--estimate-memory with the tiny SD: no data, no weights read, nothing written, one JSON line; its
+    parameter bytes are those of exactly the modules a stage holds on the GPU, in their dtypes (E_lab and the
+    frozen stage-1 model in bf16, the trained parts and their EMA copies in fp32)."""
+    net = iccld.ICCLDNet(sd.vae, 19)
+    unet = iccld.widen_conv_in(_fresh_unet(sd))
+    expected = {"1": _param_bytes([(net, torch.float32)] * 2 + [(net.E, torch.bfloat16)]),
+                "2": _param_bytes([(unet, torch.float32)] * 2 + [(iccld.discriminator(), torch.float32),
+                                                                 (net, torch.bfloat16), (net.E, torch.bfloat16)])}
+    for stage, crop in (("1", 32), ("2", 64)):
+        t = time.time()
+        res = iccld.main(iccld.Args(sd_model="tiny", crop_size=crop, batch_size=1, estimate_memory=True,
+                                    stage=stage, data_root=str(tmp_path / "no-data"), out=str(tmp_path / "o")))
+        assert time.time() - t < 30
+        assert res["parameters_gb"] == pytest.approx(expected[stage] / 1e9, abs=5e-4), (stage, expected)
+        assert res["predicted_peak_gb"] >= res["parameters_gb"] and res["stage"] == stage
+        assert res["precision"] == "bf16" and res["method"] == "iccld"
+        line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")][-1]
+        assert json.loads(line)["predicted_peak_gb"] == res["predicted_peak_gb"]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "no-data").exists()
+
+
+@pytest.mark.slow
+def test_estimate_memory_random_sd15_at_the_paper_crop_allocates_nothing_big(tmp_path):
+    """random-sd15 (SD 1.5 architecture, 0.86 B UNet parameters) at crop 512: both stages complete in a
+    subprocess whose peak resident memory stays far below the predicted GPU memory (nothing was allocated),
+    with parameter bytes equal to the exact count of the real architecture's parameters (meta device)."""
+    code = ("import json, resource, sys, iccld\n"
+            "res = {st: iccld.main(iccld.Args(sd_model='random-sd15', estimate_memory=True, stage=st, "
+            "out=sys.argv[1])) for st in ('1', '2')}\n"
+            "print('RESULT ' + json.dumps({'res': res, 'rss_gb': resource.getrusage(resource.RUSAGE_SELF)"
+            ".ru_maxrss / 1e6}))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT ")[-1])
+    res = out["res"]
+    with torch.device("meta"):
+        parts = sd_backbone.build_random_sd("sd15", ("vae", "unet"), "meta")
+        net = iccld.ICCLDNet(parts["vae"], 19)
+        unet = iccld.widen_conv_in(parts["unet"])
+    expected = {"1": _param_bytes([(net, torch.float32)] * 2 + [(net.E, torch.bfloat16)]),
+                "2": _param_bytes([(unet, torch.float32)] * 2 + [(iccld.discriminator(), torch.float32),
+                                                                 (net, torch.bfloat16), (net.E, torch.bfloat16)])}
+    for st in ("1", "2"):
+        assert res[st]["parameters_gb"] == pytest.approx(expected[st] / 1e9, abs=5e-4)
+        assert res[st]["predicted_peak_gb"] > 5
+    assert out["rss_gb"] < 0.5 * res["2"]["predicted_peak_gb"], out["rss_gb"]
+    assert not (tmp_path / "o").exists()
 
 
 # ---- training: learning, resume, errors, profile ------------------------------------------------------------------
@@ -276,14 +760,19 @@ def test_eval_only_reproduces_the_final_evaluation(tmp_path, data_root, full_run
     res = iccld.main(_args(tmp_path, data_root, out=str(tmp_path / "ev"), eval_only=True, ckpt=str(ck)))
     assert res["miou"] == full_run[1]["miou"] and res["miou_direct"] == full_run[1]["miou_direct"]
     assert not (tmp_path / "ev" / "checkpoints").exists()
+    assert (tmp_path / "ev" / "curves.png").exists()
 
 
 @pytest.mark.parametrize("argv,needle", [
     (["--stage", "2"], "--stage 2: no stage-1 checkpoint"),
     (["--eval-only"], "--eval-only: no --ckpt given"),
     (["--resume"], "--resume: no checkpoint"),
-    (["--crop-size", "60"], "not a multiple of 8"),
+    (["--crop-size", "60"], "--crop-size: got 60. Expected a positive multiple of 8"),
     (["--stage1-ckpt", "/nonexistent/ckpt", "--stage", "2"], "--stage1-ckpt: '/nonexistent/ckpt' not found"),
+    (["--crop-size", "32"], "--crop-size 32: stage 2's discriminator needs >= 64"),
+    (["--iters-stage2", "0"], "--iters-stage2: got 0. Expected an integer >= 1"),
+    (["--sample-steps", "0"], "--sample-steps 0: expected 1..50"),
+    (["--estimate-memory"], "--profile / --estimate-memory: one stage at a time"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, data_root, capsys, argv, needle):
     base = ["--sd-model", "tiny", "--data-root", data_root, "--crop-size", "64", "--out", str(tmp_path / "o")]
@@ -291,12 +780,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, data_root, capsys, argv, nee
         runtime.run_cli(iccld.main, iccld.Args, base + argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
 
 
-def test_profile_each_stage_writes_nothing(tmp_path, capsys):
+def test_profile_each_stage_writes_nothing(tmp_path, capsys, monkeypatch):
     """--profile without any dataset: random tensors of the training shapes, one JSON line, no run folder."""
-    for stage in ("1", "2"):
-        res = iccld.main(iccld.Args(sd_model="tiny", crop_size=64, profile=1, stage=stage,
+    peak = runtime.matmul_peak_gflops  # the 2048^3 peak measurement is not under test here: a small one
+    monkeypatch.setattr(runtime, "matmul_peak_gflops", lambda device: peak(device, n=256))
+    for stage, crop in (("1", 32), ("2", 64)):
+        res = iccld.main(iccld.Args(sd_model="tiny", crop_size=crop, batch_size=1, profile=1, stage=stage,
                                     data_root=str(tmp_path / "no-data"), out=str(tmp_path / "o")))
         assert res["flops_per_iter"] > 0 and res["sec_per_iter"] > 0 and res["stage"] == stage
         line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{\"flops_per_iter")]
@@ -308,7 +800,8 @@ def test_profile_each_stage_writes_nothing(tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_end_to_end_and_learns(tmp_path):
     """`python iccld.py --demo`: both stages on the synthetic sample. Exit 0, metrics.json, pictures, the eval
-    lines; the losses fall and both evaluated paths beat any constant prediction (the learning test)."""
+    lines; the losses fall and both evaluated paths beat any constant prediction (the learning test); the target
+    side acts (q > 0) in most steps of both stages and the printout says what adapts."""
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "iccld.py", "--demo", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
@@ -327,3 +820,11 @@ def test_demo_end_to_end_and_learns(tmp_path):
     # the most frequent class covers < 20% of the eval pixels, so a constant prediction has aAcc < 0.2
     for e in evals.values():
         assert e["aacc"] > 0.3 and e["miou"] > 1.5 / 19, e["path"]
+    # adaptation is on: the start line of each stage names what adapts, the end line counts steps with q > 0
+    assert "[stage 1] adapting: E and D" in proc.stdout and "[stage 2] adapting: eps_theta" in proc.stdout
+    for stage, steps in ((1, 100), (2, 50)):
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(f"[stage {stage}] target side: q > 0 in"))
+        n_q = int(line.split("q > 0 in ")[1].split()[0])
+        assert n_q > steps // 2 and f"of {steps} steps" in line, line
+    assert len(data["train_log_stage1"]) == 10 and len(data["train_log_stage2"]) == 5
+    assert (out / "curves.png").exists()
