@@ -3,78 +3,71 @@
 Xia et al., NeurIPS 2024, https://arxiv.org/abs/2410.21708 -- official code https://github.com/XiaRho/MADM.
 
 Idea. Labels exist for RGB images (Cityscapes) but not for another modality (event, infrared, depth). MADM
-takes the Stable Diffusion v1-4 UNet, fine-tunes *all* of it as a one-step feature extractor (one pass at
-t = 0 on the VAE latent of the input; grey modalities are fed as if they were RGB) and trains it with
-DAFormer-style self-training: source cross-entropy, an EMA teacher that labels the target crop, ClassMix,
-quality-weighted pseudo labels. Two additions make it work across modalities:
+fine-tunes the *whole* Stable Diffusion v1-4 UNet as a one-step feature extractor (one pass at t = 0 on the
+VAE latent; grey modalities are fed as if RGB) with DAFormer-style self-training: source cross-entropy, an EMA
+teacher labelling the target crop, ClassMix, quality-weighted pseudo labels. Two additions:
   * DPLG (diffusion-based pseudo-label generation): early in training the teacher sees its target latent with
     a little forward-diffusion noise, t = int(t0 (1 - i / T_end)), which stabilises the pseudo labels.
-  * LPLR (label palette and latent regression): the label is coloured with the class palette and encoded by
-    the frozen VAE; the UNet's own 4-channel output is regressed onto that latent (masked L1). The frozen VAE
-    decoder turns the UNet output into a full-resolution "colour label image" s0, one more input of the head.
+  * LPLR (label palette and latent regression): the label, coloured with the class palette, is encoded by the
+    frozen VAE and the UNet's 4-channel output is regressed onto that latent (masked L1); the frozen decoder
+    turns the output into a full-resolution "colour label image" s0, one more input of the head.
 
-Paper -> code map
-  (the paper's Fig. 2 overview; the official code's module names in brackets)
-  SD UNet as the backbone, learnable prompt / time offset ..... Conditioning, TimeOffsetHook, madm_forward
-                                                                [ldm_diffusers.py, ldm_base.py]
-  DPLG: diffusion-based pseudo labels (teacher branch) ........ dplg_timestep, teacher pass in train()
-  LPLR: label palette + latent regression, decoder -> s0 ...... palette_image, palette_latent, loss_lplr
-  Self-training: source CE, EMA teacher, ClassMix, quality q .. pseudo_labels, class_mix, loss_ce_*
-                                                                [cmdise.py, mtmadise.py, dacs_transforms.py]
-  Head: DAFormer context-aware fusion of s0, f8, f16, f32 .... Bottleneck, SegHead, DAFormerHead
-  Optimisation: AdamW, clip 0.01, multi-step LR + warm-up .... param_groups, lr_factor
+Paper (Fig. 2) -> code [official files]
+  SD UNet, learnable prompt and time offset .. Conditioning, TimeOffsetHook, madm_forward [ldm_diffusers.py]
+  Head: DAFormer fusion of s0, f8, f16, f32 .. Bottleneck, DAFormerHead, SegHead [daformer_head.py]
+  LPLR: palette, latent regression, s0 ....... palette_image, palette_latent, loss_lplr [mtmadise.py]
+  DPLG: noised teacher pass, pseudo labels ... dplg_timestep, pseudo_labels [mtmadise.py]
+  Self-training: EMA, ClassMix, augmentation . ema_update, class_mix_masks, class_mix, strong_augment,
+                                               ce_all_pixels [cmdise.py, dacs_transforms.py, criterion.py]
+  Optimisation: AdamW, clip 0.01, LR steps ... make_optimizer, lr_factor [config_files/common/optim.py]
+  One optimizer step, all of it assembled .... train_step
 
-Deviations from the paper and the official code's active path (specs/madm.md gives every source)
-  * Plain PyTorch + diffusers + transformers instead of detectron2 / mmcv / ODISE / kornia; the stock
-    diffusers UNet forward with hooks; CLIPTextModel instead of the NeTI wrapper (it embeds "" once, then it
-    is freed).
-  * Colour jitter written by hand (kornia is not a dependency): the four ops in random order, brightness
-    additive U(-0.2, 0.2), contrast / saturation factors U(0.8, 1.2), hue shift U(-0.2, 0.2) of a turn,
-    clamped after each.
-  * Backward after each student pass (source, then mixed) instead of one backward on the summed loss: the
-    same gradient, half the activation memory.
-  * Global batch 2 = 2 micro-steps of (1 source + 1 target) with gradient accumulation on one GPU; under
-    `torchrun --nproc_per_node 2` it is the official 2-GPU setup. Each micro-step reseeds the torch generator
-    from (seed, step, global micro index), so results do not depend on how the batch is split over GPUs and
-    accumulation steps (each official GPU draws from its own stream).
-  * Precision: `--precision auto` = bf16 autocast where supported, fp16 + GradScaler otherwise, fp32 on CPU
-    (official: fp16 + GradScaler = `--precision fp16`). VAE fp16 on CUDA as official, fp32 on CPU.
-  * Evaluation scores the full test list (the official 2-GPU evaluation scores only the first half: its
-    cross-rank gather is commented out); `miou_first_half` in metrics.json reports that set for comparison.
-  * `--resume` restores the step counter (the official code restarts the EMA ramp and DPLG on resume).
-  * Data order: source (with rare-class sampling) and target images are drawn with replacement by
-    `common.datasets.TrainStream`, a pure function of (seed, step, index), instead of a shuffled sampler with
-    state; this makes resume and any GPU count reproduce the same batches.
-  * Models and data by `--sd-model` / `--data-root` instead of hard-coded paths.
-  * Options that are not official: `--fusion-stride 4` (fuse at 1/4 and upsample the logits; saves memory,
-    changes results), `--eval-label-size native` (score at the native label size), `--grad-checkpointing`
-    (same maths), targets other than the paper's three (LPLR on source + mixed [1, 1], DPLG t0 {50, 51} until
-    0.8 iters), any source/target pair of the registry.
-  * `--demo` (not a paper setting): tiny random SD, synthetic data at 1/8 size (crop 64, eval 64), 40 steps,
-    lr 3e-3 and fusion stride 4, so that it learns something within a minute on a CPU.
+Deviations from the paper and the official code's active path
+  * Plain PyTorch + diffusers + transformers (no detectron2 / mmcv / ODISE / kornia); hooks on the stock UNet
+    forward; CLIPTextModel embeds "" once and is freed. Colour jitter by hand: the four ops in random order,
+    brightness + U(-0.2, 0.2), contrast / saturation x U(0.8, 1.2), hue + U(-0.2, 0.2) turn, clamp after each.
+  * Backward after each student pass (source, then mixed): the same summed gradient, half the activations.
+  * Global batch 2 = 2 micro-steps of (1 source + 1 target) with accumulation (`torchrun --nproc_per_node 2`
+    is the official 2-GPU setup). Each micro-step reseeds torch from (seed, step, global micro index), so the
+    GPU / accumulation split changes nothing (each official GPU draws from its own stream).
+  * `--precision auto`: bf16 autocast where supported, fp16 + GradScaler otherwise, fp32 on CPU (official fp16
+    = `--precision fp16`). The frozen VAE is stored in the precision's half dtype (official fp16; bf16 under
+    bf16, where `--vae-dtype fp16` restores the official), fp32 under fp32.
+  * Evaluation scores the full test list (the official 2-GPU evaluation scores only the first half: its gather
+    is commented out; `miou_first_half` in metrics.json). `--resume` restores the step (official: restarts).
+  * Data: `common.datasets.TrainStream` draws source (rare-class sampling) and target crops with replacement
+    as a pure function of (seed, step, index), not a stateful sampler, so resume and any GPU count see the
+    same batches. Models and data by `--sd-model` / `--data-root`, not hard-coded paths.
+  * Not official: `--source-only` (the paper's baseline row: source CE + source LPLR; no teacher, no mix),
+    `--fusion-stride 4` (fuse at 1/4: less memory, changes results), `--eval-label-size native`,
+    `--grad-checkpointing` (same maths), `--deterministic` (CUDA), targets outside the paper's three (LPLR on
+    source + mixed [1, 1], DPLG t0 {50, 51} until 0.8 iters), any source/target pair of the registry.
+  * `--demo`: tiny random SD, synthetic data at 1/8 size (crop 64, eval 64), 40 steps, lr 3e-3, fusion
+    stride 4 and pseudo-label threshold 0.3: the random tiny SD never reaches 0.968 confidence in 40 steps,
+    so the target side would never act.
   Kept on purpose (official quirks): the teacher shares the student's UNet (only conditioning, projections and
-  head are EMA'd); the teacher head runs in train mode; one fixed seed-42 noise pattern, added even at t = 0;
-  s0 decoded without gradient; conv_norm_out / conv_out frozen; CE averaged over all pixels; ClassMix may
-  paste 255; q also weights the source-pasted pixels of the mixed LPLR mask; metric at 512x512 on resized
-  labels.
+  head are EMA'd) and runs its head in train mode; one fixed seed-42 noise pattern, added even at t = 0; s0
+  decoded without gradient; conv_norm_out / conv_out frozen; CE averaged over all pixels; ClassMix may paste
+  255; q also weights the source-pasted pixels of the mixed LPLR mask; metric at 512x512 on resized labels.
 
 Commands
-  full run (paper setting; 2 GPUs, or 1 GPU with accumulation; > 40 GB):
-      python madm.py --src cityscapes --tgt dsec_event          # or fmb_infrared, deliver_depth
-      torchrun --nproc_per_node 2 madm.py --src cityscapes --tgt fmb_infrared
-  low-memory run (24 GB; Colab T4 16 GB):
-      python madm.py --src cityscapes --tgt dsec_event --grad-checkpointing --fusion-stride 4
-  demo (CPU, < 2 min, tiny random SD + synthetic data):
-      python madm.py --demo
+  python madm.py --src cityscapes --tgt dsec_event    # paper setting (or fmb_infrared, deliver_depth)
+  torchrun --nproc_per_node 2 madm.py --src cityscapes --tgt fmb_infrared    # the official 2-GPU layout
+  python madm.py --src cityscapes --tgt dsec_event --source-only            # baseline: the source-only row
+  python madm.py --src cityscapes --tgt dsec_event --grad-checkpointing --fusion-stride 4   # a 24 GB GPU
+  python madm.py --sd-model random-sd15 --estimate-memory [flags]   # peak GPU memory of a setting, no GPU
+      (predicted peaks, bf16: paper setting 23.4 GB (official README: GPUs > 40 GB); the 24 GB line 16.8 GB;
+      16 GB is too small: fp32 UNet weights, gradients and AdamW states alone take 14.1 GB)
+  python madm.py --demo                                      # CPU, < 2 min: tiny random SD + synthetic data
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -84,7 +77,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import metrics, runtime
+from common import console, metrics, runtime
 from common.datasets import CLASS_SETS, PALETTES, RareClassSampling, TrainStream, build_dataset, check_pair
 from common.runtime import UserError
 from common.sd_backbone import FeatureCapture, add_noise, encode_prompts, load_sd, vae_decode, vae_encode
@@ -99,7 +92,7 @@ class Args:
     tgt: str = "dsec_event"
     """target dataset (unlabelled modality): dsec_event, fmb_infrared, deliver_depth or any registry name"""
     data_root: str = "data"
-    """folder holding the datasets in their official layouts (datasets.md)"""
+    """folder holding the datasets in their official layouts (data/README.md)"""
     out: Optional[str] = None
     """run folder; default runs/madm-<src>-<tgt> (runs/madm-demo for --demo)"""
     seed: int = 42
@@ -108,6 +101,9 @@ class Args:
     """auto | cpu | cuda"""
     precision: str = "auto"
     """auto (bf16 where supported, else fp16 + GradScaler; fp32 on CPU) | fp32 | bf16 | fp16 (official)"""
+    deterministic: bool = False
+    """CUDA: deterministic cuDNN/cuBLAS algorithms, bit-identical same-seed runs on the same GPU (slower); the
+    CPU is always deterministic (oneDNN deterministic mode)"""
     grad_checkpointing: bool = False
     """recompute UNet activations in backward (same maths, less memory); our choice"""
     iters: int = 10000
@@ -128,6 +124,9 @@ class Args:
     """checkpoint folder for --eval-only"""
     profile: int = 0
     """time N training iterations (FLOPs, s/iter, memory, utilization), print one JSON line, write nothing"""
+    estimate_memory: bool = False
+    """predict the peak GPU memory of one training step of this exact command without a GPU, data or weights
+    (FakeTensorMode + MemTracker); print one JSON line"""
     demo: bool = False
     """tiny random SD + synthetic data + short schedule: the whole loop on CPU in < 2 minutes"""
     # ---- data
@@ -142,11 +141,13 @@ class Args:
     # ---- backbone
     sd_model: str = "CompVis/stable-diffusion-v1-4"
     """hub id or folder (tiny, random-sd15: random weights); official models/mtmadise_multi_lora.py"""
-    vae_dtype: str = "fp16"
-    """dtype of the frozen VAE on CUDA (fp16 official | bf16 | fp32); always fp32 on CPU"""
+    vae_dtype: str = "auto"
+    """frozen VAE dtype: auto = precision's (fp16 under fp16 = official; bf16; fp32) | fp16 | bf16 | fp32"""
     noise_seed: int = 42
     """seed of the one fixed noise pattern eps_fix; official ldm_diffusers.py add_noise"""
     # ---- method
+    source_only: bool = False
+    """baseline (the paper's source-only row): source CE + source LPLR; no teacher, ClassMix or mixed pass"""
     ema_alpha: float = 0.999
     """teacher EMA momentum cap, alpha_i = min(1 - 1/(i+1), 0.999); official model config"""
     pseudo_threshold: float = 0.968
@@ -168,25 +169,22 @@ class Args:
     """global L2 gradient clip after unscaling; official train.grad_clip, engine/train_loop.py"""
     # ---- evaluation
     eval_size: int = 512
-    """test images resized to eval_size x eval_size; official test_resize_h_w"""
+    """test images resized to eval_size^2 (Pillow bilinear, labels nearest); official test_resize_h_w"""
     eval_label_size: str = "input"
     """input = labels nearest-resized to the input (official) | native = logits upsampled to the label size"""
 
 
 # Per-task settings of the official configs (config_files/SemSeg/MTMADISE/*); "other" is our choice.
 #   tgt -> (DPLG t0 lo, DPLG end as a fraction of iters, LPLR weights: (source,) or (source, mixed))
-TASKS = {"dsec_event": (50, 0.8, (20.0,)),
-         "fmb_infrared": (50, 0.8, (1.0, 1.0)),
+TASKS = {"dsec_event": (50, 0.8, (20.0,)), "fmb_infrared": (50, 0.8, (1.0, 1.0)),
          "deliver_depth": (60, 0.5, (1.0, 1.0))}
 TASK_OTHER = (50, 0.8, (1.0, 1.0))
-LATENT_NOISE_SIZE = 64        # eps_fix is drawn at 64x64 latents (512 px) and resized otherwise; official
+VAE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEMO = dict(sd_model="tiny", data_root="data/synthetic", iters=40, crop_size=64, eval_size=64, lr=3e-3,
-            log_every=5, eval_every=40, ckpt_every=40, fusion_stride=4)
+            log_every=5, eval_every=40, ckpt_every=40, fusion_stride=4, pseudo_threshold=0.3)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# SD backbone with learnable conditioning (Fig. 2; official ldm_base.py ClipFeatureProject)
-# ------------------------------------------------------------------------------------------------------------
+# ---- SD backbone with learnable conditioning (Fig. 2; official ldm_diffusers.py, ldm_base.py) ----
 class Conditioning(nn.Module):
     """Learnable text context and time offset, shared by every student pass; the teacher uses its EMA copy.
 
@@ -215,11 +213,8 @@ class Conditioning(nn.Module):
 
 
 class TimeOffsetHook:
-    """Forward hook on `unet.time_embedding` that adds the active conditioning's time offset to its output.
-
-    The stock diffusers forward stays untouched; the caller sets `delta` right before every UNet call (student
-    conditioning for student passes, the EMA conditioning for the teacher pass).
-    """
+    """Forward hook on `unet.time_embedding` adding the active conditioning's time offset to its output: the
+    stock diffusers forward stays untouched; `delta` is set right before every UNet call (student or EMA)."""
 
     def __init__(self, unet: nn.Module):
         self.delta: Optional[torch.Tensor] = None
@@ -240,9 +235,16 @@ def feature_channels(unet: nn.Module) -> tuple[int, int, int]:
     return rev[3], rev[2], rev[1]
 
 
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Leave the trained parts' autocast: the frozen VAE runs in its storage dtype (also on meta tensors)."""
+    kind = device.type
+    return torch.autocast(kind, enabled=False) if kind in ("cuda", "cpu") else contextlib.nullcontext()
+
+
 @dataclass
 class Frozen:
-    """What every pass needs but nobody trains: VAE, DDPM schedule, hooks, the fixed noise pattern."""
+    """What every pass needs but nobody trains: VAE (no grad, in its storage dtype), DDPM schedule, hooks, and
+    one noise pattern eps_fix = randn(1, 4, 64, 64) (64 = 512 px / 8) from its own generator (official)."""
     vae: nn.Module
     scheduler: object
     capture: FeatureCapture
@@ -256,38 +258,19 @@ class Frozen:
             eps = F.interpolate(eps, size=z.shape[-2:], mode="bicubic", align_corners=False)
         return eps.expand(z.shape[0], -1, -1, -1).to(z.dtype)                   # (B, 4, h, w)
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, 3, H, W) in [0, 1] -> clean latent z = posterior mean x 0.18215 (B, 4, H/8, W/8), fp32.
+        Grey modalities arrive replicated to 3 channels and are fed as if RGB: x * 2 - 1 in [-1, 1]."""
+        with _no_autocast(x.device):
+            return vae_encode(self.vae, x * 2 - 1).float()
 
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Leave the trained parts' autocast for a frozen part (also works on the meta device)."""
-    kind = device.type
-    return torch.autocast(kind, enabled=False) if kind in ("cuda", "cpu") else contextlib.nullcontext()
-
-
-def encode_image(vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Image (B, 3, H, W) in [0, 1] -> clean latent z = posterior mean x 0.18215 (B, 4, H/8, W/8), fp32.
-
-    Grey modalities arrive replicated to 3 channels and are fed as if they were RGB: x * 2 - 1 in [-1, 1].
-    The frozen VAE runs in its storage dtype (fp16 on CUDA), outside the trained parts' autocast, no grad.
-    """
-    with _no_autocast(x.device):
-        return vae_encode(vae, x * 2 - 1).float()
+    def decode(self, o: torch.Tensor) -> torch.Tensor:
+        """Scaled latent (B, 4, h, w) -> image (B, 3, 8h, 8w), not clipped, fp32; no gradient flows back."""
+        with _no_autocast(o.device):
+            return vae_decode(self.vae, o.detach()).float()
 
 
-def decode_latent(vae: nn.Module, o: torch.Tensor) -> torch.Tensor:
-    """Scaled latent (B, 4, h, w) -> image (B, 3, 8h, 8w), not clipped, fp32, no grad, outside autocast."""
-    with _no_autocast(o.device):
-        return vae_decode(vae, o.detach()).float()
-
-
-def make_eps_fix(seed: int) -> torch.Tensor:
-    """The noise pattern of every UNet pass: randn(1, 4, 64, 64) from its own generator (not --seed)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, 4, LATENT_NOISE_SIZE, LATENT_NOISE_SIZE, generator=g)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Projections and the DAFormer head (official detectron2 BottleneckBlock, sem_seg_head/daformer_head.py)
-# ------------------------------------------------------------------------------------------------------------
+# ---- Projections and the DAFormer head (official detectron2 BottleneckBlock, daformer_head.py) ----
 class Bottleneck(nn.Module):
     """detectron2 BottleneckBlock (1 block, stride 1, GN(32)): 1x1 C->128, 3x3 128->128, 1x1 128->C_out, GN
     after each conv, ReLU after the first two; shortcut 1x1 C->C_out + GN; add; ReLU. Bias-free convs, Kaiming
@@ -310,19 +293,154 @@ class Bottleneck(nn.Module):
         return F.relu(h + self.norm_sc(self.shortcut(x)))
 
 
-def ce_all_pixels(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy averaged over ALL pixels, ignored ones counting as 0 (mmseg 0.16 / DAFormer / MADM convention).
+class ConvBNReLU(nn.Sequential):
+    """mmcv ConvModule(conv, BN, ReLU): bias-free conv, Kaiming-normal (fan_out, relu), BN weight 1 / bias 0."""
 
-    logits (B, K, H, W), y (B, H, W) int64 with 255 = ignore, weight (B, H, W) per-pixel weights or None.
-    Dividing by every pixel (not only the valid ones) is what the official code does: images with many ignored
-    pixels contribute a smaller loss.
+    def __init__(self, c_in: int, c_out: int, k: int = 1, dilation: int = 1, groups: int = 1):
+        conv = nn.Conv2d(c_in, c_out, k, padding=dilation * (k // 2), dilation=dilation, groups=groups, bias=False)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        bn = nn.BatchNorm2d(c_out)
+        nn.init.ones_(bn.weight)
+        nn.init.zeros_(bn.bias)
+        super().__init__(conv, bn, nn.ReLU(inplace=True))
+
+
+class DAFormerHead(nn.Module):
+    """DAFormer context-aware fusion head (Hoyer et al. 2022, `daformer_head.py`, config `sep_aspp`).
+
+    Per level a per-pixel Linear C_i -> 256 (no norm, no activation); every level bilinearly resized to the size of
+    the first (finest) level; concat; separable ASPP with dilations (1, 6, 12, 18) and no image pooling (d = 1:
+    1x1 conv; else depthwise 3x3 dilated + pointwise 1x1, each conv + BN + ReLU); concat -> 3x3 bottleneck;
+    Dropout2d(0.1); 1x1 classifier with bias (PyTorch default init; callers may re-initialise `conv_seg`).
+
+    forward(feats: list of (B, C_i, H_i, W_i), finest first) -> logits (B, K, H_0, W_0).
     """
-    ce = F.cross_entropy(logits.float(), y, ignore_index=255, reduction="none")  # (B, H, W), 0 where ignored
-    if weight is not None:
-        ce = ce * weight
-    return ce.mean()
+
+    def __init__(self, in_channels: list[int], num_classes: int, channels: int = 256,
+                 dilations: tuple[int, ...] = (1, 6, 12, 18), dropout: float = 0.1):
+        super().__init__()
+        self.embed = nn.ModuleList(nn.Linear(c, channels) for c in in_channels)
+        c_cat = channels * len(in_channels)
+        self.aspp = nn.ModuleList(
+            ConvBNReLU(c_cat, channels, 1) if d == 1 else
+            nn.Sequential(ConvBNReLU(c_cat, c_cat, 3, dilation=d, groups=c_cat), ConvBNReLU(c_cat, channels, 1))
+            for d in dilations)
+        self.bottleneck = ConvBNReLU(channels * len(dilations), channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        H, W = feats[0].shape[-2:]
+        x = []
+        for f, embed in zip(feats, self.embed):
+            e = embed(f.flatten(2).transpose(1, 2)).transpose(1, 2)           # (B, 256, h*w) per-pixel Linear
+            e = e.reshape(f.shape[0], -1, *f.shape[-2:])                       # (B, 256, h, w)
+            if e.shape[-2:] != (H, W):
+                e = F.interpolate(e, size=(H, W), mode="bilinear", align_corners=False)
+            x.append(e)
+        x = torch.cat(x, 1)                                                    # (B, 256 * L, H, W)
+        x = torch.cat([branch(x) for branch in self.aspp], 1)                  # (B, 256 * 4, H, W)
+        x = self.bottleneck(x)                                                 # (B, 256, H, W)
+        return self.conv_seg(self.dropout(x))                                  # (B, K, H, W)
 
 
+class SegHead(nn.Module):
+    """Everything the teacher EMA covers: conditioning + 4 projections + DAFormer head (official cmdise.py).
+    Levels (official): s0 = decoded LPLR image 3 -> 128, s3 = f8 -> 512, s4 = f16 -> 512, s5 = f32 -> 512."""
+
+    def __init__(self, cond: Conditioning, c_feats: tuple[int, int, int], num_classes: int,
+                 fusion_stride: int):
+        super().__init__()
+        self.cond, self.fusion_stride = cond, fusion_stride
+        c8, c16, c32 = c_feats
+        # s0 is a 3-channel colour image, not a feature map: 128 channels are enough for it (official)
+        self.proj = nn.ModuleDict({"s0": Bottleneck(3, 128), "s3": Bottleneck(c8, 512),
+                                   "s4": Bottleneck(c16, 512), "s5": Bottleneck(c32, 512)})
+        self.head = DAFormerHead([128, 512, 512, 512], num_classes)
+
+    def forward(self, s0: torch.Tensor, f8: torch.Tensor, f16: torch.Tensor, f32: torch.Tensor):
+        H, W = s0.shape[-2:]
+        if self.fusion_stride > 1:  # memory option: fuse at 1/stride instead of the full input resolution
+            s0 = F.interpolate(s0, scale_factor=1 / self.fusion_stride, mode="bilinear", align_corners=False)
+        feats = [self.proj["s0"](s0), self.proj["s3"](f8), self.proj["s4"](f16), self.proj["s5"](f32)]
+        logits = self.head(feats)                                                # (B, K, H/fs, W/fs)
+        if logits.shape[-2:] != (H, W):
+            logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+        return logits                                                            # (B, K, H, W)
+
+
+def madm_forward(unet: nn.Module, seg: SegHead, frozen: Frozen, z0: torch.Tensor,
+                 t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MADM pass: noised latent -> UNet (one call) -> features, o -> s0 = decode(o) -> head -> logits.
+
+    z0 (B, 4, h, w) clean VAE latent, t the timestep (0 for student/eval, the DPLG t for the teacher).
+    Returns logits (B, K, 8h, 8w) and the UNet output o (B, 4, h, w) that LPLR regresses.
+    """
+    z_t = add_noise(frozen.scheduler, z0, frozen.noise(z0), t)  # z_t = sqrt(ab_t) z0 + sqrt(1 - ab_t) eps_fix
+    frozen.time_hook.delta = seg.cond.time_delta()               # (1, d_t) time offset of this conditioning
+    o = unet(z_t, t, encoder_hidden_states=seg.cond.context(z0.shape[0])).sample   # (B, 4, h, w)
+    feats = frozen.capture.features
+    f8, f16, f32 = feats[F8], feats[F16], feats[F32]             # (B, 320, h, w) (B, 640, h/2) (B, 1280, h/4)
+    # LPLR decode path: the frozen decoder turns o into a full-resolution "colour label image". No gradient
+    # flows through it (official); the UNet learns o only from the L1 regression.
+    s0 = frozen.decode(o)                                        # (B, 3, 8h, 8w), not clipped
+    return seg(s0, f8, f16, f32), o                              # (B, K, 8h, 8w), (B, 4, h, w)
+
+
+class Student(nn.Module):
+    """The trained model (UNet + SegHead) as one module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, unet: nn.Module, seg: SegHead, frozen: Frozen):
+        super().__init__()
+        self.unet, self.seg = unet, seg
+        object.__setattr__(self, "frozen", frozen)  # not a submodule: the VAE is neither trained nor synced
+
+    def forward(self, z0: torch.Tensor, t: int = 0, seg: Optional[SegHead] = None):
+        # seg = the EMA SegHead for the teacher pass; the UNet is the student's in every pass (official)
+        return madm_forward(self.unet, seg if seg is not None else self.seg, self.frozen, z0, t)
+
+
+# ---- LPLR: label palette and latent regression (paper, Fig. 2; official mtmadise.py) ----
+def palette_image(y: torch.Tensor, palette: np.ndarray) -> torch.Tensor:
+    """Colour a label map with the class palette: y (B, H, W) ids, 255 -> black -> (B, 3, H, W) in [0, 1]."""
+    lut = torch.zeros(256, 3)
+    lut[: len(palette)] = torch.as_tensor(palette, dtype=torch.float32) / 255.0
+    return lut.to(y.device)[y.long()].permute(0, 3, 1, 2).contiguous()       # (B, 3, H, W)
+
+
+@torch.no_grad()
+def palette_latent(frozen: Frozen, y: torch.Tensor, palette: np.ndarray) -> torch.Tensor:
+    """The regression target z_pal = VAE posterior mean of the palette image x 0.18215: (B, H, W) ->
+    (B, 4, H/8, W/8). The decoder maps a latent near z_pal back to the colour label image."""
+    return frozen.encode(palette_image(y, palette))
+
+
+def loss_lplr(o: torch.Tensor, z_pal: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """LPLR latent regression L_reg = sum(|o - z_pal| * m) / numel(o) (official: numel counts masked ones).
+
+    o, z_pal (B, 4, h, w); mask (B, H, W) float pixel weights (valid 1, ignore 0; times q for the mixed
+    image), nearest-downsampled to the latent size and repeated over the 4 channels.
+    """
+    m = F.interpolate(mask[:, None].float(), size=o.shape[-2:], mode="nearest").expand_as(o)  # (B, 4, h, w)
+    return ((o.float() - z_pal).abs() * m).sum() / o.numel()
+
+
+# ---- DPLG and pseudo labels (paper, Fig. 2; official mtmadise.py) ----
+def dplg_timestep(step: int, t0: int, t_end: int) -> int:
+    """DPLG teacher timestep t = int(t0 (1 - i / T_end)) for i <= T_end, else 0 (linear decay to t = 0).
+    The noise hides modality-specific detail from the teacher early, while the student is still RGB-like."""
+    return int(t0 * (1 - step / t_end)) if t_end > 0 and step <= t_end else 0
+
+
+@torch.no_grad()
+def pseudo_labels(logits_t: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher logits (B, K, H, W) -> y_hat = argmax (B, H, W) and the quality q = mean(p_max >= threshold),
+    one scalar over all pixels of the micro-batch (official: no per-pixel mask, no crop of image borders)."""
+    p_max, y_hat = torch.softmax(logits_t.float(), 1).max(1)                   # (B, H, W) each
+    return y_hat, (p_max >= threshold).float().mean()
+
+
+# ---- Self-training: EMA teacher, ClassMix, augmentation, CE (official cmdise.py, dacs_transforms.py) ----
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, step: int, alpha_max: float) -> None:
     """Mean-teacher update: theta_ema <- a * theta_ema + (1 - a) * theta, a_i = min(1 - 1/(i + 1), alpha_max).
@@ -351,6 +469,20 @@ def class_mix_masks(y_s: torch.Tensor) -> torch.Tensor:
         picked = classes[torch.randperm(n)[: (n + 1) // 2]].to(y.device)
         masks.append(torch.isin(y, picked))
     return torch.stack(masks)[:, None].float()
+
+
+@torch.no_grad()
+def class_mix(M: torch.Tensor, x_s: torch.Tensor, x_t: torch.Tensor, y_s: torch.Tensor, y_hat: torch.Tensor,
+              q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ClassMix of a source and a target crop with mask M (B, 1, H, W), 1 = source pixel (dacs_transforms):
+    x_m = M x_s + (1 - M) x_t   (B, 3, H, W)
+    y_m = M y_s + (1 - M) y_hat (B, H, W)
+    w_m = M + (1 - M) q         (B, H, W) per-pixel CE weight: pseudo-labelled pixels count by their quality
+    """
+    x_m = M * x_s + (1 - M) * x_t
+    y_m = torch.where(M[:, 0] > 0, y_s, y_hat)
+    w_m = M[:, 0] + (1 - M[:, 0]) * q
+    return x_m, y_m, w_m
 
 
 def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
@@ -430,191 +562,20 @@ def strong_augment(x: torch.Tensor, jitter_p: float = 0.2, strength: float = 0.2
     return x
 
 
-class ConvBNReLU(nn.Sequential):
-    """mmcv ConvModule(conv, BN, ReLU): bias-free conv, Kaiming-normal (fan_out, relu), BN weight 1 / bias 0."""
+def ce_all_pixels(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy averaged over ALL pixels, ignored ones counting as 0 (mmseg 0.16 / DAFormer / MADM convention).
 
-    def __init__(self, c_in: int, c_out: int, k: int = 1, dilation: int = 1, groups: int = 1):
-        conv = nn.Conv2d(c_in, c_out, k, padding=dilation * (k // 2), dilation=dilation, groups=groups, bias=False)
-        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-        bn = nn.BatchNorm2d(c_out)
-        nn.init.ones_(bn.weight)
-        nn.init.zeros_(bn.bias)
-        super().__init__(conv, bn, nn.ReLU(inplace=True))
-
-
-class DAFormerHead(nn.Module):
-    """DAFormer context-aware fusion head (Hoyer et al. 2022, `daformer_head.py`, config `sep_aspp`).
-
-    Per level a per-pixel Linear C_i -> 256 (no norm, no activation); every level bilinearly resized to the size of
-    the first (finest) level; concat; separable ASPP with dilations (1, 6, 12, 18) and no image pooling (d = 1:
-    1x1 conv; else depthwise 3x3 dilated + pointwise 1x1, each conv + BN + ReLU); concat -> 3x3 bottleneck;
-    Dropout2d(0.1); 1x1 classifier with bias (PyTorch default init; callers may re-initialise `conv_seg`).
-
-    forward(feats: list of (B, C_i, H_i, W_i), finest first) -> logits (B, K, H_0, W_0).
+    logits (B, K, H, W), y (B, H, W) int64 with 255 = ignore, weight (B, H, W) per-pixel weights or None.
+    Dividing by every pixel (not only the valid ones) is what the official code does: images with many ignored
+    pixels contribute a smaller loss.
     """
-
-    def __init__(self, in_channels: list[int], num_classes: int, channels: int = 256,
-                 dilations: tuple[int, ...] = (1, 6, 12, 18), dropout: float = 0.1):
-        super().__init__()
-        self.embed = nn.ModuleList(nn.Linear(c, channels) for c in in_channels)
-        c_cat = channels * len(in_channels)
-        self.aspp = nn.ModuleList(
-            ConvBNReLU(c_cat, channels, 1) if d == 1 else
-            nn.Sequential(ConvBNReLU(c_cat, c_cat, 3, dilation=d, groups=c_cat), ConvBNReLU(c_cat, channels, 1))
-            for d in dilations)
-        self.bottleneck = ConvBNReLU(channels * len(dilations), channels, 3)
-        self.dropout = nn.Dropout2d(dropout)
-        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
-
-    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        H, W = feats[0].shape[-2:]
-        x = []
-        for f, embed in zip(feats, self.embed):
-            e = embed(f.flatten(2).transpose(1, 2)).transpose(1, 2)           # (B, 256, h*w) per-pixel Linear
-            e = e.reshape(f.shape[0], -1, *f.shape[-2:])                       # (B, 256, h, w)
-            if e.shape[-2:] != (H, W):
-                e = F.interpolate(e, size=(H, W), mode="bilinear", align_corners=False)
-            x.append(e)
-        x = torch.cat(x, 1)                                                    # (B, 256 * L, H, W)
-        x = torch.cat([branch(x) for branch in self.aspp], 1)                  # (B, 256 * 4, H, W)
-        x = self.bottleneck(x)                                                 # (B, 256, H, W)
-        return self.conv_seg(self.dropout(x))                                  # (B, K, H, W)
+    ce = F.cross_entropy(logits.float(), y, ignore_index=255, reduction="none")  # (B, H, W), 0 where ignored
+    if weight is not None:
+        ce = ce * weight
+    return ce.mean()
 
 
-class SegHead(nn.Module):
-    """Everything the teacher EMA covers: conditioning + 4 projections + DAFormer head (official cmdise.py).
-
-    Levels (official): s0 = decoded LPLR image 3 -> 128, s3 = f8 -> 512, s4 = f16 -> 512, s5 = f32 -> 512.
-    """
-
-    def __init__(self, cond: Conditioning, c_feats: tuple[int, int, int], num_classes: int,
-                 fusion_stride: int):
-        super().__init__()
-        self.cond = cond
-        c8, c16, c32 = c_feats
-        self.proj = nn.ModuleDict({"s0": Bottleneck(3, 128), "s3": Bottleneck(c8, 512),
-                                   "s4": Bottleneck(c16, 512), "s5": Bottleneck(c32, 512)})
-        self.head = DAFormerHead([128, 512, 512, 512], num_classes)
-        self.fusion_stride = fusion_stride
-
-    def forward(self, s0: torch.Tensor, f8: torch.Tensor, f16: torch.Tensor,
-                f32: torch.Tensor) -> torch.Tensor:
-        H, W = s0.shape[-2:]
-        if self.fusion_stride > 1:  # memory option: fuse at 1/stride instead of the full input resolution
-            s0 = F.interpolate(s0, scale_factor=1 / self.fusion_stride, mode="bilinear", align_corners=False)
-        feats = [self.proj["s0"](s0), self.proj["s3"](f8), self.proj["s4"](f16), self.proj["s5"](f32)]
-        logits = self.head(feats)                                                # (B, K, H/fs, W/fs)
-        if logits.shape[-2:] != (H, W):
-            logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
-        return logits                                                            # (B, K, H, W)
-
-
-def madm_forward(unet: nn.Module, seg: SegHead, frozen: Frozen, z0: torch.Tensor,
-                 t: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One MADM pass: noised latent -> UNet (one call) -> features, o -> s0 = decode(o) -> head -> logits.
-
-    z0 (B, 4, h, w) clean VAE latent, t the timestep (0 for student/eval, the DPLG t for the teacher).
-    Returns logits (B, K, 8h, 8w) and the UNet output o (B, 4, h, w) that LPLR regresses.
-    """
-    B = z0.shape[0]
-    z_t = add_noise(frozen.scheduler, z0, frozen.noise(z0), t)  # z_t = sqrt(ab_t) z0 + sqrt(1 - ab_t) eps_fix
-    frozen.time_hook.delta = seg.cond.time_delta()               # (1, d_t) time offset of this conditioning
-    o = unet(z_t, t, encoder_hidden_states=seg.cond.context(B)).sample       # (B, 4, h, w)
-    feats = frozen.capture.features
-    f8, f16, f32 = feats[F8], feats[F16], feats[F32]             # (B, 320, h, w) (B, 640, h/2) (B, 1280, h/4)
-    # LPLR decode path: the frozen decoder turns o into a full-resolution "colour label image". No gradient
-    # flows through it (official); the UNet learns o only from the L1 regression.
-    s0 = decode_latent(frozen.vae, o)                            # (B, 3, 8h, 8w), not clipped
-    return seg(s0, f8, f16, f32), o                              # (B, K, 8h, 8w), (B, 4, h, w)
-
-
-class Student(nn.Module):
-    """The trained model (UNet + SegHead) as one module, so DistributedDataParallel can wrap it."""
-
-    def __init__(self, unet: nn.Module, seg: SegHead, frozen: Frozen):
-        super().__init__()
-        self.unet, self.seg = unet, seg
-        object.__setattr__(self, "frozen", frozen)  # not a submodule: the VAE is neither trained nor synced
-
-    def forward(self, z0: torch.Tensor, t: int = 0, seg: Optional[SegHead] = None):
-        return madm_forward(self.unet, seg if seg is not None else self.seg, self.frozen, z0, t)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# LPLR: label palette and latent regression (paper, Fig. 2; official mtmadise.py)
-# ------------------------------------------------------------------------------------------------------------
-def palette_image(y: torch.Tensor, palette: np.ndarray) -> torch.Tensor:
-    """Colour a label map with the class palette: y (B, H, W) ids, 255 -> black -> (B, 3, H, W) in [0, 1]."""
-    lut = torch.zeros(256, 3)
-    lut[: len(palette)] = torch.as_tensor(palette, dtype=torch.float32) / 255.0
-    return lut.to(y.device)[y.long()].permute(0, 3, 1, 2).contiguous()       # (B, 3, H, W)
-
-
-def palette_to_label(img: torch.Tensor, palette: np.ndarray) -> torch.Tensor:
-    """Inverse of `palette_image`: nearest palette colour, black -> 255. (B, 3, H, W) [0, 1] -> (B, H, W)."""
-    colours = torch.as_tensor(palette, dtype=torch.float32) / 255.0
-    colours = torch.cat([colours, torch.zeros(1, 3)])                          # (K+1, 3), last = ignore
-    d = ((img.permute(0, 2, 3, 1)[..., None, :] - colours.to(img.device)) ** 2).sum(-1)  # (B, H, W, K+1)
-    y = d.argmin(-1)
-    return torch.where(y == len(palette), torch.full_like(y, 255), y)
-
-
-@torch.no_grad()
-def palette_latent(vae: nn.Module, y: torch.Tensor, palette: np.ndarray) -> torch.Tensor:
-    """z_pal = VAE posterior mean of the palette image x 0.18215: (B, H, W) -> (B, 4, H/8, W/8)."""
-    return encode_image(vae, palette_image(y, palette))
-
-
-def loss_lplr(o: torch.Tensor, z_pal: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Latent regression: L_reg = sum(|o - z_pal| * m) / numel(o) (official: numel counts masked elements).
-
-    o, z_pal (B, 4, h, w); mask (B, H, W) float pixel weights (valid 1, ignore 0; times q for the mixed
-    image), nearest-downsampled to the latent size and repeated over the 4 channels.
-    """
-    m = F.interpolate(mask[:, None].float(), size=o.shape[-2:], mode="nearest").expand_as(o)  # (B, 4, h, w)
-    return ((o.float() - z_pal).abs() * m).sum() / o.numel()
-
-
-# ------------------------------------------------------------------------------------------------------------
-# DPLG, pseudo labels and the self-training losses (paper, Fig. 2; official mtmadise.py, dacs_transforms.py)
-# ------------------------------------------------------------------------------------------------------------
-def dplg_timestep(step: int, t0: int, t_end: int) -> int:
-    """DPLG teacher timestep t = int(t0 (1 - i / T_end)) for i <= T_end, else 0 (linear decay to t = 0)."""
-    return int(t0 * (1 - step / t_end)) if t_end > 0 and step <= t_end else 0
-
-
-@torch.no_grad()
-def pseudo_labels(logits_t: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher logits (B, K, H, W) -> y_hat = argmax (B, H, W) and the quality q = mean(p_max >= threshold),
-    one scalar over all pixels of the micro-batch (official: no per-pixel mask, no crop of image borders)."""
-    p_max, y_hat = torch.softmax(logits_t.float(), 1).max(1)                   # (B, H, W) each
-    return y_hat, (p_max >= threshold).float().mean()
-
-
-@torch.no_grad()
-def class_mix(M: torch.Tensor, x_s: torch.Tensor, x_t: torch.Tensor, y_s: torch.Tensor, y_hat: torch.Tensor,
-              q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ClassMix of a source and a target crop with mask M (B, 1, H, W), 1 = source pixel (dacs_transforms):
-    x_m = M x_s + (1 - M) x_t   (B, 3, H, W)
-    y_m = M y_s + (1 - M) y_hat (B, H, W)
-    w_m = M + (1 - M) q         (B, H, W) per-pixel CE weight
-    """
-    x_m = M * x_s + (1 - M) * x_t
-    y_m = torch.where(M[:, 0] > 0, y_s, y_hat)
-    w_m = M[:, 0] + (1 - M[:, 0]) * q
-    return x_m, y_m, w_m
-
-
-def loss_ce_source(logits_s: torch.Tensor, y_s: torch.Tensor) -> torch.Tensor:
-    """L_src = mean over all pixels of CE(logits_s, y_s), ignore 255 counting as 0."""
-    return ce_all_pixels(logits_s, y_s)
-
-
-def loss_ce_mixed(logits_m: torch.Tensor, y_m: torch.Tensor, w_m: torch.Tensor) -> torch.Tensor:
-    """L_mix = mean over all pixels of w_m * CE(logits_m, y_m), w_m = M + (1 - M) q."""
-    return ce_all_pixels(logits_m, y_m, w_m)
-
-
+# ---- Optimisation and one optimizer step (official config_files/common/optim.py, engine/train_loop.py) ----
 def lr_factor(i: int, total: int) -> float:
     """detectron2 WarmupParamScheduler(MultiStepParamScheduler) as configured in config_files/common/optim.py.
 
@@ -631,15 +592,17 @@ def lr_factor(i: int, total: int) -> float:
     return f
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on weights (prompt and time-offset tensors included), none on norms and biases."""
+def make_optimizer(model: nn.Module, args: Args) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.999), eps 1e-8; decay on weights (prompt and time-offset tensors included), none on norms
+    and biases (official utils/parameter_count.py); the LR is set at every step from `lr_factor`."""
     norms = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
     decay, no_decay = [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if p.requires_grad:
                 (no_decay if isinstance(module, norms) or name == "bias" else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 def micro_seed(seed: int, step: int, j: int) -> int:
@@ -647,16 +610,111 @@ def micro_seed(seed: int, step: int, j: int) -> int:
     return int(np.random.SeedSequence([seed, step, j]).generate_state(1, np.uint64)[0] % (2**63 - 1))
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Setup: SD, model, data
-# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What `train` derives once from Args, the task table and the hardware; `train_step` reads it."""
+    dist: runtime.Dist
+    precision: runtime.Precision
+    palette: np.ndarray               # (K, 3) uint8 palette of the target class set: the LPLR colours
+    class_names: tuple                # K names
+    t0_lo: int                        # DPLG t0 is drawn from {t0_lo, t0_lo + 1}
+    t_end: int                        # DPLG noise reaches t = 0 at this step
+    lplr_w: tuple                     # LPLR weights: (source,) or (source, mixed)
+    out: Optional[Path] = None        # run folder (named by the non-finite-loss error; evaluation output)
+
+
+def _sync_unless(student: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+    """DDP `no_sync` when `skip`: gradients accumulate locally; only the step's last backward all-reduces."""
+    return student.no_sync() if skip and hasattr(student, "no_sync") else contextlib.nullcontext()
+
+
+def train_step(student: nn.Module, ema_seg: SegHead, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, batch: list, i: int, args: Args, run: Run) -> dict[str, float]:
+    """Optimizer step i (0-based): EMA, LR, A micro-steps of (teacher, source, mix, mixed), clip, step.
+
+    student: the `Student` (or DistributedDataParallel around it); ema_seg: the teacher's EMA SegHead; batch:
+    this process's A micro-batches (x_s (b, 3, H, W) in [0, 1], y_s (b, H, W) int64 255 = ignore, x_t as x_s).
+    Every draw (t0, ClassMix, augmentation, dropout) comes from the torch generator reseeded per micro-step.
+    Returns plain floats, the losses and q averaged over the micro-steps.
+    """
+    model = getattr(student, "module", student)                   # the Student itself under DDP
+    A, fz, prec, w = len(batch), model.frozen, run.precision, run.lplr_w
+    logs = dict.fromkeys(("loss_src", "loss_mix", "loss_reg_s", "loss_reg_t", "q", "t_dplg"), 0.0)
+    # ---------- METHOD STEP BEGIN ----------
+    if i >= 1 and not args.source_only:  # EMA of conditioning + projections + head; the UNet stays shared
+        ema_update(ema_seg, model.seg, i, args.ema_alpha)
+    lr = args.lr * lr_factor(i, args.iters)  # multi-step LR with warm-up, one value for every parameter
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for k, (x_s, y_s, x_t) in enumerate(batch):
+        torch.manual_seed(micro_seed(args.seed, i, run.dist.rank * A + k))  # same draws whatever the split
+        last = k == A - 1                                         # DDP all-reduces in the last backward
+        l_mix = l_reg_t = q = torch.zeros(())
+        t_dplg = 0
+        if not args.source_only:
+            # -- Teacher (DPLG): noised clean target latent, EMA conditioning/projections/head, shared UNet.
+            t_dplg = dplg_timestep(i, run.t0_lo + int(torch.randint(0, 2, ())), run.t_end)  # t0 in {lo, lo+1}
+            with torch.no_grad(), prec.autocast():
+                logits_t, _ = model(fz.encode(x_t), t_dplg, seg=ema_seg)            # (b, K, H, W)
+            y_hat, q = pseudo_labels(logits_t, args.pseudo_threshold)           # (b, H, W), scalar
+        # -- Source pass: L_src = CE over all pixels + LPLR on the source latent; backward now frees it.
+        with _sync_unless(student, skip=not (last and args.source_only)):
+            with prec.autocast():
+                logits_s, o_s = student(fz.encode(x_s), 0)                      # (b, K, H, W), (b, 4, h, w)
+                l_src = ce_all_pixels(logits_s, y_s)
+                z_pal = palette_latent(fz, y_s, run.palette)                    # (b, 4, h, w) LPLR target
+                l_reg_s = w[0] * loss_lplr(o_s, z_pal, (y_s != 255).float())
+                loss = (l_src + l_reg_s) / A                                    # micro-losses add: scale 1/A
+            runtime.check_finite(loss, i + 1, run.out)                          # stop on NaN/inf
+            scaler.scale(loss).backward()
+        if not args.source_only:
+            # -- ClassMix (no grad): half of the source classes pasted onto the target crop; jitter + blur.
+            M = class_mix_masks(y_s)                                            # (b, 1, H, W) 1 = source
+            x_m, y_m, w_m = class_mix(M, x_s, x_t, y_s, y_hat, q)
+            x_m = strong_augment(x_m)                                           # the mixed image only
+            # -- Mixed pass: L_mix = w_m-weighted CE (+ LPLR on the mixed latent when the task uses it).
+            with _sync_unless(student, skip=not last):
+                with prec.autocast():
+                    logits_m, o_m = student(fz.encode(x_m), 0)                  # same student, t = 0
+                    l_mix = ce_all_pixels(logits_m, y_m, w_m)
+                    if len(w) > 1:  # mask (y_m != 255) * q: q weights the pasted source pixels too (official)
+                        z_pal = palette_latent(fz, y_m, run.palette)
+                        l_reg_t = w[1] * loss_lplr(o_m, z_pal, (y_m != 255).float() * q)
+                    loss = (l_mix + l_reg_t) / A
+                runtime.check_finite(loss, i + 1, run.out)
+                scaler.scale(loss).backward()
+        for key, v in zip(logs, (l_src, l_mix, l_reg_s, l_reg_t, q, t_dplg)):
+            logs[key] += float(v.detach() if torch.is_tensor(v) else v) / A
+    scaler.unscale_(optimizer)                                    # true gradients before clipping (fp16)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # global L2 0.01; the pre-clip norm
+    scaler.step(optimizer)                                        # skipped on inf/NaN gradients (fp16)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    # ---------- METHOD STEP END ----------
+    return dict(logs, lr=lr, grad_norm=float(grad_norm))
+
+
+# ---- Setup: checks, model, data, --profile / --estimate-memory ----
+def check_args(args: Args, world: int) -> None:
+    """Bad flag values as one-line UserErrors, before anything is built or written."""
+    runtime.validate_args(args, crop_multiple=8)
+    m = args.micro_batch_size
+    if m < 1 or args.batch_size % (m * world):
+        raise UserError(f"error: --batch-size {args.batch_size} is not a multiple of --micro-batch-size {m} "
+                        f"x {world} processes. Expected batch = micro x processes x accumulation steps.")
+    for flag, value, ok in (("eval-label-size", args.eval_label_size, ("input", "native")),
+                            ("vae-dtype", args.vae_dtype, ("auto", *VAE_DTYPES))):
+        if value not in ok:
+            raise UserError(f"error: --{flag}: unknown value '{value}'. Expected one of {', '.join(ok)}.")
+    if args.lplr_weights is not None and len(args.lplr_weights) not in (1, 2):
+        raise UserError(f"error: --lplr-weights: got {len(args.lplr_weights)} values. Expected 1 (source "
+                        "latent only) or 2 (source and mixed latents).")
+
+
 def task_settings(args: Args) -> tuple[int, float, tuple[float, ...]]:
     """(DPLG t0 lo, DPLG end fraction, LPLR weights) for --tgt, overridden by explicit flags."""
     t0, frac, weights = TASKS.get(args.tgt, TASK_OTHER)
-    if args.lplr_weights is not None and len(args.lplr_weights) not in (1, 2):
-        n = len(args.lplr_weights)
-        raise UserError(f"error: --lplr-weights: got {n} values. Expected 1 (source latent only) or 2 "
-                        "(source and mixed latents).")
     return (args.dplg_t0 if args.dplg_t0 is not None else t0,
             args.dplg_end_frac if args.dplg_end_frac is not None else frac,
             tuple(args.lplr_weights) if args.lplr_weights else weights)
@@ -669,299 +727,190 @@ def build_model(args: Args, num_classes: int, device: torch.device, precision: r
     sd.text_encoder = sd.tokenizer = None                                     # used once: free its memory
     unet, vae = sd.unet, sd.vae
     # Whole UNet trained except conv_norm_out / conv_out (official: found unused by a dummy backward).
-    unet.requires_grad_(True)
+    unet.requires_grad_(True).train()
     unet.conv_norm_out.requires_grad_(False)
     unet.conv_out.requires_grad_(False)
-    unet.train()
     if args.grad_checkpointing:
         unet.enable_gradient_checkpointing()
-    # Frozen VAE in half precision on CUDA (inference only; official fp16), fp32 on CPU.
-    vae_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.vae_dtype)
-    if vae_dtype is None:
-        raise UserError(f"error: --vae-dtype: unknown value '{args.vae_dtype}'. Expected fp16, bf16 or fp32.")
-    if device.type == "cuda":
+    # Frozen VAE in half precision when the trained parts autocast (inference only; official fp16).
+    vae_dtype = precision.frozen_dtype if args.vae_dtype == "auto" else VAE_DTYPES[args.vae_dtype]
+    if vae_dtype != torch.float32:
         vae.to(dtype=vae_dtype)
+    g = torch.Generator().manual_seed(args.noise_seed)                        # eps_fix: not --seed (official)
     frozen = Frozen(vae, sd.scheduler, FeatureCapture(unet, [F32, F16, F8], pre=[F32, F16]),
-                    TimeOffsetHook(unet), make_eps_fix(args.noise_seed).to(device))
+                    TimeOffsetHook(unet), torch.randn(1, 4, 64, 64, generator=g).to(device))
     torch.manual_seed(args.seed)                                              # head / conditioning init
-    time_dim = unet.time_embedding.linear_2.out_features                      # 1280 in SD 1.x
-    seg = SegHead(Conditioning(e_empty, time_dim), feature_channels(unet), num_classes,
-                  args.fusion_stride).to(device)
+    cond = Conditioning(e_empty, unet.time_embedding.linear_2.out_features)   # d_t = 1280 in SD 1.x
+    seg = SegHead(cond, feature_channels(unet), num_classes, args.fusion_stride).to(device)
     ema_seg = copy.deepcopy(seg).requires_grad_(False)                        # teacher: EMA of SegHead only
+    ema_seg.train()  # the teacher head runs in train mode (dropout, BN batch statistics), as official
     return Student(unet, seg, frozen), ema_seg
 
 
-def build_data(args: Args, num_classes: int):
-    """Source/target training streams (source with rare-class sampling) and the target evaluation set."""
-    scale = 1 / 8 if args.demo else 1.0
-    val = build_dataset(args.tgt, args.data_root, "val", num_classes=num_classes, scale=scale)
-    if args.eval_only:
-        return None, None, val
-    kw = dict(crop_size=args.crop_size, scale=scale, num_classes=num_classes)
-    src = build_dataset(args.src, args.data_root, "train", **kw)
-    tgt = build_dataset(args.tgt, args.data_root, "train", **kw)
-    # RCS (DAFormer): images with > 3000 px of the class, crops re-drawn until > 1500 px (official dataset);
-    # the helper scales these pixel counts by scale^2 for the 1/8-size demo data.
-    rcs = RareClassSampling(src, temperature=args.rcs_temperature, min_pixels=3000, min_crop_ratio=0.5)
-    return TrainStream(src, args.seed, rcs, stream_id=0), TrainStream(tgt, args.seed, None, stream_id=1), val
+def checkpoint_parts(student: Student, ema_seg: SegHead) -> nn.ModuleDict:
+    """What a checkpoint holds: "unet.*" student UNet, "seg.*" student SegHead, "ema.*" teacher SegHead."""
+    return nn.ModuleDict({"unet": student.unet, "seg": student.seg, "ema": ema_seg})
 
 
-def state_weights(student: Student, ema_seg: SegHead) -> dict[str, torch.Tensor]:
-    """Flat tensors for the safetensors checkpoint: student UNet, student SegHead, teacher (EMA) SegHead."""
-    w = {f"unet.{k}": v for k, v in student.unet.state_dict().items()}
-    w.update({f"seg.{k}": v for k, v in student.seg.state_dict().items()})
-    w.update({f"ema.{k}": v for k, v in ema_seg.state_dict().items()})
-    return w
-
-
-def load_weights(student: Student, ema_seg: SegHead, weights: dict[str, torch.Tensor], where: str) -> None:
+def load_weights(student: Student, ema_seg: SegHead, weights: dict, where: str) -> None:
     try:
-        for prefix, module in (("unet.", student.unet), ("seg.", student.seg), ("ema.", ema_seg)):
-            module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+        checkpoint_parts(student, ema_seg).load_state_dict(weights)
     except RuntimeError as e:
         why = str(e).splitlines()[0]
         raise UserError(f"error: --ckpt: '{where}' does not fit this model ({why}). Expected a checkpoint of "
                         "madm.py with the same --sd-model and --tgt class set.") from None
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------------------
-def train(args: Args) -> dict:
-    # ---- seeding, device, precision, processes (one visible block)
-    dist = runtime.init_distributed(args.device)
-    device = dist.device
-    precision = runtime.choose_precision(args.precision, device)
-    runtime.seed_everything(args.seed)
-    num_classes = check_pair(args.src, args.tgt)
-    palette, class_names = PALETTES[num_classes], CLASS_SETS[num_classes]
-    t0_lo, end_frac, lplr_w = task_settings(args)
-    t_end = int(round(end_frac * args.iters))
-    m = args.micro_batch_size
-    if args.batch_size % (m * dist.world):
-        raise UserError(f"error: --batch-size {args.batch_size} is not a multiple of --micro-batch-size {m} "
-                        f"x {dist.world} processes. Expected batch = micro x processes x accumulation steps.")
-    accum = args.batch_size // (m * dist.world)
-    out = Path(args.out or f"runs/madm-{args.src}-{args.tgt}")
-    if dist.is_main:
-        print("args:", json.dumps(dataclasses.asdict(args)))
-        print(f"device {device} x{dist.world} | {precision.reason} | accumulation {accum} x micro-batch {m}")
-        terms = "source + mixed" if len(lplr_w) > 1 else "source only"
-        print(f"task {args.tgt}: {num_classes} classes | DPLG t0 {{{t0_lo}, {t0_lo + 1}}} until step {t_end} "
-              f"| LPLR weights {lplr_w} ({terms})")
+def build_data(args: Args, num_classes: int):
+    """Source/target training streams (source with rare-class sampling) and the target evaluation set."""
+    if args.demo:
+        ensure_synthetic_sample(args.data_root)
+    kw = dict(scale=1 / 8 if args.demo else 1.0, num_classes=num_classes)
+    val = build_dataset(args.tgt, args.data_root, "val", **kw)
+    if args.eval_only:
+        return None, None, val
+    src, tgt = (build_dataset(name, args.data_root, "train", crop_size=args.crop_size, **kw)
+                for name in (args.src, args.tgt))
+    # RCS (DAFormer): images with > 3000 px of the class, crops re-drawn until > 1500 px (official dataset);
+    # the helper scales these pixel counts by scale^2 for the 1/8-size demo data.
+    rcs = RareClassSampling(src, temperature=args.rcs_temperature, min_pixels=3000, min_crop_ratio=0.5)
+    return TrainStream(src, args.seed, rcs, stream_id=0), TrainStream(tgt, args.seed, None, stream_id=1), val
 
-    # ---- validate inputs (data, SD) before anything is written
-    profiling = args.profile > 0
-    if not profiling:
-        src_stream, tgt_stream, val_set = build_data(args, num_classes)
-    student, ema_seg = build_model(args, num_classes, device, precision)
-    frozen, raw = student.frozen, student
-    ema_seg.train()  # the teacher head runs in train mode (dropout, BN batch statistics), as official
-    optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
-                                  eps=1e-8)
-    scaler = precision.make_scaler()
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    start, history = 0, []
-    if not profiling and not args.eval_only:
-        ckpt = runtime.resume_checkpoint(out) if args.resume else None
-        runtime.prepare_out_dir(str(out), resume=args.resume, is_main=dist.is_main, allow_existing=args.demo)
-        if ckpt is not None:
-            weights, state = runtime.load_checkpoint(ckpt)
-            load_weights(student, ema_seg, weights, str(ckpt))
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            runtime.set_rng_state(state["rng"])
-            start = state["step"]
-            if (out / "metrics.json").exists():  # keep the log of the steps before the interruption
-                history = [r for r in json.loads((out / "metrics.json").read_text()).get("train_log", [])
-                           if r["step"] <= start]
-            if dist.is_main:
-                print(f"resumed from {ckpt} at step {start}")
-        elif dist.is_main:
-            runtime.write_metrics(out, args, key="args")
+
+def measure(args: Args, run: Run, num_classes: int, accum: int) -> dict:
+    """--profile / --estimate-memory: steps on random crops of the training shapes (no data needed)."""
+    m, c, dev = args.micro_batch_size, args.crop_size, run.dist.device
+
+    def build():
+        student, ema_seg = build_model(args, num_classes, dev, run.precision)
+        optimizer, scaler = make_optimizer(student, args), run.precision.make_scaler()
+        ddp, steps = run.dist.wrap(student), itertools.count()
+
+        def step() -> dict:
+            batch = [(torch.rand(m, 3, c, c, device=dev), torch.randint(0, num_classes, (m, c, c),
+                      device=dev), torch.rand(m, 3, c, c, device=dev)) for _ in range(accum)]
+            return train_step(ddp, ema_seg, optimizer, scaler, batch, next(steps), args, run)
+        return step, [student, ema_seg, student.frozen.vae, optimizer]
+    keys = ("sd_model", "crop_size", "batch_size", "micro_batch_size", "grad_checkpointing", "fusion_stride",
+            "vae_dtype", "source_only")
+    extra = {"method": "madm", "world": run.dist.world, "precision": run.precision.reason.split(";")[0]}
+    return runtime.measure(args, build, dev, {**extra, **{k: getattr(args, k) for k in keys}})
+
+
+# ---- Training loop ----
+def train(args: Args) -> dict:
+    dist, precision = runtime.setup_hardware(args)  # processes, device, precision, determinism
+    check_args(args, dist.world)
+    runtime.seed_everything(args.seed)
+    K = check_pair(args.src, args.tgt)
+    t0_lo, end_frac, lplr_w = task_settings(args)
+    out = Path(args.out or f"runs/madm-{args.src}-{args.tgt}")
+    t_end = int(round(end_frac * args.iters))
+    run = Run(dist, precision, PALETTES[K], CLASS_SETS[K], t0_lo, t_end, lplr_w, out)
+    m = args.micro_batch_size
+    accum = args.batch_size // (m * dist.world)
+    if args.profile or args.estimate_memory:
+        return measure(args, dataclasses.replace(run, out=None), K, accum)
+    if dist.is_main:
+        console.log("args: " + json.dumps(dataclasses.asdict(args)))
+        console.log(f"device {dist.device} x{dist.world} | {precision.reason} | accumulation {accum} x "
+                    f"micro-batch {m}")
+        console.log(f"task {args.tgt}: {K} classes | DPLG t0 {{{t0_lo}, {t0_lo + 1}}} until step {t_end} | "
+                    f"LPLR weights {lplr_w} ({'source + mixed' if len(lplr_w) > 1 else 'source only'})")
+    src_stream, tgt_stream, val_set = build_data(args, K)   # validates the data before anything is written
+    student, ema_seg = build_model(args, K, dist.device, precision)
     if args.eval_only:
         weights, state = runtime.load_checkpoint(args.ckpt)
         load_weights(student, ema_seg, weights, args.ckpt)
         runtime.prepare_out_dir(str(out), eval_only=True, is_main=dist.is_main)
-        return evaluate(args, student, val_set, precision, dist, out, step=state.get("step", 0),
-                        class_names=class_names, palette=palette)
-    student = dist.wrap(student)  # DDP when launched with torchrun (gradients averaged over processes)
-    if profiling:  # random crops of the right shapes: the cost of a step does not depend on the pixels
-        def fake_batch(step: int, start_idx: int, count: int) -> dict:
-            g = torch.Generator().manual_seed(step * 1000 + start_idx)
-            c = args.crop_size
-            return {"image": torch.rand(count, 3, c, c, generator=g),
-                    "label": torch.randint(0, num_classes, (count, c, c), generator=g)}
-        get_src = get_tgt = fake_batch
-    else:
-        get_src, get_tgt = src_stream.batch, tgt_stream.batch
-
-    encode = lambda x: encode_image(frozen.vae, x)  # noqa: E731  (B, 3, H, W) -> (B, 4, H/8, W/8)
-
-    def training_step(i: int) -> dict:
-        """Optimizer step i (0-based): EMA, LR, A micro-steps of (teacher, source, mix, mixed), clip, step."""
-        # ---------- METHOD STEP BEGIN ----------
-        if i >= 1:  # EMA of conditioning + projections + head; the UNet stays shared (official cmdise.py)
-            ema_update(ema_seg, raw.seg, i, args.ema_alpha)
-        # Multi-step LR with linear warm-up, one value for every parameter (no head multiplier; official).
-        lr = args.lr * lr_factor(i, args.iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        logs = dict(loss_src=0.0, loss_mix=0.0, loss_reg_s=0.0, loss_reg_t=0.0, q=0.0, t_dplg=0.0)
-        for k in range(accum):
-            j = dist.rank * accum + k                              # global micro-step index
-            torch.manual_seed(micro_seed(args.seed, i, j))         # same draws whatever the GPU/accum split
-            src, tgt = get_src(i, j * m, m), get_tgt(i, j * m, m)
-            x_s = src["image"].to(device)                          # (b, 3, H, W) in [0, 1]
-            y_s = src["label"].to(device)                          # (b, H, W) target class ids, 255 ignore
-            x_t = tgt["image"].to(device)                          # (b, 3, H, W) target, label unused
-            # DDP: only the last backward of the step all-reduces; earlier ones accumulate locally.
-            last = k == accum - 1
-
-            # -- Teacher (DPLG): noised clean target latent, EMA conditioning/projections/head, one pass.
-            t0 = t0_lo + int(torch.randint(0, 2, ()))              # t0 uniform in {lo, lo + 1}
-            t_dplg = dplg_timestep(i, t0, t_end)
-            with torch.no_grad(), precision.autocast():
-                logits_t, _ = raw(encode(x_t), t_dplg, seg=ema_seg)    # (b, K, H, W)
-            y_hat, q = pseudo_labels(logits_t, args.pseudo_threshold)  # (b, H, W), scalar
-
-            # -- Source pass: CE + LPLR on the source latent; backward now to free its activations.
-            sync = contextlib.nullcontext() if dist.world == 1 else student.no_sync()
-            with sync:
-                with precision.autocast():
-                    logits_s, o_s = student(encode(x_s), 0)        # (b, K, H, W), (b, 4, H/8, W/8)
-                    l_src = loss_ce_source(logits_s, y_s)
-                    # LPLR target: palette image of y_s through the frozen VAE; ignore pixels masked out.
-                    z_pal = palette_latent(frozen.vae, y_s, palette)   # (b, 4, H/8, W/8), no grad
-                    l_reg_s = lplr_w[0] * loss_lplr(o_s, z_pal, (y_s != 255).float())
-                    loss = (l_src + l_reg_s) / accum               # micro-losses add up: scale by 1/A
-                runtime.check_finite(loss, i + 1, out)             # stop on NaN/inf, keep the last checkpoint
-                scaler.scale(loss).backward()                      # frees this pass's activations
-
-            # -- ClassMix (no grad): half of the source classes pasted onto the target crop.
-            M = class_mix_masks(y_s)                               # (b, 1, H, W) 1 = source pixel
-            x_m, y_m, w_m = class_mix(M, x_s, x_t, y_s, y_hat, q)
-            x_m = strong_augment(x_m)                              # jitter + blur on the mixed image only
-
-            # -- Mixed pass: quality-weighted CE (+ LPLR on the mixed latent when the task uses it).
-            sync = contextlib.nullcontext() if dist.world == 1 or last else student.no_sync()
-            with sync:
-                with precision.autocast():
-                    logits_m, o_m = student(encode(x_m), 0)        # same student, same conditioning
-                    l_mix = loss_ce_mixed(logits_m, y_m, w_m)
-                    l_reg_t = torch.zeros((), device=device)
-                    if len(lplr_w) > 1:  # event regresses the source only; infrared / depth also the mix
-                        # mask (y_m != 255) * q: q also weights the pasted source pixels (official quirk)
-                        z_pal = palette_latent(frozen.vae, y_m, palette)
-                        l_reg_t = lplr_w[1] * loss_lplr(o_m, z_pal, (y_m != 255).float() * q)
-                    loss = (l_mix + l_reg_t) / accum
-                runtime.check_finite(loss, i + 1, out)
-                scaler.scale(loss).backward()                      # DDP all-reduces here on the last one
-            for key, v in (("loss_src", l_src), ("loss_mix", l_mix), ("loss_reg_s", l_reg_s),
-                           ("loss_reg_t", l_reg_t), ("q", q), ("t_dplg", t_dplg)):
-                logs[key] += float(v.detach() if torch.is_tensor(v) else v) / accum
-        # Clip the accumulated, unscaled gradient to global L2 norm 0.01 (official; rescales almost always).
-        scaler.unscale_(optimizer)                                 # no-op without fp16
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)  # returns the pre-clip norm
-        scaler.step(optimizer)                                     # skipped on inf/NaN gradients (fp16)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        # ---------- METHOD STEP END ----------
-        logs.update(lr=lr, grad_norm=float(grad_norm))
-        return logs
-
-    if profiling:
-        step_counter = iter(range(10**9))
-        result = runtime.profile_training(lambda: training_step(next(step_counter)), args.profile, device,
-                                          extra={"method": "madm", "sd_model": args.sd_model,
-                                                 "crop_size": args.crop_size, "batch_size": args.batch_size,
-                                                 "micro_batch_size": m, "world": dist.world,
-                                                 "grad_checkpointing": args.grad_checkpointing,
-                                                 "precision": precision.reason.split(";")[0],
-                                                 "fusion_stride": args.fusion_stride})
+        result = evaluate(args, student, val_set, run, step=state.get("step", 0))
         if dist.is_main:
-            print(json.dumps(result))
+            runtime.write_curves(out)
         return result
-
-    # ---- the loop (plumbing outside the fence: logging, evaluation, checkpoints)
-    timer, result = runtime.RunTimer(), {}
-    for i in range(start, args.iters):
-        logs = training_step(i)
-        timer.tick()
-        step = i + 1
-        if step % args.log_every == 0 or step == args.iters:
-            history.append(dict(step=step, **logs))
-            if dist.is_main:
-                print(runtime.log_line(step, args.iters, logs, timer.lap(), runtime.peak_memory_gb(device)),
-                      flush=True)
-                runtime.write_metrics(out, history, key="train_log")
-        if step % args.eval_every == 0 or step == args.iters:
-            result = evaluate(args, raw, val_set, precision, dist, out, step, class_names, palette)
-        if step % args.ckpt_every == 0 or step == args.iters:
-            if dist.is_main:
-                state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                         "rng": runtime.get_rng_state(), "args": dataclasses.asdict(args)}
-                runtime.save_checkpoint(out, step, state_weights(raw, ema_seg), state, keep=args.keep_ckpts)
-            dist.barrier()
+    optimizer, scaler = make_optimizer(student, args), precision.make_scaler()
+    ckpt, start = runtime.Checkpointer(out, args.ckpt_every, args.keep_ckpts, dist.is_main), 0
+    if args.resume:  # also restores the RNG states: nothing may draw random numbers after this
+        weights, state = ckpt.resume()
+        load_weights(student, ema_seg, weights, str(ckpt.latest()))
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start = state["step"]
+    runtime.prepare_out_dir(str(out), resume=args.resume, is_main=dist.is_main, allow_existing=args.demo)
+    if dist.is_main and not args.resume:
+        runtime.write_metrics(out, args, key="args")
+    ddp = dist.wrap(student)  # DDP when launched with torchrun (gradients averaged over processes)
+    log = runtime.TrainLog(out, args.iters, args.log_every, dist.device, dist.is_main, start)
     if dist.is_main:
-        print(f"done: {args.iters} steps | peak memory {runtime.peak_memory_gb(device):.1f} GB | out {out}")
-    result = dict(result, train_log=history, out=str(out))
-    return result
+        console.log("adapting: nothing, --source-only baseline (source CE + source LPLR)" if args.source_only
+                    else "adapting: EMA-teacher pseudo labels on the target via ClassMix, weighted by q = "
+                    f"share of pixels with confidence >= {args.pseudo_threshold}; DPLG until step {t_end}")
+    result, adapted = {}, 0
+    for i in range(start, args.iters):
+        batch = [tuple(t.to(dist.device) for t in (s["image"], s["label"], tg["image"]))
+                 for s, tg in ((src_stream.batch(i, j * m, m), tgt_stream.batch(i, j * m, m))
+                               for j in range(dist.rank * accum, (dist.rank + 1) * accum))]
+        logs = train_step(ddp, ema_seg, optimizer, scaler, batch, i, args, run)
+        adapted += logs["q"] > 0
+        log.step(i + 1, logs)
+        if (i + 1) % args.eval_every == 0 or i + 1 == args.iters:
+            result = evaluate(args, student, val_set, run, i + 1)
+        if ckpt.due(i + 1, args.iters):
+            state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "args": dataclasses.asdict(args)}
+            ckpt.save(i + 1, checkpoint_parts(student, ema_seg).state_dict(), state)
+            dist.barrier()
+    log.close()
+    if dist.is_main:
+        console.log("adapted: nothing (--source-only baseline)" if args.source_only else "adapted: the "
+                    f"target pseudo labels carried weight (q > 0) in {adapted} of {args.iters - start} steps")
+        mem = runtime.peak_memory_gb(dist.device)
+        console.log(f"done: {args.iters} steps | peak memory {mem:.1f} GB | out {out}")
+        runtime.write_curves(out)
+    return dict(result, train_log=log.history, out=str(out))
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Evaluation: the student at t = 0 on the whole image resized to 512x512 (official test_resize_h_w)
-# ------------------------------------------------------------------------------------------------------------
-def evaluate(args: Args, student: Student, dataset, precision: runtime.Precision, dist: runtime.Dist,
-             out: Path, step: int, class_names, palette) -> dict:
+# ---- Evaluation: the student at t = 0, whole image resized to 512x512 (official test_resize_h_w) ----
+def evaluate(args: Args, student: Student, dataset, run: Run, step: int) -> dict:
     """Score the student on the full target test list (one summed confusion matrix; first half kept apart)."""
-    device = next(student.parameters()).device
+    dist, names, n = run.dist, run.class_names, len(dataset)
     student.seg.eval()
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         """(1, 3, 512, 512) in [0, 1] -> (1, K, 512, 512) logits: student conditioning, t = 0, LPLR decode."""
-        with precision.autocast():
-            return student(encode_image(student.frozen.vae, x), 0)[0].float()
+        with run.precision.autocast():
+            return student(student.frozen.encode(x), 0)[0].float()
 
-    # Two halves scored separately and summed: the full-list number, plus the first half that the official
-    # 2-GPU evaluation actually scores (its cross-rank gather is commented out), at no extra cost.
-    n = len(dataset)
-    half = math.ceil(n / 2)
-    kw = dict(device=device, dist=dist, input_size=(args.eval_size, args.eval_size), desc=f"{args.tgt} test",
+    # Official resizing: Pillow BILINEAR (antialiased) for the image, NEAREST for the label. Two halves scored
+    # separately and summed: the full-list number, plus the first half that the official 2-GPU evaluation
+    # actually scores (its cross-rank gather is commented out), at no extra cost.
+    kw = dict(device=dist.device, dist=dist, input_size=(args.eval_size, args.eval_size),
+              desc=f"{args.tgt} test", **metrics.RESIZE_PROTOCOLS["madm"],
               metric_size="native" if args.eval_label_size == "native" else "input")
-    K = len(class_names)
-    r1 = metrics.evaluate(predict, torch.utils.data.Subset(dataset, range(half)), K, class_names, palette,
-                          pictures_dir=out / "predictions" if dist.is_main else None, **kw)
-    conf = np.asarray(r1["confusion"], np.int64)
-    if half < n:
-        r2 = metrics.evaluate(predict, torch.utils.data.Subset(dataset, range(half, n)), K, class_names,
-                              palette, progress=False, **kw)
-        conf = conf + np.asarray(r2["confusion"], np.int64)
+    halves = [range(math.ceil(n / 2)), range(math.ceil(n / 2), n)]
+    parts = [metrics.evaluate(predict, torch.utils.data.Subset(dataset, r), len(names), names, run.palette,
+                              pictures_dir=run.out / "predictions" if dist.is_main and k == 0 else None,
+                              progress=k == 0, **kw) for k, r in enumerate(halves) if len(r)]
     student.seg.train()
-    res = metrics.summarize(conf, class_names)
-    header = f"per-class results — {args.tgt} test, {n} images, {r1['resolution']}"
-    res.update(step=step, resolution=r1["resolution"], num_images=n, miou_first_half=r1["miou"],
-               table=metrics.format_table(conf, class_names, header))
-    in_res = r1["resolution"].split(",")[0].replace("input ", "")
-    metric_res = in_res if args.eval_label_size != "native" else "native"
+    conf, where = sum(np.asarray(p["confusion"], np.int64) for p in parts), parts[0]["resolution"]
+    res = metrics.summarize(conf, names)
+    res.update(step=step, resolution=where, num_images=n, miou_first_half=parts[0]["miou"],
+               table=metrics.format_table(conf, names, f"per-class results — {args.tgt} test, {n} images, "
+                                                       f"{where}"))
+    in_res = where.split(",")[0].replace("input ", "")
     if dist.is_main:
-        print(res["table"])
-        print(f"eval step {step} | mIoU {100 * res['miou']:.2f} | input {in_res} | metric {metric_res} | "
-              f"first half mIoU {100 * res['miou_first_half']:.2f}", flush=True)
-        if out.is_dir():
-            runtime.write_metrics(out, {k: v for k, v in res.items() if k not in ("table", "confusion")})
+        console.log(res["table"])
+        console.log(f"eval step {step} | mIoU {100 * res['miou']:.2f} | input {in_res} | metric "
+                    f"{'native' if args.eval_label_size == 'native' else in_res} | first half mIoU "
+                    f"{100 * res['miou_first_half']:.2f}")
+        if run.out.is_dir():
+            runtime.write_metrics(run.out, {k: v for k, v in res.items() if k not in ("table", "confusion")})
     return res
 
 
 def main(args: Args) -> dict:
-    """Train (or --eval-only / --profile) MADM; returns the last evaluation {"miou", "per_class_iou", ...}."""
+    """Train (or --eval-only, --profile, --estimate-memory); returns the last evaluation ("miou", ...)."""
     if args.demo:
         args = runtime.replace_defaults(args, out="runs/madm-demo", **DEMO)
-        ensure_synthetic_sample(args.data_root)
-    runtime.require_ckpt(args)
-    if args.eval_label_size not in ("input", "native"):
-        raise UserError(f"error: --eval-label-size: unknown value '{args.eval_label_size}'. Expected input "
-                        "or native.")
     return train(args)
 
 
