@@ -7,6 +7,16 @@ python madm.py --src cityscapes --tgt fmb_infrared  --out runs/madm-cityscapes-f
 python madm.py --src cityscapes --tgt deliver_depth --out runs/madm-cityscapes-deliver_depth
 # The official 2-GPU layout (same maths as the accumulation above):
 # torchrun --nproc_per_node 2 madm.py --src cityscapes --tgt dsec_event --out runs/madm-cityscapes-dsec_event-2gpu
+# Baseline (the paper's source-only row): source CE + source LPLR, no teacher, no ClassMix, no mixed pass.
+python madm.py --src cityscapes --tgt dsec_event --source-only --out runs/madm-cityscapes-dsec_event-source-only
+# Predicted peak GPU memory of one training step without a GPU (FakeTensorMode + MemTracker; random-sd15 = the
+# SD 1.x architecture of the paper's v1-4): paper setting (bf16, as --precision auto on a bf16 GPU), the official
+# fp16, and the low-memory settings for 24 GB and for a 16 GB T4 (no bf16: fp16 + GradScaler).
+python madm.py --sd-model random-sd15 --estimate-memory
+python madm.py --sd-model random-sd15 --estimate-memory --precision fp16
+python madm.py --sd-model random-sd15 --estimate-memory --grad-checkpointing
+python madm.py --sd-model random-sd15 --estimate-memory --grad-checkpointing --fusion-stride 4
+python madm.py --sd-model random-sd15 --estimate-memory --precision fp16 --grad-checkpointing --fusion-stride 4
 # Performance table (random weights, no download): GPU at the paper crop, with and without the memory options;
 # CPU at crop 256.
 python madm.py --sd-model random-sd15 --profile 5 --crop-size 512 --device cuda
