@@ -73,7 +73,7 @@ from common.console import UserError
 from common.datasets import (CLASS_SETS, PALETTES, RareClassSampling, TrainStream, build_dataset, check_pair,
                              eval_input_size)
 from common.runtime import Checkpointer, TrainLog, check_finite, replace_defaults, write_metrics
-from common.sd_backbone import FeatureCapture, architecture_only, encode_prompts, load_sd
+from common.sd_backbone import FeatureCapture, encode_prompts, load_sd
 from common.synthetic import ensure_synthetic_sample
 
 @dataclass
@@ -780,14 +780,8 @@ def evaluate(model: DIFFSegmentor, extractor: DiffusionExtractor, datasets: list
 def measure(args: Args, num_classes: int, device: torch.device, precision: runtime.Precision) -> dict:
     """No dataset needed: a random image whose label holds every prompt class (the largest conditional
     batch, one horizontal band per class)."""
-    if args.estimate_memory:  # stop-gap until load_sd builds schedulers outside FakeTensorMode, where their
-        with architecture_only():  # alphas_cumprod has no values: the same schedule, from the config alone
-            alpha_bar = load_sd(args.sd_model, parts=()).scheduler.alphas_cumprod.tolist()
-
     def build_step():
         extractor, model, opt, scaler, gen = build(args, num_classes, device, precision)
-        if args.estimate_memory:  # inside FakeTensorMode the scheduler's tensors hold no values
-            extractor.alpha_bar = alpha_bar
         B, c, ids = args.batch_size, args.crop_size, extractor.prompt_ids
         x = torch.rand(B, 3, c, c, device=device)
         y = torch.full((B, c, c), min(set(range(num_classes)) - set(ids)), dtype=torch.long, device=device)

@@ -808,7 +808,8 @@ def write_curves(out_dir: str | Path) -> Optional[Path]:
                 label = name if len(logs) == 1 else f"{key.replace('train_log', '').strip('_')} {name}"
                 ax1.plot([r["step"] for r in recs], [r[name] for r in recs], label=label)
     ax1.set(xlabel="step", ylabel="loss", title="training losses")
-    ax1.legend(fontsize=8)
+    if ax1.get_lines():  # an --eval-only run has no losses
+        ax1.legend(fontsize=8)
     groups: dict[str, list] = {}
     for e in evals:  # one line per evaluated target / path
         tag = " ".join(str(e[k]) for k in ("target", "path", "prompt") if k in e) or "mIoU"
@@ -1013,17 +1014,22 @@ def shapes_only():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from common.sd_backbone import architecture_only
-    saved = (torch.nn.Module._apply, torch.Tensor.__deepcopy__, torch.nn.init._no_grad_trunc_normal_)
+    saved = (torch.nn.Module._apply, torch.Tensor.__deepcopy__, torch.nn.init._no_grad_trunc_normal_,
+             torch.amp.GradScaler._maybe_opt_step)
     torch.nn.Module._apply = _apply_replacing_parameters
     # copy.deepcopy of a fake tensor rebuilds its storage, which FakeTensorMode refuses (every EMA copy is one)
     torch.Tensor.__deepcopy__ = _deepcopy_fake_aware
     # trunc_normal_ redraws `while mask.any()`: with stand-in values that loop never ends, and values do not matter
     torch.nn.init._no_grad_trunc_normal_ = lambda tensor, *args, **kwargs: tensor
+    # the fp16 GradScaler skips a step when `found_inf.item()` is non-zero, which a stand-in value always is:
+    # take the step (an estimate must hold the optimizer state a real run has)
+    torch.amp.GradScaler._maybe_opt_step = lambda self, opt, state, *args, **kwargs: opt.step(*args, **kwargs)
     try:
         with architecture_only(), FakeTensorMode(allow_non_fake_inputs=True), _StandInValues():
             yield
     finally:
-        torch.nn.Module._apply, torch.Tensor.__deepcopy__, torch.nn.init._no_grad_trunc_normal_ = saved
+        (torch.nn.Module._apply, torch.Tensor.__deepcopy__, torch.nn.init._no_grad_trunc_normal_,
+         torch.amp.GradScaler._maybe_opt_step) = saved
 
 
 def _mem_tracker() -> Any:
@@ -1114,6 +1120,7 @@ def estimate_memory(build: Callable[[], tuple[Callable[[], Any], list]], steps: 
             "Activation": "activations_gb", "Buffer": "buffers_gb", "Temp": "temporary_gb", "Other": "other_gb"}
     out = {"predicted_peak_gb": round(peak, 3),
            **{v: round(per_kind.get(k, 0.0), 3) for k, v in keys.items()},
+           **{v.replace("_gb", "_bytes"): int(round(per_kind.get(k, 0.0) * 1e9)) for k, v in keys.items()},
            "margin_gb": round(margin, 3), "predicted_total_gb": round(peak + margin, 3),
            "leaves_out": "CUDA context, cuDNN/cuBLAS workspaces, allocator fragmentation: covered by margin_gb = "
                          f"{MARGIN_GB} GB + {MARGIN_FRACTION:.0%} of the peak (our choice)"}

@@ -129,6 +129,14 @@ def write_tiny_tokenizer(folder: str | Path) -> None:
          "do_lower_case": True}))
 
 
+def _real_scheduler(make: Callable[[], Any]) -> Any:
+    """Build a scheduler with real tensors even under FakeTensorMode (`--estimate-memory`): its noise schedule is
+    config arithmetic that a step reads as values (alpha_bar_t), and a fake one has none."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    with unset_fake_temporarily():
+        return make()
+
+
 def build_random_sd(name: str, parts: Sequence[str] = ALL_PARTS, device: str | torch.device = "cpu") -> dict:
     """Randomly initialised SD parts from `sd_config(name)`: {part: module} (scheduler always included).
 
@@ -138,7 +146,7 @@ def build_random_sd(name: str, parts: Sequence[str] = ALL_PARTS, device: str | t
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = sd_config(name)
-    out: dict[str, Any] = {"scheduler": DDPMScheduler(**cfg["scheduler"])}
+    out: dict[str, Any] = {"scheduler": _real_scheduler(lambda: DDPMScheduler(**cfg["scheduler"]))}
     with torch.device(device):
         if "unet" in parts:
             out["unet"] = UNet2DConditionModel(**cfg["unet"])
@@ -269,7 +277,7 @@ def _build_from_folder_configs(folder: str, parts: Sequence[str], device: str | 
     """Random weights with the architecture written in a local SD folder's config files."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    out = {"scheduler": DDPMScheduler.from_pretrained(folder, subfolder="scheduler")}
+    out = {"scheduler": _real_scheduler(lambda: DDPMScheduler.from_pretrained(folder, subfolder="scheduler"))}
     with torch.device(device):
         if "unet" in parts:
             out["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))

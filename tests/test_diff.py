@@ -571,28 +571,7 @@ def test_fp16_on_cpu_scales_unscales_before_clipping_and_skips_overflow(fp32_run
 # ------------------------------------------------------------------------------------------------------------
 # --estimate-memory
 # ------------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def global_peak_only(monkeypatch):
-    """PyTorch's MemTracker updates a peak for every module seen so far after every op, O(ops x modules):
-    ~1 minute for the tiny SD's ~700 UNet modules, which --estimate-memory never reads. This keeps only the
-    global peak (the same number), so the test runs in seconds; requested for common/runtime.py."""
-    make = runtime._mem_tracker
-
-    def fast():
-        tracker = make()
-
-        class GlobalPeak(type(tracker)):
-            def _update_peak_stats(self, peak_state):
-                for dev, snap in self._curr_mem_snap.items():
-                    if self._peak_mem.get(dev, 0) < snap["Total"]:
-                        self._peak_mem[dev], self._peak_mem_snap[dev] = snap["Total"], copy.deepcopy(snap)
-        tracker.__class__ = GlobalPeak
-        return tracker
-    monkeypatch.setattr(runtime, "_mem_tracker", fast)
-
-
-def test_estimate_memory_counts_the_exact_parameter_bytes_and_writes_nothing(sd, tmp_path, capsys,
-                                                                            global_peak_only):
+def test_estimate_memory_counts_the_exact_parameter_bytes_and_writes_nothing(sd, tmp_path, capsys):
     """Tiny SD at the paper widths, crop 1024, batch 2: seconds, no dataset, nothing written, one JSON line,
     ~10 GB predicted while this process never held a fraction of it; the parameter bytes are those of the
     frozen UNet + VAE in fp16 and the trained part in fp32, counted here from real modules."""
@@ -615,7 +594,7 @@ def test_estimate_memory_counts_the_exact_parameter_bytes_and_writes_nothing(sd,
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("DIFF_SD21") != "1",
                     reason="one to two minutes of FakeTensor tracking; set DIFF_SD21=1")
-def test_estimate_memory_at_the_paper_setting(global_peak_only):
+def test_estimate_memory_at_the_paper_setting():
     """random-sd21, crop 512, 37 steps (exp 50), bf16 as a GPU would run it: completes without allocating,
     and predicts more than the frozen fp16 SD + the trained part's weights, gradients and Adam moments."""
     res = diff.main(diff.Args(sd_model="random-sd21", estimate_memory=True, data_root="/nonexistent"))

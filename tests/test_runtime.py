@@ -464,3 +464,27 @@ def test_curves_png_with_matplotlib_and_one_line_without(tmp_path, capsys, monke
     (tmp_path / "curves.png").unlink(missing_ok=True)
     assert runtime.write_curves(tmp_path) is None and not (tmp_path / "curves.png").exists()
     assert "curves.png skipped: matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_estimate_memory_under_fp16_holds_the_optimizer_state_of_a_real_step():
+    """The fp16 GradScaler skips the optimizer step when a value read says 'inf found'; under stand-in values
+    it would always skip and the estimate would miss Adam's moments. The scheduler stays real (alpha_bar)."""
+    from common.sd_backbone import load_sd
+
+    def build():
+        sched = load_sd("tiny", parts=()).scheduler                # built from its config, with real values
+        assert sched.alphas_cumprod.tolist()[0] == pytest.approx(1 - 0.00085)
+        lin = torch.nn.Linear(1000, 1000)
+        opt = torch.optim.AdamW(lin.parameters())
+        scaler = torch.amp.GradScaler("cpu")
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = lin(torch.randn(8, 1000)).float().square().mean()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+        return step, [lin, opt]
+    res = runtime.estimate_memory(build)
+    assert res["optimizer_state_bytes"] >= 2 * 4 * (1000 * 1000 + 1000)
