@@ -897,8 +897,9 @@ def check_args(a: Args) -> None:
             (a.stage not in ("1", "2", "both"), f"--stage: unknown value '{a.stage}'. Expected 1, 2, both."),
             (a.iters_stage2 < 1, f"--iters-stage2: got {a.iters_stage2}. Expected an integer >= 1."),
             (not 1 <= a.sample_steps <= 50, f"--sample-steps {a.sample_steps}: expected 1..50."),
-            (a.stage != "1" and not a.source_only and a.crop_size < 64, f"--crop-size {a.crop_size}: stage "
-             "2's discriminator needs >= 64 (three stride-2 convs on the latent). Expected >= 64."),
+            (a.stage != "1" and not (a.source_only or a.eval_only) and a.crop_size < 64, f"--crop-size "
+             f"{a.crop_size}: stage 2's discriminator needs >= 64 (three stride-2 convs on the latent). "
+             "Expected >= 64."),
             (measuring and a.stage == "both", "--profile / --estimate-memory: one stage at a time. Add "
              "--stage 1 or --stage 2."),
             (a.stage == "2" and not (a.resume or a.eval_only or a.stage1_ckpt or measuring),
@@ -930,9 +931,10 @@ def main(args: Args) -> dict:
     dist, prec = runtime.setup_hardware(args)
     runtime.seed_everything(args.seed)                            # all seeding here, in one place
     if args.profile or args.estimate_memory:                      # one stage's step, nothing written
+        amp = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[prec.amp_dtype]
         extra = {"method": "iccld", "stage": args.stage, "crop": args.crop_size, "batch": args.batch_size,
-                 "sd_model": args.sd_model, "precision": prec.reason.split()[0],
-                 "source_only": args.source_only, "grad_checkpointing": args.grad_checkpointing}
+                 "sd_model": args.sd_model, "precision": amp, "source_only": args.source_only,
+                 "grad_checkpointing": args.grad_checkpointing}
         return runtime.measure(args, lambda: measured_step(args, dist, prec), dist.device, extra)
     resume_stage, stage1_w, offset = None, None, args.iters      # checkpoints read before --out is touched
     if args.resume:                                               # the stage from the weight names only
