@@ -217,7 +217,8 @@ class SegDecoder(nn.Module):
 
     def __init__(self, vae: nn.Module, num_classes: int, skip_channels: list[int]):
         super().__init__()
-        self.post_quant_conv = copy.deepcopy(vae.post_quant_conv) or nn.Identity()
+        pqc = vae.post_quant_conv                                 # None in VAEs without one
+        self.post_quant_conv = copy.deepcopy(pqc) if pqc is not None else nn.Identity()
         self.decoder = copy.deepcopy(vae.decoder)
         c_last = self.decoder.conv_out.in_channels                # 128 for SD
         self.decoder.conv_out = nn.Conv2d(c_last, num_classes, 3, padding=1)  # new, PyTorch default init
