@@ -731,7 +731,8 @@ def train(args: Args, src_ds, tgt_sets: list, out: Path, dist: runtime.Dist, pre
                         f"{args.iters - start} steps")
         console.log(f"peak memory {runtime.peak_memory_gb(device):.2f} GB")
         runtime.write_curves(out)
-    return result
+    # resumed a finished run: score its final weights
+    return result or evaluate(model, extractor, tgt_sets, args, dist, precision, args.iters, out)
 
 
 # ---- Evaluation: unconditional branch only, whole image (official encoder_decoder.py whole inference) ----

@@ -866,6 +866,7 @@ def train(args: Args) -> dict:
         mem = runtime.peak_memory_gb(dist.device)
         console.log(f"done: {args.iters} steps | peak memory {mem:.1f} GB | out {out}")
         runtime.write_curves(out)
+    result = result or evaluate(args, student, val_set, run, args.iters)  # resumed a finished run: score it
     return dict(result, train_log=log.history, out=str(out))
 
 

@@ -791,17 +791,16 @@ def write_curves(out_dir: str | Path) -> Optional[Path]:
     path = Path(out_dir) / "metrics.json"
     if not path.exists():
         return None
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a bare Figure, not pyplot: no global backend switch in the user's notebook
+        from matplotlib.figure import Figure
     except ImportError:
         log("curves.png skipped: matplotlib is not installed (pip install matplotlib to get the training curves)")
         return None
     data = json.loads(path.read_text())
     logs = {k: v for k, v in data.items() if k.startswith("train_log") and isinstance(v, list) and v}
     evals = [e for e in data.get("evals", []) if isinstance(e, dict) and e.get("miou") is not None]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
     for key, recs in logs.items():
         for name in recs[0]:
             if name.startswith("loss") and all(r.get(name) is not None for r in recs):
@@ -822,7 +821,6 @@ def write_curves(out_dir: str | Path) -> Optional[Path]:
     fig.tight_layout()
     png = Path(out_dir) / "curves.png"
     fig.savefig(png, dpi=100)
-    plt.close(fig)
     return png
 
 
