@@ -15,7 +15,7 @@ time runs only the unconditional branch (domain generalisation: trained on GTA5 
 Paper -> code
     Fig. 1, DIFF module: multi-step extraction       inversion_schedule, inversion_update, DiffusionExtractor
     DIFF fusion: per-stride bottlenecks, pyramid     Bottleneck, ResBlock, UpFuse, Finecoder
-    decoder (DAFormer SepASPP, fusing at stride 4)   DAFormerHead, DIFFSegmentor
+    decoder (DAFormer SepASPP, fusing at stride 4)   DIFFSegmentor (+ common/heads.py DAFormerHead)
     Fig. 1 (a) IPKL conditional branch               DiffusionExtractor.prompt_plan, fuse_candidates
     Fig. 1 (b) unconditional branch + consistency    segmentation_loss, consistency_loss, ipkl_loss
     one training step / the loop (exp 50 recipe)     train_step (the METHOD STEP) / train
@@ -69,6 +69,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from common import console, metrics, runtime
+from common.heads import DAFormerHead
+from common.augment import photometric_distortion
 from common.console import UserError
 from common.datasets import (CLASS_SETS, PALETTES, RareClassSampling, TrainStream, build_dataset, check_pair,
                              eval_input_size)
@@ -429,57 +431,6 @@ class Finecoder(nn.Module):
 
 
 # ---- Decoder: DAFormer SepASPP head at stride 4 (official decode_heads/daformer_head.py) ----
-# Same as madm.py:ConvBNReLU
-class ConvBNReLU(nn.Sequential):
-    """mmcv ConvModule(conv, BN, ReLU): bias-free conv, Kaiming-normal (fan_out, relu), BN weight 1 / bias 0."""
-
-    def __init__(self, c_in: int, c_out: int, k: int = 1, dilation: int = 1, groups: int = 1):
-        conv = nn.Conv2d(c_in, c_out, k, padding=dilation * (k // 2), dilation=dilation, groups=groups, bias=False)
-        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-        bn = nn.BatchNorm2d(c_out)
-        nn.init.ones_(bn.weight)
-        nn.init.zeros_(bn.bias)
-        super().__init__(conv, bn, nn.ReLU(inplace=True))
-
-# Same as madm.py:DAFormerHead
-class DAFormerHead(nn.Module):
-    """DAFormer context-aware fusion head (Hoyer et al. 2022, `daformer_head.py`, config `sep_aspp`).
-
-    Per level a per-pixel Linear C_i -> 256 (no norm, no activation); every level bilinearly resized to the size of
-    the first (finest) level; concat; separable ASPP with dilations (1, 6, 12, 18) and no image pooling (d = 1:
-    1x1 conv; else depthwise 3x3 dilated + pointwise 1x1, each conv + BN + ReLU); concat -> 3x3 bottleneck;
-    Dropout2d(0.1); 1x1 classifier with bias (PyTorch default init; callers may re-initialise `conv_seg`).
-
-    forward(feats: list of (B, C_i, H_i, W_i), finest first) -> logits (B, K, H_0, W_0).
-    """
-
-    def __init__(self, in_channels: list[int], num_classes: int, channels: int = 256,
-                 dilations: tuple[int, ...] = (1, 6, 12, 18), dropout: float = 0.1):
-        super().__init__()
-        self.embed = nn.ModuleList(nn.Linear(c, channels) for c in in_channels)
-        c_cat = channels * len(in_channels)
-        self.aspp = nn.ModuleList(
-            ConvBNReLU(c_cat, channels, 1) if d == 1 else
-            nn.Sequential(ConvBNReLU(c_cat, c_cat, 3, dilation=d, groups=c_cat), ConvBNReLU(c_cat, channels, 1))
-            for d in dilations)
-        self.bottleneck = ConvBNReLU(channels * len(dilations), channels, 3)
-        self.dropout = nn.Dropout2d(dropout)
-        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
-
-    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        H, W = feats[0].shape[-2:]
-        x = []
-        for f, embed in zip(feats, self.embed):
-            e = embed(f.flatten(2).transpose(1, 2)).transpose(1, 2)           # (B, 256, h*w) per-pixel Linear
-            e = e.reshape(f.shape[0], -1, *f.shape[-2:])                       # (B, 256, h, w)
-            if e.shape[-2:] != (H, W):
-                e = F.interpolate(e, size=(H, W), mode="bilinear", align_corners=False)
-            x.append(e)
-        x = torch.cat(x, 1)                                                    # (B, 256 * L, H, W)
-        x = torch.cat([branch(x) for branch in self.aspp], 1)                  # (B, 256 * 4, H, W)
-        x = self.bottleneck(x)                                                 # (B, 256, H, W)
-        return self.conv_seg(self.dropout(x))                                  # (B, K, H, W)
-
 class DIFFSegmentor(nn.Module):
     """The trained part: per-stride bottlenecks -> finecoder -> head; logits (B, K, H/4, W/4).
 
@@ -549,48 +500,6 @@ def ipkl_loss(logits_cond: torch.Tensor, logits_uncond: torch.Tensor, y: torch.T
 
 
 # ---- Training recipe (exp 50): PhotoMetricDistortion, LR schedule, prompts, source batches ----
-# Same as madm.py:_rgb_to_hsv
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) RGB in [0, 1] -> HSV in [0, 1] (hue as a fraction of a full turn)."""
-    r, g, b = x.unbind(1)
-    v, _ = x.max(1)
-    c = v - x.min(1)[0]
-    s = torch.where(v > 0, c / v.clamp_min(1e-8), torch.zeros_like(v))
-    cc = c.clamp_min(1e-8)
-    h = torch.where(v == r, ((g - b) / cc) % 6, torch.where(v == g, (b - r) / cc + 2, (r - g) / cc + 4))
-    h = torch.where(c > 0, h / 6, torch.zeros_like(h))
-    return torch.stack([h, s, v], 1)
-
-# Same as madm.py:_hsv_to_rgb
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of `_rgb_to_hsv`."""
-    h, s, v = x.unbind(1)
-    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], 1)  # (B, 3, H, W)
-    return v[:, None] - (v * s)[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
-
-def photometric_distortion(img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """mmseg PhotoMetricDistortion on one image (3, H, W) in [0, 1], same draws in the same order.
-
-    brightness +-32/255 (p 0.5); contrast x U(0.5, 1.5) (p 0.5) first or last at random; saturation
-    x U(0.5, 1.5) (p 0.5); hue + randint(-18, 18) on OpenCV's 0-180 scale (p 0.5); clipped after each op.
-    """
-    x = img[None]                                                            # (1, 3, H, W)
-    if rng.integers(2):
-        x = (x + rng.uniform(-32, 32) / 255).clamp(0, 1)
-    for op in ("contrast", "saturation", "hue") if rng.integers(2) else ("saturation", "hue", "contrast"):
-        if not rng.integers(2):
-            continue
-        if op == "contrast":
-            x = (x * rng.uniform(0.5, 1.5)).clamp(0, 1)
-            continue
-        h, s, v = _rgb_to_hsv(x).unbind(1)
-        if op == "saturation":
-            s = (s * rng.uniform(0.5, 1.5)).clamp(0, 1)
-        else:  # numpy randint(-18, 18) as in mmseg: the upper bound is exclusive
-            h = (h + rng.integers(-18, 18) / 180) % 1.0
-        x = _hsv_to_rgb(torch.stack([h, s, v], 1))
-    return x[0].clamp(0, 1)
-
 def poly_warmup_factor(step: int, total: int, warmup_iters: int, warmup_ratio: float, power: float) -> float:
     """LR multiplier of mmcv's `poly` policy with linear warm-up (DAFormer `poly10warm.py`), per optimizer step.
 

@@ -70,6 +70,7 @@ from diffusers import DDIMScheduler
 from safetensors import safe_open
 
 from common import console, datasets, metrics, runtime, sd_backbone, synthetic
+from common.augment import strong_augment
 from common.console import UserError
 
 
@@ -353,87 +354,6 @@ def class_mix_masks(y_s: torch.Tensor) -> torch.Tensor:
         picked = classes[torch.randperm(n)[: (n + 1) // 2]].to(y.device)
         masks.append(torch.isin(y, picked))
     return torch.stack(masks)[:, None].float()
-
-
-# Same as madm.py:_rgb_to_hsv
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) RGB in [0, 1] -> HSV in [0, 1] (hue as a fraction of a full turn)."""
-    r, g, b = x.unbind(1)
-    v, _ = x.max(1)
-    c = v - x.min(1)[0]
-    s = torch.where(v > 0, c / v.clamp_min(1e-8), torch.zeros_like(v))
-    cc = c.clamp_min(1e-8)
-    h = torch.where(v == r, ((g - b) / cc) % 6, torch.where(v == g, (b - r) / cc + 2, (r - g) / cc + 4))
-    h = torch.where(c > 0, h / 6, torch.zeros_like(h))
-    return torch.stack([h, s, v], 1)
-
-
-# Same as madm.py:_hsv_to_rgb
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of `_rgb_to_hsv`."""
-    h, s, v = x.unbind(1)
-    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], 1)  # (B, 3, H, W)
-    return v[:, None] - (v * s)[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
-
-
-# Same as madm.py:_gaussian_blur
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur with DAFormer's kernel size: k = ceil(0.1 * side), minus 1 if even (51 at 512).
-
-    x (B, C, H, W), sigma (B,) -> (B, C, H, W); reflect padding (kornia's default border).
-    """
-    B, C, H, W = x.shape
-    out = []
-    for i in range(B):
-        xi = x[i:i + 1]
-        for dim, side in ((2, H), (3, W)):
-            k = math.ceil(0.1 * side)
-            k = k - 1 if k % 2 == 0 else k
-            if k < 3:
-                continue  # a 1-tap kernel is the identity
-            t = torch.arange(k, device=x.device, dtype=x.dtype) - (k - 1) / 2
-            g = torch.exp(-0.5 * (t / sigma[i]) ** 2)
-            g = (g / g.sum()).view(1, 1, -1, 1) if dim == 2 else (g / g.sum()).view(1, 1, 1, -1)
-            pad = (0, 0, k // 2, k // 2) if dim == 2 else (k // 2, k // 2, 0, 0)
-            xi = F.conv2d(F.pad(xi, pad, mode="reflect"), g.expand(C, 1, *g.shape[2:]), groups=C)
-        out.append(xi)
-    return torch.cat(out)
-
-
-# Same as madm.py:strong_augment
-@torch.no_grad()
-def strong_augment(x: torch.Tensor, jitter_p: float = 0.2, strength: float = 0.2, blur_p: float = 0.5) -> torch.Tensor:
-    """DACS strong augmentation of the mixed image (DAFormer `strong_transform`: color_jitter + gaussian_blur).
-
-    x (B, 3, H, W) in [0, 1] -> same shape. The two on/off decisions are drawn once per call ("p = 0.2" means
-    *applied when u > 0.2*, i.e. with probability 0.8, exactly as DAFormer's code reads); jitter factors and the
-    blur sigma are drawn per image. Our colour jitter (kornia is not a dependency): brightness additive
-    U(-s, s), contrast and saturation factors U(1 - s, 1 + s) (blends with the grey mean / the grey image, as
-    torchvision), hue shift U(-s, s) of a full turn; the four in random order, clamped to [0, 1] after each.
-    Blur sigma ~ U(0.15, 1.15). Uses the global (seeded, checkpointed) torch CPU generator.
-    """
-    B = x.shape[0]
-    if torch.rand(()) > jitter_p:
-        s = strength
-        u = lambda: (torch.rand(B) * 2 * s - s).to(x.device, x.dtype).view(B, 1, 1, 1)  # noqa: E731
-        for op in torch.randperm(4).tolist():
-            if op == 0:  # brightness
-                x = x + u()
-            elif op == 1:  # contrast
-                mean = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).mean((1, 2)).view(B, 1, 1, 1)
-                x = mean + (1 + u()) * (x - mean)
-            elif op == 2:  # saturation
-                grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
-                x = grey + (1 + u()) * (x - grey)
-            else:  # hue
-                hsv = _rgb_to_hsv(x)
-                hsv = torch.cat([(hsv[:, :1] + u()) % 1.0, hsv[:, 1:]], 1)
-                x = _hsv_to_rgb(hsv)
-            x = x.clamp(0, 1)
-    if torch.rand(()) > blur_p:
-        sigma = (0.15 + torch.rand(B)).to(x.device, x.dtype)
-        x = _gaussian_blur(x, sigma)
-    return x
 
 
 @torch.no_grad()

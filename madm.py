@@ -14,10 +14,10 @@ teacher labelling the target crop, ClassMix, quality-weighted pseudo labels. Two
 
 Paper (Fig. 2) -> code [official files]
   SD UNet, learnable prompt and time offset .. Conditioning, TimeOffsetHook, madm_forward [ldm_diffusers.py]
-  Head: DAFormer fusion of s0, f8, f16, f32 .. Bottleneck, DAFormerHead, SegHead [daformer_head.py]
+  Head: DAFormer fusion of s0, f8, f16, f32 .. Bottleneck, SegHead (+ common/heads.py) [daformer_head.py]
   LPLR: palette, latent regression, s0 ....... palette_image, palette_latent, loss_lplr [mtmadise.py]
   DPLG: noised teacher pass, pseudo labels ... dplg_timestep, pseudo_labels [mtmadise.py]
-  Self-training: EMA, ClassMix, augmentation . ema_update, class_mix_masks, class_mix, strong_augment,
+  Self-training: EMA, ClassMix, augmentation . ema_update, class_mix_masks, class_mix, (common/augment.py)
                                                ce_all_pixels [cmdise.py, dacs_transforms.py, criterion.py]
   Optimisation: AdamW, clip 0.01, LR steps ... make_optimizer, lr_factor [config_files/common/optim.py]
   One optimizer step, all of it assembled .... train_step
@@ -78,6 +78,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import console, metrics, runtime
+from common.heads import DAFormerHead
+from common.augment import strong_augment
 from common.datasets import CLASS_SETS, PALETTES, RareClassSampling, TrainStream, build_dataset, check_pair
 from common.runtime import UserError
 from common.sd_backbone import FeatureCapture, add_noise, encode_prompts, load_sd, vae_decode, vae_encode
@@ -293,57 +295,6 @@ class Bottleneck(nn.Module):
         return F.relu(h + self.norm_sc(self.shortcut(x)))
 
 
-class ConvBNReLU(nn.Sequential):
-    """mmcv ConvModule(conv, BN, ReLU): bias-free conv, Kaiming-normal (fan_out, relu), BN weight 1 / bias 0."""
-
-    def __init__(self, c_in: int, c_out: int, k: int = 1, dilation: int = 1, groups: int = 1):
-        conv = nn.Conv2d(c_in, c_out, k, padding=dilation * (k // 2), dilation=dilation, groups=groups, bias=False)
-        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-        bn = nn.BatchNorm2d(c_out)
-        nn.init.ones_(bn.weight)
-        nn.init.zeros_(bn.bias)
-        super().__init__(conv, bn, nn.ReLU(inplace=True))
-
-
-class DAFormerHead(nn.Module):
-    """DAFormer context-aware fusion head (Hoyer et al. 2022, `daformer_head.py`, config `sep_aspp`).
-
-    Per level a per-pixel Linear C_i -> 256 (no norm, no activation); every level bilinearly resized to the size of
-    the first (finest) level; concat; separable ASPP with dilations (1, 6, 12, 18) and no image pooling (d = 1:
-    1x1 conv; else depthwise 3x3 dilated + pointwise 1x1, each conv + BN + ReLU); concat -> 3x3 bottleneck;
-    Dropout2d(0.1); 1x1 classifier with bias (PyTorch default init; callers may re-initialise `conv_seg`).
-
-    forward(feats: list of (B, C_i, H_i, W_i), finest first) -> logits (B, K, H_0, W_0).
-    """
-
-    def __init__(self, in_channels: list[int], num_classes: int, channels: int = 256,
-                 dilations: tuple[int, ...] = (1, 6, 12, 18), dropout: float = 0.1):
-        super().__init__()
-        self.embed = nn.ModuleList(nn.Linear(c, channels) for c in in_channels)
-        c_cat = channels * len(in_channels)
-        self.aspp = nn.ModuleList(
-            ConvBNReLU(c_cat, channels, 1) if d == 1 else
-            nn.Sequential(ConvBNReLU(c_cat, c_cat, 3, dilation=d, groups=c_cat), ConvBNReLU(c_cat, channels, 1))
-            for d in dilations)
-        self.bottleneck = ConvBNReLU(channels * len(dilations), channels, 3)
-        self.dropout = nn.Dropout2d(dropout)
-        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
-
-    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        H, W = feats[0].shape[-2:]
-        x = []
-        for f, embed in zip(feats, self.embed):
-            e = embed(f.flatten(2).transpose(1, 2)).transpose(1, 2)           # (B, 256, h*w) per-pixel Linear
-            e = e.reshape(f.shape[0], -1, *f.shape[-2:])                       # (B, 256, h, w)
-            if e.shape[-2:] != (H, W):
-                e = F.interpolate(e, size=(H, W), mode="bilinear", align_corners=False)
-            x.append(e)
-        x = torch.cat(x, 1)                                                    # (B, 256 * L, H, W)
-        x = torch.cat([branch(x) for branch in self.aspp], 1)                  # (B, 256 * 4, H, W)
-        x = self.bottleneck(x)                                                 # (B, 256, H, W)
-        return self.conv_seg(self.dropout(x))                                  # (B, K, H, W)
-
-
 class SegHead(nn.Module):
     """Everything the teacher EMA covers: conditioning + 4 projections + DAFormer head (official cmdise.py).
     Levels (official): s0 = decoded LPLR image 3 -> 128, s3 = f8 -> 512, s4 = f16 -> 512, s5 = f32 -> 512."""
@@ -483,83 +434,6 @@ def class_mix(M: torch.Tensor, x_s: torch.Tensor, x_t: torch.Tensor, y_s: torch.
     y_m = torch.where(M[:, 0] > 0, y_s, y_hat)
     w_m = M[:, 0] + (1 - M[:, 0]) * q
     return x_m, y_m, w_m
-
-
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) RGB in [0, 1] -> HSV in [0, 1] (hue as a fraction of a full turn)."""
-    r, g, b = x.unbind(1)
-    v, _ = x.max(1)
-    c = v - x.min(1)[0]
-    s = torch.where(v > 0, c / v.clamp_min(1e-8), torch.zeros_like(v))
-    cc = c.clamp_min(1e-8)
-    h = torch.where(v == r, ((g - b) / cc) % 6, torch.where(v == g, (b - r) / cc + 2, (r - g) / cc + 4))
-    h = torch.where(c > 0, h / 6, torch.zeros_like(h))
-    return torch.stack([h, s, v], 1)
-
-
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of `_rgb_to_hsv`."""
-    h, s, v = x.unbind(1)
-    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], 1)  # (B, 3, H, W)
-    return v[:, None] - (v * s)[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
-
-
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur with DAFormer's kernel size: k = ceil(0.1 * side), minus 1 if even (51 at 512).
-
-    x (B, C, H, W), sigma (B,) -> (B, C, H, W); reflect padding (kornia's default border).
-    """
-    B, C, H, W = x.shape
-    out = []
-    for i in range(B):
-        xi = x[i:i + 1]
-        for dim, side in ((2, H), (3, W)):
-            k = math.ceil(0.1 * side)
-            k = k - 1 if k % 2 == 0 else k
-            if k < 3:
-                continue  # a 1-tap kernel is the identity
-            t = torch.arange(k, device=x.device, dtype=x.dtype) - (k - 1) / 2
-            g = torch.exp(-0.5 * (t / sigma[i]) ** 2)
-            g = (g / g.sum()).view(1, 1, -1, 1) if dim == 2 else (g / g.sum()).view(1, 1, 1, -1)
-            pad = (0, 0, k // 2, k // 2) if dim == 2 else (k // 2, k // 2, 0, 0)
-            xi = F.conv2d(F.pad(xi, pad, mode="reflect"), g.expand(C, 1, *g.shape[2:]), groups=C)
-        out.append(xi)
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def strong_augment(x: torch.Tensor, jitter_p: float = 0.2, strength: float = 0.2, blur_p: float = 0.5) -> torch.Tensor:
-    """DACS strong augmentation of the mixed image (DAFormer `strong_transform`: color_jitter + gaussian_blur).
-
-    x (B, 3, H, W) in [0, 1] -> same shape. The two on/off decisions are drawn once per call ("p = 0.2" means
-    *applied when u > 0.2*, i.e. with probability 0.8, exactly as DAFormer's code reads); jitter factors and the
-    blur sigma are drawn per image. Our colour jitter (kornia is not a dependency): brightness additive
-    U(-s, s), contrast and saturation factors U(1 - s, 1 + s) (blends with the grey mean / the grey image, as
-    torchvision), hue shift U(-s, s) of a full turn; the four in random order, clamped to [0, 1] after each.
-    Blur sigma ~ U(0.15, 1.15). Uses the global (seeded, checkpointed) torch CPU generator.
-    """
-    B = x.shape[0]
-    if torch.rand(()) > jitter_p:
-        s = strength
-        u = lambda: (torch.rand(B) * 2 * s - s).to(x.device, x.dtype).view(B, 1, 1, 1)  # noqa: E731
-        for op in torch.randperm(4).tolist():
-            if op == 0:  # brightness
-                x = x + u()
-            elif op == 1:  # contrast
-                mean = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).mean((1, 2)).view(B, 1, 1, 1)
-                x = mean + (1 + u()) * (x - mean)
-            elif op == 2:  # saturation
-                grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
-                x = grey + (1 + u()) * (x - grey)
-            else:  # hue
-                hsv = _rgb_to_hsv(x)
-                hsv = torch.cat([(hsv[:, :1] + u()) % 1.0, hsv[:, 1:]], 1)
-                x = _hsv_to_rgb(hsv)
-            x = x.clamp(0, 1)
-    if torch.rand(()) > blur_p:
-        sigma = (0.15 + torch.rand(B)).to(x.device, x.dtype)
-        x = _gaussian_blur(x, sigma)
-    return x
 
 
 def ce_all_pixels(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
