@@ -68,10 +68,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from common import console, datasets as cd, metrics, runtime
+from common import console, datasets as cd, metrics, runtime, synthetic
 from common.console import UserError
 from common.sd_backbone import AttentionStore, FeatureCapture, encode_prompts, load_sd, vae_encode
-from common.synthetic import ensure_synthetic_sample
 
 
 @dataclass
@@ -85,6 +84,8 @@ class Args:
     """auto | cpu | cuda"""
     precision: str = "auto"
     """auto | fp32 | bf16 | fp16: autocast of the trained parts, storage of the frozen SD (fp32: all fp32)"""
+    deterministic: bool = False
+    """CUDA: deterministic cuDNN/cuBLAS, same-seed runs bit-identical on one GPU model (slower)"""
     grad_checkpointing: bool = False
     """recompute the frozen UNet's activations in backward: less memory, same gradients (our choice)"""
     resume: bool = False
@@ -430,16 +431,15 @@ def poly_warmup_factor(step: int, total: int, warmup_iters: int, warmup_ratio: f
 
 
 def make_optimizer(model: PTDiffSeg, args: Args) -> torch.optim.Optimizer:
-    """AdamW (0.9, 0.999): head weights and biases (lr 6e-4, wd 0.01), head norm layers (lr 6e-4, wd 0:
-    DAFormer's `norm decay_mult=0.0`), adapter incl. gamma (lr 6e-5, wd 0.01); `base_lr` feeds the schedule"""
+    """AdamW (default betas 0.9, 0.999): head weights and biases (lr 6e-4, wd 0.01), head norm layers (lr 6e-4,
+    wd 0: DAFormer's `norm decay_mult=0.0`), adapter incl. gamma (lr 6e-5, wd 0.01); `base_lr` feeds the LR"""
     norms = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)  # any norm a head may hold
     decay, no_decay = [], []
     for m in [*model.neck.modules(), *model.head.modules()]:  # by layer type: mmcv matched names with "norm"
         (no_decay if isinstance(m, norms) else decay).extend(m.parameters(recurse=False))
     groups = [(decay, args.lr, args.weight_decay), (no_decay, args.lr, 0.0),  # (params, lr, wd)
               (list(model.adapter.parameters()), args.adapter_lr, args.weight_decay)]
-    return torch.optim.AdamW([dict(params=p, lr=lr, base_lr=lr, weight_decay=wd) for p, lr, wd in groups],
-                             betas=(0.9, 0.999))
+    return torch.optim.AdamW([dict(params=p, lr=lr, base_lr=lr, weight_decay=wd) for p, lr, wd in groups])
 
 
 # ---- The METHOD STEPs: training on the source only; test-time adaptation of the scene token (abstract) ----
@@ -677,7 +677,7 @@ def evaluate(run: SimpleNamespace, step: int, scenes: Optional[dict] = None, tag
 
 # ---- main, and --profile / --estimate-memory: one training step at the requested size, random inputs ---
 def measure(args: Args) -> dict:
-    """One JSON line through runtime.measure; nothing is written, no data or text encoder is needed."""
+    """One JSON line through runtime.measure; nothing written, no data or text encoder needed."""
     K = check_args(args)
     dist, precision = runtime.setup_hardware(args)
     dev, B, S = dist.device, args.batch_size, args.crop_size
@@ -704,7 +704,7 @@ def resolve_args(args: Args) -> Args:
             args, sd_model="tiny", data_root="data/synthetic", crop_size=64, out="runs/ptdiffseg-demo",
             iters=50, eval_every=50, log_every=10, ckpt_every=50, warmup_iters=5, lr=6e-3, adapter_lr=6e-4,
             eval_stride=43, ttda=not args.baseline, ttda_steps=20, ttda_lr=1e-2, ttda_threshold=0.5)
-        ensure_synthetic_sample(args.data_root)
+        synthetic.ensure_synthetic_sample(args.data_root)
     return replace(args, out=args.out or f"runs/ptdiffseg-{args.src}-{args.tgt.replace(',', '+')}")
 
 

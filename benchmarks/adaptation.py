@@ -36,14 +36,14 @@ sys.path.insert(0, str(ROOT))
 # One entry per compared pair. `full` and `base` are the extra flags of the two variants; `iters` the steps of both
 # (for ICCLD: stage 1 and stage 2); `read` names how the target mIoU is read from the run's metrics.json.
 METHODS = {
-    "MADM": dict(script="madm.py", src="cityscapes", tgt="dsec_event", iters=["--iters", "200"],
+    "MADM": dict(script="madm.py", src="cityscapes", tgt="dsec_event", iters=["--iters", "400"],
                  full=[], base=["--source-only"], read="madm"),
     "ICCLD": dict(script="iccld.py", src="gta5", tgt="cityscapes",
-                  iters=["--iters", "200", "--iters-stage2", "60"], full=[], base=["--source-only"], read="iccld"),
+                  iters=["--iters", "400", "--iters-stage2", "120"], full=[], base=["--source-only"], read="iccld"),
     "PTDiffSeg": dict(script="ptdiffseg.py", src="gta5", tgt="cityscapes",
-                      iters=["--iters", "150", "--ttda-steps", "30"], full=[], base=["--baseline"],
+                      iters=["--iters", "300", "--ttda-steps", "60"], full=[], base=["--baseline"],
                       read="ptdiffseg"),
-    "DIFF": dict(script="diff.py", src="gta5", tgt="cityscapes", iters=["--iters", "150"], full=[],
+    "DIFF": dict(script="diff.py", src="gta5", tgt="cityscapes", iters=["--iters", "300"], full=[],
                  base=["--baseline"], read="diff"),
 }
 SAMPLE = dict(n_train=48, n_eval=24, seed=0, shift=1.0)  # 48 train / 24 eval images per dataset

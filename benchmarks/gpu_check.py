@@ -31,6 +31,8 @@ PAPER = [
     ("ICCLD stage 2", "iccld.py", ["--sd-model", "random-sd15", "--crop-size", "512", "--stage", "2"]),
 ]
 DEMOS = [("MADM", "madm.py"), ("PTDiffSeg", "ptdiffseg.py"), ("DIFF", "diff.py"), ("ICCLD", "iccld.py")]
+# --dry-run: two steps of every loop a demo runs (ICCLD's two stages, PTDiffSeg's training and TTDA)
+DRY_DEMO = {"madm.py": [], "ptdiffseg.py": ["--ttda-steps", "2"], "diff.py": [], "iccld.py": ["--iters-stage2", "2"]}
 
 
 def tiny(flags: list[str]) -> list[str]:
@@ -52,9 +54,12 @@ def run(cmd: list[str], env: dict) -> dict:
     t = time.time()
     r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, env=env)
     res = {"command": "python " + " ".join(cmd), "returncode": r.returncode, "seconds": round(time.time() - t, 1)}
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    if r.returncode == 0 and lines:
-        res["result"] = json.loads(lines[-1])
+    for line in reversed(r.stdout.splitlines()):  # the JSON line of --profile / --estimate-memory
+        try:
+            res["result"] = json.loads(line)
+            break
+        except ValueError:
+            continue
     if r.returncode != 0:
         res["stderr"] = r.stderr[-2000:]
     return res
@@ -97,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         for prec in ("auto", "fp16"):
             cmd = [script, "--demo", "--device", device, "--precision", prec, "--out",
                    str(work / f"{script[:-3]}-{prec}")]
-            demo_jobs.append((name, prec, cmd + (["--iters", "2", "--eval-every", "2"] if dry else [])))
+            dry_flags = ["--iters", "2", "--eval-every", "2", *DRY_DEMO[script]] if dry else []
+            demo_jobs.append((name, prec, cmd + dry_flags))
     with cf.ThreadPoolExecutor(2) as pool:
         for (name, prec, _), res in zip(demo_jobs, pool.map(lambda j: run(j[2], env), demo_jobs)):
             record["demos"].append({"method": name, "precision": prec, **res})

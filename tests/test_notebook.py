@@ -67,7 +67,7 @@ def _colab_cells() -> list[str]:
 def test_readme_colab_cells_run_in_order_in_a_kernel(tmp_path):
     """Every Python cell of the README's Colab section, in order, except the first (clone + install). Drive is a
     local folder holding the synthetic sample; the real run (cell 5) is shrunk to the tiny SD and two steps by
-    adding `demo=True, iters=2` to its Args, so it runs the same code path with the cell's own flags."""
+    adding `demo=True, iters=2, ttda_steps=1` to its Args, so it runs the same code path with the cell's own flags."""
     cells = _colab_cells()
     assert len(cells) >= 5 and all(ln.startswith(("!", "%", "#")) for ln in cells[0].strip().splitlines())
     drive_root = tmp_path / "content" / "drive"
@@ -75,7 +75,7 @@ def test_readme_colab_cells_run_in_order_in_a_kernel(tmp_path):
     for code in cells[1:]:
         code = code.replace("/content/drive", str(drive_root))
         if "from google.colab import drive" not in code and "Args(src=" in code:
-            code = code.replace("Args(src=", "Args(demo=True, iters=2, src=", 1)
+            code = code.replace("Args(src=", "Args(demo=True, iters=2, ttda_steps=1, src=", 1)
         runnable.append(code)
     assert any("demo=True, iters=2" in c for c in runnable), "the real-run cell was not found"
     r = _kernel(f"""
@@ -111,7 +111,7 @@ def test_readme_colab_cells_run_in_order_in_a_kernel(tmp_path):
     assert any(p.endswith(".png") and "predictions" in p for p in res["shown"])
     assert any(p.endswith("curves.png") for p in res["shown"])
     assert "resumed from" in r.stdout
-    run = drive_root / "MyDrive" / "runs" / "madm-dsec_event"
+    run = drive_root / "MyDrive" / "runs" / "ptdiffseg-gta5-cityscapes"
     assert (run / "metrics.json").exists() and list((run / "checkpoints").glob("step_*"))
 
 
