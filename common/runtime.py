@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
 from common.console import UserError, log, progress  # noqa: F401  (re-exported for the method files)
 from common.datasets import DATASETS
@@ -270,6 +271,22 @@ def choose_precision(name: str, device: torch.device) -> Precision:
     return Precision(dtype, name == "fp16", dtype, dev, why + scaler + f"; frozen parts stored in {name}")
 
 
+def checkpointed(enabled: bool, fn: Callable[..., Any], *xs: Any) -> Any:
+    """`fn(*xs)`, its activations recomputed in backward instead of stored when `enabled` (a `--grad-checkpointing`
+    memory knob: same values and gradients, less memory, one more forward of `fn` per backward).
+
+    Args:
+        enabled: checkpoint `fn`; ignored under `torch.no_grad()` (nothing is stored there anyway).
+        fn: a module or function of tensors.
+        xs: its inputs.
+    Returns:
+        `fn(*xs)`, through `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)` when enabled.
+    """
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *xs, use_reentrant=False)
+    return fn(*xs)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # torchrun / DistributedDataParallel
 # --------------------------------------------------------------------------------------------------------------
@@ -496,6 +513,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return weights, state
 
 
+def named_weights(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Several named modules as one flat weights dict, the form a checkpoint stores.
+
+    Args:
+        modules: {name: module}, e.g. {"net": net, "net_ema": net_ema}.
+    Returns:
+        {"<name>.<state_dict key>": tensor} over every module (the tensors themselves, not copies).
+    """
+    return {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+
+
+def weights_of(weights: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The state dict of the module `name` inside a flat `named_weights` dict.
+
+    Args:
+        weights: {"<name>.<key>": tensor}, e.g. from `load_checkpoint`.
+        name: a module name; "net" does not match "net_ema.*".
+    Returns:
+        {key: tensor} of every entry under "<name>.", the prefix removed; {} when there is none.
+    """
+    return {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
+
+
 def require_ckpt(args: Any) -> None:
     """`--eval-only` needs `--ckpt`."""
     if getattr(args, "eval_only", False) and not getattr(args, "ckpt", None):
@@ -546,6 +586,35 @@ class Checkpointer:
         if self.is_main:
             log(f"resumed from {path} at step {state.get('step', 0)}")
         return weights, state
+
+    def save_parts(self, step: int, modules: dict[str, torch.nn.Module], stateful: dict[str, Any],
+                   state: Optional[dict] = None) -> Optional[Path]:
+        """`save` of several named modules and stateful objects in one call; `resume_parts` reads it back.
+
+        Args:
+            step: number of optimizer steps done.
+            modules: {name: module}; stored as weights "<name>.<key>" (`named_weights`).
+            stateful: {name: object with state_dict()} (optimizers, GradScalers); stored in state.pt under name.
+            state: anything else for state.pt (e.g. the args).
+        Returns:
+            the checkpoint folder (None on ranks > 0).
+        """
+        objs = {k: o.state_dict() for k, o in stateful.items()}
+        return self.save(step, named_weights(modules), {**(state or {}), **objs})
+
+    def resume_parts(self, modules: dict[str, torch.nn.Module], stateful: dict[str, Any],
+                     map_location: str | torch.device = "cpu") -> dict:
+        """`resume`, then load what `save_parts` stored into each module (strict) and each stateful object.
+
+        Returns:
+            the state dict; `state["step"]` is the number of optimizer steps done.
+        """
+        weights, state = self.resume(map_location)
+        for name, m in modules.items():
+            m.load_state_dict(weights_of(weights, name))
+        for name, o in stateful.items():
+            o.load_state_dict(state[name])
+        return state
 
 
 def validate_args(args: Any, crop_multiple: int = 8) -> None:
@@ -635,6 +704,64 @@ def check_finite(loss: torch.Tensor, step: int, out_dir: Optional[str | Path] = 
         keep = f" The last good checkpoint is '{last}'; --resume continues from it." if last else ""
         raise UserError(f"error: training: non-finite loss ({loss.item()}) at step {step}. Expected a finite loss; "
                         f"lower --lr or use --precision fp32.{keep}")
+
+
+def log_args(out: str | Path, args: Any, dist: Dist, precision: Precision) -> None:
+    """Start of a run (rank 0): print `args: {...}` (one JSON line) and `device cpu: <why this precision>`, and
+    store the args in `<out>/metrics.json` under "args".
+
+    Args:
+        out: the run folder (already checked by `prepare_out_dir`).
+        args: the method's `Args` dataclass instance.
+        dist: `setup_hardware`'s Dist; only rank 0 prints and writes.
+        precision: `setup_hardware`'s Precision; its `reason` is printed.
+    """
+    if dist.is_main:
+        log("args: " + json.dumps(_to_jsonable(args)) + f"\ndevice {dist.device}: {precision.reason}")
+        write_metrics(out, args, key="args")
+
+
+def log_eval(out: Optional[str | Path], res: dict, step: int, tags: dict[str, str], is_main: bool = True) -> dict:
+    """Report one evaluation: print its per-class table and one line
+    `eval step 2000 | mIoU 41.70 | input 512x512 | metric 512x512 | <tag values>` (mIoU16 / mIoU13 after the mIoU
+    when present), and append the record to `<out>/metrics.json` under "evals".
+
+    Args:
+        out: the run folder (None = print only).
+        res: what `metrics.evaluate` returned: "table", "miou", "resolution" ("input HxW, metric at HxW"),
+            maybe "miou16" / "miou13".
+        step: number of optimizer steps done.
+        tags: what was evaluated, e.g. {"path": "stage1 direct"}: in the record, and its values end the line.
+        is_main: only rank 0 prints and writes.
+    Returns:
+        the record: {"step", **tags, every entry of `res` but "table" and "confusion"}.
+    """
+    record = {"step": step, **tags, **{k: v for k, v in res.items() if k not in ("table", "confusion")}}
+    if is_main:
+        parts = [f"eval step {step}", f"mIoU {100 * res['miou']:.2f}"]
+        parts += [f"mIoU{k[4:]} {100 * res[k]:.2f}" for k in ("miou16", "miou13") if k in res]
+        parts += [res["resolution"].replace(", metric at ", " | metric "), *map(str, tags.values())]
+        log(res["table"] + "\n" + " | ".join(parts))
+        if out is not None:
+            write_metrics(out, record)
+    return record
+
+
+def finish_run(out: str | Path, result: dict, dist: Dist, timer: "RunTimer") -> None:
+    """End of a run (rank 0): print `done in 93.2 s | peak memory 2.41 GB`, store `result` in `<out>/metrics.json`
+    under "final" and draw `<out>/curves.png` (`write_curves`).
+
+    Args:
+        out: the run folder.
+        result: the run's final metrics.
+        dist: `setup_hardware`'s Dist (device for the memory peak; only rank 0 prints and writes).
+        timer: a `RunTimer` made when the timed part began (its `t0`).
+    """
+    if dist.is_main:
+        mem = peak_memory_gb(dist.device)
+        log(f"done in {time.perf_counter() - timer.t0:.1f} s | peak memory {mem:.2f} GB")
+        write_metrics(out, result, key="final")
+        write_curves(out)
 
 
 class RunTimer:

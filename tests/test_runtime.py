@@ -488,3 +488,97 @@ def test_estimate_memory_under_fp16_holds_the_optimizer_state_of_a_real_step():
         return step, [lin, opt]
     res = runtime.estimate_memory(build)
     assert res["optimizer_state_bytes"] >= 2 * 4 * (1000 * 1000 + 1000)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers that take plumbing out of the method files
+# ----------------------------------------------------------------------------------------------------------------
+def test_named_weights_and_checkpointer_parts_round_trip(tmp_path):
+    """save_parts stores several named modules ("<name>.<key>") and optimizer / scaler states in one call;
+    resume_parts puts every tensor and state back (RNG restored, step returned); "net" never picks up
+    "net_ema.*" entries."""
+    torch.manual_seed(0)
+    net, net_ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    opt, scaler = torch.optim.AdamW(net.parameters(), lr=0.1), torch.amp.GradScaler("cpu", init_scale=8.0)
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    flat = runtime.named_weights({"net": net, "net_ema": net_ema})
+    assert set(flat) == {"net.weight", "net.bias", "net_ema.weight", "net_ema.bias"}
+    assert set(runtime.weights_of(flat, "net")) == {"weight", "bias"}
+    assert torch.equal(runtime.weights_of(flat, "net_ema")["weight"], net_ema.weight)
+    assert runtime.weights_of(flat, "unet") == {}
+    ck = runtime.Checkpointer(tmp_path, every=1)
+    ck.save_parts(5, {"net": net, "net_ema": net_ema}, {"opt": opt, "scaler": scaler}, {"args": {"lr": 0.1}})
+    expected, saved = torch.rand(3), copy.deepcopy((net.state_dict(), net_ema.state_dict(), opt.state_dict()))
+    net2, ema2 = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    opt2, scaler2 = torch.optim.AdamW(net2.parameters(), lr=0.1), torch.amp.GradScaler("cpu")
+    state = ck.resume_parts({"net": net2, "net_ema": ema2}, {"opt": opt2, "scaler": scaler2})
+    assert state["step"] == 5 and state["args"] == {"lr": 0.1}
+    assert torch.equal(torch.rand(3), expected)                     # RNG restored
+    for got, ref in ((net2.state_dict(), saved[0]), (ema2.state_dict(), saved[1])):
+        assert all(torch.equal(got[k], ref[k]) for k in ref)
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], saved[2]["state"][0]["exp_avg"])
+    assert scaler2.get_scale() == 8.0
+    with pytest.raises(RuntimeError):                                # a module the checkpoint does not hold
+        ck.resume_parts({"disc": torch.nn.Linear(3, 2)}, {})
+
+
+def test_log_eval_prints_the_table_and_one_line_and_appends_the_record(tmp_path, capsys):
+    res = {"table": "per-class table", "miou": 0.417, "miou16": 0.5, "miou13": 0.25, "per_class_iou": [0.1],
+           "resolution": "input 512x1024, metric at native label size", "confusion": [[1, 0], [0, 1]]}
+    rec = runtime.log_eval(tmp_path, res, 2000, {"path": "stage1 direct"})
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["per-class table", "eval step 2000 | mIoU 41.70 | mIoU16 50.00 | mIoU13 25.00 | input 512x1024 | "
+                                      "metric native label size | stage1 direct"]
+    stored = json.loads((tmp_path / "metrics.json").read_text())["evals"]
+    assert stored == [rec] and rec == {"step": 2000, "path": "stage1 direct", "miou": 0.417, "miou16": 0.5,
+                                       "miou13": 0.25, "per_class_iou": [0.1],
+                                       "resolution": "input 512x1024, metric at native label size"}
+    runtime.log_eval(tmp_path, res, 3000, {"path": "x"}, is_main=False)   # other ranks: silent, nothing written
+    assert capsys.readouterr().out == ""
+    runtime.log_eval(None, res, 4000, {})                                # no run folder: print only
+    assert len(json.loads((tmp_path / "metrics.json").read_text())["evals"]) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == ("eval step 4000 | mIoU 41.70 | mIoU16 50.00 | mIoU13 25.00 "
+                                                       "| input 512x1024 | metric native label size")
+
+
+def test_log_args_and_finish_run_write_the_run_records(tmp_path, capsys):
+    cpu = torch.device("cpu")
+    dist, prec = runtime.Dist(0, 1, 0, cpu), runtime.choose_precision("fp32", cpu)
+    runtime.log_args(tmp_path, _Args(lr=0.5), dist, prec)
+    lines = capsys.readouterr().out.splitlines()
+    assert json.loads(lines[0].removeprefix("args: "))["lr"] == 0.5 and lines[1] == f"device cpu: {prec.reason}"
+    assert json.loads((tmp_path / "metrics.json").read_text())["args"]["sizes"] == [1, 2]
+    timer = runtime.RunTimer()
+    timer.t0 -= 2.0                                                  # the timed part took 2 s
+    runtime.finish_run(tmp_path, {"miou": 0.5}, dist, timer)
+    out = capsys.readouterr().out
+    assert out.startswith("done in 2.0 s | peak memory ") and out.splitlines()[0].endswith(" GB")
+    assert json.loads((tmp_path / "metrics.json").read_text())["final"] == {"miou": 0.5}
+    assert (tmp_path / "curves.png").exists() or "curves.png skipped" in out
+    other = tmp_path / "rank1"
+    other.mkdir()
+    for fn in (lambda: runtime.log_args(other, _Args(), runtime.Dist(1, 2, 1, cpu), prec),
+               lambda: runtime.finish_run(other, {}, runtime.Dist(1, 2, 1, cpu), timer)):
+        fn()
+    assert capsys.readouterr().out == "" and not list(other.iterdir())
+
+
+def test_checkpointed_recomputes_in_backward_with_the_same_gradients():
+    w, calls = torch.nn.Parameter(torch.randn(4)), []
+
+    def fn(x):
+        calls.append(1)
+        return (x * w).sin()
+    x, grads = torch.randn(4), []
+    for enabled in (False, True):
+        calls.clear()
+        w.grad = None
+        runtime.checkpointed(enabled, fn, x).sum().backward()
+        grads.append(w.grad.clone())
+        assert len(calls) == (2 if enabled else 1)                  # checkpointed: fn runs again in backward
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    calls.clear()
+    with torch.no_grad():
+        runtime.checkpointed(True, fn, x)
+    assert len(calls) == 1
