@@ -28,17 +28,16 @@ Deviations and choices (ours unless a source is named)
     jitter when u > 0.2 and blur when u > 0.5, CE over all pixels; a backward per pass (same gradient).
  4. Stage 2: conv_in widened 4 -> 8 with zero weights (InstructPix2Pix); eps loss on source GT, mixed and
     target pseudo-label latents, pixel weights pooled 8x8; pseudo labels from the frozen D(E(x)).
- 5. The discriminator judges what inference produces: x0_hat from pure noise at t = T_train - 1 (the first
-    sampling step), in the eps-loss UNet batch. At small t the eps loss's x0_hat is nearly the label latent
-    (black ignore pixels only in source labels), which would teach the domain of the labels; no label enters
-    the adversarial path. LSGAN (ADVENT: BCE), source vs. mixed + target, lambda 1e-3 (ADVENT).
+ 5. The discriminator (LSGAN, ADVENT: BCE; lambda 1e-3, ADVENT) judges source vs. mixed + target x0_hat
+    from pure noise at t = T_train - 1 as inference makes it (first sampling step), in the eps-loss UNet call;
+    at small t x0_hat is nearly the label latent, whose black ignore pixels (source only) reveal the domain.
  6. Inference: DDIM, eta 0, "trailing" timesteps (T = 3: 999, 666, 332), z_T reseeded at each evaluation;
     unet_ema evaluated, plus D(E(x)) of net_ema (ablation row); mmseg resizing, native-size metric.
  7. AdamW wd 0.01, 0 on norm layers (DAFormer's paramwise_cfg); lr 6e-5, new layers 6e-4; warm-up 1500,
     poly 1 (DAFormer); discriminator Adam 1e-4, (0.9, 0.99), poly 0.9 (ADVENT). 40000 + 20000 iterations.
  8. Frozen parts in the precision's half dtype; EMA copies fp32 (a 0.001 EMA step vanishes in half precision).
- 9. --source-only, the baseline row: source losses only (stage 1: no pseudo labels, no mix, EMA copy still
-    evaluated; stage 2: no discriminator, source latents only).
+ 9. --source-only, the baseline row: source losses only (no pseudo labels, mix, target latent, discriminator);
+    the EMA copies are still the evaluated models.
 
 Commands (memory: --estimate-memory's predicted peak, bf16, batch 2, crop 512)
   full run (stage 1 18 GB, stage 2 27 GB: a 32 GB+ GPU):  python iccld.py --src gta5 --tgt cityscapes
@@ -53,19 +52,16 @@ Commands (memory: --estimate-memory's predicted peak, bf16, batch 2, crop 512)
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
-import json
-import math
-from dataclasses import dataclass
+from collections import namedtuple
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from diffusers import DDIMScheduler
 from safetensors import safe_open
 
@@ -130,8 +126,7 @@ class Args:
     stage1_ckpt: Optional[str] = None
     """stage-1 checkpoint (or run folder) that --stage 2 starts from; --stage both uses its own"""
     source_only: bool = False
-    """baseline row: source losses only (stage 1: no pseudo labels / mix; stage 2: no discriminator, source
-    latents only); our flag"""
+    """baseline row: source losses only (no pseudo labels, mix, target latents or discriminator); our flag"""
     ema_alpha: float = 0.999
     """cap of the EMA ramp min(1 - 1/(i+1), alpha); DAFormer config a999"""
     pseudo_threshold: float = 0.968
@@ -162,19 +157,12 @@ class Args:
 WARMUP_RATIO, POLY_POWER = 1e-6, 1.0     # DAFormer poly10warm.py
 DISC_BETAS, DISC_POLY_POWER = (0.9, 0.99), 0.9  # ADVENT advent/domain_adaptation/config.py
 # --demo: tiny random SD, so no pretrained weights to protect: larger LRs make learning visible in 100 steps
-DEMO = dict(sd_model="tiny", iters=100, iters_stage2=50, crop_size=64, warmup_iters=10, lr=2e-3,
-            new_layer_lr=1e-2, disc_lr=1e-3, pseudo_threshold=0.3, log_every=10, eval_every=10**6,
-            ckpt_every=10**6)
+DEMO = dict(sd_model="tiny", data_root="data/synthetic", out="runs/iccld-demo", iters=100, iters_stage2=50,
+            crop_size=64, warmup_iters=10, lr=2e-3, new_layer_lr=1e-2, disc_lr=1e-3, pseudo_threshold=0.3,
+            log_every=10, eval_every=10**6, ckpt_every=10**6)
 
 
 # ---- E: the SD VAE encoder with skip outputs (Fig. 2, left) ------------------------------------------------
-def checkpointed(enabled: bool, fn, *xs):
-    """fn(*xs), recomputed in backward instead of stored when `enabled` (--grad-checkpointing; tested)."""
-    if enabled and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(fn, *xs, use_reentrant=False)
-    return fn(*xs)
-
-
 class ImageEncoder(nn.Module):
     """E(x) -> (z0, skips): the pretrained SD VAE encoder + quant_conv as an explicit loop, so the inter-coder
     skips can be taken from inside it. x (B, 3, H, W) in [-1, 1] -> z0 (B, 4, H/8, W/8) = posterior mean x
@@ -189,18 +177,18 @@ class ImageEncoder(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        enc, skips = self.encoder, []
+        enc, skips, ck = self.encoder, [], self.grad_checkpointing
         h = enc.conv_in(x)                                        # (B, 128, H, W)
         for blk in enc.down_blocks:
             def run(h, blk=blk):
                 for resnet in blk.resnets:
                     h = resnet(h, temb=None)
                 return h
-            h = checkpointed(self.grad_checkpointing, run, h)     # (B, C_i, H/2^i, W/2^i) = skip f_{2^i}
+            h = runtime.checkpointed(ck, run, h)                  # (B, C_i, H/2^i, W/2^i) = skip f_{2^i}
             skips.append(h)
             for down in blk.downsamplers or []:
                 h = down(h)                                       # stride doubles
-        h = checkpointed(self.grad_checkpointing, enc.mid_block, h)       # (B, 512, H/8, W/8)
+        h = runtime.checkpointed(ck, enc.mid_block, h)            # (B, 512, H/8, W/8)
         moments = self.quant_conv(enc.conv_out(enc.conv_act(enc.conv_norm_out(h))))  # (B, 8, H/8, W/8)
         return moments[:, :4] * self.scaling_factor, skips        # (B, 4, H/8, W/8) posterior mean, scaled
 
@@ -208,13 +196,11 @@ class ImageEncoder(nn.Module):
 # ---- D: segmentation decoder with inter-coder connections (Fig. 2, right) ----------------------------------
 class SegDecoder(nn.Module):
     """D(z, skips) -> logits: post_quant_conv + the pretrained SD VAE decoder, conv_out replaced by K classes.
-
     Inter-coder connection k: a 1x1 conv, weight and bias zero-initialised, added to the *input* of decoder
     up_blocks[k], fed by the encoder skip of the same stride (f8 -> up 0, f4 -> 1, f2 -> 2, f1 -> 3). Zero
     init: D starts as exactly the pretrained decoder (tested) and the skips open up as they learn
     (ControlNet's "zero convolution": no random signal disturbs the pretrained path at first).
-    z (B, 4, h, w) in SD's *scaled* latent space (D divides by the scaling factor) -> logits (B, K, 8h, 8w).
-    """
+    z (B, 4, h, w) in SD's *scaled* latent space (D divides by scaling_factor) -> logits (B, K, 8h, 8w)."""
 
     def __init__(self, vae: nn.Module, num_classes: int, skip_channels: list[int]):
         super().__init__()
@@ -227,18 +213,17 @@ class SegDecoder(nn.Module):
         # up_blocks[k] runs at stride 8 / 2^k and takes the encoder skip of that stride: skips[-1 - k]
         self.skip_convs = nn.ModuleList(nn.Conv2d(skip_channels[-1 - k], blk.resnets[0].in_channels, 1)
                                         for k, blk in enumerate(self.decoder.up_blocks))
-        for conv in self.skip_convs:
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
+        for p in self.skip_convs.parameters():
+            nn.init.zeros_(p)
         self.grad_checkpointing = False
 
     def forward(self, z: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        dec = self.decoder
+        dec, ck = self.decoder, self.grad_checkpointing
         h = dec.conv_in(self.post_quant_conv(z / self.scaling_factor))    # (B, 512, h, w)
-        h = checkpointed(self.grad_checkpointing, dec.mid_block, h)       # (B, 512, h, w)
+        h = runtime.checkpointed(ck, dec.mid_block, h)            # (B, 512, h, w)
         for k, blk in enumerate(dec.up_blocks):
             h = h + self.skip_convs[k](skips[-1 - k])             # inter-coder connection at stride 8 / 2^k
-            h = checkpointed(self.grad_checkpointing, blk, h)     # (B, C_k, 2h, 2w); last block: no upsample
+            h = runtime.checkpointed(ck, blk, h)                  # (B, C_k, 2h, 2w); last block: no upsample
         return dec.conv_out(dec.conv_act(dec.conv_norm_out(h)))   # (B, K, H, W) logits at full resolution
 
 
@@ -292,11 +277,9 @@ class LabelLatents(nn.Module):
 @torch.no_grad()
 def pseudo_labels(net_ema: ICCLDNet, x_t: torch.Tensor, threshold: float, rows: tuple[int, int]):
     """Pseudo labels from net_ema's direct path on the clean target crop (DAFormer `dacs.py`).
-
     x_t (B, 3, H, W) in [0, 1] -> y_hat (B, H, W) argmax, q scalar = mean(p_max >= threshold) over the batch
     (one scalar per batch, not a per-pixel mask: DAFormer's choice, kept), w_t (B, H, W) = q except the
-    `rows` = (top, bottom) rows set to 0 (Cityscapes ego car / borders).
-    """
+    `rows` = (top, bottom) rows set to 0 (Cityscapes ego car / borders)."""
     p_max, y_hat = net_ema.direct(x_t).float().softmax(1).max(1)  # (B, H, W) each
     q = (p_max >= threshold).float().mean()
     w_t = torch.full_like(p_max, float(q))
@@ -410,8 +393,7 @@ def widen_conv_in(unet: nn.Module, extra: int = 4) -> nn.Module:
     old = unet.conv_in
     new = nn.Conv2d(old.in_channels + extra, old.out_channels, old.kernel_size, old.stride, old.padding)
     with torch.no_grad():
-        new.weight.zero_()
-        new.weight[:, : old.in_channels] = old.weight
+        new.weight.copy_(F.pad(old.weight, (0, 0, 0, 0, 0, extra)))
         new.bias.copy_(old.bias)
     unet.conv_in = new.to(old.weight.device, old.weight.dtype)
     unet.register_to_config(in_channels=old.in_channels + extra)
@@ -511,15 +493,9 @@ def train_step_stage1(net, net_ema: ICCLDNet, lab: LabelLatents, opt, scaler, ba
     return {**{k: v.item() for k, v in logs.items()}, "lr": opt.param_groups[0]["lr"]}
 
 
-@dataclass
-class Frozen:
-    """What stage 2 reads but never trains: stage 1's net_ema (E, D), the label encoder, the "" context
-    (1, 77, d) and the noise schedule with alpha_bar_t = prod(1 - beta_s), (T_train,) on the device."""
-    net: ICCLDNet
-    lab: LabelLatents
-    ctx: torch.Tensor
-    sched: object
-    alpha_bars: torch.Tensor
+# What stage 2 reads but never trains: stage 1's net_ema (E, D), the label encoder, the "" context (1, 77, d)
+# and the noise schedule with alpha_bar_t = prod(1 - beta_s), (T_train,) on the device.
+Frozen = namedtuple("Frozen", "net lab ctx sched alpha_bars")
 
 
 def train_step_stage2(unet, unet_ema, disc, fz: Frozen, opt, opt_d, scaler, batch, j: int, a: Args,
@@ -582,18 +558,15 @@ def train_step_stage2(unet, unet_ema, disc, fz: Frozen, opt, opt_d, scaler, batc
 
 
 # ---- Plumbing: data, the parts of each stage, checkpoints --------------------------------------------------
-@dataclass
-class Setup:
-    """What both stages share, built by `main` before anything is written (the SD parts stay on the CPU)."""
-    args: Args
-    dist: runtime.Dist
-    prec: runtime.Precision
-    K: int
-    sd: sd_backbone.SD
-    ctx: Optional[torch.Tensor] = None                            # (1, 77, d) embedding of "" (stage 2)
-    streams: tuple = ()                                           # source and target TrainStream
-    eval_set: Optional[datasets.SegDataset] = None
-    out: Optional[Path] = None
+# What both stages share, built before anything is written: Args, runtime.Dist and Precision, K classes,
+# the SD parts (on the CPU), the "" embedding (1, 77, d) for stage 2, source / target TrainStreams, eval set,
+# the run folder.
+Setup = namedtuple("Setup", "args dist prec K sd ctx streams eval_set out", defaults=(None, (), None, None))
+
+
+def frozen(module: nn.Module, s: Setup) -> nn.Module:
+    """Frozen parts: no gradients, eval mode, the precision's half dtype (inference only: fp32 not needed)."""
+    return module.requires_grad_(False).eval().to(s.dist.device, s.prec.frozen_dtype)
 
 
 def setup(a: Args, dist: runtime.Dist, prec: runtime.Precision, data: bool = True) -> Setup:
@@ -615,30 +588,18 @@ def setup(a: Args, dist: runtime.Dist, prec: runtime.Precision, data: bool = Tru
     return Setup(a, dist, prec, K, sd, ctx, streams, build(a.tgt, split="val") if data else None)
 
 
-def frozen(module: nn.Module, s: Setup) -> nn.Module:
-    """Frozen parts: no gradients, eval mode, the precision's half dtype (inference only: fp32 not needed)."""
-    return module.requires_grad_(False).eval().to(s.dist.device, s.prec.frozen_dtype)
-
-
-@dataclass
-class Stage:
-    """One stage as its loop sees it: `step(batch, i, args, prec)` = train_step_stage1/2 with the parts bound,
-    the modules and optimizer states a checkpoint stores (by name), the evaluated models, the frozen parts."""
-    step: Callable
-    modules: dict
-    optims: dict
-    evaluated: tuple
-    frozen: list
+# A stage as its loop sees it: step(batch, i, args, prec) = train_step_stage1/2 with its parts bound; the
+# modules and optimizer states a checkpoint stores, by name; the evaluated (net, unet); the frozen parts.
+Stage = namedtuple("Stage", "step modules optims evaluated frozen")
 
 
 def build_stage1(s: Setup) -> Stage:
     """E, D trained in fp32 (autocast does the rest), their EMA copy, the label encoder, AdamW, the scaler."""
-    a = s.args
     net = ICCLDNet(s.sd.vae, s.K).to(s.dist.device).requires_grad_(True).train()   # load_sd froze the VAE
-    net.E.grad_checkpointing = net.D.grad_checkpointing = a.grad_checkpointing
+    net.E.grad_checkpointing = net.D.grad_checkpointing = s.args.grad_checkpointing
     net_ema = copy.deepcopy(net).requires_grad_(False).eval()     # fp32 (header, item 8)
     lab = frozen(LabelLatents(s.sd.vae, datasets.PALETTES[s.K]), s)
-    opt = torch.optim.AdamW(param_groups(net, net.new_parameters(), a), betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(param_groups(net, net.new_parameters(), s.args), betas=(0.9, 0.999))
     scaler = s.prec.make_scaler()
     step = functools.partial(train_step_stage1, s.dist.wrap(net), net_ema, lab, opt, scaler)
     return Stage(step, {"net": net, "net_ema": net_ema}, {"opt": opt, "scaler": scaler}, (net_ema, None),
@@ -665,10 +626,6 @@ def build_stage2(s: Setup, net_w: Optional[dict]) -> Stage:
                  {"opt": opt, "opt_d": opt_d, "scaler": scaler}, (fz.net, unet_ema), [fz.lab])
 
 
-def strip(prefix: str, weights: dict) -> dict:
-    return {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
-
-
 def load_stage1_weights(path: str) -> tuple[dict, int]:
     """(net_ema weights, stage-1 step) of a stage-1 checkpoint folder, its weights file or a run folder."""
     p, fix = Path(path), ("Expected a checkpoint written by iccld.py --stage 1 or --stage both "
@@ -678,135 +635,89 @@ def load_stage1_weights(path: str) -> tuple[dict, int]:
     if p.is_dir() and not (p / "weights.safetensors").exists():
         p = runtime.latest_checkpoint(p / "stage1") or runtime.latest_checkpoint(p) or p
     weights, state = runtime.load_checkpoint(p)
-    if not strip("net_ema", weights):
+    if not (net_w := runtime.weights_of(weights, "net_ema")):
         raise UserError(f"error: --stage1-ckpt: '{path}' holds no net_ema weights. {fix}")
-    return strip("net_ema", weights), state["step"] if state.get("stage") == 1 else state.get("offset", 0)
+    return net_w, state["step"] if state.get("stage") == 1 else state.get("offset", 0)
 
 
-# ---- Training: the loop of one stage, then both stages in order --------------------------------------------
-def train_stage(s: Setup, stage: int, offset: int, resume: bool, net_w=None, miou_direct=None):
-    """Steps, log lines, evaluations and checkpoints of one stage. Checkpoint names and the data stream
-    continue after `offset` (stage 1's steps). Returns (the Stage, its last evaluation)."""
-    a, b, dev = s.args, s.args.batch_size, s.dist.device
-    total = a.iters if stage == 1 else a.iters_stage2
-    st = build_stage1(s) if stage == 1 else build_stage2(s, net_w)
-    ckpt, start = runtime.Checkpointer(s.out, a.ckpt_every, a.keep_ckpts, s.dist.is_main), 0
-    if resume:                                                    # last before the loop: restores the RNGs
-        weights, state = ckpt.resume()
-        for k, m in st.modules.items():
-            m.load_state_dict(strip(k, weights))
-        for k, o in st.optims.items():
-            o.load_state_dict(state[k])
-        offset, start = state["offset"], state["step"] - state["offset"]
-    log = runtime.TrainLog(s.out, total, a.log_every, dev, s.dist.is_main, start, f"[stage {stage}] ",
-                           f"train_log_stage{stage}")
-    adapting(s, stage)
-    last, qs = {}, []
-    for i in range(start, total):
-        # this rank's slice of the global batch; stage 2's stream continues after stage 1's batches
-        src, tgt = (stream.batch(offset + i, s.dist.rank * b, b) for stream in s.streams)
-        logs = st.step((src["image"].to(dev), src["label"].to(dev), tgt["image"].to(dev)), i, a, s.prec)
-        step = i + 1
-        runtime.check_finite(torch.tensor(sum(v for k, v in logs.items() if "loss" in k)), offset + step,
-                             s.out)
-        log.step(step, logs)
-        qs.append(logs.get("q", 0.0))
-        if step % a.eval_every == 0 or step == total:
-            last = evaluate(s, *st.evaluated, step, last.get("miou_direct", miou_direct))
-        if ckpt.due(step, total):
-            ckpt.save(offset + step, {f"{k}.{n}": v for k, m in st.modules.items()
-                                      for n, v in m.state_dict().items()},
-                      {"stage": stage, "offset": offset, "args": dataclasses.asdict(a),
-                       **{k: o.state_dict() for k, o in st.optims.items()}})
-        if stage == 1 and step == total and s.dist.is_main:       # outside the rotation: what --stage 2 reads
-            ema = {f"net_ema.{k}": v for k, v in st.modules["net_ema"].state_dict().items()}
-            runtime.save_checkpoint(s.out / "stage1", step, ema, {"stage": 1, "step": step}, keep=1)
-    log.close()
-    adapting(s, stage, qs)
-    return st, last or evaluate(s, *st.evaluated, total, miou_direct)
-
-
-def adapting(s: Setup, stage: int, qs: Optional[list] = None) -> None:
-    """Says which part adapts to the target (at the start) and how often it acted (q > 0, at the end)."""
-    if not s.dist.is_main or (qs is not None and (s.args.source_only or not qs)):
-        return
-    what = ("nothing (--source-only: source losses only)" if s.args.source_only else
-            "E and D, trained on ClassMix images with net_ema's pseudo labels" if stage == 1 else
-            "eps_theta, on mixed / target pseudo-label latents and against the discriminator (source vs. "
-            "mixed + target x0_hat from pure noise)")
-    console.log(f"[stage {stage}] adapting: {what}" if qs is None else f"[stage {stage}] target side: q > 0 "
-                f"in {sum(q > 0 for q in qs)} of {len(qs)} steps (mean q {sum(qs) / len(qs):.2f})")
-
-
+# ---- Training: stage 1, then stage 2, each one loop over its steps ----------------------------------------
 def train(s: Setup, resume_stage: Optional[int], stage1_w: Optional[dict], offset: int) -> dict:
-    """--stage 1, 2 or both in order; a resumed run continues in its checkpoint's stage."""
-    a, res, miou_direct = s.args, {}, None
-    if a.stage in ("1", "both") and resume_stage != 2:
-        st, res = train_stage(s, 1, 0, resume_stage == 1)
-        stage1_w = {k: v.detach().float().cpu() for k, v in st.modules["net_ema"].state_dict().items()}
-        miou_direct, st = res.get("miou"), None                  # frees stage 1's model and optimizer
-    if a.stage in ("2", "both"):
-        if resume_stage != 2:   # stage 2 draws from its own seeded stream, so --stage 2 --stage1-ckpt X
-            runtime.seed_everything(a.seed + 1)   # reproduces the second half of --stage both bit for bit
-        res = train_stage(s, 2, offset, resume_stage == 2, stage1_w, miou_direct)[1]
-    return final_metrics(res, a.iters if a.stage == "1" else a.iters_stage2, 1 if a.stage == "1" else 2)
-
-
-# ---- Evaluation: one path for training-time evaluation and --eval-only ------------------------------------
-def score(s: Setup, predict_fn, step: int, tag: str, pictures: bool) -> dict:
-    """predict_fn over the target eval split with common.metrics.evaluate and the mmseg / DAFormer protocol
-    (bilinear image resize to the target's eval size without antialias; metric at the native label size);
-    prints the table and the eval line, appends to metrics.json (rank 0)."""
-    info, scale = s.eval_set.info, (1 / 8 if s.args.demo else 1.0)
-    res = metrics.evaluate(predict_fn, s.eval_set, s.K, datasets.CLASS_SETS[s.K],
-                           np.asarray(datasets.PALETTES[s.K]), device=s.dist.device, dist=s.dist,
-                           input_size=lambda hw: datasets.eval_input_size(info.name, hw, scale),
-                           metric_size=info.metric, desc=f"{info.name} {s.eval_set.split} [{tag}]",
-                           pictures_dir=s.out / "predictions" if pictures and s.out else None, pad_to=8,
-                           synthia=s.args.src == "synthia" and s.K == 19, **metrics.RESIZE_PROTOCOLS["mmseg"])
-    if s.dist.is_main:
-        extra = "".join(f" | {k} {100 * res[k]:.2f}" for k in ("miou16", "miou13") if k in res)
-        console.log(res["table"] + f"\neval step {step} | mIoU {100 * res['miou']:.2f}{extra} | "
-                    f"{res['resolution'].replace(', metric at ', ' | metric ')} | {tag}")
-        if s.out is not None:
-            runtime.write_metrics(s.out, {"step": step, "path": tag, **{k: v for k, v in res.items()
-                                                                        if k not in ("table", "confusion")}})
+    """--stage 1, 2 or both; a resumed run continues in its checkpoint's stage. Returns the last evaluation.
+    Checkpoint names and stage 2's data stream continue after stage 1's steps (`offset`)."""
+    a, b, dev, res = s.args, s.args.batch_size, s.dist.device, {}
+    for stage in [k for k in (1, 2) if a.stage in (str(k), "both") and (k, resume_stage) != (1, 2)]:
+        total, off, start = (a.iters, 0, 0) if stage == 1 else (a.iters_stage2, offset, 0)
+        if stage == 2 and resume_stage != 2:  # stage 2 draws from its own seeded stream, so --stage 2
+            runtime.seed_everything(a.seed + 1)   # --stage1-ckpt X reproduces the second half of --stage both
+        st = build_stage1(s) if stage == 1 else build_stage2(s, stage1_w)
+        ckpt = runtime.Checkpointer(s.out, a.ckpt_every, a.keep_ckpts, s.dist.is_main)
+        if resume_stage == stage:                                 # last before the loop: restores the RNGs
+            state = ckpt.resume_parts(st.modules, st.optims)
+            off, start = state["offset"], state["step"] - state["offset"]
+        log = runtime.TrainLog(s.out, total, a.log_every, dev, s.dist.is_main, start, f"[stage {stage}] ",
+                               f"train_log_stage{stage}")
+        if s.dist.is_main:
+            console.log(f"[stage {stage}] adapting: " + (
+                "nothing (--source-only: source losses only)" if a.source_only else
+                "E and D, trained on ClassMix images with net_ema's pseudo labels" if stage == 1 else
+                "eps_theta, on mixed / target pseudo-label latents and against the discriminator (source vs. "
+                "mixed + target x0_hat from pure noise)"))
+        qs = []
+        for i in range(start, total):
+            # this rank's slice of the global batch
+            src, tgt = (stream.batch(off + i, s.dist.rank * b, b) for stream in s.streams)
+            logs = st.step((src["image"].to(dev), src["label"].to(dev), tgt["image"].to(dev)), i, a, s.prec)
+            step, loss = i + 1, sum(v for k, v in logs.items() if "loss" in k)
+            runtime.check_finite(torch.tensor(loss), off + step, s.out)
+            log.step(step, logs)
+            qs.append(logs.get("q", 0.0))
+            if step % a.eval_every == 0 or step == total:
+                res = evaluate(s, *st.evaluated, step, res.get("miou_direct"))
+            if ckpt.due(step, total):
+                ckpt.save_parts(off + step, st.modules, st.optims, {"stage": stage, "offset": off,
+                                                                    "args": asdict(a)})
+            if stage == 1 and step == total and s.dist.is_main:   # outside the rotation: what --stage 2 reads
+                runtime.save_checkpoint(s.out / "stage1", step, runtime.named_weights(
+                    {"net_ema": st.modules["net_ema"]}), {"stage": 1, "step": step}, keep=1)
+        log.close()
+        if s.dist.is_main and qs and not a.source_only:
+            console.log(f"[stage {stage}] target side: q > 0 in {sum(q > 0 for q in qs)} of {len(qs)} steps "
+                        f"(mean q {sum(qs) / len(qs):.2f})")
+        if start >= total:                                        # a finished stage resumed: score it
+            res = evaluate(s, *st.evaluated, total, res.get("miou_direct"))
+        if stage == 1:
+            stage1_w = {k: v.detach().float().cpu() for k, v in st.modules["net_ema"].state_dict().items()}
+        del st                                                    # frees this stage's models and optimizers
     return res
 
 
+# ---- Evaluation: one path for training-time evaluation and --eval-only ------------------------------------
 def evaluate(s: Setup, net: ICCLDNet, unet, step: int, miou_direct: Optional[float] = None) -> dict:
-    """Stage 1 (unet None): the direct path D(E(x)) of net_ema. Stage 2: the diffusion path of unet_ema with
-    T = --sample-steps and the same z_T at every evaluation (headline), plus the direct path (ablation row;
-    E, D are frozen in stage 2, so it is scored once)."""
-    a = s.args
+    """Stage 1 (unet None): net_ema's direct path D(E(x)). Stage 2: unet_ema's diffusion path (headline) and
+    the direct path once (E, D are frozen in stage 2: pass its miou_direct). Returns the final metrics."""
+    a, info, scale = s.args, s.eval_set.info, 1 / 8 if s.args.demo else 1.0
+
+    def score(predict_fn, tag: str, pictures: bool = True) -> dict:
+        res = metrics.evaluate(predict_fn, s.eval_set, s.K, datasets.CLASS_SETS[s.K], datasets.PALETTES[s.K],
+                               device=s.dist.device, dist=s.dist, metric_size=info.metric,
+                               input_size=lambda hw: datasets.eval_input_size(info.name, hw, scale),
+                               desc=f"{info.name} {s.eval_set.split} [{tag}]", pad_to=8,
+                               pictures_dir=s.out / "predictions" if pictures and s.out else None,
+                               synthia=a.src == "synthia" and s.K == 19, **metrics.RESIZE_PROTOCOLS["mmseg"])
+        return runtime.log_eval(s.out, res, step, {"path": tag}, s.dist.is_main)
     with s.prec.autocast():
         if unet is None:
-            res = score(s, net.direct, step, "stage1 direct", pictures=True)
-            return {**res, "miou_direct": res["miou"]}
-        gen, ddim = torch.Generator().manual_seed(a.seed), make_sampler(s.sd.scheduler)
-        ctx = s.ctx.to(s.dist.device)
-        res = score(s, lambda x: predict_diffusion(net, unet, ctx, ddim, a.sample_steps, gen, x), step,
-                    f"stage2 diffusion T={a.sample_steps} (unet_ema)", pictures=True)
-        if miou_direct is None:
-            miou_direct = score(s, net.direct, step, "stage1 direct", pictures=False)["miou"]
-    return {**res, "miou_direct": miou_direct}
-
-
-def evaluate_checkpoint(s: Setup, path: str) -> dict:
-    """--eval-only: a stage-2 checkpoint scores both paths, a stage-1 checkpoint the direct path."""
-    weights, unet = runtime.load_checkpoint(path)[0], None
-    net = ICCLDNet(s.sd.vae, s.K)
-    net.load_state_dict(strip("net_ema", weights))
-    if strip("unet_ema", weights):
-        unet = widen_conv_in(s.sd.unet)
-        unet.load_state_dict(strip("unet_ema", weights))
-    res = evaluate(s, frozen(net, s), unet and frozen(unet, s), 0)
-    return final_metrics(res, 0, 1 if unet is None else 2)
-
-
-def final_metrics(res: dict, step: int, stage: int) -> dict:
-    keys = ("miou", "per_class_iou", "miou_direct", "miou16", "miou13")
-    return {**{k: res[k] for k in keys if k in res}, "step": step, "stage": stage}
+            res = score(net.direct, "stage1 direct")
+            miou_direct = res["miou"]
+        else:
+            gen, ddim = torch.Generator().manual_seed(a.seed), make_sampler(s.sd.scheduler)
+            ctx = s.ctx.to(s.dist.device)
+            res = score(lambda x: predict_diffusion(net, unet, ctx, ddim, a.sample_steps, gen, x),
+                        f"stage2 diffusion T={a.sample_steps} (unet_ema)")
+            if miou_direct is None:
+                miou_direct = score(net.direct, "stage1 direct", pictures=False)["miou"]
+    final = {k: res[k] for k in ("miou", "per_class_iou", "miou16", "miou13") if k in res}
+    return {**final, "miou_direct": miou_direct, "step": step, "stage": 1 if unet is None else 2}
 
 
 # ---- main: check the inputs, then train / evaluate / measure -----------------------------------------------
@@ -844,19 +755,18 @@ def measured_step(a: Args, dist: runtime.Dist, prec: runtime.Precision):
 def main(args: Args) -> dict:
     """Train (--stage 1, 2 or both), --eval-only, --profile or --estimate-memory; returns final metrics."""
     if args.demo:
-        root = synthetic.ensure_synthetic_sample(str(Path(args.data_root) / "synthetic")
-                                                 if args.data_root == "data" else args.data_root)
-        args = runtime.replace_defaults(args, data_root=str(root), out="runs/iccld-demo", **DEMO)
-    args = dataclasses.replace(args, out=args.out or f"runs/iccld-{args.src}-{args.tgt}")
+        args = runtime.replace_defaults(args, **DEMO)
+        synthetic.ensure_synthetic_sample(args.data_root)
+    args = replace(args, out=args.out or f"runs/iccld-{args.src}-{args.tgt}")
     check_args(args)
     dist, prec = runtime.setup_hardware(args)
     runtime.seed_everything(args.seed)                            # all seeding here, in one place
     if args.profile or args.estimate_memory:                      # one stage's step, nothing written
-        amp = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[prec.amp_dtype]
-        extra = {"method": "iccld", "stage": args.stage, "crop": args.crop_size, "batch": args.batch_size,
-                 "sd_model": args.sd_model, "precision": amp, "source_only": args.source_only,
-                 "grad_checkpointing": args.grad_checkpointing}
-        return runtime.measure(args, lambda: measured_step(args, dist, prec), dist.device, extra)
+        amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(prec.amp_dtype, "fp32")
+        return runtime.measure(args, lambda: measured_step(args, dist, prec), dist.device, {
+            "method": "iccld", "stage": args.stage, "crop": args.crop_size, "batch": args.batch_size,
+            "sd_model": args.sd_model, "precision": amp, "source_only": args.source_only,
+            "grad_checkpointing": args.grad_checkpointing})
     resume_stage, stage1_w, offset = None, None, args.iters      # checkpoints read before --out is touched
     if args.resume:                                               # the stage from the weight names only
         with safe_open(str(runtime.resume_checkpoint(args.out) / "weights.safetensors"), "pt") as f:
@@ -866,21 +776,22 @@ def main(args: Args) -> dict:
                             "Resume with --stage both (or --stage 1).")
     elif args.stage == "2" and not args.eval_only:
         stage1_w, offset = load_stage1_weights(args.stage1_ckpt)
-    if dist.is_main:
-        console.log(json.dumps(dataclasses.asdict(args), indent=1) + f"\ndevice {dist.device}: {prec.reason}")
     s = setup(args, dist, prec)                                   # data and SD, before anything is written
-    s.out = runtime.prepare_out_dir(args.out, resume=args.resume, eval_only=args.eval_only,
-                                    is_main=dist.is_main, allow_existing=args.demo)
-    if dist.is_main:
-        runtime.write_metrics(s.out, dataclasses.asdict(args), key="args")
+    s = s._replace(out=runtime.prepare_out_dir(args.out, resume=args.resume, eval_only=args.eval_only,
+                                               is_main=dist.is_main, allow_existing=args.demo))
+    runtime.log_args(s.out, args, dist, prec)
     timer = runtime.RunTimer()
-    result = evaluate_checkpoint(s, args.ckpt) if args.eval_only else train(s, resume_stage, stage1_w, offset)
-    if dist.is_main:
-        timer.tick()
-        mem = runtime.peak_memory_gb(dist.device)
-        console.log(f"done in {timer.lap() / 1000:.1f} s | peak memory {mem:.2f} GB")
-        runtime.write_metrics(s.out, result, key="final")
-        runtime.write_curves(s.out)
+    if args.eval_only:              # a stage-2 checkpoint scores both paths, a stage-1 one the direct path
+        weights, unet = runtime.load_checkpoint(args.ckpt)[0], None
+        net = ICCLDNet(s.sd.vae, s.K)
+        net.load_state_dict(runtime.weights_of(weights, "net_ema"))
+        if unet_w := runtime.weights_of(weights, "unet_ema"):
+            unet = widen_conv_in(s.sd.unet)
+            unet.load_state_dict(unet_w)
+        result = evaluate(s, frozen(net, s), unet and frozen(unet, s), 0)
+    else:
+        result = train(s, resume_stage, stage1_w, offset)
+    runtime.finish_run(s.out, result, dist, timer)
     return result
 
 
