@@ -2,15 +2,13 @@
 
 Xia et al., NeurIPS 2024, https://arxiv.org/abs/2410.21708 -- official code https://github.com/XiaRho/MADM.
 
-Idea. Labels exist for RGB images (Cityscapes) but not for another modality (event, infrared, depth). MADM
-fine-tunes the *whole* Stable Diffusion v1-4 UNet as a one-step feature extractor (one pass at t = 0 on the
-VAE latent; grey modalities are fed as if RGB) with DAFormer-style self-training: source cross-entropy, an EMA
-teacher labelling the target crop, ClassMix, quality-weighted pseudo labels. Two additions:
+Idea. Labels exist for RGB (Cityscapes), not for another modality (event, infrared, depth). MADM fine-tunes
+the *whole* Stable Diffusion v1-4 UNet as a one-step feature extractor (t = 0; grey inputs fed as RGB) with
+DAFormer self-training (source CE, EMA teacher, ClassMix, quality-weighted pseudo labels). Two additions:
   * DPLG (diffusion-based pseudo-label generation): early in training the teacher sees its target latent with
     a little forward-diffusion noise, t = int(t0 (1 - i / T_end)), which stabilises the pseudo labels.
-  * LPLR (label palette and latent regression): the label, coloured with the class palette, is encoded by the
-    frozen VAE and the UNet's 4-channel output is regressed onto that latent (masked L1); the frozen decoder
-    turns the output into a full-resolution "colour label image" s0, one more input of the head.
+  * LPLR (label palette, latent regression): the UNet's output o is regressed (masked L1) onto the VAE latent
+    of the palette-coloured label; the frozen decoder turns o into a "colour label image" s0, a head input.
 
 Paper (Fig. 2) -> code [official files]
   SD UNet, learnable prompt and time offset .. Conditioning, TimeOffsetHook, madm_forward [ldm_diffusers.py]
@@ -24,51 +22,42 @@ Paper (Fig. 2) -> code [official files]
 
 Deviations from the paper and the official code's active path
   * Plain PyTorch + diffusers + transformers (no detectron2 / mmcv / ODISE / kornia); hooks on the stock UNet
-    forward; CLIPTextModel embeds "" once and is freed. Colour jitter by hand: the four ops in random order,
-    brightness + U(-0.2, 0.2), contrast / saturation x U(0.8, 1.2), hue + U(-0.2, 0.2) turn, clamp after each.
+    forward; CLIPTextModel embeds "" once and is freed; kornia's colour jitter by hand (common/augment.py).
   * Backward after each student pass (source, then mixed): the same summed gradient, half the activations.
-  * Global batch 2 = 2 micro-steps of (1 source + 1 target) with accumulation (`torchrun --nproc_per_node 2`
-    is the official 2-GPU setup). Each micro-step reseeds torch from (seed, step, global micro index), so the
-    GPU / accumulation split changes nothing (each official GPU draws from its own stream).
-  * `--precision auto`: bf16 autocast where supported, fp16 + GradScaler otherwise, fp32 on CPU (official fp16
-    = `--precision fp16`). The frozen VAE is stored in the precision's half dtype (official fp16; bf16 under
-    bf16, where `--vae-dtype fp16` restores the official), fp32 under fp32.
+  * Global batch 2 = 2 micro-steps of (1 source + 1 target) with accumulation (official: 2 GPUs, torchrun);
+    each reseeds torch from (seed, step, global micro index): the GPU / accumulation split changes nothing.
+  * `--precision auto`: bf16 autocast where supported, else fp16 + GradScaler (official), fp32 on CPU; the
+    frozen VAE in the precision's half dtype, fp32 under fp32 (official fp16: `--vae-dtype fp16` under bf16).
   * Evaluation scores the full test list (the official 2-GPU evaluation scores only the first half: its gather
     is commented out; `miou_first_half` in metrics.json). `--resume` restores the step (official: restarts).
-  * Data: `common.datasets.TrainStream` draws source (rare-class sampling) and target crops with replacement
-    as a pure function of (seed, step, index), not a stateful sampler, so resume and any GPU count see the
-    same batches. Models and data by `--sd-model` / `--data-root`, not hard-coded paths.
+  * Data: source (rare-class sampling) and target crops drawn with replacement as a pure function of (seed,
+    step, index) (`TrainStream`), so resume and any GPU count see the same batches; paths by flags.
   * Not official: `--source-only` (the paper's baseline row: source CE + source LPLR; no teacher, no mix),
     `--fusion-stride 4` (fuse at 1/4: less memory, changes results), `--eval-label-size native`,
-    `--grad-checkpointing` (same maths), `--deterministic` (CUDA), targets outside the paper's three (LPLR on
-    source + mixed [1, 1], DPLG t0 {50, 51} until 0.8 iters), any source/target pair of the registry.
-  * `--demo`: tiny random SD, synthetic data at 1/8 size (crop 64, eval 64), 40 steps, lr 3e-3, fusion
-    stride 4 and pseudo-label threshold 0.3: the random tiny SD never reaches 0.968 confidence in 40 steps,
-    so the target side would never act.
+    `--grad-checkpointing`, `--deterministic`, any source/target pair (other targets: `TASKS["other"]`).
+  * `--demo`: tiny random SD, 1/8-size synthetic data (crop, eval 64), 40 steps, lr 3e-3, fusion stride 4,
+    pseudo-label threshold 0.3 (the tiny SD never reaches 0.968 confidence in 40 steps: no target side).
   Kept on purpose (official quirks): the teacher shares the student's UNet (only conditioning, projections and
   head are EMA'd) and runs its head in train mode; one fixed seed-42 noise pattern, added even at t = 0; s0
   decoded without gradient; conv_norm_out / conv_out frozen; CE averaged over all pixels; ClassMix may paste
   255; q also weights the source-pasted pixels of the mixed LPLR mask; metric at 512x512 on resized labels.
 
 Commands
-  python madm.py --src cityscapes --tgt dsec_event    # paper setting (or fmb_infrared, deliver_depth)
+  python madm.py --src cityscapes --tgt dsec_event   # paper setting (or fmb_infrared, deliver_depth): 23.4 GB
   torchrun --nproc_per_node 2 madm.py --src cityscapes --tgt fmb_infrared    # the official 2-GPU layout
   python madm.py --src cityscapes --tgt dsec_event --source-only            # baseline: the source-only row
-  python madm.py --src cityscapes --tgt dsec_event --grad-checkpointing --fusion-stride 4   # a 24 GB GPU
-  python madm.py --sd-model random-sd15 --estimate-memory [flags]   # peak GPU memory of a setting, no GPU
-      (predicted peaks, bf16: paper setting 23.4 GB (official README: GPUs > 40 GB); the 24 GB line 16.8 GB;
-      16 GB is too small: fp32 UNet weights, gradients and AdamW states alone take 14.1 GB)
+  python madm.py --src cityscapes --tgt dsec_event --grad-checkpointing --fusion-stride 4  # on 24 GB: 16.8 GB
+  python madm.py --sd-model random-sd15 --estimate-memory [flags]   # peak GPU memory, no GPU (above: bf16;
+      official README: GPUs > 40 GB); 16 GB is too small: fp32 UNet weights, grads, AdamW states take 14.1 GB
   python madm.py --demo                                      # CPU, < 2 min: tiny random SD + synthetic data
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import itertools
 import json
-import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -104,8 +93,7 @@ class Args:
     precision: str = "auto"
     """auto (bf16 where supported, else fp16 + GradScaler; fp32 on CPU) | fp32 | bf16 | fp16 (official)"""
     deterministic: bool = False
-    """CUDA: deterministic cuDNN/cuBLAS algorithms, bit-identical same-seed runs on the same GPU (slower); the
-    CPU is always deterministic (oneDNN deterministic mode)"""
+    """CUDA: deterministic cuDNN/cuBLAS, bit-identical same-seed runs on one GPU (slower); CPU: always"""
     grad_checkpointing: bool = False
     """recompute UNet activations in backward (same maths, less memory); our choice"""
     iters: int = 10000
@@ -176,11 +164,9 @@ class Args:
     """input = labels nearest-resized to the input (official) | native = logits upsampled to the label size"""
 
 
-# Per-task settings of the official configs (config_files/SemSeg/MTMADISE/*); "other" is our choice.
-#   tgt -> (DPLG t0 lo, DPLG end as a fraction of iters, LPLR weights: (source,) or (source, mixed))
+# tgt -> (DPLG t0 lo, DPLG end / iters, LPLR weights); official config_files/SemSeg/MTMADISE/*, "other" ours
 TASKS = {"dsec_event": (50, 0.8, (20.0,)), "fmb_infrared": (50, 0.8, (1.0, 1.0)),
-         "deliver_depth": (60, 0.5, (1.0, 1.0))}
-TASK_OTHER = (50, 0.8, (1.0, 1.0))
+         "deliver_depth": (60, 0.5, (1.0, 1.0)), "other": (50, 0.8, (1.0, 1.0))}
 VAE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEMO = dict(sd_model="tiny", data_root="data/synthetic", iters=40, crop_size=64, eval_size=64, lr=3e-3,
             log_every=5, eval_every=40, ckpt_every=40, fusion_stride=4, pseudo_threshold=0.3)
@@ -189,7 +175,6 @@ DEMO = dict(sd_model="tiny", data_root="data/synthetic", iters=40, crop_size=64,
 # ---- SD backbone with learnable conditioning (Fig. 2; official ldm_diffusers.py, ldm_base.py) ----
 class Conditioning(nn.Module):
     """Learnable text context and time offset, shared by every student pass; the teacher uses its EMA copy.
-
     context c = tanh(a_u) * E("") + tanh(a_c) * P                       (1, 77, d)
     time emb  = time_embedding(time_proj(t)) + tanh(a_t) * T            (1, d_t)
     E("") is the frozen text-encoder output of the empty prompt (a buffer, not trained). a_t starts at zero,
@@ -233,13 +218,11 @@ F32, F16, F8 = "up_blocks.1.upsamplers.0", "up_blocks.2.upsamplers.0", "up_block
 
 def feature_channels(unet: nn.Module) -> tuple[int, int, int]:
     """(C_f8, C_f16, C_f32) = (320, 640, 1280) for SD 1.x; smaller for the tiny SD."""
-    rev = list(reversed(unet.config.block_out_channels))                     # up-block output widths
-    return rev[3], rev[2], rev[1]
+    return tuple(unet.config.block_out_channels[:3])  # = the widths out of up_blocks[3], [2], [1]
 
 
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+def _no_autocast(kind: str) -> contextlib.AbstractContextManager:
     """Leave the trained parts' autocast: the frozen VAE runs in its storage dtype (also on meta tensors)."""
-    kind = device.type
     return torch.autocast(kind, enabled=False) if kind in ("cuda", "cpu") else contextlib.nullcontext()
 
 
@@ -263,12 +246,12 @@ class Frozen:
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, 3, H, W) in [0, 1] -> clean latent z = posterior mean x 0.18215 (B, 4, H/8, W/8), fp32.
         Grey modalities arrive replicated to 3 channels and are fed as if RGB: x * 2 - 1 in [-1, 1]."""
-        with _no_autocast(x.device):
+        with _no_autocast(x.device.type):
             return vae_encode(self.vae, x * 2 - 1).float()
 
     def decode(self, o: torch.Tensor) -> torch.Tensor:
         """Scaled latent (B, 4, h, w) -> image (B, 3, 8h, 8w), not clipped, fp32; no gradient flows back."""
-        with _no_autocast(o.device):
+        with _no_autocast(o.device.type):
             return vae_decode(self.vae, o.detach()).float()
 
 
@@ -313,9 +296,8 @@ class SegHead(nn.Module):
         H, W = s0.shape[-2:]
         if self.fusion_stride > 1:  # memory option: fuse at 1/stride instead of the full input resolution
             s0 = F.interpolate(s0, scale_factor=1 / self.fusion_stride, mode="bilinear", align_corners=False)
-        feats = [self.proj["s0"](s0), self.proj["s3"](f8), self.proj["s4"](f16), self.proj["s5"](f32)]
-        logits = self.head(feats)                                                # (B, K, H/fs, W/fs)
-        if logits.shape[-2:] != (H, W):
+        logits = self.head([self.proj[k](f) for k, f in zip(self.proj, (s0, f8, f16, f32))])  # s0, s3, s4, s5
+        if logits.shape[-2:] != (H, W):                                          # (B, K, H/fs, W/fs)
             logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
         return logits                                                            # (B, K, H, W)
 
@@ -323,7 +305,6 @@ class SegHead(nn.Module):
 def madm_forward(unet: nn.Module, seg: SegHead, frozen: Frozen, z0: torch.Tensor,
                  t: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One MADM pass: noised latent -> UNet (one call) -> features, o -> s0 = decode(o) -> head -> logits.
-
     z0 (B, 4, h, w) clean VAE latent, t the timestep (0 for student/eval, the DPLG t for the teacher).
     Returns logits (B, K, 8h, 8w) and the UNet output o (B, 4, h, w) that LPLR regresses.
     """
@@ -368,7 +349,6 @@ def palette_latent(frozen: Frozen, y: torch.Tensor, palette: np.ndarray) -> torc
 
 def loss_lplr(o: torch.Tensor, z_pal: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """LPLR latent regression L_reg = sum(|o - z_pal| * m) / numel(o) (official: numel counts masked ones).
-
     o, z_pal (B, 4, h, w); mask (B, H, W) float pixel weights (valid 1, ignore 0; times q for the mixed
     image), nearest-downsampled to the latent size and repeated over the 4 channels.
     """
@@ -430,10 +410,7 @@ def class_mix(M: torch.Tensor, x_s: torch.Tensor, x_t: torch.Tensor, y_s: torch.
     y_m = M y_s + (1 - M) y_hat (B, H, W)
     w_m = M + (1 - M) q         (B, H, W) per-pixel CE weight: pseudo-labelled pixels count by their quality
     """
-    x_m = M * x_s + (1 - M) * x_t
-    y_m = torch.where(M[:, 0] > 0, y_s, y_hat)
-    w_m = M[:, 0] + (1 - M[:, 0]) * q
-    return x_m, y_m, w_m
+    return M * x_s + (1 - M) * x_t, torch.where(M[:, 0] > 0, y_s, y_hat), M[:, 0] + (1 - M[:, 0]) * q
 
 
 def ce_all_pixels(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -452,7 +429,6 @@ def ce_all_pixels(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | 
 # ---- Optimisation and one optimizer step (official config_files/common/optim.py, engine/train_loop.py) ----
 def lr_factor(i: int, total: int) -> float:
     """detectron2 WarmupParamScheduler(MultiStepParamScheduler) as configured in config_files/common/optim.py.
-
     U = 2N - 1, e(i) = int((i/N + 1e-6) U); factor 1 before int(0.88888 U), 0.1 before int(0.96296 U), then
     0.01; linear warm-up from 0.067 while i/N < 500/184375 (about 27 of 10000 steps).
     """
@@ -505,7 +481,6 @@ def _sync_unless(student: nn.Module, skip: bool) -> contextlib.AbstractContextMa
 def train_step(student: nn.Module, ema_seg: SegHead, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, batch: list, i: int, args: Args, run: Run) -> dict[str, float]:
     """Optimizer step i (0-based): EMA, LR, A micro-steps of (teacher, source, mix, mixed), clip, step.
-
     student: the `Student` (or DistributedDataParallel around it); ema_seg: the teacher's EMA SegHead; batch:
     this process's A micro-batches (x_s (b, 3, H, W) in [0, 1], y_s (b, H, W) int64 255 = ignore, x_t as x_s).
     Every draw (t0, ClassMix, augmentation, dropout) comes from the torch generator reseeded per micro-step.
@@ -588,7 +563,7 @@ def check_args(args: Args, world: int) -> None:
 
 def task_settings(args: Args) -> tuple[int, float, tuple[float, ...]]:
     """(DPLG t0 lo, DPLG end fraction, LPLR weights) for --tgt, overridden by explicit flags."""
-    t0, frac, weights = TASKS.get(args.tgt, TASK_OTHER)
+    t0, frac, weights = TASKS.get(args.tgt, TASKS["other"])
     return (args.dplg_t0 if args.dplg_t0 is not None else t0,
             args.dplg_end_frac if args.dplg_end_frac is not None else frac,
             tuple(args.lplr_weights) if args.lplr_weights else weights)
@@ -607,9 +582,7 @@ def build_model(args: Args, num_classes: int, device: torch.device, precision: r
     if args.grad_checkpointing:
         unet.enable_gradient_checkpointing()
     # Frozen VAE in half precision when the trained parts autocast (inference only; official fp16).
-    vae_dtype = precision.frozen_dtype if args.vae_dtype == "auto" else VAE_DTYPES[args.vae_dtype]
-    if vae_dtype != torch.float32:
-        vae.to(dtype=vae_dtype)
+    vae.to(dtype=precision.frozen_dtype if args.vae_dtype == "auto" else VAE_DTYPES[args.vae_dtype])
     g = torch.Generator().manual_seed(args.noise_seed)                        # eps_fix: not --seed (official)
     frozen = Frozen(vae, sd.scheduler, FeatureCapture(unet, [F32, F16, F8], pre=[F32, F16]),
                     TimeOffsetHook(unet), torch.randn(1, 4, 64, 64, generator=g).to(device))
@@ -621,14 +594,9 @@ def build_model(args: Args, num_classes: int, device: torch.device, precision: r
     return Student(unet, seg, frozen), ema_seg
 
 
-def checkpoint_parts(student: Student, ema_seg: SegHead) -> nn.ModuleDict:
-    """What a checkpoint holds: "unet.*" student UNet, "seg.*" student SegHead, "ema.*" teacher SegHead."""
-    return nn.ModuleDict({"unet": student.unet, "seg": student.seg, "ema": ema_seg})
-
-
-def load_weights(student: Student, ema_seg: SegHead, weights: dict, where: str) -> None:
+def load_weights(parts: nn.ModuleDict, weights: dict, where: str) -> None:
     try:
-        checkpoint_parts(student, ema_seg).load_state_dict(weights)
+        parts.load_state_dict(weights)
     except RuntimeError as e:
         why = str(e).splitlines()[0]
         raise UserError(f"error: --ckpt: '{where}' does not fit this model ({why}). Expected a checkpoint of "
@@ -645,8 +613,7 @@ def build_data(args: Args, num_classes: int):
         return None, None, val
     src, tgt = (build_dataset(name, args.data_root, "train", crop_size=args.crop_size, **kw)
                 for name in (args.src, args.tgt))
-    # RCS (DAFormer): images with > 3000 px of the class, crops re-drawn until > 1500 px (official dataset);
-    # the helper scales these pixel counts by scale^2 for the 1/8-size demo data.
+    # RCS (DAFormer, official dataset): > 3000 px of the class per image, > 1500 px per crop (x scale^2)
     rcs = RareClassSampling(src, temperature=args.rcs_temperature, min_pixels=3000, min_crop_ratio=0.5)
     return TrainStream(src, args.seed, rcs, stream_id=0), TrainStream(tgt, args.seed, None, stream_id=1), val
 
@@ -659,12 +626,10 @@ def measure(args: Args, run: Run, num_classes: int, accum: int) -> dict:
         student, ema_seg = build_model(args, num_classes, dev, run.precision)
         optimizer, scaler = make_optimizer(student, args), run.precision.make_scaler()
         ddp, steps = run.dist.wrap(student), itertools.count()
-
-        def step() -> dict:
-            batch = [(torch.rand(m, 3, c, c, device=dev), torch.randint(0, num_classes, (m, c, c),
-                      device=dev), torch.rand(m, 3, c, c, device=dev)) for _ in range(accum)]
-            return train_step(ddp, ema_seg, optimizer, scaler, batch, next(steps), args, run)
-        return step, [student, ema_seg, student.frozen.vae, optimizer]
+        batch = [(torch.rand(m, 3, c, c, device=dev), torch.randint(0, num_classes, (m, c, c), device=dev),
+                  torch.rand(m, 3, c, c, device=dev)) for _ in range(accum)]       # A x (x_s, y_s, x_t)
+        return (lambda: train_step(ddp, ema_seg, optimizer, scaler, batch, next(steps), args, run),
+                [student, ema_seg, student.frozen.vae, optimizer])
     keys = ("sd_model", "crop_size", "batch_size", "micro_batch_size", "grad_checkpointing", "fusion_stride",
             "vae_dtype", "source_only")
     extra = {"method": "madm", "world": run.dist.world, "precision": run.precision.reason.split(";")[0]}
@@ -678,24 +643,23 @@ def train(args: Args) -> dict:
     runtime.seed_everything(args.seed)
     K = check_pair(args.src, args.tgt)
     t0_lo, end_frac, lplr_w = task_settings(args)
-    out = Path(args.out or f"runs/madm-{args.src}-{args.tgt}")
-    t_end = int(round(end_frac * args.iters))
+    out, t_end = Path(args.out or f"runs/madm-{args.src}-{args.tgt}"), round(end_frac * args.iters)
     run = Run(dist, precision, PALETTES[K], CLASS_SETS[K], t0_lo, t_end, lplr_w, out)
-    m = args.micro_batch_size
-    accum = args.batch_size // (m * dist.world)
+    m, accum = args.micro_batch_size, args.batch_size // (args.micro_batch_size * dist.world)
     if args.profile or args.estimate_memory:
-        return measure(args, dataclasses.replace(run, out=None), K, accum)
+        return measure(args, replace(run, out=None), K, accum)
     if dist.is_main:
-        console.log("args: " + json.dumps(dataclasses.asdict(args)))
+        console.log("args: " + json.dumps(asdict(args)))
         console.log(f"device {dist.device} x{dist.world} | {precision.reason} | accumulation {accum} x "
                     f"micro-batch {m}")
         console.log(f"task {args.tgt}: {K} classes | DPLG t0 {{{t0_lo}, {t0_lo + 1}}} until step {t_end} | "
                     f"LPLR weights {lplr_w} ({'source + mixed' if len(lplr_w) > 1 else 'source only'})")
     src_stream, tgt_stream, val_set = build_data(args, K)   # validates the data before anything is written
     student, ema_seg = build_model(args, K, dist.device, precision)
+    parts = nn.ModuleDict({"unet": student.unet, "seg": student.seg, "ema": ema_seg})  # checkpoint weights
     if args.eval_only:
         weights, state = runtime.load_checkpoint(args.ckpt)
-        load_weights(student, ema_seg, weights, args.ckpt)
+        load_weights(parts, weights, args.ckpt)
         runtime.prepare_out_dir(str(out), eval_only=True, is_main=dist.is_main)
         result = evaluate(args, student, val_set, run, step=state.get("step", 0))
         if dist.is_main:
@@ -705,7 +669,7 @@ def train(args: Args) -> dict:
     ckpt, start = runtime.Checkpointer(out, args.ckpt_every, args.keep_ckpts, dist.is_main), 0
     if args.resume:  # also restores the RNG states: nothing may draw random numbers after this
         weights, state = ckpt.resume()
-        load_weights(student, ema_seg, weights, str(ckpt.latest()))
+        load_weights(parts, weights, str(ckpt.latest()))
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start = state["step"]
@@ -729,9 +693,8 @@ def train(args: Args) -> dict:
         if (i + 1) % args.eval_every == 0 or i + 1 == args.iters:
             result = evaluate(args, student, val_set, run, i + 1)
         if ckpt.due(i + 1, args.iters):
-            state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "args": dataclasses.asdict(args)}
-            ckpt.save(i + 1, checkpoint_parts(student, ema_seg).state_dict(), state)
+            state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "args": asdict(args)}
+            ckpt.save(i + 1, parts.state_dict(), state)
             dist.barrier()
     log.close()
     if dist.is_main:
@@ -750,27 +713,21 @@ def evaluate(args: Args, student: Student, dataset, run: Run, step: int) -> dict
     dist, names, n = run.dist, run.class_names, len(dataset)
     student.seg.eval()
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        """(1, 3, 512, 512) in [0, 1] -> (1, K, 512, 512) logits: student conditioning, t = 0, LPLR decode."""
+    def predict(x: torch.Tensor) -> torch.Tensor:  # (1, 3, S, S) in [0, 1] -> (1, K, S, S) logits, t = 0
         with run.precision.autocast():
             return student(student.frozen.encode(x), 0)[0].float()
-
-    # Official resizing: Pillow BILINEAR (antialiased) for the image, NEAREST for the label. Two halves scored
-    # separately and summed: the full-list number, plus the first half that the official 2-GPU evaluation
-    # actually scores (its cross-rank gather is commented out), at no extra cost.
-    kw = dict(device=dist.device, dist=dist, input_size=(args.eval_size, args.eval_size),
-              desc=f"{args.tgt} test", **metrics.RESIZE_PROTOCOLS["madm"],
-              metric_size="native" if args.eval_label_size == "native" else "input")
-    halves = [range(math.ceil(n / 2)), range(math.ceil(n / 2), n)]
+    # Official resizing: Pillow BILINEAR image, NEAREST label; two halves scored apart and summed (header).
+    kw = dict(device=dist.device, dist=dist, input_size=(args.eval_size,) * 2, desc=f"{args.tgt} test",
+              metric_size=args.eval_label_size, **metrics.RESIZE_PROTOCOLS["madm"])
+    halves = [range((n + 1) // 2), range((n + 1) // 2, n)]
     parts = [metrics.evaluate(predict, torch.utils.data.Subset(dataset, r), len(names), names, run.palette,
                               pictures_dir=run.out / "predictions" if dist.is_main and k == 0 else None,
                               progress=k == 0, **kw) for k, r in enumerate(halves) if len(r)]
     student.seg.train()
     conf, where = sum(np.asarray(p["confusion"], np.int64) for p in parts), parts[0]["resolution"]
-    res = metrics.summarize(conf, names)
-    res.update(step=step, resolution=where, num_images=n, miou_first_half=parts[0]["miou"],
-               table=metrics.format_table(conf, names, f"per-class results — {args.tgt} test, {n} images, "
-                                                       f"{where}"))
+    title = f"per-class results — {args.tgt} test, {n} images, {where}"
+    res = dict(metrics.summarize(conf, names), step=step, resolution=where, num_images=n,
+               miou_first_half=parts[0]["miou"], table=metrics.format_table(conf, names, title))
     in_res = where.split(",")[0].replace("input ", "")
     if dist.is_main:
         console.log(res["table"])
