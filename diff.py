@@ -22,14 +22,12 @@ Paper -> code
     test time: unconditional branch only             evaluate
 
 Deviations from the official code (and the paper), every one deliberate [our choice unless marked]:
-    - Three wastes removed, each with an equality test against a reference that keeps it
-      (tests/diff_reference.py): the stride-64 bottleneck (~92 M parameters, output discarded) is not built;
-      guidance between two identical "" prompts is a no-op, so the "" pass runs once and its cross-attention
-      (CA) output counts twice, as in the official sum over both passes; the loop stops after the last saved
-      step (34 of 37 UNet steps). Both branches share one UNet call per step.
+    - Three wastes removed, each tested equal to a reference that keeps it (tests/diff_reference.py): the
+      stride-64 bottleneck (~92 M parameters, unused output) is not built; the "" pass runs once (guidance
+      between two identical "" prompts is a no-op), its cross-attention (CA) output counted twice as in the
+      official sum; the loop stops after the last saved step (34 of 37). Both branches share each UNet call.
     - The extractor draws from one seeded, checkpointed generator; evaluation reseeds its own (official:
-      unseeded). Prompt sets per sample for batches > 1 (official: the batch union; equal at batch 1), prompt
-      classes matched by name to the target's class set.
+      unseeded). Prompt sets per sample (official: batch union, equal at batch 1); classes matched by name.
     - [official] Frozen SD in fp16 whenever training runs in half precision (bf16 too: `init_models` loads
       fp16), fp32 with `--precision fp32`; the latent trajectory in fp32 (the official fp16 VAE latent turns
       fp32 in the first update). Ours: trained part autocast in bf16 where supported, else fp16 + GradScaler.
@@ -40,9 +38,8 @@ Deviations from the official code (and the paper), every one deliberate [our cho
       official test config: their evaluation resize, padded right/bottom to a multiple of 64 with 0 in the
       normalised [-1, 1] space (as mmseg), logits cropped back. SYNTHIA sources add mIoU16 / mIoU13.
     - `--baseline` = the paper's baseline row: the unconditional branch alone, L = CE_uncond.
-    - `--demo`: 1/8 size, tiny SD, the authors' 5-step schedule, the narrowest widths among the official
-      config's commented alternatives (128 320 512 64), lr 3e-4 (warm-up 5), 40 steps; its crops hold prompt
-      classes in every step (the conditional branch acts); its numbers mean nothing.
+    - `--demo`: 1/8 size, tiny SD, the authors' 5-step schedule, the official config's narrowest commented
+      widths (128 320 512 64), lr 3e-4 (warm-up 5), 40 steps; prompt classes in every crop (IPKL acts).
     - Kept (official quirks): SD 2.1 predicts v, yet its raw output is used as epsilon; CA outputs summed over
       prompt passes; weight decay on every parameter; CE averaged over all pixels, ignored ones included; two
       head calls (BN statistics per branch); the `head` x10 lr (the `mixing_weights_stride` key matches none).
@@ -50,8 +47,7 @@ Deviations from the official code (and the paper), every one deliberate [our cho
 Commands
     python diff.py --src gta5 --tgt cityscapes                 # exp 50: 40k steps, batch 1, 37-step inversion
     python diff.py --src gta5 --tgt cityscapes --baseline      # the paper's baseline row (no IPKL)
-    python diff.py --src gta5 --tgt cityscapes --num-steps 5 --grad-checkpointing  # 16 GB, faster:
-                                                       # the authors' speed option, NOT the reported setting
+    python diff.py --num-steps 5 --grad-checkpointing          # 16 GB: speed option, NOT the paper setting
     python diff.py --sd-model random-sd21 --estimate-memory    # peak GPU memory of a command, without a GPU
     python diff.py --demo                                       # tiny SD + synthetic sample, CPU, < 2 minutes
 """
@@ -77,6 +73,7 @@ from common.datasets import (CLASS_SETS, PALETTES, RareClassSampling, TrainStrea
 from common.runtime import Checkpointer, TrainLog, check_finite, replace_defaults, write_metrics
 from common.sd_backbone import FeatureCapture, encode_prompts, load_sd
 from common.synthetic import ensure_synthetic_sample
+
 
 @dataclass
 class Args:
@@ -169,14 +166,14 @@ class Args:
     grad_clip: float = 5.0
     """global L2 gradient clip (official: mmseg/models/uda/dacs.py train_step)"""
 
+
 # Timestep lists and saved loop indices of the official `diff_config.yaml` (37 = reported; 5 = the authors'
 # speed option, all five steps saved; 1 = one step at t = 100).
 OFFICIAL_SCHEDULES = {
     37: ([160, 139, 121, 105, 91, 80, 69, 60, 52, 45, 40, 34, 30, 26, 23] + list(range(22, 0, -1)),
          [33, 29, 25, 22, 18, 14, 11, 7, 3]),
     5: ([80, 60, 40, 20, 1], [4, 3, 2, 1, 0]),
-    1: ([100], [0]),
-}
+    1: ([100], [0])}
 # The official `label_map` template and descriptions (diff_config.yaml; 14 of the 19 are commented out there).
 PROMPT_TEMPLATE = "A high quality photo; europe city; {}, {}"
 CLASS_DESCRIPTIONS = {
@@ -193,8 +190,7 @@ CLASS_DESCRIPTIONS = {
     "car": "All types of four-wheeled vehicles, including sedans, trucks, buses",
     "truck": "Larger vehicles used for cargo transport", "bus": "Public transport vehicles",
     "train": "Vehicles on railway tracks", "motorcycle": "Includes motorcycles and scooters",
-    "bicycle": "Includes all types of bicycles",
-}
+    "bicycle": "Includes all types of bicycles"}
 
 
 # ---- DIFF module: the inversion trajectory (Fig. 1; official diffusion.py generalized_steps) ----
@@ -208,9 +204,9 @@ def inversion_schedule(num_steps: int) -> tuple[list[int], list[int], list[int]]
     if num_steps not in OFFICIAL_SCHEDULES:
         raise UserError(f"error: --num-steps: {num_steps} is not an official schedule. Expected 37 "
                         "(reported), 5 or 1 (official diff_config.yaml).")
-    timesteps, save = OFFICIAL_SCHEDULES[num_steps]
-    seq = sorted(timesteps)
-    return seq, [0] + seq[:-1], list(save)
+    seq = sorted(OFFICIAL_SCHEDULES[num_steps][0])
+    return seq, [0] + seq[:-1], list(OFFICIAL_SCHEDULES[num_steps][1])
+
 
 def inversion_update(x_t: torch.Tensor, eps: torch.Tensor, a_t: float, a_n: float, eta: float,
                      z: torch.Tensor) -> torch.Tensor:
@@ -226,17 +222,18 @@ def inversion_update(x_t: torch.Tensor, eps: torch.Tensor, a_t: float, a_n: floa
     sigma = eta * math.sqrt((1 - a_n / a_t) * (1 - a_n) / (1 - a_t))
     return math.sqrt(a_n) * x0 + sigma * z + math.sqrt(max(1 - a_n - sigma ** 2, 1e-10)) * eps
 
-def fuse_candidates(candidates: torch.Tensor, masks: torch.Tensor, group: torch.Tensor,
-                    n: int) -> torch.Tensor:
+
+def fuse_candidates(cand: torch.Tensor, masks: torch.Tensor, group: torch.Tensor, n: int) -> torch.Tensor:
     """IPKL mask-weighted latents (official mask branch of `generalized_steps`), n latents at once.
 
-    candidates (R, 4, h, w): one updated latent per prompt row; masks (R, 1, h, w): 1 for the "" rows, the
+    cand (R, 4, h, w): one updated latent per prompt row; masks (R, 1, h, w): 1 for the "" rows, the
     nearest-resized GT mask M_c for class prompts; group (R,): the latent of each row.
     x_n = (x_"" + sum_c M_c x_c) / (1 + sum_c M_c): inside a class region the latent is the average of the
     plain and the class-steered update, elsewhere the plain update.
     """
-    num = candidates.new_zeros(n, *candidates.shape[1:]).index_add_(0, group, masks * candidates)
+    num = cand.new_zeros(n, *cand.shape[1:]).index_add_(0, group, masks * cand)
     return num / masks.new_zeros(n, *masks.shape[1:]).index_add_(0, group, masks)          # (n, 4, h, w)
+
 
 def feature_layers(unet: nn.Module, vae_stride: int = 8) -> dict[int, list[tuple[str, int]]]:
     """{image stride: [(hooked module name, channels)]} in the official channel order (official `resnet.py`
@@ -251,6 +248,7 @@ def feature_layers(unet: nn.Module, vae_stride: int = 8) -> dict[int, list[tuple
             + [(f"up_blocks.{i}.attentions.{j}.transformer_blocks.0", a.transformer_blocks[0].attn1.query_dim)
                for j, a in enumerate(block.attentions)])
     return layers
+
 
 class DiffusionExtractor(nn.Module):
     """Frozen SD 2.1 run through the inversion trajectory; returns per-stride features of each branch.
@@ -362,6 +360,7 @@ def init_weights(m: nn.Module) -> None:
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
 
+
 class Bottleneck(nn.Module):
     """detectron2 BottleneckBlock with GN(16), squeezing one stride's C_in channels to P.
 
@@ -383,6 +382,7 @@ class Bottleneck(nn.Module):
         out = F.relu(self.gn2(self.conv2(out)))                              # (B, P/4, h, w)
         return F.relu(self.gn3(self.conv3(out)) + self.shortcut(x))          # (B, P, h, w)
 
+
 class ResBlock(nn.Module):
     """conv3x3 -> GN(32) -> ReLU -> conv3x3 -> GN(32) -> + input -> ReLU (convs with bias)."""
 
@@ -393,6 +393,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.gn2(self.conv2(F.relu(self.gn1(self.conv1(x))))) + x)
+
 
 class UpFuse(nn.Module):
     """x' = ResBlock(ConvT(x) + skip): ConvTranspose2d(k 4, stride 2, pad 1, bias) doubles the resolution,
@@ -406,6 +407,7 @@ class UpFuse(nn.Module):
         x = self.deconv(x)                                                   # (B, c_out, 2h, 2w)
         # the skip joins before the ResBlock, so the coarse context and the finer level are refined together
         return self.res(x if skip is None else x + skip)
+
 
 class Finecoder(nn.Module):
     """GN(32) on x8, x16, x32; x16' = UpFuse(x32, x16); x8' = UpFuse(x16', x8); x4 = UpFuse(x8'), no skip.
@@ -475,6 +477,7 @@ def ce_all_pixels(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | 
         ce = ce * weight
     return ce.mean()
 
+
 def segmentation_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """CE_k: logits (B, K, H/4, W/4) upsampled bilinearly to the label size (B, H, W), CE over all pixels.
 
@@ -482,11 +485,13 @@ def segmentation_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
     return ce_all_pixels(logits, y)
 
+
 def consistency_loss(logits_cond: torch.Tensor, logits_uncond: torch.Tensor) -> torch.Tensor:
     """MSE(logits_cond, logits_uncond) on the raw stride-4 logits, mean over all elements, NO stop-gradient:
     the conditional branch teaches the unconditional one and is pulled towards it at the same time
     (official)."""
     return F.mse_loss(logits_cond.float(), logits_uncond.float())
+
 
 def ipkl_loss(logits_cond: torch.Tensor, logits_uncond: torch.Tensor, y: torch.Tensor,
               weight: float = 1.0) -> tuple[torch.Tensor, dict]:
@@ -499,7 +504,7 @@ def ipkl_loss(logits_cond: torch.Tensor, logits_uncond: torch.Tensor, y: torch.T
                                         "loss_mse": mse.item()}
 
 
-# ---- Training recipe (exp 50): PhotoMetricDistortion, LR schedule, prompts, source batches ----
+# ---- Training recipe (exp 50): LR schedule, prompts, optimizer (PhotoMetricDistortion: in the loop) ----
 def poly_warmup_factor(step: int, total: int, warmup_iters: int, warmup_ratio: float, power: float) -> float:
     """LR multiplier of mmcv's `poly` policy with linear warm-up (DAFormer `poly10warm.py`), per optimizer step.
 
@@ -511,6 +516,7 @@ def poly_warmup_factor(step: int, total: int, warmup_iters: int, warmup_ratio: f
         factor *= 1.0 - (1.0 - step / warmup_iters) * (1.0 - warmup_ratio)
     return factor
 
+
 def class_prompts(prompt_classes: tuple[str, ...], num_classes: int) -> tuple[list[str], list[int]]:
     """Prompt texts and class ids of the prompt classes present in the target's class set, ascending by id."""
     unknown = [c for c in prompt_classes if c not in CLASS_DESCRIPTIONS]
@@ -521,15 +527,6 @@ def class_prompts(prompt_classes: tuple[str, ...], num_classes: int) -> tuple[li
     ids = sorted(names.index(c) for c in set(prompt_classes) if c in names)   # matched by name (our choice)
     return [PROMPT_TEMPLATE.format(names[i], CLASS_DESCRIPTIONS[names[i]]) for i in ids], ids
 
-def source_batch(stream: TrainStream, step: int, args: Args, rank: int, device: torch.device):
-    """This rank's slice of the step's global batch, photometrically distorted: a pure function of it."""
-    start = rank * args.batch_size
-    batch = stream.batch(step, start, args.batch_size)
-    x = batch["image"]                                                       # (B, 3, c, c) in [0, 1]
-    if args.photometric:  # own seeded stream (id 2), so resuming at any step reproduces the same distortion
-        x = torch.stack([photometric_distortion(img, np.random.default_rng([args.seed, 2, step, start + j]))
-                         for j, img in enumerate(x)])
-    return x.to(device), batch["label"].to(device)                           # labels (B, c, c) int64
 
 def make_optimizer(model: nn.Module, args: Args) -> torch.optim.AdamW:
     """AdamW, groups [bottlenecks + finecoder at lr, head at lr x head_lr_mult] (official adamw.py, exp 50
@@ -538,6 +535,7 @@ def make_optimizer(model: nn.Module, args: Args) -> torch.optim.AdamW:
     rest = [p for n, p in model.named_parameters() if not n.startswith("head.")]
     groups = [{"params": rest, "lr": args.lr}, {"params": head, "lr": args.lr * args.head_lr_mult}]
     return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+
 
 def train_step(model: nn.Module, extractor: DiffusionExtractor, opt: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, x: torch.Tensor, y: torch.Tensor, step: int, args: Args,
@@ -597,6 +595,7 @@ def build(args: Args, num_classes: int, device: torch.device, precision: runtime
     generator = torch.Generator(device).manual_seed(args.seed)               # every extractor draw
     return extractor, model, make_optimizer(model, args), precision.make_scaler(), generator
 
+
 def train(args: Args, src_ds, tgt_sets: list, out: Path, dist: runtime.Dist, precision: runtime.Precision,
           num_classes: int) -> dict:
     """Train on the source, evaluate the targets every --eval-every steps; returns the last evaluation."""
@@ -619,11 +618,16 @@ def train(args: Args, src_ds, tgt_sets: list, out: Path, dist: runtime.Dist, pre
     rcs = RareClassSampling(src_ds, args.rcs_temperature, args.rcs_min_pixels, cache_dir=out / "cache")
     stream = TrainStream(src_ds, args.seed, rcs, stream_id=0)
     ddp_model, log = dist.wrap(model), TrainLog(out, args.iters, args.log_every, device, dist.is_main, start)
-    result, prompted = {}, 0
+    result, prompted = {}, 0  # result stays {} when resuming a finished run: scored at the end
     for step in range(start, args.iters):
         model.train()
-        x, y = source_batch(stream, step, args, dist.rank, device)
-        logs = train_step(ddp_model, extractor, opt, scaler, x, y, step, args, precision, gen, out)
+        b0 = dist.rank * args.batch_size  # this rank's slice; the stream is a pure function of (step, index)
+        batch = stream.batch(step, b0, args.batch_size)
+        x, y = batch["image"], batch["label"].to(device)                  # (B, 3, c, c) in [0, 1], (B, c, c)
+        if args.photometric:  # own seeded stream (id 2): resuming at any step reproduces the same distortion
+            x = torch.stack([photometric_distortion(img, np.random.default_rng([args.seed, 2, step, b0 + j]))
+                             for j, img in enumerate(x)])
+        logs = train_step(ddp_model, extractor, opt, scaler, x.to(device), y, step, args, precision, gen, out)
         log.step(step + 1, logs)
         prompted += logs.get("n_prompts", 0) > 0
         if (step + 1) % args.eval_every == 0 or step + 1 == args.iters:
@@ -640,7 +644,6 @@ def train(args: Args, src_ds, tgt_sets: list, out: Path, dist: runtime.Dist, pre
                         f"{args.iters - start} steps")
         console.log(f"peak memory {runtime.peak_memory_gb(device):.2f} GB")
         runtime.write_curves(out)
-    # resumed a finished run: score its final weights
     return result or evaluate(model, extractor, tgt_sets, args, dist, precision, args.iters, out)
 
 
@@ -655,14 +658,12 @@ def evaluate(model: DIFFSegmentor, extractor: DiffusionExtractor, datasets: list
 
         def predict(x01: torch.Tensor) -> torch.Tensor:
             H, W = x01.shape[-2:]
-            # Features are reshaped at stride 64: pad right/bottom to a multiple of 64 with 0 in the
-            # normalised [-1, 1] space (mmseg pads the normalised image with 0), crop the logits back.
+            # Features reshape at stride 64: pad right/bottom to a multiple of 64 with 0 in [-1, 1], as mmseg
             x = F.pad(x01 * 2 - 1, (0, (-W) % 64, 0, (-H) % 64))
             feats = extractor(x, None, generator=gen, branches=("uncond",))["uncond"]
             with precision.autocast():
                 logits = model.forward_branch(feats).float()                  # (1, K, H'/4, W'/4)
             return logits[..., : math.ceil(H / 4), : math.ceil(W / 4)]
-
         r = metrics.evaluate(predict, ds, num_classes, CLASS_SETS[ds.num_classes], PALETTES[ds.num_classes],
                              device=dist.device, dist=dist,
                              input_size=lambda hw: eval_input_size(ds.name, hw, scale),
@@ -688,8 +689,7 @@ def evaluate(model: DIFFSegmentor, extractor: DiffusionExtractor, datasets: list
 
 # ---- --profile / --estimate-memory: one training step on random inputs of the training shapes ----
 def measure(args: Args, num_classes: int, device: torch.device, precision: runtime.Precision) -> dict:
-    """No dataset needed: a random image whose label holds every prompt class (the largest conditional
-    batch, one horizontal band per class)."""
+    """No dataset: a random image whose label holds every prompt class (one band each: the largest batch)."""
     def build_step():
         extractor, model, opt, scaler, gen = build(args, num_classes, device, precision)
         B, c, ids = args.batch_size, args.crop_size, extractor.prompt_ids
@@ -705,12 +705,11 @@ def measure(args: Args, num_classes: int, device: torch.device, precision: runti
         "precision": amp, "grad_checkpointing": args.grad_checkpointing, "num_steps": args.num_steps,
         "baseline": args.baseline, "proj_dims": list(args.proj_dims)})
 
+
 def main(args: Args) -> dict:
     """Train (or only evaluate, or measure) DIFF + IPKL; returns the final metrics."""
     if args.demo:
         root = ensure_synthetic_sample("data/synthetic" if args.data_root == "data" else args.data_root)
-        # Sizes x1/8, the authors' 5-step schedule and the narrowest widths of the official diff_config.yaml's
-        # commented alternatives ([512, 512, 320, 128] / 64), so the whole loop runs on two CPU cores.
         args = replace_defaults(args, sd_model="tiny", data_root=str(root), num_steps=5, crop_size=64,
                                 iters=40, proj_dims=(128, 320, 512, 64), lr=3e-4, warmup_iters=5, log_every=5,
                                 eval_every=40, ckpt_every=40, out="runs/diff-demo")
@@ -724,8 +723,7 @@ def main(args: Args) -> dict:
         console.log(f"device: {dist.device} | precision: {precision.reason}")
     if args.profile or args.estimate_memory:
         return measure(args, num_classes, dist.device, precision)
-    # Datasets first: bad input fails before any weight is loaded or anything is written.
-    scale = 1 / 8 if args.demo else 1.0
+    scale = 1 / 8 if args.demo else 1.0  # datasets first: bad input fails before anything loads or is written
     src_ds = None if args.eval_only else build_dataset(
         args.src, args.data_root, "train", crop_size=args.crop_size, scale=scale, num_classes=num_classes,
         cat_max_ratio=args.cat_max_ratio)
