@@ -15,7 +15,7 @@ time runs only the unconditional branch (domain generalisation: trained on GTA5 
 Paper -> code
     Fig. 1, DIFF module: multi-step extraction       inversion_schedule, inversion_update, DiffusionExtractor
     DIFF fusion: per-stride bottlenecks, pyramid     Bottleneck, ResBlock, UpFuse, Finecoder
-    decoder (DAFormer SepASPP, fusing at stride 4)   DIFFSegmentor (+ common/heads.py DAFormerHead)
+    decoder (DAFormer SepASPP, fusing at stride 4)   DIFFSegmentor (+ common/daformer.py DAFormerHead)
     Fig. 1 (a) IPKL conditional branch               DiffusionExtractor.prompt_plan, fuse_candidates
     Fig. 1 (b) unconditional branch + consistency    segmentation_loss, consistency_loss, ipkl_loss
     one training step / the loop (exp 50 recipe)     train_step (the METHOD STEP) / train
@@ -65,8 +65,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from common import console, metrics, runtime
-from common.heads import DAFormerHead
-from common.augment import photometric_distortion
+from common.daformer import DAFormerHead, ce_all_pixels, photometric_distortion, poly_warmup_factor
 from common.console import UserError
 from common.datasets import (CLASS_SETS, PALETTES, RareClassSampling, TrainStream, build_dataset, check_pair,
                              eval_input_size)
@@ -464,20 +463,6 @@ class DIFFSegmentor(nn.Module):
 
 
 # ---- IPKL losses (Fig. 1; official encoder_decoder.py forward_train) ----
-# Same as madm.py:ce_all_pixels
-def ce_all_pixels(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy averaged over ALL pixels, ignored ones counting as 0 (mmseg 0.16 / DAFormer / MADM convention).
-
-    logits (B, K, H, W), y (B, H, W) int64 with 255 = ignore, weight (B, H, W) per-pixel weights or None.
-    Dividing by every pixel (not only the valid ones) is what the official code does: images with many ignored
-    pixels contribute a smaller loss.
-    """
-    ce = F.cross_entropy(logits.float(), y, ignore_index=255, reduction="none")  # (B, H, W), 0 where ignored
-    if weight is not None:
-        ce = ce * weight
-    return ce.mean()
-
-
 def segmentation_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """CE_k: logits (B, K, H/4, W/4) upsampled bilinearly to the label size (B, H, W), CE over all pixels.
 
@@ -505,18 +490,6 @@ def ipkl_loss(logits_cond: torch.Tensor, logits_uncond: torch.Tensor, y: torch.T
 
 
 # ---- Training recipe (exp 50): LR schedule, prompts, optimizer (PhotoMetricDistortion: in the loop) ----
-def poly_warmup_factor(step: int, total: int, warmup_iters: int, warmup_ratio: float, power: float) -> float:
-    """LR multiplier of mmcv's `poly` policy with linear warm-up (DAFormer `poly10warm.py`), per optimizer step.
-
-    poly: f = (1 - step / total) ** power (min_lr 0); warm-up for step < warmup_iters multiplies the poly value by
-    1 - (1 - step / warmup_iters) * (1 - warmup_ratio), i.e. it rises linearly from `warmup_ratio`.
-    """
-    factor = (1.0 - step / total) ** power
-    if step < warmup_iters:
-        factor *= 1.0 - (1.0 - step / warmup_iters) * (1.0 - warmup_ratio)
-    return factor
-
-
 def class_prompts(prompt_classes: tuple[str, ...], num_classes: int) -> tuple[list[str], list[int]]:
     """Prompt texts and class ids of the prompt classes present in the target's class set, ascending by id."""
     unknown = [c for c in prompt_classes if c not in CLASS_DESCRIPTIONS]

@@ -17,7 +17,8 @@ the code says `net` and `net_ema` (makes the pseudo labels, is evaluated), `unet
 Paper -> code: Fig. 2 E, D, inter-coder connections: ImageEncoder, SegDecoder, ICCLDNet; the latent space
 eps_theta generates in: LabelLatents; Fig. 1 stage 1: pseudo_labels, class_mix, stage1_losses,
 train_step_stage1; Fig. 1 stage 2: widen_conv_in, discriminator, eps_loss, lsgan_*, train_step_stage2;
-Fig. 2 inference: make_sampler, predict_diffusion.
+Fig. 2 inference: make_sampler, predict_diffusion. DAFormer's recipe parts (EMA, ClassMix masks, strong
+augmentation, CE over all pixels, poly LR) are borrowed from common/daformer.py.
 
 Deviations and choices (ours unless a source is named)
  1. E = VAE encoder + quant_conv, z0 = posterior mean x 0.18215, skips = down_blocks[i].resnets[-1] outputs;
@@ -66,7 +67,7 @@ from diffusers import DDIMScheduler
 from safetensors import safe_open
 
 from common import console, datasets, metrics, runtime, sd_backbone, synthetic
-from common.augment import strong_augment
+from common.daformer import ce_all_pixels, class_mix_masks, ema_update, poly_warmup_factor, strong_augment
 from common.console import UserError
 
 
@@ -293,52 +294,6 @@ def pl_rows(a: Args) -> tuple[int, int]:
     return tuple(round(r * a.crop_size / 512) for r in a.pl_crop) if a.tgt == "cityscapes" else (0, 0)
 
 
-# Same as madm.py:ce_all_pixels
-def ce_all_pixels(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy averaged over ALL pixels, ignored ones counting as 0 (mmseg 0.16 / DAFormer / MADM convention).
-
-    logits (B, K, H, W), y (B, H, W) int64 with 255 = ignore, weight (B, H, W) per-pixel weights or None.
-    Dividing by every pixel (not only the valid ones) is what the official code does: images with many ignored
-    pixels contribute a smaller loss.
-    """
-    ce = F.cross_entropy(logits.float(), y, ignore_index=255, reduction="none")  # (B, H, W), 0 where ignored
-    if weight is not None:
-        ce = ce * weight
-    return ce.mean()
-
-
-# Same as madm.py:ema_update
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, step: int, alpha_max: float) -> None:
-    """Mean-teacher update: theta_ema <- a * theta_ema + (1 - a) * theta, a_i = min(1 - 1/(i + 1), alpha_max).
-
-    The ramp lets the EMA copy follow the model closely in the first steps (DAFormer / MADM `_update_ema`).
-    Parameters only: buffers (BatchNorm statistics) are left untouched, as in the official code.
-    """
-    alpha = min(1.0 - 1.0 / (step + 1), alpha_max)
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.mul_(alpha).add_(p.detach(), alpha=1.0 - alpha)
-
-
-# Same as madm.py:class_mix_masks
-@torch.no_grad()
-def class_mix_masks(y_s: torch.Tensor) -> torch.Tensor:
-    """ClassMix masks (Olsson et al. 2021; DAFormer `get_class_masks`): for every source image, half (rounded up)
-    of the classes present in the whole batch's source labels are drawn at random, and that image's pixels of
-    those classes are pasted. 255 counts as a class, as in the official code. Uses the global (seeded,
-    checkpointed) torch CPU generator.
-
-    y_s (B, H, W) int64 -> M (B, 1, H, W) float in {0, 1}; 1 = take the source pixel.
-    """
-    classes = torch.unique(y_s).cpu()
-    n = classes.numel()
-    masks = []
-    for y in y_s:  # one independent draw per image
-        picked = classes[torch.randperm(n)[: (n + 1) // 2]].to(y.device)
-        masks.append(torch.isin(y, picked))
-    return torch.stack(masks)[:, None].float()
-
-
 @torch.no_grad()
 def class_mix(x_s, y_s, x_t, y_hat, w_t):
     """ClassMix of source into target (Fig. 1: x^{s+t}, y^{s+t}): image, label and pixel weight mixed with the
@@ -356,19 +311,6 @@ def stage1_losses(net, x, y, z_lab, weight=None) -> tuple[torch.Tensor, torch.Te
     skips, as D is used after stage 2's UNet generates a label latent. Returns (L_img, L_lab)."""
     logits_img, logits_lab = net(x, z_lab)                        # (B, K, H, W) each
     return ce_all_pixels(logits_img, y, weight), ce_all_pixels(logits_lab, y, weight)
-
-
-# Same as diff.py:poly_warmup_factor
-def poly_warmup_factor(step: int, total: int, warmup_iters: int, warmup_ratio: float, power: float) -> float:
-    """LR multiplier of mmcv's `poly` policy with linear warm-up (DAFormer `poly10warm.py`), per optimizer step.
-
-    poly: f = (1 - step / total) ** power (min_lr 0); warm-up for step < warmup_iters multiplies the poly value by
-    1 - (1 - step / warmup_iters) * (1 - warmup_ratio), i.e. it rises linearly from `warmup_ratio`.
-    """
-    factor = (1.0 - step / total) ** power
-    if step < warmup_iters:
-        factor *= 1.0 - (1.0 - step / warmup_iters) * (1.0 - warmup_ratio)
-    return factor
 
 
 def param_groups(model: nn.Module, new: list[nn.Parameter], a: Args) -> list[dict]:

@@ -12,17 +12,17 @@ DAFormer self-training (source CE, EMA teacher, ClassMix, quality-weighted pseud
 
 Paper (Fig. 2) -> code [official files]
   SD UNet, learnable prompt and time offset .. Conditioning, TimeOffsetHook, madm_forward [ldm_diffusers.py]
-  Head: DAFormer fusion of s0, f8, f16, f32 .. Bottleneck, SegHead (+ common/heads.py) [daformer_head.py]
+  Head: DAFormer fusion of s0, f8, f16, f32 .. Bottleneck, SegHead (+ common/daformer.py) [daformer_head.py]
   LPLR: palette, latent regression, s0 ....... palette_image, palette_latent, loss_lplr [mtmadise.py]
   DPLG: noised teacher pass, pseudo labels ... dplg_timestep, pseudo_labels [mtmadise.py]
-  Self-training: EMA, ClassMix, augmentation . ema_update, class_mix_masks, class_mix, (common/augment.py)
-                                               ce_all_pixels [cmdise.py, dacs_transforms.py, criterion.py]
+  Self-training: EMA, ClassMix, augmentation . class_mix (+ common/daformer.py: ema_update, class_mix_masks,
+                                               strong_augment, ce_all_pixels) [cmdise.py, dacs_transforms.py]
   Optimisation: AdamW, clip 0.01, LR steps ... make_optimizer, lr_factor [config_files/common/optim.py]
   One optimizer step, all of it assembled .... train_step
 
 Deviations from the paper and the official code's active path
   * Plain PyTorch + diffusers + transformers (no detectron2 / mmcv / ODISE / kornia); hooks on the stock UNet
-    forward; CLIPTextModel embeds "" once and is freed; kornia's colour jitter by hand (common/augment.py).
+    forward; CLIPTextModel embeds "" once and is freed; kornia's colour jitter by hand (common/daformer.py).
   * Backward after each student pass (source, then mixed): the same summed gradient, half the activations.
   * Global batch 2 = 2 micro-steps of (1 source + 1 target) with accumulation (official: 2 GPUs, torchrun);
     each reseeds torch from (seed, step, global micro index): the GPU / accumulation split changes nothing.
@@ -67,8 +67,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import console, metrics, runtime
-from common.heads import DAFormerHead
-from common.augment import strong_augment
+from common.daformer import DAFormerHead, ce_all_pixels, class_mix_masks, ema_update, strong_augment
 from common.datasets import CLASS_SETS, PALETTES, RareClassSampling, TrainStream, build_dataset, check_pair
 from common.runtime import UserError
 from common.sd_backbone import FeatureCapture, add_noise, encode_prompts, load_sd, vae_decode, vae_encode
@@ -373,36 +372,6 @@ def pseudo_labels(logits_t: torch.Tensor, threshold: float) -> tuple[torch.Tenso
 
 # ---- Self-training: EMA teacher, ClassMix, augmentation, CE (official cmdise.py, dacs_transforms.py) ----
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, step: int, alpha_max: float) -> None:
-    """Mean-teacher update: theta_ema <- a * theta_ema + (1 - a) * theta, a_i = min(1 - 1/(i + 1), alpha_max).
-
-    The ramp lets the EMA copy follow the model closely in the first steps (DAFormer / MADM `_update_ema`).
-    Parameters only: buffers (BatchNorm statistics) are left untouched, as in the official code.
-    """
-    alpha = min(1.0 - 1.0 / (step + 1), alpha_max)
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.mul_(alpha).add_(p.detach(), alpha=1.0 - alpha)
-
-
-@torch.no_grad()
-def class_mix_masks(y_s: torch.Tensor) -> torch.Tensor:
-    """ClassMix masks (Olsson et al. 2021; DAFormer `get_class_masks`): for every source image, half (rounded up)
-    of the classes present in the whole batch's source labels are drawn at random, and that image's pixels of
-    those classes are pasted. 255 counts as a class, as in the official code. Uses the global (seeded,
-    checkpointed) torch CPU generator.
-
-    y_s (B, H, W) int64 -> M (B, 1, H, W) float in {0, 1}; 1 = take the source pixel.
-    """
-    classes = torch.unique(y_s).cpu()
-    n = classes.numel()
-    masks = []
-    for y in y_s:  # one independent draw per image
-        picked = classes[torch.randperm(n)[: (n + 1) // 2]].to(y.device)
-        masks.append(torch.isin(y, picked))
-    return torch.stack(masks)[:, None].float()
-
-
-@torch.no_grad()
 def class_mix(M: torch.Tensor, x_s: torch.Tensor, x_t: torch.Tensor, y_s: torch.Tensor, y_hat: torch.Tensor,
               q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ClassMix of a source and a target crop with mask M (B, 1, H, W), 1 = source pixel (dacs_transforms):
@@ -411,19 +380,6 @@ def class_mix(M: torch.Tensor, x_s: torch.Tensor, x_t: torch.Tensor, y_s: torch.
     w_m = M + (1 - M) q         (B, H, W) per-pixel CE weight: pseudo-labelled pixels count by their quality
     """
     return M * x_s + (1 - M) * x_t, torch.where(M[:, 0] > 0, y_s, y_hat), M[:, 0] + (1 - M[:, 0]) * q
-
-
-def ce_all_pixels(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy averaged over ALL pixels, ignored ones counting as 0 (mmseg 0.16 / DAFormer / MADM convention).
-
-    logits (B, K, H, W), y (B, H, W) int64 with 255 = ignore, weight (B, H, W) per-pixel weights or None.
-    Dividing by every pixel (not only the valid ones) is what the official code does: images with many ignored
-    pixels contribute a smaller loss.
-    """
-    ce = F.cross_entropy(logits.float(), y, ignore_index=255, reduction="none")  # (B, H, W), 0 where ignored
-    if weight is not None:
-        ce = ce * weight
-    return ce.mean()
 
 
 # ---- Optimisation and one optimizer step (official config_files/common/optim.py, engine/train_loop.py) ----

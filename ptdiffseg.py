@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from common import console, datasets as cd, metrics, runtime, synthetic
+from common.daformer import poly_warmup_factor
 from common.console import UserError
 from common.sd_backbone import AttentionStore, FeatureCapture, encode_prompts, load_sd, vae_encode
 
@@ -417,19 +418,6 @@ def ttda_loss(logits: torch.Tensor, logits_src: torch.Tensor, size: tuple[int, i
 
 
 # ---- Optimizer and learning-rate schedule (DAFormer adamw.py, poly10warm.py, optimizer paramwise_cfg) ---
-# Same as diff.py:poly_warmup_factor
-def poly_warmup_factor(step: int, total: int, warmup_iters: int, warmup_ratio: float, power: float) -> float:
-    """LR multiplier of mmcv's `poly` policy with linear warm-up (DAFormer `poly10warm.py`), per optimizer step.
-
-    poly: f = (1 - step / total) ** power (min_lr 0); warm-up for step < warmup_iters multiplies the poly value by
-    1 - (1 - step / warmup_iters) * (1 - warmup_ratio), i.e. it rises linearly from `warmup_ratio`.
-    """
-    factor = (1.0 - step / total) ** power
-    if step < warmup_iters:
-        factor *= 1.0 - (1.0 - step / warmup_iters) * (1.0 - warmup_ratio)
-    return factor
-
-
 def make_optimizer(model: PTDiffSeg, args: Args) -> torch.optim.Optimizer:
     """AdamW (default betas 0.9, 0.999): head weights and biases (lr 6e-4, wd 0.01), head norm layers (lr 6e-4,
     wd 0: DAFormer's `norm decay_mult=0.0`), adapter incl. gamma (lr 6e-5, wd 0.01); `base_lr` feeds the LR"""

@@ -1,4 +1,4 @@
-"""common/augment.py and common/heads.py: the borrowed building blocks, against references written out here."""
+"""common/daformer.py: the borrowed DAFormer building blocks, against references written out here."""
 import colorsys
 import math
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from common import augment
-from common.heads import DAFormerHead
+from common import daformer as augment
+from common.daformer import DAFormerHead
 
 
 def test_hsv_matches_colorsys_and_round_trips():
