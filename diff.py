@@ -91,6 +91,8 @@ class Args:
     """auto | cpu | cuda"""
     precision: str = "auto"
     """auto (bf16 autocast of the trained part where supported) | fp32 (official) | bf16 | fp16"""
+    deterministic: bool = False
+    """CUDA: deterministic cuDNN/cuBLAS, same-seed runs bit-identical on one GPU model (slower)"""
     grad_checkpointing: bool = False
     """recompute bottlenecks/finecoder in backward to save memory (our choice; SD is never trained)"""
     resume: bool = False

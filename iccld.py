@@ -88,6 +88,8 @@ class Args:
     """auto | cpu | cuda"""
     precision: str = "auto"
     """auto (bf16 / fp16 + GradScaler on GPU, fp32 on CPU) | fp32 | bf16 | fp16; our choice"""
+    deterministic: bool = False
+    """CUDA: deterministic cuDNN/cuBLAS, same-seed runs bit-identical on one GPU model (slower)"""
     grad_checkpointing: bool = False
     """recompute activations in backward: E/D in stage 1, the UNet in stage 2 (memory knob)"""
     resume: bool = False
