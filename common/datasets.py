@@ -1,18 +1,20 @@
-"""The 14 dataset names of the four methods, read in their official on-disk layouts (datasets.md).
+"""The 14 dataset names of the four methods, read in their official on-disk layouts (documented, with download
+pages, sizes and label-map sources, in data/README.md).
 
 What is here, top to bottom:
-- the registry `DATASETS` (folder, class set, splits, sizes of datasets.md §2/§5) and `EVAL_PROTOCOL`;
-- class sets, palettes and every label map of datasets.md §4 as 256-entry lookup tables, `convert_labels`,
-  `check_pair`, `eval_input_size`;
-- file readers that handle the encodings of §3 (palette PNGs read as indices, SYNTHIA 16-bit labels through
-  Pillow's raw modes, DELIVER depth by dtype, DSEC raw events rendered per §6);
+- the registry `DATASETS` (folder, class set, splits, counts, train / eval sizes) and `EVAL_PROTOCOL`;
+- class sets, palettes and every label map as 256-entry lookup tables, `convert_labels`, `check_pair`,
+  `eval_input_size`;
+- file readers that handle each dataset's label encoding (palette PNGs read as indices, SYNTHIA 16-bit labels
+  through Pillow's raw modes, DELIVER depth by dtype, DSEC raw events rendered into an edge-like image);
 - one listing function per layout, then `SegDataset` (eval items at native size, train items resized, cropped,
-  flipped and converted, §5), `RareClassSampling` (DAFormer RCS) and `TrainStream` (batches as a pure function
-  of (seed, step, index), so resuming and DDP sharding need no sampler state).
+  flipped and converted), `RareClassSampling` (DAFormer RCS) and `TrainStream` (batches as a pure function of
+  (seed, step, index), so resuming and DDP sharding need no sampler state).
 
 Conventions: images float32 (3, H, W) in [0, 1] (grey modalities replicated to 3 channels); labels int64 (H,
-W) with 255 = ignore; sizes are written (W, H) as in datasets.md, array shapes (H, W). Bad input fails at
-construction with the one-line messages of datasets.md §12 (`DatasetError`, a `UserError`).
+W) with 255 = ignore; sizes are written (W, H) as in data/README.md, array shapes (H, W). Bad input fails at
+construction with a one-line message (what is wrong, what was expected, how to fix it) as `DatasetError`, a
+`UserError`.
 
 Tags: [official] the dataset's own release or tooling, [ref: X] a public re-implementation, [our choice].
 """
@@ -40,11 +42,12 @@ IGNORE = 255
 
 
 class DatasetError(UserError):
-    """A dataset on disk does not match its official layout or encoding (one line, datasets.md §12)."""
+    """A dataset on disk does not match its official layout or encoding (one line: what is wrong, what was
+    expected, how to fix it)."""
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Registry (datasets.md §2 and §5)
+# Registry (the tables of data/README.md)
 # ------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -55,7 +58,7 @@ class DatasetInfo:
         folder: default folder under the data root.
         num_classes: size of the native class set (19, 11 or 9).
         train_split, eval_split: native split names used for training and for the metric.
-        train_resize: ("exact", (W, H)) or ("keep", (W, H)) = keep-ratio into the box (datasets.md §5).
+        train_resize: ("exact", (W, H)) or ("keep", (W, H)) = keep-ratio into the box (`resize_size`).
         eval_input: same convention, the input size at evaluation.
         metric: "native" (label size), "half" (half the label size, Mapillary) or "input" (the eval input
             size; MADM's targets). The label is resized only for "half" and "input", with Pillow's NEAREST
@@ -65,7 +68,7 @@ class DatasetInfo:
         splits: every native split name the loader knows.
         no_gt_splits: splits listed without labels (no public ground truth, or an unlabeled target train
             split).
-        counts: expected number of items per split (a mismatch is a warning, datasets.md §2).
+        counts: expected number of items per split (a mismatch is a warning: downloads differ slightly).
         native_size: typical native (W, H).
     """
     name: str
@@ -103,7 +106,9 @@ def _acdc_info(cond: Optional[str]) -> DatasetInfo:
 
 
 # Fields in order: name, folder, classes, train split, eval split, train resize, eval input, metric, modality,
-# download, splits, splits without labels, expected counts, native (W, H). Sizes: datasets.md §5.
+# download, splits, splits without labels, expected counts, native (W, H). Sizes: DAFormer's dataset configs
+# (Cityscapes, GTA5, SYNTHIA, ACDC, Dark Zurich), Rein's (BDD100K, Mapillary), MADM's (DSEC, FMB, DELIVER);
+# data/README.md "Train sizes and transform" names the files and the choices that are ours.
 DATASETS: dict[str, DatasetInfo] = {
     "cityscapes": DatasetInfo(
         "cityscapes", "cityscapes", 19, "train", "val", _exact(1024, 512), _exact(1024, 512), "native", "rgb",
@@ -152,7 +157,7 @@ DATASETS: dict[str, DatasetInfo] = {
         (("train", 3983), ("test", 1897)), (1042, 1042)),
 }
 
-# name -> (eval input, metric resolution), datasets.md §5
+# name -> (eval input, metric resolution); see data/README.md "Evaluation sizes and resampling"
 EVAL_PROTOCOL: dict[str, tuple[tuple[str, tuple[int, int]], str]] = {
     n: (i.eval_input, i.metric) for n, i in DATASETS.items()}
 
@@ -166,7 +171,7 @@ ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 DELIVER_CONDITIONS = ("cloud", "fog", "night", "rain", "sun")
 
 # ------------------------------------------------------------------------------------------------------------
-# Class sets, palettes, label maps (datasets.md §4)
+# Class sets, palettes, label maps (sources: data/README.md "Class sets and label maps")
 # ------------------------------------------------------------------------------------------------------------
 CLASS_SETS: dict[int, tuple[str, ...]] = {
     19: ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
@@ -177,6 +182,7 @@ CLASS_SETS: dict[int, tuple[str, ...]] = {
          "traffic sign"),
     9: ("sky", "building", "person", "pole", "road", "sidewalk", "vegetation", "car", "traffic sign"),
 }
+# [official cityscapesscripts/helpers/labels.py] trainId colours
 _CS_COLOURS = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
                (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
                (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
@@ -206,6 +212,7 @@ DELIVER_TO_11 = {0: 1, 1: 2, 3: 3, 4: 4, 5: 5, 6: 5, 7: 6, 8: 7, 9: 8, 10: 9, 11
                  22: 8, 23: 8, 24: 8}
 # [ref: MADM]; FMB raw ids (0 = unlabelled)
 FMB_TO_9 = {1: 4, 2: 5, 3: 1, 4: 8, 5: 8, 6: 6, 7: 0, 8: 2, 9: 7, 10: 7, 11: 7, 12: 7, 13: 7, 14: 3}
+# [ref: MADM config_files/common/data/*.py]
 CS19_TO_11 = {0: 5, 1: 6, 2: 1, 3: 9, 4: 2, 5: 4, 6: 10, 7: 10, 8: 7, 9: 7, 10: 0, 11: 3, 12: 3,
               **{i: 8 for i in range(13, 19)}}
 CS19_TO_9 = {0: 4, 1: 5, 2: 1, 5: 3, 6: 8, 7: 8, 8: 6, 9: 6, 10: 0, 11: 2, 12: 2,
@@ -218,8 +225,8 @@ def make_lut(mapping: dict[int, int]) -> np.ndarray:
     """A 256-entry lookup table: `lut[v] = mapping.get(v, 255)`, with 255 -> 255.
 
     Returns:
-        (256,) uint8. Apply once to a copy (`lut[label]`): never chain in-place replacements (datasets.md
-        §4.6).
+        (256,) uint8. Apply once to a copy (`lut[label]`): never chain in-place replacements, which would
+        remap a value that an earlier replacement produced.
     """
     lut = np.full(256, IGNORE, np.uint8)
     for k, v in mapping.items():
@@ -241,7 +248,7 @@ _CONVERSIONS = {(19, 11): CS19_TO_11, (19, 9): CS19_TO_9, (11, 9): C11_TO_9, (9,
 
 
 def convert_labels(src_k: int, tgt_k: int) -> np.ndarray:
-    """LUT from one class set to another (datasets.md §4.6): the model's class set is the target's.
+    """LUT from one class set to another: the model's class set is the target's [our choice].
 
     Args:
         src_k: the labels' class count (19, 11 or 9).
@@ -267,8 +274,8 @@ def check_pair(src: str, tgt: str) -> int:
     """The model's class count for a `--src` / `--tgt` pair (the target's); `tgt` may be a comma list.
 
     Raises:
-        DatasetError: the source's class set cannot be mapped onto the target's (datasets.md §12 "Class
-            sets"), or targets of a comma list have different class sets.
+        DatasetError: the source's class set cannot be mapped onto the target's (11 or 9 classes onto 19),
+            or targets of a comma list have different class sets.
     """
     for n in [src] + tgt.split(","):
         if n not in DATASETS:
@@ -280,7 +287,7 @@ def check_pair(src: str, tgt: str) -> int:
                            f"Expected targets sharing one class set.")
     k_src, k_tgt = DATASETS[src].num_classes, ks.pop()
     if k_src != k_tgt and (k_src, k_tgt) not in _CONVERSIONS:
-        # only 11 -> 19 and 9 -> 19 land here: every other pair of class sets has a table in datasets.md §4.5
+        # only 11 -> 19 and 9 -> 19 land here: every other pair of class sets has a table in `_CONVERSIONS`
         raise DatasetError(f"error: --src {src} has {k_src} classes but --tgt {tgts[0]} needs {k_tgt}; a "
                            f"merged class cannot be split. Use a {k_tgt}-class source (cityscapes, gta5, "
                            f"synthia, ...).")
@@ -318,7 +325,7 @@ def resize_size(spec: tuple[str, tuple[int, int]], wh: tuple[int, int],
 
 
 def eval_input_size(name: str, hw: tuple[int, int], scale: float = 1.0) -> tuple[int, int]:
-    """The evaluation input size of `name` for an image of shape `hw` = (H, W) (datasets.md §5).
+    """The evaluation input size of `name` for an image of shape `hw` = (H, W) (`DATASETS[name].eval_input`).
 
     Only the size: eval items stay at native size and `common.metrics.evaluate` resamples them, with the
     filter of the reference a method compares with (`image_resize`: "bilinear" for mmseg / OpenCV,
@@ -333,7 +340,8 @@ def eval_input_size(name: str, hw: tuple[int, int], scale: float = 1.0) -> tuple
 
 
 # ------------------------------------------------------------------------------------------------------------
-# File readers (every read checks mode / dtype: datasets.md §10 pitfalls 2-4)
+# File readers (every read checks mode / dtype: colour PNGs refused as labels, palette PNGs read as indices,
+# 16-bit PNGs never cut to 8 bits)
 # ------------------------------------------------------------------------------------------------------------
 _READ_ERRORS = (OSError, SyntaxError, ValueError, zlib.error, EOFError, Image.DecompressionBombError)
 
@@ -344,7 +352,7 @@ def _corrupt(name: str, path: Path, e: BaseException) -> DatasetError:
 
 
 def _decode(name: str, path: Path, fn: Callable[[Image.Image], Any]) -> Any:
-    """Open `path` with Pillow and apply `fn`; any decoder failure becomes the §12 "corrupt file" message."""
+    """Open `path` with Pillow and apply `fn`; a decoder failure becomes the one-line "cannot read" error."""
     try:
         with Image.open(path) as im:
             return fn(im)
@@ -374,7 +382,8 @@ def read_rgb(name: str, path: Path) -> Image.Image:
 def read_label_array(name: str, path: Path, allow_rgb: bool = False) -> np.ndarray:
     """Decode a class-index label without any colour conversion.
 
-    Palette ('P') PNGs give their indices (GTA5, Mapillary: never `.convert()`, pitfall 3); 'L' gives values.
+    Palette ('P') PNGs give their indices (GTA5, Mapillary: never `.convert()`, which would turn them into
+    colours); 'L' gives values.
 
     Args:
         allow_rgb: accept a 3-channel label (DELIVER keeps channel 0).
@@ -408,7 +417,7 @@ def _with_rawmode(im: Image.Image, rawmode: str) -> np.ndarray:
 
 
 def read_synthia_label(name: str, path: Path) -> np.ndarray:
-    """SYNTHIA `GT/LABELS/*.png`: 16 bits per channel RGB, class id in R (datasets.md §3).
+    """SYNTHIA `GT/LABELS/*.png`: 16 bits per channel RGB, class id in R [official SYNTHIA-RAND-CITYSCAPES].
 
     Decoded twice with Pillow's raw modes: "RGB;16B" gives the high bytes, "RGB;16L" (reading the big-endian
     samples as little-endian) the low bytes; value = high * 256 + low [our choice; checked with Pillow 13].
@@ -471,7 +480,8 @@ def read_grey(name: str, path: Path, depth: bool = False) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# DSEC raw events -> image (datasets.md §6) [our choice; approximates MADM's pre-rendered edge PNGs]
+# DSEC raw events -> image [our choice; approximates MADM's pre-rendered edge PNGs, see data/README.md
+# "dsec_event"]
 # ------------------------------------------------------------------------------------------------------------
 def _import_h5py(folder: Path, split: str) -> Any:
     try:
@@ -491,7 +501,11 @@ def _import_h5py(folder: Path, split: str) -> Any:
 
 def render_events(x: np.ndarray, y: np.ndarray, p: np.ndarray, rectify_map: np.ndarray,
                   hw: tuple[int, int]) -> np.ndarray:
-    """Accumulate events into a MADM-like signed edge image (datasets.md §6 steps 3-5).
+    """Accumulate events into a MADM-like signed edge image [our choice].
+
+    Each event moves to its rectified pixel (rounded; outside the label frame dropped), polarity 0/1 counts
+    as -1/+1, and the per-pixel sums v are scaled around mid-grey: c = max(1, 95th percentile of |v| over
+    v != 0), image = 127.5 + 127.5 * clip(v, -c, c) / c.
 
     Args:
         x, y: (N,) int pixel coordinates on the distorted sensor.
@@ -507,7 +521,7 @@ def render_events(x: np.ndarray, y: np.ndarray, p: np.ndarray, rectify_map: np.n
         xy = rectify_map[y.astype(np.int64), x.astype(np.int64)]  # (N, 2) float
         xr, yr = np.rint(xy[:, 0]).astype(np.int64), np.rint(xy[:, 1]).astype(np.int64)
         keep = (xr >= 0) & (xr < w) & (yr >= 0) & (yr < h)
-        pol = p[keep].astype(np.int64) * 2 - 1  # 0/1 -> -1/+1 in a signed dtype (pitfall 14)
+        pol = p[keep].astype(np.int64) * 2 - 1  # 0/1 -> -1/+1 in a signed dtype
         v = np.bincount(yr[keep] * w + xr[keep], weights=pol, minlength=h * w).astype(np.int64)
     nz = np.abs(v[v != 0])
     c = max(1.0, float(np.percentile(nz, 95))) if nz.size else 1.0
@@ -548,7 +562,7 @@ class _EventFiles:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Layouts: each lister returns the items of one split (datasets.md §3)
+# Layouts: each lister returns the items of one split (layouts: data/README.md)
 # ------------------------------------------------------------------------------------------------------------
 @dataclass
 class _Item:
@@ -580,7 +594,8 @@ def _err_empty(name: str, directory: Path, what: str = ".png") -> DatasetError:
 
 def _pair(name: str, images: list[Path], label_for: Callable[[Path], Path], img_dir: Path, lab_dir: Path,
           folder: Path, n_labels_present: Callable[[], int]) -> list[_Item]:
-    """Pair every image with its label by explicit suffix (never `*.png`, pitfall 6)."""
+    """Pair every image with its label by explicit suffix (never `*.png`: DAFormer's converted files sit next
+    to the raw ones)."""
     items = []
     for img in images:
         lab = label_for(img)
@@ -696,7 +711,7 @@ def _acdc_label_finder(img_dir: Path, lab_dir: Path) -> Callable[[Path], Path]:
 
 
 def _list_acdc(name: str, folder: Path, split: str, opts: dict) -> _Listing:
-    """ACDC in the official nested layout or DAFormer's flattened one (datasets.md §3).
+    """ACDC in the official nested layout or DAFormer's flattened one (data/README.md "acdc").
 
     Official: `rgb_anon/<cond>/<split>/<seq>/*_rgb_anon.png`. Flattened [ref: DAFormer README, `rsync -a
     rgb_anon/*/<split>/*/* rgb_anon/<split>/`]: `rgb_anon/<split>/*_rgb_anon.png` and
@@ -787,7 +802,7 @@ def _list_mapillary(name: str, folder: Path, split: str, opts: dict) -> _Listing
     if not images:
         raise _err_empty(name, img_dir, ".jpg")
     cfg = folder / "config_v1.2.json"
-    if cfg.is_file():  # pitfall 17: v1.2 has 66 labels, v2.0 has 124
+    if cfg.is_file():  # v1.2 has 66 labels, v2.0 has 124
         try:
             n = len(json.loads(cfg.read_text())["labels"])
         except (ValueError, KeyError, TypeError) as e:
@@ -864,7 +879,7 @@ def _dsec_stride(split: str, opts: dict) -> int:
 
 
 def _dsec_frame_kept(k: int, stride: int) -> bool:
-    """DSEC frame sampling (datasets.md §10 pitfall 15): frames k >= 1 with k % stride == 0.
+    """DSEC frame sampling: frames k >= 1 with k % stride == 0 (the stride is printed).
 
     Frame 0 has no preceding events. MADM's lists (`data/json_file/Cityscapes_RGB_to_DSEC_Event_{train,test}
     .json` in XiaRho/MADM) hold exactly these frames: every train sequence 2, 4, 6, ... (4,037 in all), every
@@ -947,7 +962,7 @@ def _list_dsec(name: str, folder: Path, split: str, opts: dict) -> _Listing:
         if ts_file is None:
             raise DatasetError(f"error: dsec_event: no timestamps.txt for sequence '{seq}' in '{sem}'. "
                                f"Expected one int64 microsecond timestamp per label file (DSEC-Semantic).")
-        ts = np.loadtxt(ts_file, dtype=np.int64, ndmin=1)  # int64 us: never through float (pitfall 12)
+        ts = np.loadtxt(ts_file, dtype=np.int64, ndmin=1)  # int64 us: never through float
         if len(ts) != len(labels):
             raise DatasetError(f"error: dsec_event: '{seq}' has {len(ts)} timestamps but {len(labels)} label "
                                f"files; they must match one to one.")
@@ -1029,7 +1044,7 @@ def resolve_folder(name: str, root: str | Path, split: str = "train") -> Path:
     """The dataset's folder: `root/<default folder>` if it exists, else `root` itself if it looks like one.
 
     Raises:
-        DatasetError: neither exists (datasets.md §12 "Missing root").
+        DatasetError: neither exists (one line naming the expected paths and the download page).
     """
     info = DATASETS[name]
     root = Path(root)
@@ -1160,7 +1175,8 @@ def _parallel_map(fn: Callable[[Any], Any], xs: Sequence[Any], workers: int = 8)
 # ------------------------------------------------------------------------------------------------------------
 # The dataset
 # ------------------------------------------------------------------------------------------------------------
-# Allowed raw values per label encoding, checked after every decode (datasets.md §10 pitfall 1/4).
+# Allowed raw values per label encoding, checked after every decode (a value outside them means the file
+# is not in the encoding its name promises).
 _RAW_MAX = {"cs_labelIds": 33, "mapillary": 65, "fmb": 14, "deliver": 25}
 _NATIVE_LUTS = {"cs_labelIds": make_lut(CITYSCAPES_LABELID_TO_TRAINID),
                 "cs_labelIds_palette": make_lut(CITYSCAPES_LABELID_TO_TRAINID),
@@ -1197,7 +1213,7 @@ class SegDataset(torch.utils.data.Dataset):
         name, split (native name), info (`DatasetInfo`), folder (dataset folder), train (bool: items go
         through the train transform), num_classes (the output class set), native_classes, class_names and
         palette (of the output class set), has_labels (False for splits without ground truth: labels are all
-        255), synthetic (inside the synthetic sample), scale (multiplies every size of datasets.md §5),
+        255), synthetic (inside the synthetic sample), scale (multiplies every train / eval size),
         crop_size, cat_max_ratio.
     """
 
@@ -1282,7 +1298,7 @@ class SegDataset(torch.utils.data.Dataset):
                           f"release has {expected} (downloads differ slightly).", stacklevel=3)
 
     def require_labels(self) -> None:
-        """Raise the §12 "Test split" error when this split has no ground truth (the metric refuses it)."""
+        """Raise the "no public ground truth" error when this split has none (the metric refuses it)."""
         if not self.has_labels:
             raise DatasetError(f"error: {self.name}: split '{self.split}' has no public ground truth; use "
                                f"--split val for a metric.")
@@ -1328,7 +1344,7 @@ class SegDataset(torch.utils.data.Dataset):
                 raise DatasetError(f"error: {self.name}: label '{it.label}' has values {_fmt_set(bad)} "
                                    f"outside {{0..{_RAW_MAX[kind]}, 255}}. Expected the raw {self.name} "
                                    f"label encoding.")
-        return _NATIVE_LUTS[kind][raw]  # one LUT on a copy, never chained replacements (pitfall 10)
+        return _NATIVE_LUTS[kind][raw]  # one LUT on a copy, never chained replacements
 
     def load_image(self, i: int) -> Image.Image:
         """The input of item `i` at native size: PIL "RGB" (uint8) or "F" (float32 in [0, 1], grey)."""
@@ -1429,7 +1445,7 @@ class SegDataset(torch.utils.data.Dataset):
 
     def sample(self, i: int, rng: np.random.Generator, rcs_class: Optional[int] = None,
                rcs_min_pixels: int = 0) -> dict:
-        """Train transform of item `i` (datasets.md §5): resize -> random crop -> flip -> label conversion.
+        """Train transform of item `i`: resize -> random crop -> flip -> label conversion.
 
         Resize: image bilinear, label nearest, to the (scaled) train size, both with Pillow (BILINEAR is
         antialiased when shrinking; NEAREST picks floor((i + 0.5) * in / out)) as MADM's train loader does;
@@ -1456,7 +1472,7 @@ class SegDataset(torch.utils.data.Dataset):
         if c > tw or c > th:
             raise DatasetError(f"error: --crop-size {c} is larger than the resized {self.name} image "
                                f"({tw}x{th} after resize). Lower --crop-size.")
-        # labels: nearest only (pitfall 7); resizing the uint8 map costs little next to the image decode
+        # labels: nearest only; resizing the uint8 map costs little next to the image decode
         lab = label if (tw, th) == (w0, h0) else np.asarray(
             Image.fromarray(label).resize((tw, th), Image.NEAREST))
         x0 = y0 = 0
@@ -1497,7 +1513,7 @@ class SegDataset(torch.utils.data.Dataset):
 def build_dataset(name: str, root: str | Path = "data", split: str = "train", *, train: Optional[bool] = None,
                   crop_size: int = 512, scale: float = 1.0, num_classes: Optional[int] = None,
                   cat_max_ratio: Optional[float] = None, **options: Any) -> SegDataset:
-    """Build one split of a dataset from its official layout (datasets.md §1-§3).
+    """Build one split of a dataset from its official layout (data/README.md).
 
     Args:
         name: a registry name (`DATASETS`).
@@ -1507,7 +1523,7 @@ def build_dataset(name: str, root: str | Path = "data", split: str = "train", *,
             "validation", ...).
         train: items go through the train transform; default: split is the train split.
         crop_size: train crop side (not scaled by `scale`).
-        scale: multiplies every size of datasets.md §5 (the demo uses 1/8).
+        scale: multiplies every train / eval size of the registry (the demo uses 1/8).
         num_classes: the model's class set (default: the native one); labels are converted after cropping.
         cat_max_ratio: optional mmseg crop constraint (e.g. 0.75).
         options: label_format ("auto" | "trainIds" | "labelIds"; Cityscapes, GTA5, SYNTHIA), dsec_input
@@ -1517,7 +1533,7 @@ def build_dataset(name: str, root: str | Path = "data", split: str = "train", *,
     Returns:
         a `SegDataset`.
     Raises:
-        DatasetError (a UserError) with the datasets.md §12 messages, at construction.
+        DatasetError (a UserError) with a one-line message, at construction.
     """
     if name not in DATASETS:
         raise DatasetError(f"error: unknown dataset '{name}'. Choose one of: {', '.join(DATASETS)}.")

@@ -1,8 +1,8 @@
-"""Semantic-segmentation metric (datasets.md §7): one confusion matrix over the whole evaluation set,
-per-class IoU, mIoU as the NaN-mean over classes present in ground truth or prediction, the mmseg-style
-table, and `evaluate`, which runs a method's `predict_fn` over an evaluation dataset with the resolution
-protocol of datasets.md §5 and the image / label resampling of the reference a method compares with
-(`resize_image`, `resize_label`).
+"""Semantic-segmentation metric, mmseg's convention (`IoUMetric`: intersections and unions summed over the
+whole evaluation set): one confusion matrix over the set, per-class IoU, mIoU as the NaN-mean over classes
+present in ground truth or prediction, the mmseg-style table, and `evaluate`, which runs a method's
+`predict_fn` over an evaluation dataset with the sizes and the image / label resampling of the reference a
+method compares with (`resize_image`, `resize_label`; data/README.md "Evaluation sizes and resampling").
 
 Convention: confusion matrices are (K, K) int64 with **rows = ground truth, columns = prediction**. Never
 average per-image IoUs: accumulate the matrix over the set by summing, then compute IoU once.
@@ -22,7 +22,7 @@ from common import console
 from common.runtime import save_side_by_side
 
 # SYNTHIA shares 16 of the 19 Cityscapes classes (terrain, truck, train never occur); mIoU13 also drops wall,
-# fence, pole (datasets.md §7).
+# fence, pole. Both are the usual SYNTHIA -> Cityscapes numbers, computed from the per-class IoUs.
 SYNTHIA16 = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 SYNTHIA13 = tuple(c for c in SYNTHIA16 if c not in (3, 4, 5))
 
@@ -66,7 +66,8 @@ def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def iou_per_class(conf: np.ndarray) -> np.ndarray:
-    """IoU_c = TP / (row_c + col_c − TP); NaN where the class is absent from both ground truth and prediction.
+    """IoU_c = TP / (row_c + col_c − TP); NaN where the class is absent from both ground truth and
+    prediction.
 
     A class predicted but absent from the ground truth gets IoU 0 and counts in the mean.
     """
@@ -226,7 +227,7 @@ def _metric_size(metric_size: str | tuple[int, int], label_hw: tuple[int, int],
         return (label_hw[0] // 2, label_hw[1] // 2)
     if metric_size == "input":
         return input_hw
-    w, h = metric_size  # (W, H) like every size in datasets.md
+    w, h = metric_size  # (W, H) like every size in data/README.md
     return (h, w)
 
 

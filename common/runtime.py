@@ -33,9 +33,9 @@ from common.console import UserError, log, progress  # noqa: F401  (re-exported 
 from common.datasets import DATASETS
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Command line generated from the `Args` dataclass (stdlib argparse; no tyro)
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def field_docs(args_cls: type) -> dict[str, str]:
     """Docstrings written on the line after each dataclass field (CleanRL style).
 
@@ -51,8 +51,9 @@ def field_docs(args_cls: type) -> dict[str, str]:
     body = ast.parse(source).body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
             docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -70,9 +71,9 @@ def parse_args(args_cls: type, argv: Optional[list[str]] = None) -> Any:
     """Parse a command line into an `args_cls` instance; `--help` lists every field with its doc and default.
 
     Args:
-        args_cls: the method's `Args` dataclass. `bool` fields become `--flag / --no-flag`; `Optional[...]` fields
-            accept a value (default None); `tuple[...]` fields take several values. `--src` / `--tgt` are checked
-            against the dataset registry (comma lists allowed for `--tgt`).
+        args_cls: the method's `Args` dataclass. `bool` fields become `--flag / --no-flag`; `Optional[...]`
+            fields accept a value (default None); `tuple[...]` fields take several values. `--src` / `--tgt`
+            are checked against the dataset registry (comma lists allowed for `--tgt`).
         argv: the arguments (default `sys.argv[1:]`).
     Returns:
         an `args_cls` instance.
@@ -109,7 +110,7 @@ def parse_args(args_cls: type, argv: Optional[list[str]] = None) -> Any:
 
 
 def check_dataset_names(args: Any) -> None:
-    """UserError for an unknown `--src` / `--tgt` (datasets.md §12 "Unknown name")."""
+    """UserError for an unknown `--src` / `--tgt`: one line listing the valid names."""
     for flag in ("src", "tgt"):
         value = getattr(args, flag, None)
         if value is None:
@@ -129,12 +130,14 @@ def in_notebook_kernel() -> bool:
 def run_cli(main: Callable[[Any], dict], args_cls: type, argv: Optional[list[str]] = None) -> None:
     """Parse the command line, run `main(args)`; bad input ends with one line on stderr and exit code 2.
 
-    Pasted into a notebook cell (the `__main__` guard is true there too) it parses nothing and only says how to
-    run: argparse would see the kernel's `-f kernel.json` and raise SystemExit (the classic notebook failure).
+    Pasted into a notebook cell (the `__main__` guard is true there too) it parses nothing and only says how
+    to run: argparse would see the kernel's `-f kernel.json` and raise SystemExit (the classic notebook
+    failure).
     """
     if argv is None and in_notebook_kernel():
-        print(f"{args_cls.__name__} and main are defined; run main({args_cls.__name__}(demo=True)) for the demo, "
-              f"or main({args_cls.__name__}(src=..., tgt=..., ...)) (the kernel's command line is not parsed).")
+        print(f"{args_cls.__name__} and main are defined; run main({args_cls.__name__}(demo=True)) for the "
+              f"demo, or main({args_cls.__name__}(src=..., tgt=..., ...)) (the kernel's command line is not "
+              "parsed).")
         return
     try:
         args = parse_args(args_cls, argv)
@@ -155,15 +158,16 @@ def replace_defaults(args: Any, **demo_values: Any) -> Any:
     changes = {}
     for f in dataclasses.fields(args):
         if f.name in demo_values:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+            default = (f.default if f.default is not dataclasses.MISSING
+                       else f.default_factory())  # type: ignore
             if getattr(args, f.name) == default:
                 changes[f.name] = demo_values[f.name]
     return dataclasses.replace(args, **changes)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Seeding and RNG state (everything that draws random numbers is seeded here and checkpointed)
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and every CUDA device)."""
     random.seed(seed)
@@ -190,16 +194,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Device and precision
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def choose_device(name: str) -> torch.device:
     """`auto` = CUDA if available else CPU; asking for CUDA on a machine without one is a UserError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("error: --device cuda: no CUDA device is visible. Expected a GPU with a CUDA build of "
-                        "PyTorch; use --device cpu or --device auto.")
+        raise UserError("error: --device cuda: no CUDA device is visible. Expected a GPU with a CUDA build "
+                        "of PyTorch; use --device cpu or --device auto.")
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise UserError(f"error: --device: unknown device '{name}'. Expected auto, cpu or cuda.")
     return torch.device(name)
@@ -212,7 +216,8 @@ class Precision:
     Attributes:
         amp_dtype: autocast dtype for the trained parts, None = plain fp32.
         use_scaler: fp16 needs a GradScaler (bf16 and fp32 do not).
-        frozen_dtype: storage dtype of frozen SD parts (half on CUDA: inference only, full precision not needed).
+        frozen_dtype: storage dtype of frozen SD parts (half on CUDA: inference only, full precision not
+            needed).
         device_type: "cuda" or "cpu", for `torch.autocast`.
         reason: one line saying why, printed at start.
     """
@@ -236,10 +241,10 @@ class Precision:
 def choose_precision(name: str, device: torch.device) -> Precision:
     """Pick the training precision: bf16 where the GPU supports it, fp16 + GradScaler otherwise, fp32 on CPU.
 
-    `--precision bf16` / `fp16` also run on the CPU (PyTorch's CPU autocast supports both, and the GradScaler has a
-    CPU variant) and then take exactly the GPU's code path: frozen parts stored in half precision, the same
-    autocast regions, the same scaler calls. That is slow and meant for checking the GPU path on a machine
-    without one. `fp32` means fp32 everywhere, frozen parts included.
+    `--precision bf16` / `fp16` also run on the CPU (PyTorch's CPU autocast supports both, and the GradScaler
+    has a CPU variant) and then take exactly the GPU's code path: frozen parts stored in half precision, the
+    same autocast regions, the same scaler calls. That is slow and meant for checking the GPU path on a
+    machine without one. `fp32` means fp32 everywhere, frozen parts included.
 
     Args:
         name: "auto" | "fp32" | "bf16" | "fp16".
@@ -262,8 +267,8 @@ def choose_precision(name: str, device: torch.device) -> Precision:
         else:
             why = f"{name} as requested"
         if name == "bf16" and not bf16_ok:
-            raise UserError("error: --precision bf16: this GPU does not support bf16. Expected --precision fp16 "
-                            "or auto.")
+            raise UserError("error: --precision bf16: this GPU does not support bf16. Expected --precision "
+                            "fp16 or auto.")
     else:
         why = f"{name} on CPU as requested: the GPU code path, slow, meant for checking"
     dtype = torch.bfloat16 if name == "bf16" else torch.float16
@@ -272,8 +277,9 @@ def choose_precision(name: str, device: torch.device) -> Precision:
 
 
 def checkpointed(enabled: bool, fn: Callable[..., Any], *xs: Any) -> Any:
-    """`fn(*xs)`, its activations recomputed in backward instead of stored when `enabled` (a `--grad-checkpointing`
-    memory knob: same values and gradients, less memory, one more forward of `fn` per backward).
+    """`fn(*xs)`, its activations recomputed in backward instead of stored when `enabled` (a
+    `--grad-checkpointing` memory knob: same values and gradients, less memory, one more forward of `fn` per
+    backward).
 
     Args:
         enabled: checkpoint `fn`; ignored under `torch.no_grad()` (nothing is stored there anyway).
@@ -287,9 +293,9 @@ def checkpointed(enabled: bool, fn: Callable[..., Any], *xs: Any) -> Any:
     return fn(*xs)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # torchrun / DistributedDataParallel
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 @dataclass
 class Dist:
     """Process-group facts; `world == 1` without torchrun.
@@ -348,12 +354,12 @@ def set_determinism(device: torch.device, deterministic: bool = False) -> str:
 
     CPU, always: oneDNN (PyTorch's CPU convolutions and matmuls) is put in its deterministic mode
     (`torch.backends.mkldnn.deterministic`): some oneDNN backward-weights kernels split their reduction across
-    threads in a scheduling-dependent order on some CPUs, so two runs of the same seed could drift apart in the
-    last bits from the first step on. Everything else our scripts run on the CPU is deterministic for a fixed
-    thread count. CUDA, only with `--deterministic` (it costs speed): cuDNN deterministic algorithms without
-    autotuning, `torch.use_deterministic_algorithms(True, warn_only=True)` and the cuBLAS workspace setting it
-    needs; then two runs on the same GPU model, software versions and process count give the same weights. Without
-    it CUDA runs agree only up to float rounding (atomic adds in some backward kernels).
+    threads in a scheduling-dependent order on some CPUs, so two runs of the same seed could drift apart in
+    the last bits from the first step on. Everything else our scripts run on the CPU is deterministic for a
+    fixed thread count. CUDA, only with `--deterministic` (it costs speed): cuDNN deterministic algorithms
+    without autotuning, `torch.use_deterministic_algorithms(True, warn_only=True)` and the cuBLAS workspace
+    setting it needs; then two runs on the same GPU model, software versions and process count give the same
+    weights. Without it CUDA runs agree only up to float rounding (atomic adds in some backward kernels).
 
     Returns:
         one line saying what is guaranteed, for the start-up printout.
@@ -390,9 +396,9 @@ def setup_hardware(args: Any) -> tuple[Dist, Precision]:
     return dist, prec
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Run folder, atomic checkpoints
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 _CKPT_RE = re.compile(r"^step_(\d{7,})$")
 
 
@@ -401,8 +407,9 @@ def prepare_out_dir(out: str, resume: bool = False, eval_only: bool = False, is_
     """Create and check the run folder before anything is written to it.
 
     Refuses (UserError) an unwritable folder, and a folder that already holds checkpoints unless `--resume` or
-    `--eval-only` is given, so a new run never overwrites a user's earlier run. `allow_existing` (the `--demo`, whose
-    folder holds only generated output) starts over in such a folder instead: its old checkpoints are removed.
+    `--eval-only` is given, so a new run never overwrites a user's earlier run. `allow_existing` (the
+    `--demo`, whose folder holds only generated output) starts over in such a folder instead: its old
+    checkpoints are removed.
     """
     path = Path(out)
     if is_main:
@@ -415,19 +422,21 @@ def prepare_out_dir(out: str, resume: bool = False, eval_only: bool = False, is_
             raise UserError(f"error: --out: cannot write to '{out}' ({e.strerror or e}). Expected a writable "
                             "folder; pass another --out.") from None
         ckpts = path / "checkpoints"
-        if not resume and not eval_only and ckpts.is_dir() and any(_CKPT_RE.match(p.name) for p in ckpts.iterdir()):
+        if (not resume and not eval_only and ckpts.is_dir()
+                and any(_CKPT_RE.match(p.name) for p in ckpts.iterdir())):
             if allow_existing:
                 shutil.rmtree(ckpts)
                 (path / "metrics.json").unlink(missing_ok=True)
                 return path
-            raise UserError(f"error: --out: '{out}' already holds checkpoints of an earlier run. Pass --resume to "
-                            "continue it, or a new --out to start another run.")
+            raise UserError(f"error: --out: '{out}' already holds checkpoints of an earlier run. Pass "
+                            "--resume to continue it, or a new --out to start another run.")
     return path
 
 
 def save_checkpoint(out_dir: str | Path, step: int, weights: dict[str, torch.Tensor], state: dict,
                     keep: int = 3) -> Path:
-    """Write `<out>/checkpoints/step_XXXXXXX/{weights.safetensors, state.pt}` atomically; keep the newest `keep`.
+    """Write `<out>/checkpoints/step_XXXXXXX/{weights.safetensors, state.pt}` atomically; keep the
+    newest `keep`.
 
     The files go into a temporary folder that is fsynced and renamed: a kill at any moment leaves either the
     complete new checkpoint or none, and the previous one stays loadable.
@@ -450,7 +459,8 @@ def save_checkpoint(out_dir: str | Path, step: int, weights: dict[str, torch.Ten
         shutil.rmtree(tmp)
     tmp.mkdir()
     # safetensors refuses shared or non-contiguous storage: store independent contiguous copies.
-    save_file({k: v.detach().contiguous().clone().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+    save_file({k: v.detach().contiguous().clone().cpu() for k, v in weights.items()},
+              str(tmp / "weights.safetensors"))
     torch.save(state, tmp / "state.pt")
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -486,7 +496,8 @@ def resume_checkpoint(out_dir: str | Path) -> Path:
     path = latest_checkpoint(out_dir)
     if path is None:
         raise UserError(f"error: --resume: no checkpoint in '{Path(out_dir) / 'checkpoints'}'. Expected a "
-                        "step_XXXXXXX folder written by --ckpt-every; run without --resume to start a new run.")
+                        "step_XXXXXXX folder written by --ckpt-every; run without --resume to start a new "
+                        "run.")
     return path
 
 
@@ -563,7 +574,8 @@ class Checkpointer:
         return step == last or (self.every > 0 and step % self.every == 0)
 
     def save(self, step: int, weights: dict[str, torch.Tensor], state: dict) -> Optional[Path]:
-        """Write `weights` (safetensors) and `state` + step + RNG states (state.pt) atomically; rank 0 only."""
+        """Write `weights` (safetensors) and `state` + step + RNG states (state.pt) atomically; rank 0
+        only."""
         if not self.is_main:
             return None
         return save_checkpoint(self.out, step, weights, {**state, "step": step, "rng": get_rng_state()},
@@ -594,7 +606,8 @@ class Checkpointer:
         Args:
             step: number of optimizer steps done.
             modules: {name: module}; stored as weights "<name>.<key>" (`named_weights`).
-            stateful: {name: object with state_dict()} (optimizers, GradScalers); stored in state.pt under name.
+            stateful: {name: object with state_dict()} (optimizers, GradScalers); stored in state.pt under
+                name.
             state: anything else for state.pt (e.g. the args).
         Returns:
             the checkpoint folder (None on ranks > 0).
@@ -623,8 +636,8 @@ def validate_args(args: Any, crop_multiple: int = 8) -> None:
         if not ok:
             raise UserError(f"error: --{flag}: {what}")
     require_ckpt(args)
-    need(not (args.eval_only and args.resume), "resume", "cannot be combined with --eval-only. Expected one of "
-         "them: --resume continues training, --eval-only --ckpt scores a checkpoint.")
+    need(not (args.eval_only and args.resume), "resume", "cannot be combined with --eval-only. Expected one "
+         "of them: --resume continues training, --eval-only --ckpt scores a checkpoint.")
     need(not (args.profile and getattr(args, "estimate_memory", False)), "estimate-memory",
          "cannot be combined with --profile. Expected one of them.")
     need(args.profile >= 0, "profile", f"got {args.profile}. Expected a number of iterations >= 1 (0 = off).")
@@ -636,9 +649,9 @@ def validate_args(args: Any, crop_multiple: int = 8) -> None:
          f"got {args.crop_size}. Expected a positive multiple of {crop_multiple} (e.g. 512).")
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Logging and metrics.json
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _fmt(key: str, v: float) -> str:
     if isinstance(v, int) and not isinstance(v, bool):
         return str(v)
@@ -648,7 +661,8 @@ def _fmt(key: str, v: float) -> str:
 
 
 def log_line(step: int, total: int, values: dict[str, float], ms_per_step: float, mem_gb: float) -> str:
-    """`step 1200/10000 | loss_src 0.412 | lr 5.0e-06 | 410 ms/step | mem 17.3 GB` (style.md §6)."""
+    """One train log line, e.g. `step 1200/10000 | loss_src 0.412 | lr 5.0e-06 | 410 ms/step | mem 17.3 GB`
+    (the format README.md documents under "Logged values")."""
     parts = [f"step {step}/{total}"] + [f"{k} {_fmt(k, float(v) if not isinstance(v, int) else v)}"
                                          for k, v in values.items()]
     parts += [f"{ms_per_step:.0f} ms/step", f"mem {mem_gb:.1f} GB"]
@@ -681,7 +695,8 @@ def _to_jsonable(obj: Any) -> Any:
 
 
 def write_metrics(out_dir: str | Path, record: Any, key: str = "evals") -> Path:
-    """Append `record` to the list `key` of `<out>/metrics.json`, or set it when `key != "evals"`; atomic rewrite.
+    """Append `record` to the list `key` of `<out>/metrics.json`, or set it when `key != "evals"`; atomic
+    rewrite.
 
     NaN becomes null so the file stays valid JSON.
     """
@@ -702,13 +717,13 @@ def check_finite(loss: torch.Tensor, step: int, out_dir: Optional[str | Path] = 
     if not bool(torch.isfinite(loss.detach()).all()):
         last = latest_checkpoint(out_dir) if out_dir is not None else None
         keep = f" The last good checkpoint is '{last}'; --resume continues from it." if last else ""
-        raise UserError(f"error: training: non-finite loss ({loss.item()}) at step {step}. Expected a finite loss; "
-                        f"lower --lr or use --precision fp32.{keep}")
+        raise UserError(f"error: training: non-finite loss ({loss.item()}) at step {step}. Expected a finite "
+                        f"loss; lower --lr or use --precision fp32.{keep}")
 
 
 def log_args(out: str | Path, args: Any, dist: Dist, precision: Precision) -> None:
-    """Start of a run (rank 0): print `args: {...}` (one JSON line) and `device cpu: <why this precision>`, and
-    store the args in `<out>/metrics.json` under "args".
+    """Start of a run (rank 0): print `args: {...}` (one JSON line) and `device cpu: <why this precision>`,
+    and store the args in `<out>/metrics.json` under "args".
 
     Args:
         out: the run folder (already checked by `prepare_out_dir`).
@@ -721,10 +736,11 @@ def log_args(out: str | Path, args: Any, dist: Dist, precision: Precision) -> No
         write_metrics(out, args, key="args")
 
 
-def log_eval(out: Optional[str | Path], res: dict, step: int, tags: dict[str, str], is_main: bool = True) -> dict:
+def log_eval(out: Optional[str | Path], res: dict, step: int, tags: dict[str, str],
+             is_main: bool = True) -> dict:
     """Report one evaluation: print its per-class table and one line
-    `eval step 2000 | mIoU 41.70 | input 512x512 | metric 512x512 | <tag values>` (mIoU16 / mIoU13 after the mIoU
-    when present), and append the record to `<out>/metrics.json` under "evals".
+    `eval step 2000 | mIoU 41.70 | input 512x512 | metric 512x512 | <tag values>` (mIoU16 / mIoU13 after the
+    mIoU when present), and append the record to `<out>/metrics.json` under "evals".
 
     Args:
         out: the run folder (None = print only).
@@ -748,8 +764,8 @@ def log_eval(out: Optional[str | Path], res: dict, step: int, tags: dict[str, st
 
 
 def finish_run(out: str | Path, result: dict, dist: Dist, timer: "RunTimer") -> None:
-    """End of a run (rank 0): print `done in 93.2 s | peak memory 2.41 GB`, store `result` in `<out>/metrics.json`
-    under "final" and draw `<out>/curves.png` (`write_curves`).
+    """End of a run (rank 0): print `done in 93.2 s | peak memory 2.41 GB`, store `result` in
+    `<out>/metrics.json` under "final" and draw `<out>/curves.png` (`write_curves`).
 
     Args:
         out: the run folder.
@@ -783,10 +799,10 @@ class RunTimer:
 class TrainLog:
     """The progress of one training loop, the same in every script.
 
-    On a terminal a tqdm bar (steps, ETA, latest losses); every `every` steps (and at the last) one fixed-format
-    line with the values averaged over the steps since the previous line (`lr` is the latest), written with
-    `console.log` so the bar is not broken; the same records in `<out>/metrics.json` under `key`. On `--resume`
-    the records up to the resumed step are kept from metrics.json.
+    On a terminal a tqdm bar (steps, ETA, latest losses); every `every` steps (and at the last) one
+    fixed-format line with the values averaged over the steps since the previous line (`lr` is the latest),
+    written with `console.log` so the bar is not broken; the same records in `<out>/metrics.json` under `key`.
+    On `--resume` the records up to the resumed step are kept from metrics.json.
 
     Args:
         out: run folder (None = write nothing), total: last step, every: `--log-every`, device: for the memory
@@ -794,8 +810,8 @@ class TrainLog:
         key: the metrics.json key.
     """
 
-    def __init__(self, out: Optional[str | Path], total: int, every: int, device: torch.device, is_main: bool = True,
-                 start: int = 0, prefix: str = "", key: str = "train_log"):
+    def __init__(self, out: Optional[str | Path], total: int, every: int, device: torch.device,
+                 is_main: bool = True, start: int = 0, prefix: str = "", key: str = "train_log"):
         self.out, self.total, self.every, self.device = (Path(out) if out else None), total, every, device
         self.is_main, self.prefix, self.key = is_main, prefix, key
         self.history: list[dict] = []
@@ -836,11 +852,12 @@ class TrainLog:
             self.bar.close()
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Pictures
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def colorize(label: np.ndarray, palette: np.ndarray) -> "Image.Image":
-    """Label map (H, W) of class ids (255 = ignore) -> RGB PIL image with the class-set palette, ignore black."""
+    """Label map (H, W) of class ids (255 = ignore) -> RGB PIL image with the class-set palette, ignore
+    black."""
     from PIL import Image
     lut = np.zeros((256, 3), np.uint8)
     lut[: len(palette)] = palette
@@ -875,9 +892,9 @@ def save_side_by_side(path: str | Path, image: torch.Tensor, gt: np.ndarray, pre
                       min_height: int = 256) -> None:
     """Write `input | ground truth | prediction` as one PNG, with a legend strip under it.
 
-    Panels smaller than `min_height` pixels are upscaled (nearest, so labels stay crisp) until they are at least
-    that high; the legend names the colours of the classes that appear in the ground truth or the prediction
-    (ignore = black).
+    Panels smaller than `min_height` pixels are upscaled (nearest, so labels stay crisp) until they are at
+    least that high; the legend names the colours of the classes that appear in the ground truth or the
+    prediction (ignore = black).
 
     Args:
         image: float (3, H, W) in [0, 1] (resized to the label size if it differs).
@@ -889,7 +906,8 @@ def save_side_by_side(path: str | Path, image: torch.Tensor, gt: np.ndarray, pre
     from PIL import Image
     h, w = gt.shape
     img = (image.detach().float().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    panels = [Image.fromarray(img).resize((w, h), Image.BILINEAR), colorize(gt, palette), colorize(pred, palette)]
+    panels = [Image.fromarray(img).resize((w, h), Image.BILINEAR), colorize(gt, palette),
+              colorize(pred, palette)]
     f = max(1, -(-min_height // h))  # integer upscale factor: a 64-pixel demo panel becomes 256 pixels high
     panels = [p.resize((w * f, h * f), Image.NEAREST) for p in panels]
     canvas = Image.new("RGB", (3 * w * f, h * f), "white")
@@ -921,7 +939,8 @@ def write_curves(out_dir: str | Path) -> Optional[Path]:
     try:  # a bare Figure, not pyplot: no global backend switch in the user's notebook
         from matplotlib.figure import Figure
     except ImportError:
-        log("curves.png skipped: matplotlib is not installed (pip install matplotlib to get the training curves)")
+        log("curves.png skipped: matplotlib is not installed (pip install matplotlib to get the training "
+            "curves)")
         return None
     data = json.loads(path.read_text())
     logs = {k: v for k, v in data.items() if k.startswith("train_log") and isinstance(v, list) and v}
@@ -951,9 +970,9 @@ def write_curves(out_dir: str | Path) -> Optional[Path]:
     return png
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # --profile: FLOPs, time, memory, utilisation against the measured matmul peak
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -987,11 +1006,11 @@ def _flop_formulas() -> dict:
     """Corrections to `torch.utils.flop_counter`'s formulas, passed to `FlopCounterMode(custom_mapping=...)`.
 
     1. PyTorch's CPU flash-attention kernels have no formula and would count as 0 FLOPs (every attention layer
-       left out of `utilization` on CPU). Same formulas as the CUDA kernels: 4·B·H·Lq·Lk·D forward, the flash
-       backward (with its recomputation of the scores) as for CUDA.
-    2. `convolution_backward`'s grad-weight term ignores `groups`, so a depthwise conv's backward is counted as a
-       dense one (x channels). Both gradients of a conv cost what its forward costs; for groups = 1 this is
-       exactly PyTorch's count.
+       left out of `utilization` on CPU). Same formulas as the CUDA kernels: 4·B·H·Lq·Lk·D forward, the
+       flash backward (with its recomputation of the scores) as for CUDA.
+    2. `convolution_backward`'s grad-weight term ignores `groups`, so a depthwise conv's backward is counted
+       as a dense one (x channels). Both gradients of a conv cost what its forward costs; for groups = 1 this
+       is exactly PyTorch's count.
     """
     from torch.utils import flop_counter as fc
     aten = torch.ops.aten
@@ -1025,8 +1044,8 @@ def profile_training(step_fn: Callable[[], Any], n_iters: int, device: torch.dev
                      extra: Optional[dict] = None) -> dict:
     """Measure one method's training iteration (`--profile N`).
 
-    Warm-up calls first (allocator, cuDNN autotune), then FLOPs of one call, then `n_iters` timed calls, then the
-    matmul peak of the same device in the same process.
+    Warm-up calls first (allocator, cuDNN autotune), then FLOPs of one call, then `n_iters` timed calls, then
+    the matmul peak of the same device in the same process.
 
     Args:
         step_fn: runs one complete training iteration (forward, backward, optimizer step).
@@ -1056,22 +1075,23 @@ def profile_training(step_fn: Callable[[], Any], n_iters: int, device: torch.dev
     return result
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # --estimate-memory: peak GPU memory of one training step, predicted without a GPU
-# --------------------------------------------------------------------------------------------------------------
-# What the prediction leaves out, added as a margin to answer "does it fit N GB": the CUDA context (0.3-0.5 GB,
-# never counted by PyTorch's allocator), cuDNN / cuBLAS workspaces (up to a few hundred MB) and the caching
-# allocator's fragmentation (reserved - allocated, typically 5-15 % in steady training). Our choice of margin.
+# ------------------------------------------------------------------------------------------------------------
+# What the prediction leaves out, added as a margin to answer "does it fit N GB": the CUDA context
+# (0.3-0.5 GB, never counted by PyTorch's allocator), cuDNN / cuBLAS workspaces (up to a few hundred MB) and
+# the caching allocator's fragmentation (reserved - allocated, typically 5-15 % in steady training). Our
+# choice of margin.
 MARGIN_GB, MARGIN_FRACTION = 1.0, 0.15
 
 
 class _StandInValues(torch.utils._python_dispatch.TorchDispatchMode):
     """Under FakeTensorMode a tensor has a shape but no value; a training step still reads a few values (a
-    loss for the log line, `if torch.rand(()) > p`, the classes present in a label map). This mode answers them
-    with stand-ins: scalars read as 1 / 1.0 / True (a loss is finite, a random branch is taken, every prompt
-    class is present: the larger-memory path), and value-dependent shapes (unique, nonzero) as if every element
-    were distinct / non-zero (the largest shape). Memory depends on shapes only, so the prediction is that of
-    the most memory-hungry variant of the step."""
+    loss for the log line, `if torch.rand(()) > p`, the classes present in a label map). This mode answers
+    them with stand-ins: scalars read as 1 / 1.0 / True (a loss is finite, a random branch is taken, every
+    prompt class is present: the larger-memory path), and value-dependent shapes (unique, nonzero) as if every
+    element were distinct / non-zero (the largest shape). Memory depends on shapes only, so the prediction is
+    that of the most memory-hungry variant of the step."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         aten, kwargs = torch.ops.aten, kwargs or {}
@@ -1096,9 +1116,9 @@ class _StandInValues(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def _apply_replacing_parameters(self: torch.nn.Module, fn: Callable, recurse: bool = True) -> torch.nn.Module:
-    """`Module._apply` (behind `.to()`, `.half()`, ...) that registers new Parameters instead of swapping them in
-    place: PyTorch swaps fake parameters with `torch.utils.swap_tensors`, which FakeTensorMode's weak references
-    make fail ("Cannot swap t1 because it has weakref associated with it")."""
+    """`Module._apply` (behind `.to()`, `.half()`, ...) that registers new Parameters instead of swapping them
+    in place: PyTorch swaps fake parameters with `torch.utils.swap_tensors`, which FakeTensorMode's weak
+    references make fail ("Cannot swap t1 because it has weakref associated with it")."""
     if recurse:
         for child in self.children():
             child._apply(fn)
@@ -1119,15 +1139,18 @@ _tensor_deepcopy = torch.Tensor.__deepcopy__
 
 
 def _deepcopy_fake_aware(self: torch.Tensor, memo: dict) -> torch.Tensor:
-    """`Tensor.__deepcopy__`, except that a fake tensor (or a Parameter holding one) is copied by `clone()`."""
+    """`Tensor.__deepcopy__`, except that a fake tensor (or a Parameter holding one) is copied by
+    `clone()`."""
     from torch._subclasses.fake_tensor import FakeTensor
-    fake = isinstance(self, FakeTensor) or (isinstance(self, torch.nn.Parameter) and isinstance(self.data, FakeTensor))
+    fake = isinstance(self, FakeTensor) or (isinstance(self, torch.nn.Parameter)
+                                            and isinstance(self.data, FakeTensor))
     if not fake:
         return _tensor_deepcopy(self, memo)
     if id(self) not in memo:
         with torch.no_grad():
             new = self.detach().clone()
-        memo[id(self)] = torch.nn.Parameter(new, self.requires_grad) if isinstance(self, torch.nn.Parameter) else new
+        memo[id(self)] = (torch.nn.Parameter(new, self.requires_grad) if isinstance(self, torch.nn.Parameter)
+                          else new)
     return memo[id(self)]
 
 
@@ -1135,16 +1158,19 @@ def _deepcopy_fake_aware(self: torch.Tensor, memo: dict) -> torch.Tensor:
 def shapes_only():
     """Everything inside computes shapes and dtypes only: `FakeTensorMode` (no storage is allocated), SD parts
     built from their configs (`sd_backbone.architecture_only`), stand-ins for the values a step reads
-    (`_StandInValues`), and module conversions that work on fake parameters (`_apply_replacing_parameters`)."""
+    (`_StandInValues`), and module conversions that work on fake parameters
+    (`_apply_replacing_parameters`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from common.sd_backbone import architecture_only
     saved = (torch.nn.Module._apply, torch.Tensor.__deepcopy__, torch.nn.init._no_grad_trunc_normal_,
              torch.amp.GradScaler._maybe_opt_step)
     torch.nn.Module._apply = _apply_replacing_parameters
-    # copy.deepcopy of a fake tensor rebuilds its storage, which FakeTensorMode refuses (every EMA copy is one)
+    # copy.deepcopy of a fake tensor rebuilds its storage, which FakeTensorMode refuses
+    # (every EMA copy is one)
     torch.Tensor.__deepcopy__ = _deepcopy_fake_aware
-    # trunc_normal_ redraws `while mask.any()`: with stand-in values that loop never ends, and values do not matter
+    # trunc_normal_ redraws `while mask.any()`: with stand-in values that loop never ends,
+    # and values do not matter
     torch.nn.init._no_grad_trunc_normal_ = lambda tensor, *args, **kwargs: tensor
     # the fp16 GradScaler skips a step when `found_inf.item()` is non-zero, which a stand-in value always is:
     # take the step (an estimate must hold the optimizer state a real run has)
@@ -1158,8 +1184,9 @@ def shapes_only():
 
 
 def _mem_tracker() -> Any:
-    """`torch.distributed._tools.mem_tracker.MemTracker` that also accepts frozen parameters: PyTorch's version
-    registers a gradient hook on every parameter of a module and fails on those with requires_grad=False."""
+    """`torch.distributed._tools.mem_tracker.MemTracker` that also accepts frozen parameters: PyTorch's
+    version registers a gradient hook on every parameter of a module and fails on those with
+    requires_grad=False."""
     try:
         from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
     except ImportError:
@@ -1171,8 +1198,8 @@ def _mem_tracker() -> Any:
     class Tracker(MemTracker):
         """Two more changes, both for speed and for models that call a root module several times a step (the
         frozen VAE and the UNet are called for teacher, source and mixed passes): a repeated root call is
-        tracked like a submodule used twice (PyTorch's version takes it for the next iteration and raises), and
-        only the global peak is kept (PyTorch's version walks every module seen so far on every op to keep
+        tracked like a submodule used twice (PyTorch's version takes it for the next iteration and raises),
+        and only the global peak is kept (PyTorch's version walks every module seen so far on every op to keep
         per-module peaks: about 4 ms an op for the tiny SD's ~700 modules, minutes per step)."""
 
         def _pre_fw_hook(self, module: torch.nn.Module, inputs: Any) -> None:
@@ -1196,7 +1223,8 @@ def _mem_tracker() -> Any:
                 self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
             params = 0
             for p in module.parameters():
-                params += sum(w.mem_consumed for w in self._update_and_maybe_create_winfos(p, _MemRefType.PARAM))
+                params += sum(w.mem_consumed
+                              for w in self._update_and_maybe_create_winfos(p, _MemRefType.PARAM))
                 if p.grad is not None:
                     self._update_and_maybe_create_winfos(p.grad, _MemRefType.GRAD)
                 if p.requires_grad and install_grad_hooks and self._param_to_grad_hook_handles.get(p) is None:
@@ -1215,8 +1243,8 @@ def estimate_memory(build: Callable[[], tuple[Callable[[], Any], list]], steps: 
 
     `build()` runs under `torch._subclasses.fake_tensor.FakeTensorMode` (tensors have shapes and dtypes but no
     storage) with `sd_backbone.architecture_only()` (the SD parts are built from their configs, no weight file
-    is read) and returns `(step_fn, tracked)`: one training step with random inputs of the real shapes, and the
-    modules and optimizers it holds. `steps` calls of `step_fn` are tracked by
+    is read) and returns `(step_fn, tracked)`: one training step with random inputs of the real shapes, and
+    the modules and optimizers it holds. `steps` calls of `step_fn` are tracked by
     `torch.distributed._tools.mem_tracker.MemTracker` (the second one holds the optimizer state the first
     created). Byte counts are those of the dtypes the step uses, so a step run in the GPU's precision (bf16 or
     fp16 autocast, frozen parts in half) predicts `torch.cuda.max_memory_allocated` of that step.
@@ -1242,13 +1270,14 @@ def estimate_memory(build: Callable[[], tuple[Callable[[], Any], list]], steps: 
     peak = per_kind.get("Total", 0.0)
     margin = MARGIN_GB + MARGIN_FRACTION * peak
     keys = {"Parameter": "parameters_gb", "Gradient": "gradients_gb", "Optstate": "optimizer_state_gb",
-            "Activation": "activations_gb", "Buffer": "buffers_gb", "Temp": "temporary_gb", "Other": "other_gb"}
+            "Activation": "activations_gb", "Buffer": "buffers_gb", "Temp": "temporary_gb",
+            "Other": "other_gb"}
     out = {"predicted_peak_gb": round(peak, 3),
            **{v: round(per_kind.get(k, 0.0), 3) for k, v in keys.items()},
            **{v.replace("_gb", "_bytes"): int(round(per_kind.get(k, 0.0) * 1e9)) for k, v in keys.items()},
            "margin_gb": round(margin, 3), "predicted_total_gb": round(peak + margin, 3),
-           "leaves_out": "CUDA context, cuDNN/cuBLAS workspaces, allocator fragmentation: covered by margin_gb = "
-                         f"{MARGIN_GB} GB + {MARGIN_FRACTION:.0%} of the peak (our choice)"}
+           "leaves_out": "CUDA context, cuDNN/cuBLAS workspaces, allocator fragmentation: covered by "
+                         f"margin_gb = {MARGIN_GB} GB + {MARGIN_FRACTION:.0%} of the peak (our choice)"}
     out.update(extra or {})
     return out
 

@@ -1,16 +1,16 @@
-"""Stable Diffusion parts for the four methods: loading, the tiny / random architectures, VAE and text helpers,
-feature capture by forward hooks and cross-attention probability capture by an attention processor.
+"""Stable Diffusion parts for the four methods: loading, the tiny / random architectures, VAE and text
+helpers, feature capture by forward hooks and cross-attention probability capture by an attention processor.
 
-Everything is loaded the way the diffusers examples do it (`from_pretrained(id_or_folder, subfolder="unet")`), and
-the miniature `tiny` SD used by the demo and the tests goes through that very same code: it is built from config,
-written with `save_pretrained` into a cache folder once, and read back with `from_pretrained`. Nothing here is a
-method's contribution; the method files decide what is trained, frozen, cast or hooked.
+Everything is loaded the way the diffusers examples do it (`from_pretrained(id_or_folder, subfolder="unet")`),
+and the miniature `tiny` SD used by the demo and the tests goes through that very same code: it is built from
+config, written with `save_pretrained` into a cache folder once, and read back with `from_pretrained`. Nothing
+here is a method's contribution; the method files decide what is trained, frozen, cast or hooked.
 
 Model names accepted by `load_sd`:
     a hub id                      e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5` (downloaded on first use)
     a local folder                with unet/ vae/ text_encoder/ tokenizer/ scheduler/ subfolders
-    `tiny`                        miniature random SD (seed 0) with SD's block layout, so every hook name works
-    `random-sd15`, `random-sd21`  the real SD 1.x / 2.1 architectures with random weights (profiling, no download)
+    `tiny`                        miniature random SD (seed 0) with SD's block layout: every hook name works
+    `random-sd15`, `random-sd21`  the real SD 1.x / 2.1 architectures, random weights (profiling, no download)
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ from common.console import UserError
 
 ALL_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Architectures (configs only: no weights)
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 _DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
 _UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
 
@@ -42,7 +42,8 @@ _SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, 
 
 
 def sd_config(name: str) -> dict:
-    """Configs of the UNet, VAE, text encoder and scheduler for `tiny`, `sd15` (SD 1.x) or `sd21` (SD 2.1, 768).
+    """Configs of the UNet, VAE, text encoder and scheduler for `tiny`, `sd15` (SD 1.x) or `sd21`
+    (SD 2.1, 768).
 
     Args:
         name: "tiny" | "sd15" | "sd21".
@@ -52,7 +53,7 @@ def sd_config(name: str) -> dict:
         without allocating weights.
     """
     if name == "tiny":
-        # The spec's miniature (specs/README.md): SD's block layout at 1/20 of the width, so hook names,
+        # Our miniature [our choice]: SD's block layout at 1/20 of the width, so hook names,
         # strides and the 3-ResNet up blocks are those of the real model.
         unet = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32, 64, 64),
                     layers_per_block=2, down_block_types=_DOWN, up_block_types=_UP, cross_attention_dim=32,
@@ -69,17 +70,18 @@ def sd_config(name: str) -> dict:
         raise ValueError(f"unknown SD architecture '{name}' (tiny, sd15, sd21)")
     vae = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(128, 256, 512, 512),
-               layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+               layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512,
+               scaling_factor=0.18215)
     if name == "sd15":  # CompVis/stable-diffusion-v1-4 and v1-5 unet/config.json, CLIP ViT-L/14 text tower
         unet = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
                     layers_per_block=2, down_block_types=_DOWN, up_block_types=_UP, cross_attention_dim=768,
                     attention_head_dim=8, norm_num_groups=32)
         text = dict(vocab_size=49408, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                    intermediate_size=3072, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
-                    bos_token_id=512, eos_token_id=513, pad_token_id=513)
+                    intermediate_size=3072, max_position_embeddings=77, projection_dim=768,
+                    hidden_act="quick_gelu", bos_token_id=512, eos_token_id=513, pad_token_id=513)
         return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": dict(_SCHEDULER)}
-    # SD 2.1 (768-v): linear projections, upcast attention, per-block head dims, OpenCLIP-H text tower (23 of 24
-    # layers, as shipped in the diffusers folder), v-prediction.
+    # SD 2.1 (768-v): linear projections, upcast attention, per-block head dims, OpenCLIP-H text tower
+    # (23 of 24 layers, as shipped in the diffusers folder), v-prediction.
     unet = dict(sample_size=96, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
                 layers_per_block=2, down_block_types=_DOWN, up_block_types=_UP, cross_attention_dim=1024,
                 attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, upcast_attention=True,
@@ -93,7 +95,8 @@ def sd_config(name: str) -> dict:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte -> printable unicode table (the byte-level BPE alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -108,8 +111,8 @@ def write_tiny_tokenizer(folder: str | Path) -> None:
     """Write CLIPTokenizer files for a byte-level vocabulary of 514 ids, built locally (no download).
 
     ids 0-255: the 256 byte symbols; 256-511: the same with `</w>` (end of word); 512 `<|startoftext|>`;
-    513 `<|endoftext|>` (also the pad token); max length 77. The merges file holds only its version line, so every
-    word is tokenized into its characters.
+    513 `<|endoftext|>` (also the pad token); max length 77. The merges file holds only its version line, so
+    every word is tokenized into its characters.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -130,8 +133,8 @@ def write_tiny_tokenizer(folder: str | Path) -> None:
 
 
 def _real_scheduler(make: Callable[[], Any]) -> Any:
-    """Build a scheduler with real tensors even under FakeTensorMode (`--estimate-memory`): its noise schedule is
-    config arithmetic that a step reads as values (alpha_bar_t), and a fake one has none."""
+    """Build a scheduler with real tensors even under FakeTensorMode (`--estimate-memory`): its noise schedule
+    is config arithmetic that a step reads as values (alpha_bar_t), and a fake one has none."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
     with unset_fake_temporarily():
         return make()
@@ -165,7 +168,8 @@ def build_random_sd(name: str, parts: Sequence[str] = ALL_PARTS, device: str | t
 
 @contextlib.contextmanager
 def _no_progress_bars():
-    """Silence diffusers/transformers progress bars (a tiny model loads in a blink; the bars are only noise)."""
+    """Silence diffusers/transformers progress bars (a tiny model loads in a blink; the bars are only
+    noise)."""
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
     dlog.disable_progress_bar()
@@ -186,10 +190,12 @@ TINY_VERSION = "tiny-sd-v2"  # bump when the tiny architecture changes, so stale
 
 
 def tiny_sd_dir() -> Path:
-    """The tiny SD folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/), written once with `save_pretrained`.
+    """The tiny SD folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/), written once with
+    `save_pretrained`.
 
-    Built with seed 0 inside a forked RNG, so it is the same on every machine and does not disturb the caller's
-    random state. Written into a temporary folder and renamed, so concurrent first calls (parallel tests) are safe.
+    Built with seed 0 inside a forked RNG, so it is the same on every machine and does not disturb the
+    caller's random state. Written into a temporary folder and renamed, so concurrent first calls (parallel
+    tests) are safe.
     """
     final = cache_root() / TINY_VERSION
     if (final / "model_index.json").exists():
@@ -204,7 +210,8 @@ def tiny_sd_dir() -> Path:
             parts[part].save_pretrained(tmp / part)
         parts["tokenizer"].save_pretrained(tmp / "tokenizer")
     # model_index.json last: its presence marks a complete folder.
-    (tmp / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "tiny": True}))
+    (tmp / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusionPipeline", "tiny": True}))
     try:
         os.rename(tmp, final)
     except OSError:  # another process won the race: use its folder
@@ -212,9 +219,9 @@ def tiny_sd_dir() -> Path:
     return final
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Loading
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 @dataclass
 class SD:
     """Loaded Stable Diffusion parts; parts that were not asked for are None.
@@ -242,14 +249,15 @@ class SD:
 
 def _missing_weights(model: str, part: str, err: Exception) -> UserError:
     if Path(model).is_dir():
-        return UserError(f"error: --sd-model: cannot load '{part}' from the folder '{model}' ({type(err).__name__}). "
-                         f"Expected {model}/{part}/ as written by diffusers/transformers save_pretrained "
-                         "(unet/ vae/ text_encoder/ tokenizer/ scheduler/).")
-    return UserError(f"error: --sd-model: weights for '{model}' ({part}) are not in the local Hugging Face cache "
-                     "and the hub cannot be reached. They are downloaded on first use with internet; offline, pass "
-                     "--sd-model /path/to/folder holding unet/ vae/ text_encoder/ tokenizer/ scheduler/ (e.g. "
-                     f"from `huggingface-cli download {model}` on a connected machine), or --sd-model tiny for a "
-                     "random miniature.")
+        return UserError(f"error: --sd-model: cannot load '{part}' from the folder '{model}' "
+                         f"({type(err).__name__}). Expected {model}/{part}/ as written by "
+                         "diffusers/transformers save_pretrained (unet/ vae/ text_encoder/ tokenizer/ "
+                         "scheduler/).")
+    return UserError(f"error: --sd-model: weights for '{model}' ({part}) are not in the local Hugging Face "
+                     "cache and the hub cannot be reached. They are downloaded on first use with internet; "
+                     "offline, pass --sd-model /path/to/folder holding unet/ vae/ text_encoder/ tokenizer/ "
+                     f"scheduler/ (e.g. from `huggingface-cli download {model}` on a connected machine), or "
+                     "--sd-model tiny for a random miniature.")
 
 
 # Hub ids whose architecture `--estimate-memory` knows without downloading anything (their configs are SD 1.x
@@ -263,8 +271,8 @@ _ARCHITECTURE_ONLY = [False]
 
 @contextlib.contextmanager
 def architecture_only():
-    """Within this context `load_sd` builds the *architecture* of the asked model with random weights and reads
-    no weight file: a hub id it knows maps to its config, a local folder gives its own configs. Used by
+    """Within this context `load_sd` builds the *architecture* of the asked model with random weights and
+    reads no weight file: a hub id it knows maps to its config, a local folder gives its own configs. Used by
     `--estimate-memory` under FakeTensorMode (no memory is allocated, nothing is downloaded)."""
     _ARCHITECTURE_ONLY[0] = True
     try:
@@ -280,11 +288,13 @@ def _build_from_folder_configs(folder: str, parts: Sequence[str], device: str | 
     out = {"scheduler": _real_scheduler(lambda: DDPMScheduler.from_pretrained(folder, subfolder="scheduler"))}
     with torch.device(device):
         if "unet" in parts:
-            out["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+            out["unet"] = UNet2DConditionModel.from_config(
+                UNet2DConditionModel.load_config(folder, subfolder="unet"))
         if "vae" in parts:
             out["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
         if "text_encoder" in parts:
-            out["text_encoder"] = CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))
+            out["text_encoder"] = CLIPTextModel(
+                CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))
     if "tokenizer" in parts:
         out["tokenizer"] = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
     return out
@@ -298,8 +308,8 @@ def load_sd(model: str, parts: Sequence[str] = ALL_PARTS, device: str | torch.de
         parts: any of "unet", "vae", "text_encoder", "tokenizer" (the scheduler is always loaded).
         device: where the weights go.
     Returns:
-        an `SD` with fp32 weights, every module in eval mode with `requires_grad_(False)`: the method unfreezes
-        and casts what it trains.
+        an `SD` with fp32 weights, every module in eval mode with `requires_grad_(False)`: the method
+        unfreezes and casts what it trains.
     Raises:
         UserError: weights not found (offline, wrong id or incomplete folder), with the id and how to fix it.
     """
@@ -313,19 +323,20 @@ def load_sd(model: str, parts: Sequence[str] = ALL_PARTS, device: str | torch.de
         loaded = build_random_sd(_KNOWN_ARCH[model], parts, device)
     elif _ARCHITECTURE_ONLY[0]:
         if not Path(model).is_dir():
-            raise UserError(f"error: --estimate-memory: the architecture of '{model}' is not known without its "
-                            "config files. Expected a local SD folder, a known SD 1.x / 2.1 hub id, random-sd15 "
-                            "or random-sd21.")
+            raise UserError(f"error: --estimate-memory: the architecture of '{model}' is not known without "
+                            "its config files. Expected a local SD folder, a known SD 1.x / 2.1 hub id, "
+                            "random-sd15 or random-sd21.")
         loaded = _build_from_folder_configs(model, parts, device)
     elif model in ("random-sd15", "random-sd21"):
         loaded = build_random_sd("sd15" if model == "random-sd15" else "sd21", parts, device)
     else:
         folder = str(tiny_sd_dir()) if model == "tiny" else model
-        # low_cpu_mem_usage=False is what diffusers falls back to without `accelerate` (not a dependency); saying
-        # it explicitly only silences the warning.
+        # low_cpu_mem_usage=False is what diffusers falls back to without `accelerate` (not a dependency);
+        # saying it explicitly only silences the warning.
         loaders = {"unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet",
                                                                          low_cpu_mem_usage=False),
-                   "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", low_cpu_mem_usage=False),
+                   "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae",
+                                                                low_cpu_mem_usage=False),
                    "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
                    "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")}
         loaded = {}
@@ -333,8 +344,8 @@ def load_sd(model: str, parts: Sequence[str] = ALL_PARTS, device: str | torch.de
         with quiet:
             for part in ["scheduler", *parts]:
                 try:
-                    # Real SD 1.x folders hold a PNDM config in scheduler/: read it into a DDPMScheduler, the class
-                    # whose add_noise/step we use (specs/README.md).
+                    # Real SD 1.x folders hold a PNDM config in scheduler/: read it into a DDPMScheduler, the
+                    # class whose add_noise/step we use.
                     loaded[part] = (DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
                                     if part == "scheduler" else loaders[part]())
                 except (OSError, ValueError, EnvironmentError) as e:
@@ -347,9 +358,9 @@ def load_sd(model: str, parts: Sequence[str] = ALL_PARTS, device: str | torch.de
               loaded["scheduler"], model)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # VAE, text and noise helpers
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def vae_encode(vae: nn.Module, x: torch.Tensor, sample: bool = False,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -358,7 +369,8 @@ def vae_encode(vae: nn.Module, x: torch.Tensor, sample: bool = False,
     Args:
         vae: AutoencoderKL (frozen).
         x: (B, 3, H, W) in [-1, 1], H and W multiples of 8; cast to the VAE's dtype.
-        sample: False = posterior mean (= mode of the diagonal Gaussian); True = a sample drawn with `generator`.
+        sample: False = posterior mean (= mode of the diagonal Gaussian); True = a sample drawn with
+            `generator`.
     Returns:
         (B, 4, H/8, W/8) latent × `scaling_factor` (0.18215), in the VAE's dtype.
     """
@@ -383,8 +395,8 @@ def encode_prompts(tokenizer: Any, text_encoder: nn.Module, prompts: Sequence[st
         pooled=True: `pooler_output` (N, d), the final-LayerNorm hidden state at the first end-of-text token.
         On the text encoder's device and dtype.
     """
-    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(text_encoder.device)
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids.to(text_encoder.device)
     out = text_encoder(ids)
     return out.pooler_output if pooled else out.last_hidden_state
 
@@ -406,7 +418,8 @@ class PromptCache:
 
 
 def add_noise(scheduler: Any, z: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
-    """Forward diffusion q(z_t | z_0): z_t = sqrt(alpha_bar_t) z + sqrt(1 - alpha_bar_t) eps (`scheduler.add_noise`).
+    """Forward diffusion q(z_t | z_0): z_t = sqrt(alpha_bar_t) z + sqrt(1 - alpha_bar_t) eps
+    (`scheduler.add_noise`).
 
     Args:
         z, eps: (B, C, h, w); t: an int for the whole batch or (B,) int64.
@@ -416,17 +429,19 @@ def add_noise(scheduler: Any, z: torch.Tensor, eps: torch.Tensor, t: int | torch
     return scheduler.add_noise(z, eps.to(z.dtype), t.to(z.device))
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Feature capture by forward hooks
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def get_module(root: nn.Module, dotted: str) -> nn.Module:
     """`get_module(unet, "up_blocks.1.upsamplers.0")`; a clear KeyError naming the missing part."""
     m = root
     for part in dotted.split("."):
         try:
-            m = m[int(part)] if part.isdigit() and isinstance(m, (nn.ModuleList, nn.Sequential)) else getattr(m, part)
+            m = (m[int(part)] if part.isdigit() and isinstance(m, (nn.ModuleList, nn.Sequential))
+                 else getattr(m, part))
         except (AttributeError, IndexError):
-            raise KeyError(f"{type(root).__name__} has no submodule '{dotted}' (stopped at '{part}')") from None
+            raise KeyError(f"{type(root).__name__} has no submodule '{dotted}' "
+                           f"(stopped at '{part}')") from None
     return m
 
 
@@ -444,9 +459,9 @@ class FeatureCapture(contextlib.AbstractContextManager):
     """Capture outputs (or inputs) of named submodules during a forward pass.
 
     `with FeatureCapture(unet, ["up_blocks.3", "up_blocks.1.upsamplers.0"], pre=["up_blocks.1.upsamplers.0"])
-    as cap: unet(...)` then `cap.features["up_blocks.3"]` is that block's output tensor (the first element of a
-    tuple output) and `cap.features["up_blocks.1.upsamplers.0"]` the upsampler's *input*. The captured tensors
-    are the graph's own (autograd flows through them); each forward overwrites them.
+    as cap: unet(...)` then `cap.features["up_blocks.3"]` is that block's output tensor (the first element of
+    a tuple output) and `cap.features["up_blocks.1.upsamplers.0"]` the upsampler's *input*. The captured
+    tensors are the graph's own (autograd flows through them); each forward overwrites them.
     """
 
     def __init__(self, root: nn.Module, names: Iterable[str], pre: Iterable[str] = ()):
@@ -482,20 +497,21 @@ class FeatureCapture(contextlib.AbstractContextManager):
         self.remove()
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Cross-attention probabilities through an attention processor
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 class _StoreProcessor:
     """Attention with explicit probabilities P = softmax(Q K^T / sqrt(d_head)); output = P V as usual.
 
-    Same maths as diffusers' `AttnProcessor` (the non-fused path), so the layer's output equals the default SDPA
-    processor's up to float rounding; `mean_heads(P)` (B, N_q, N_k) is kept in the store under `name`.
+    Same maths as diffusers' `AttnProcessor` (the non-fused path), so the layer's output equals the default
+    SDPA processor's up to float rounding; `mean_heads(P)` (B, N_q, N_k) is kept in the store under `name`.
     """
 
     def __init__(self, store: "AttentionStore", name: str):
         self.store, self.name = store, name
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+    def __call__(self, attn: Any, hidden_states: torch.Tensor,
+                 encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None,
                  *args: Any, **kwargs: Any) -> torch.Tensor:
         residual = hidden_states
@@ -538,8 +554,8 @@ class AttentionStore:
             (`...attn2.processor`); True installs the storing processor there. Every other layer keeps its
             current (SDPA) processor.
     Attributes:
-        maps: {processor name: (B, N_q, N_k) head-averaged attention probabilities of the last forward}. Rows sum
-            to 1 over the N_k context tokens. Differentiable.
+        maps: {processor name: (B, N_q, N_k) head-averaged attention probabilities of the last forward}. Rows
+            sum to 1 over the N_k context tokens. Differentiable.
     """
 
     def __init__(self, unet: nn.Module, select: Callable[[str], bool]):
@@ -559,6 +575,6 @@ class AttentionStore:
         self.unet.set_attn_processor(self._previous)
 
 
-__all__ = ["SD", "load_sd", "sd_config", "build_random_sd", "tiny_sd_dir", "write_tiny_tokenizer", "vae_encode",
-           "vae_decode", "encode_prompts", "PromptCache", "add_noise", "get_module", "FeatureCapture",
-           "AttentionStore", "cache_root"]
+__all__ = ["SD", "load_sd", "sd_config", "build_random_sd", "tiny_sd_dir", "write_tiny_tokenizer",
+           "vae_encode", "vae_decode", "encode_prompts", "PromptCache", "add_noise", "get_module",
+           "FeatureCapture", "AttentionStore", "cache_root"]

@@ -1,4 +1,5 @@
-"""A tiny synthetic sample of every dataset in its real layout and label encoding (datasets.md §9).
+"""A tiny synthetic sample of every dataset in its real layout and label encoding (data/README.md
+"Synthetic sample").
 
 `python -m common.synthetic --out data/synthetic` writes, in a few seconds and a few MB, procedural street
 scenes for all 14 registry names, so `--demo` runs and the tests exercise exactly the loaders that read the
@@ -663,8 +664,8 @@ def _have_h5py() -> bool:
 def _is_current(root: Path) -> bool:
     """A complete sample from this generator -- and, once h5py is installed, one that has the raw events.
 
-    Why the second condition: a sample written by `--demo` before `pip install h5py` lacks events.h5; reusing it
-    would make the raw-event loader fail on a file the user was never told is missing.
+    Why the second condition: a sample written by `--demo` before `pip install h5py` lacks events.h5; reusing
+    it would make the raw-event loader fail on a file the user was never told is missing.
     """
     try:
         marker = json.loads((root / "SYNTHETIC").read_text())
@@ -698,7 +699,7 @@ def ensure_synthetic_sample(root: str | Path = "data/synthetic") -> Path:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(description="Write the synthetic sample of every dataset (datasets.md §9).")
+    p = argparse.ArgumentParser(description="Write the synthetic sample of every dataset (data/README.md).")
     p.add_argument("--out", default="data/synthetic", help="target folder")
     p.add_argument("--n-train", type=int, default=8, help="items per train split")
     p.add_argument("--n-eval", type=int, default=4, help="items per eval split")

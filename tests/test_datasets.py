@@ -1,8 +1,9 @@
-"""Loaders, label maps, transforms, RCS and the error messages of datasets.md, on the synthetic sample.
+"""Loaders, label maps, transforms, RCS and the one-line error messages of `common.datasets`, on the synthetic
+sample.
 
-The expected tables below are typed from datasets.md §4, not computed by `common.datasets`; each label map is
-checked through the loader (a file with every raw value, read back by `build_dataset`), not only as a
-constant.
+The expected tables below are typed from their primary sources (listed in data/README.md "Class sets and label
+maps"), not computed by `common.datasets`; each label map is checked through the loader (a file with every raw
+value, read back by `build_dataset`), not only as a constant.
 """
 import json
 import shutil
@@ -25,19 +26,19 @@ from common.synthetic import ensure_synthetic_sample
 ROOT = Path(__file__).resolve().parents[1]
 
 # ---- expected tables ---------------------------------------------------------------------------------------
-# datasets.md §4.2
+# cityscapesscripts/helpers/labels.py (labelId -> trainId)
 CS_LABELID_TO_TRAINID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
                          25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-# §4.3
+# DAFormer tools/convert_datasets/synthia.py
 SYNTHIA = {1: 10, 2: 2, 3: 0, 4: 1, 5: 4, 6: 8, 7: 5, 8: 13, 9: 7, 10: 11, 11: 18, 12: 17, 15: 6, 16: 9,
            17: 12, 18: 14, 19: 15, 20: 16, 21: 3}
-# §4.4, written per target class as in the spec
+# Rein tools/convert_datasets/mapillary2cityscape.py rules, written per target class (v1.2 ids)
 MAPILLARY_BY_CLASS = {0: [7, 8, 10, 13, 14, 23, 24], 1: [2, 9, 11, 15], 2: [17], 3: [6], 4: [3],
                       5: [44, 45, 47], 6: [48], 7: [46, 49, 50], 8: [30], 9: [29], 10: [27], 11: [19],
                       12: [20, 21, 22], 13: [55],
                       14: [61], 15: [54], 16: [58], 17: [57], 18: [52]}
 MAPILLARY_IGNORED = [0, 1, 4, 5, 12, 16, 18, 25, 26, 28, *range(31, 44), 51, 53, 56, 59, 60, *range(62, 66)]
-# §4.5 ('-' = 255)
+# MADM config_files/common/data/*.py; 11 -> 9 and 9 -> 11 are our choice (255 = ignore)
 CS_TO_11 = [5, 6, 1, 9, 2, 4, 10, 10, 7, 7, 0, 3, 3, 8, 8, 8, 8, 8, 8]
 CS_TO_9 = [4, 5, 1, 255, 255, 3, 8, 8, 6, 6, 0, 2, 2, 7, 7, 7, 7, 7, 7]
 DELIVER_RAWM1_TO_11 = [1, 2, 255, 3, 4, 5, 5, 6, 7, 8, 9, 10, 0, 255, 255, 255, 255, 10, 255, 255, 255,
@@ -154,7 +155,7 @@ def test_unknown_dataset_name_via_cli(capsys):
 
 
 def test_sizes():
-    assert resize_size(("keep", (1280, 720)), (1914, 1052)) == (1280, 704)  # datasets.md §5 example
+    assert resize_size(("keep", (1280, 720)), (1914, 1052)) == (1280, 704)  # GTA5's usual size
     assert resize_size(("exact", (1024, 512)), (2048, 1024), 1 / 8) == (128, 64)
     assert resize_size(("keep", (1024, 512)), (4000, 3000)) == (683, 512)
     # mmcv rescale_size: the box is (long edge, short edge), so a portrait image keeps its long edge <= 1024
@@ -719,7 +720,7 @@ def test_rcs_crops_hold_the_class(sample):
     assert plain.batch(0, 0, 1)["label"].shape == (1, 32, 32)
 
 
-# ---- §12 messages ------------------------------------------------------------------------------------------
+# ---- error messages ----------------------------------------------------------------------------------------
 def test_missing_root_message(tmp_path):
     with pytest.raises(DatasetError) as e:
         build_dataset("cityscapes", tmp_path, "val")

@@ -1,4 +1,4 @@
-"""The metric against confusion matrices computed by hand (datasets.md §7)."""
+"""The metric against confusion matrices computed by hand (mmseg's convention: one matrix over the set)."""
 import math
 
 import numpy as np

@@ -28,7 +28,7 @@ def test_tiny_round_trip_matches_the_model_built_in_memory(tiny):
     with torch.no_grad():
         a = tiny.unet(z, 10, ctx).sample
         b = built["unet"].eval()(z, 10, ctx).sample
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # reload matches to ~1e-6 (specs/README.md)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # reload matches to ~1e-6 (diffusers 0.42)
         torch.testing.assert_close(vae_encode(tiny.vae, x), vae_encode(built["vae"].eval(), x), atol=1e-5, rtol=0)
         ids = tiny.tokenizer(["a car"], padding="max_length", max_length=77, return_tensors="pt").input_ids
         torch.testing.assert_close(tiny.text_encoder(ids).last_hidden_state,

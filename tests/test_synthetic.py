@@ -1,4 +1,4 @@
-"""The synthetic sample (datasets.md §9): layouts and encodings, sizes, determinism, speed, the class/colour
+"""The synthetic sample (data/README.md): layouts and encodings, sizes, determinism, speed, the class/colour
 signal and the style shift the methods' learning tests rely on, and concurrent `ensure_synthetic_sample`."""
 import json
 import struct
