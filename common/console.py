@@ -1,12 +1,12 @@
-"""Everything that talks to the user's terminal: the one-line error, progress bars that stay out of log files, and
-log lines that do not break a bar.
+"""Everything that talks to the user's terminal: the one-line error, progress bars that stay out of log
+files, and log lines that do not break a bar.
 
 This module imports nothing from the rest of `common/`, so every other module can use it (no import cycles).
 
-Progress bars are drawn only when both stdout and stderr are terminals: in a log file (`nohup`, `> log`, Colab's
-`!python ...`, a pipe) a carriage-return bar would run into the log lines (`RCS stats ...: 0%| | 0/8  step 5/40 |
-...`). Log lines always go through `log()`, which is `tqdm.write` (it clears the bars, prints the line on its own
-line and redraws them) and a plain `print` when no bar is shown.
+Progress bars are drawn only when both stdout and stderr are terminals: in a log file (`nohup`, `> log`,
+Colab's `!python ...`, a pipe) a carriage-return bar would run into the log lines (`RCS stats ...: 0%| |
+0/8  step 5/40 | ...`). Log lines always go through `log()`, which is `tqdm.write` (it clears the bars,
+prints the line on its own line and redraws them) and a plain `print` when no bar is shown.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from typing import Any, Iterable, Optional
 class UserError(Exception):
     """Bad input: the message is one line, `error: <what>: <what is wrong>. Expected ... <how to fix>.`
 
-    The method's `__main__` guard (`runtime.run_cli`) prints it to stderr and exits with code 2 without a traceback;
-    in a notebook the exception propagates with the same message.
+    The method's `__main__` guard (`runtime.run_cli`) prints it to stderr and exits with code 2 without a
+    traceback; in a notebook the exception propagates with the same message.
     """
 
 
@@ -31,7 +31,7 @@ def bars_enabled() -> bool:
 
 
 def progress(iterable: Optional[Iterable] = None, **kwargs: Any):
-    """`tqdm(iterable, **kwargs)`, disabled (a plain iterator with `update`/`close`) unless `bars_enabled()`."""
+    """`tqdm(iterable, **kwargs)`, disabled (a plain iterator with `update`/`close`) unless bars_enabled()."""
     from tqdm import tqdm
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, disable=not bars_enabled(), **kwargs)
