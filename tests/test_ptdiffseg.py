@@ -555,9 +555,11 @@ def test_estimate_memory_at_the_paper_setting_allocates_nothing(tmp_path):
     peak resident memory stays far below SD 1.5's 1.9 GB of bf16 weights, and the prediction holds them."""
     t = time.time()
     # the child reports its own peak RSS (RUSAGE_CHILDREN would include every earlier subprocess of the session)
+    # it reports the growth over its RSS after the imports: a CUDA build of torch alone maps ~1 GB at import
     script = ("import resource, sys, ptdiffseg\n"
+              "rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
               "ptdiffseg.main(ptdiffseg.runtime.parse_args(ptdiffseg.Args, sys.argv[1:]))\n"
-              "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+              "print('RSS', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)\n")
     r = subprocess.run([sys.executable, "-c", script, "--sd-model", "random-sd15", "--estimate-memory",
                         "--data-root", str(tmp_path / "no-data"), "--out", str(tmp_path / "x")], cwd=ROOT,
                        capture_output=True, text=True, timeout=600, env=ENV1)
@@ -565,8 +567,8 @@ def test_estimate_memory_at_the_paper_setting_allocates_nothing(tmp_path):
     lines = r.stdout.strip().splitlines()
     res, rss = json.loads(lines[-2]), int(lines[-1].split()[1])
     assert res["parameters_gb"] > 1.8 and res["predicted_peak_gb"] > res["parameters_gb"]
-    assert rss < 1.5e9
-    print(f"random-sd15 --estimate-memory: {time.time() - t:.0f} s, predicted peak {res['predicted_peak_gb']} GB")
+    assert rss < 1.0e9, f"peak RSS grew by {rss / 1e9:.2f} GB"
+    print(f"random-sd15 --estimate-memory: RSS +{rss / 1e9:.2f} GB, {time.time() - t:.0f} s, predicted peak {res['predicted_peak_gb']} GB")
 
 
 def test_profile_runs_without_data_and_writes_nothing(tmp_path):
