@@ -3,7 +3,8 @@
 R. Gong, M. Danelljan, H. Sun, J. Delgado Mangas, L. Van Gool, "Prompting Diffusion Representations for
 Cross-Domain Semantic Segmentation", BMVC 2024. https://arxiv.org/abs/2307.02138. No official code is
 public: this is the first implementation. [paper] = the abstract; [TADP] = Kondapaneni et al., arXiv
-2310.00031 (§2.3, §3, §4.1, Table 4), which describes PTDiffSeg; [VPD code] = wl-zhao/VPD, which it builds on.
+2310.00031 (§2.3, §3, §4.1, Table 4), which describes PTDiffSeg; [VPD code] = wl-zhao/VPD, which it builds
+on.
 
 Idea. A frozen Stable Diffusion UNet, run once per image at t = 1 on the clean latent (VPD), is a feature
 extractor that generalises across domains [paper]. Its cross-attention context is a *prompt*: one token per
@@ -419,8 +420,9 @@ def ttda_loss(logits: torch.Tensor, logits_src: torch.Tensor, size: tuple[int, i
 
 # ---- Optimizer and learning-rate schedule (DAFormer adamw.py, poly10warm.py, optimizer paramwise_cfg) ---
 def make_optimizer(model: PTDiffSeg, args: Args) -> torch.optim.Optimizer:
-    """AdamW (default betas 0.9, 0.999): head weights and biases (lr 6e-4, wd 0.01), head norm layers (lr 6e-4,
-    wd 0: DAFormer's `norm decay_mult=0.0`), adapter incl. gamma (lr 6e-5, wd 0.01); `base_lr` feeds the LR"""
+    """AdamW (default betas 0.9, 0.999): head weights and biases (lr 6e-4, wd 0.01), head norm layers (lr
+    6e-4, wd 0: DAFormer's `norm decay_mult=0.0`), adapter incl. gamma (lr 6e-5, wd 0.01); `base_lr` feeds
+    the LR"""
     norms = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)  # any norm a head may hold
     decay, no_decay = [], []
     for m in [*model.neck.modules(), *model.head.modules()]:  # by layer type: mmcv matched names with "norm"

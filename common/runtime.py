@@ -78,8 +78,26 @@ def parse_args(args_cls: type, argv: Optional[list[str]] = None) -> Any:
     Returns:
         an `args_cls` instance.
     """
-    docs = field_docs(args_cls)
     hints = typing.get_type_hints(args_cls)
+    ns = _parser(args_cls, hints, with_defaults=True).parse_args(argv)
+    values = {}
+    for f in dataclasses.fields(args_cls):
+        v = getattr(ns, f.name)
+        tp, _ = _base_type(hints[f.name])
+        if typing.get_origin(tp) is tuple and isinstance(v, list):
+            v = tuple(v)
+        values[f.name] = v
+    args = args_cls(**values)
+    # the flags the user typed, even where the value equals the default (`--demo --log-every 50` keeps 50)
+    given = _parser(args_cls, hints, with_defaults=False).parse_args(argv)
+    object.__setattr__(args, "_given", frozenset(vars(given)))
+    check_dataset_names(args)
+    return args
+
+
+def _parser(args_cls: type, hints: dict, with_defaults: bool) -> argparse.ArgumentParser:
+    """One flag per `Args` field; without defaults, the parsed namespace holds only the flags given."""
+    docs = field_docs(args_cls)
     parser = argparse.ArgumentParser(
         description=(args_cls.__module__ if args_cls.__doc__ is None else "") or None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -87,6 +105,7 @@ def parse_args(args_cls: type, argv: Optional[list[str]] = None) -> Any:
         flag = "--" + f.name.replace("_", "-")
         tp, optional = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+        default = default if with_defaults else argparse.SUPPRESS
         help_text = docs.get(f.name, "")
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
@@ -96,17 +115,7 @@ def parse_args(args_cls: type, argv: Optional[list[str]] = None) -> Any:
         else:
             parser.add_argument(flag, type=tp, default=default, help=help_text,
                                 metavar=f.name.upper() if not optional else f"{f.name.upper()}|None")
-    ns = parser.parse_args(argv)
-    values = {}
-    for f in dataclasses.fields(args_cls):
-        v = getattr(ns, f.name)
-        tp, _ = _base_type(hints[f.name])
-        if typing.get_origin(tp) is tuple and isinstance(v, list):
-            v = tuple(v)
-        values[f.name] = v
-    args = args_cls(**values)
-    check_dataset_names(args)
-    return args
+    return parser
 
 
 def check_dataset_names(args: Any) -> None:
@@ -153,11 +162,12 @@ def run_cli(main: Callable[[Any], dict], args_cls: type, argv: Optional[list[str
 def replace_defaults(args: Any, **demo_values: Any) -> Any:
     """Return `args` with the given fields replaced, but only those the user left at their default.
 
-    Used by `--demo`: `--demo --iters 5` keeps the user's 5 and takes every other demo value.
+    Used by `--demo`: `--demo --iters 5` keeps the user's 5 and takes every other demo value. A flag typed on
+    the command line counts as the user's choice even when it equals the default (see `parse_args`).
     """
-    changes = {}
+    changes, given = {}, getattr(args, "_given", frozenset())
     for f in dataclasses.fields(args):
-        if f.name in demo_values:
+        if f.name in demo_values and f.name not in given:
             default = (f.default if f.default is not dataclasses.MISSING
                        else f.default_factory())  # type: ignore
             if getattr(args, f.name) == default:

@@ -48,6 +48,11 @@ def test_unknown_dataset_is_a_user_error_with_the_list():
 def test_replace_defaults_keeps_what_the_user_set():
     a = replace_defaults(_Args(iters=3), iters=5, lr=1.0)
     assert a.iters == 3 and a.lr == 1.0
+    # a flag typed on the command line is the user's even when it equals the default; abbreviations count too
+    a = replace_defaults(parse_args(_Args, ["--demo", "--iters", "10", "--l", "5e-6"]), iters=5, lr=1.0, src="gta5")
+    assert (a.iters, a.lr, a.src) == (10, 5e-6, "gta5")
+    a = replace_defaults(parse_args(_Args, ["--demo"]), iters=5)
+    assert a.iters == 5
 
 
 def test_rng_state_round_trip():
