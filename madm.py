@@ -70,7 +70,8 @@ from common import console, metrics, runtime
 from common.daformer import DAFormerHead, ce_all_pixels, class_mix_masks, ema_update, strong_augment
 from common.datasets import CLASS_SETS, PALETTES, RareClassSampling, TrainStream, build_dataset, check_pair
 from common.runtime import UserError
-from common.sd_backbone import FeatureCapture, add_noise, encode_prompts, load_sd, vae_decode, vae_encode
+from common.sd_backbone import (FeatureCapture, add_noise, encode_prompts, load_sd, to_dtype, vae_decode,
+                                 vae_encode)
 from common.synthetic import ensure_synthetic_sample
 
 
@@ -538,7 +539,7 @@ def build_model(args: Args, num_classes: int, device: torch.device, precision: r
     if args.grad_checkpointing:
         unet.enable_gradient_checkpointing()
     # Frozen VAE in half precision when the trained parts autocast (inference only; official fp16).
-    vae.to(dtype=precision.frozen_dtype if args.vae_dtype == "auto" else VAE_DTYPES[args.vae_dtype])
+    to_dtype(vae, precision.frozen_dtype if args.vae_dtype == "auto" else VAE_DTYPES[args.vae_dtype])
     g = torch.Generator().manual_seed(args.noise_seed)                        # eps_fix: not --seed (official)
     frozen = Frozen(vae, sd.scheduler, FeatureCapture(unet, [F32, F16, F8], pre=[F32, F16]),
                     TimeOffsetHook(unet), torch.randn(1, 4, 64, 64, generator=g).to(device))

@@ -72,7 +72,7 @@ from safetensors.torch import load_file, save_file
 from common import console, datasets as cd, metrics, runtime, synthetic
 from common.daformer import poly_warmup_factor
 from common.console import UserError
-from common.sd_backbone import AttentionStore, FeatureCapture, encode_prompts, load_sd, vae_encode
+from common.sd_backbone import AttentionStore, FeatureCapture, encode_prompts, load_sd, to_dtype, vae_encode
 
 
 @dataclass
@@ -258,7 +258,7 @@ class FrozenSD:
     def __init__(self, unet, vae, timestep: int, latent_scale: bool, grad_checkpointing: bool = False,
                  dtype: Optional[torch.dtype] = None):
         if dtype not in (None, unet.dtype):  # autocast never touches frozen weights: storage = compute dtype
-            unet.to(dtype), vae.to(dtype)
+            to_dtype(unet, dtype), to_dtype(vae, dtype)
         self.unet, self.vae, self.timestep, self.latent_scale = unet, vae, timestep, latent_scale
         self.store = AttentionStore(unet, select=lambda name: name.startswith(tuple(ATTENTION_BLOCKS)))
         if grad_checkpointing:

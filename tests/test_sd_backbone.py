@@ -10,7 +10,8 @@ import torch
 
 from common.runtime import UserError
 from common.sd_backbone import (AttentionStore, FeatureCapture, PromptCache, add_noise, build_random_sd,
-                                encode_prompts, get_module, load_sd, sd_config, tiny_sd_dir, vae_decode, vae_encode)
+                                encode_prompts, get_module, load_sd, sd_config, tiny_sd_dir, to_dtype, vae_decode,
+                                vae_encode)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,19 @@ def test_vae_mean_sample_and_decode_shapes(tiny):
     s1, s2 = vae_encode(tiny.vae, x, sample=True, generator=g1), vae_encode(tiny.vae, x, sample=True, generator=g2)
     assert torch.equal(s1, s2) and not torch.equal(s1, z)
     assert vae_decode(tiny.vae, z).shape == (2, 3, 32, 48)
+
+
+def test_to_dtype_casts_like_module_to_without_diffusers_warning(capfd):
+    """diffusers 0.42's ModelMixin.to warns on every dtype cast; to_dtype casts the same tensors silently."""
+    a, b = load_sd("tiny", ("vae", "unet")), load_sd("tiny", ("vae", "unet"))
+    for part in ("vae", "unet"):
+        capfd.readouterr()
+        to_dtype(getattr(a, part), torch.bfloat16)
+        assert "kept in float32" not in "".join(capfd.readouterr())
+        getattr(b, part).to(dtype=torch.bfloat16)
+        sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+        assert sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+        assert {v.dtype for v in sa.values() if v.is_floating_point()} == {torch.bfloat16}
 
 
 def test_add_noise_at_t0_uses_alpha_bar_0(tiny):
