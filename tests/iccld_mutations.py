@@ -1,9 +1,21 @@
 """ICCLD's METHOD STEP mutations (both stages), replayed by `python tests/mutations.py iccld`."""
 TEST_FILE = "tests/test_iccld.py"
-TESTS = 'stage1 or stage2 or mixed_precision'
+TESTS = 'stage1 or stage2 or mixed_precision or ddp'
 
 # (what the mutation does, text in the method file (must occur exactly once), replacement)
 MUTATIONS = [
+    ("s1 source losses: DDP wrapper bypassed (no gradient all-reduce)",
+     "l_src_img, l_src_lab = stage1_losses(net, x_s, y_s, z_ys)",
+     "l_src_img, l_src_lab = stage1_losses(getattr(net, 'module', net), x_s, y_s, z_ys)"),
+    ("s1 mixed losses: DDP wrapper bypassed (no gradient all-reduce)",
+     "l_mix_img, l_mix_lab = stage1_losses(net, x_m, y_m, z_ym, w_m)",
+     "l_mix_img, l_mix_lab = stage1_losses(getattr(net, 'module', net), x_m, y_m, z_ym, w_m)"),
+    ("s2 UNet call: DDP wrapper bypassed (no gradient all-reduce)",
+     "eps_hat = unet(inp, tt, encoder_hidden_states",
+     "eps_hat = getattr(unet, 'module', unet)(inp, tt, encoder_hidden_states"),
+    ("s2 discriminator step: DDP wrapper bypassed (no gradient all-reduce)",
+     "d_src, d_tgt = disc(x0_T.detach())",
+     "d_src, d_tgt = getattr(disc, 'module', disc)(x0_T.detach())"),
     ("s1 LR factor: schedule frozen (f = 1)",
      "f = poly_warmup_factor(i, a.iters, a.warmup_iters, WARMUP_RATIO, POLY_POWER)",
      "f = 1.0"),

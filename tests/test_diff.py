@@ -514,6 +514,58 @@ def test_baseline_step_is_the_unconditional_cross_entropy_alone(sd, step):
 # ------------------------------------------------------------------------------------------------------------
 # Half precision on the CPU: the GPU code path (frozen SD in fp16, autocast, GradScaler)
 # ------------------------------------------------------------------------------------------------------------
+DDP_CHILD = """
+import copy, sys, torch
+sys.path.insert(0, "tests")
+import diff, test_diff as T
+from common import runtime
+from common.sd_backbone import encode_prompts, load_sd
+torch.set_num_threads(1)
+dist = runtime.init_distributed("cpu")
+torch.manual_seed(0)
+sd = load_sd("tiny")
+prompts, sd.prompt_ids = diff.class_prompts(diff.Args.prompt_classes, 19)
+sd.emb = encode_prompts(sd.tokenizer, sd.text_encoder, [""] + prompts)
+ext, args = T.make_extractor(sd, 5), T.step_args(grad_clip=1e9)   # no clipping: gradients average linearly
+fp32 = runtime.choose_precision("fp32", torch.device("cpu"))
+torch.manual_seed(0)
+model = diff.DIFFSegmentor(ext.in_channels, 19, T.DEMO_DIMS)
+x, y = T.image_and_label(prompted=True, seed=dist.rank)            # each process its own image
+def step(net, inner):                                               # -> the gradients the optimizer steps on
+    torch.manual_seed(7)                                            # the same dropout draws in both calls
+    opt, seen = diff.make_optimizer(inner, args), {}
+    opt.register_step_pre_hook(lambda *_: seen.update({n: p.grad.clone() for n, p in inner.named_parameters()}))
+    diff.train_step(net, ext, opt, fp32.make_scaler(), (x + 1) / 2, y, 3, args, fp32, torch.Generator().manual_seed(5))
+    return seen
+alone = copy.deepcopy(model)
+out = {"alone": step(alone, alone), "ddp": step(dist.wrap(model), model)}
+out["weights"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+torch.save(out, sys.argv[1] + f"/rank{dist.rank}.pt")
+"""
+
+
+def test_ddp_averages_the_two_processes_gradients_and_keeps_the_replicas_equal(tmp_path):
+    """2 gloo processes, one image each: the gradient of the DDP step is the mean of the two gradients each
+    process computes alone on its image, and both replicas end the step with identical weights (a step that
+    bypassed the DDP wrapper would update each replica on its own gradient)."""
+    with __import__("socket").socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_CHILD, str(tmp_path)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(ENV, WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for n, g in r0["ddp"].items():
+        mean = (r0["alone"][n] + r1["alone"][n]) / 2
+        torch.testing.assert_close(g, mean, rtol=1e-4, atol=1e-7, msg=n)
+        assert not torch.allclose(r0["alone"][n], r1["alone"][n]), n     # the two images do differ
+        torch.testing.assert_close(r0["weights"][n], r1["weights"][n], rtol=0, atol=0, msg=n)
+
+
 def half_run(name, steps=2, scale=None):
     """`steps` real train_steps through `build` (the frozen SD as the run stores it) under `name`; `scale`
     sets an absurd loss scale before the last step, so that its fp16 gradients overflow."""

@@ -6,11 +6,12 @@ The step tests run one real `train_step_stage1` / `train_step_stage2`, record wh
 augmented image, timesteps, noise, every UNet and discriminator input) and the gradients its optimizers saw,
 and recompute the loss from the equations of the header with the weights from before the step. Every line of
 both METHOD STEP blocks was deleted or replaced by a plausible wrong alternative once; each change turned one
-of these tests red (tests/iccld_mutations.py runs that check).
+of these tests red (`python tests/mutations.py iccld` runs that check).
 """
 import copy
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -20,11 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import iccld
 from common import runtime, sd_backbone, synthetic
-from common.console import UserError
 from common.datasets import PALETTES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -506,7 +505,7 @@ def test_stage2_step_gradients_equal_the_reference_losses(sd, monkeypatch):
     assert abs(eps.std().item() - 1) < 0.1 and abs(eps.mean().item()) < 0.1
     ab = _alpha_bar()
     z_t = ab[t].sqrt()[:, None, None, None] * z_y + (1 - ab[t]).sqrt()[:, None, None, None] * eps
-    (inp, tt), kw = rec["unet"][0][0][:2], rec["unet"][0][1]
+    inp, tt = rec["unet"][0][0][:2]
     assert len(rec["unet"]) == 1 and inp.shape == (2 * n, 8, 8, 8)          # one UNet batch: eps loss + z_T
     torch.testing.assert_close(inp[:n], torch.cat([z_t, z0], 1), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(inp[n:, 4:], z0, rtol=1e-4, atol=1e-5)
@@ -680,6 +679,71 @@ def test_estimate_memory_random_sd15_at_the_paper_crop_allocates_nothing_big(tmp
         assert res[st]["predicted_peak_gb"] > 5
     assert out["rss_gb"] < 0.5 * res["2"]["predicted_peak_gb"], out["rss_gb"]
     assert not (tmp_path / "o").exists()
+
+
+DDP_CHILD = """
+import copy, sys, torch
+sys.path.insert(0, "tests")
+import iccld, test_iccld as T
+from common import runtime, sd_backbone
+torch.set_num_threads(1)
+cpu, dist = torch.device("cpu"), runtime.init_distributed("cpu")
+sd = sd_backbone.load_sd("tiny")
+a = iccld.Args(sd_model="tiny", crop_size=64, iters=20, iters_stage2=20, warmup_iters=10, lambda_adv=0.5,
+               pseudo_threshold=0.0)                                # every target pixel weighs: all terms act
+batch = T._batch(64, seed=dist.rank, b=1)                           # each process its own images
+out = {}
+for stage, trained in (("1", ("net",)), ("1 source-only", ("net",)), ("2", ("unet", "disc"))):
+    a.source_only = stage.endswith("source-only")                   # then the source pass is the only one
+    for run, d in (("alone", runtime.Dist(0, 1, 0, cpu)), ("ddp", dist)):
+        torch.manual_seed(0)                                        # the same initial weights everywhere
+        s = iccld.Setup(a, d, runtime.choose_precision("fp32", cpu), 19, copy.deepcopy(sd), T._ctx(sd, 1).float())
+        st = iccld.build_stage1(s) if stage[0] == "1" else iccld.build_stage2(s, None)
+        if stage == "2":                                            # open the condition channels (zero-initialised):
+            with torch.no_grad():                                   # else x0_hat, the discriminator's input, is
+                st.modules["unet"].conv_in.weight[:, 4:].normal_(std=0.1)   # the same on both processes
+        seen = {}
+        for m, o in zip(trained, ("opt", "opt_d")):                 # the gradients each optimizer steps on
+            named = list(st.modules[m].named_parameters())
+            st.optims[o].register_step_pre_hook(lambda *_, m=m, named=named: seen.update(
+                {f"{m}.{n}": p.grad.clone() for n, p in named if p.grad is not None}))
+        torch.manual_seed(5)                                        # the same ClassMix / noise draws in both runs
+        st.step(batch, 3, a, s.prec)
+        out[(stage, run)] = seen
+        out[(stage, run, "weights")] = {f"{m}.{n}": p.detach().clone() for m in trained
+                                        for n, p in st.modules[m].named_parameters()}
+torch.save(out, sys.argv[1] + f"/rank{dist.rank}.pt")
+"""
+
+
+def test_ddp_averages_the_two_processes_gradients_and_keeps_the_replicas_equal_in_both_stages(tmp_path):
+    """2 gloo processes, one source + one target image each: in each stage (and stage 1 --source-only, whose
+    source pass is then the only one), every optimizer (stage 2: eps_theta and the discriminator) steps on the
+    mean of the two gradients each process computes alone on its images,
+    and both replicas end the step with identical weights (a step that bypassed a DDP wrapper would update each
+    replica on its own gradient)."""
+    with __import__("socket").socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2")
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_CHILD, str(tmp_path)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for stage in ("1", "1 source-only", "2"):
+        g0, g1, ddp = r0[(stage, "alone")], r1[(stage, "alone")], r0[(stage, "ddp")]
+        assert ddp.keys() == g0.keys() == g1.keys() and any(k.startswith("disc.") for k in ddp) == (stage == "2")
+        for n, g in ddp.items():
+            ref = (g0[n] + g1[n]) / 2
+            assert float((g - ref).norm()) <= 1e-4 * float(ref.norm()) + 1e-10, (stage, n)
+        for part in ("net", "unet", "disc"):                       # the two processes' gradients differ
+            keys = [n for n in g0 if n.startswith(part + ".")]
+            assert sum(not torch.allclose(g0[n], g1[n]) for n in keys) >= len(keys) // 2, (stage, part)
+        w0, w1 = r0[(stage, "ddp", "weights")], r1[(stage, "ddp", "weights")]
+        assert all(torch.equal(w0[n], w1[n]) for n in w0), stage
 
 
 # ---- training: learning, resume, errors, profile ------------------------------------------------------------------

@@ -463,6 +463,64 @@ def test_ttda_step_skips_when_no_pixel_is_kept_and_averages_over_processes(tiny)
     assert close(s.grad, g / 2, rel=1e-3)
 
 
+DDP_CHILD = """
+import copy, sys, torch
+import ptdiffseg as P
+from common import runtime
+from common.sd_backbone import encode_prompts, load_sd
+torch.set_num_threads(1)
+dist = runtime.init_distributed("cpu")
+sd = load_sd("tiny")
+c = P.class_embeddings(sd.tokenizer, sd.text_encoder, ("road", "sky", "car", "person", "vegetation"))
+s = encode_prompts(sd.tokenizer, sd.text_encoder, list(P.SCENE_PROMPTS), pooled=True).float()
+fsd = P.FrozenSD(sd.unet, sd.vae, timestep=1, latent_scale=True)
+torch.manual_seed(0)
+model = P.PTDiffSeg(c, s, fsd.channels, gamma_init=0.3).eval()   # eval: no BN batch statistics
+args = P.Args(iters=20, warmup_iters=5, crop_size=64)
+fp32 = runtime.choose_precision("fp32", torch.device("cpu"))
+g = torch.Generator().manual_seed(11)                               # the global batch, the same in every process
+x, y = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, torch.randint(0, 5, (2, 64, 64), generator=g)
+idx = torch.tensor([[0, 5], [3, 11]])
+out = {"init": {n: p.detach().clone() for n, p in model.named_parameters()}}
+if dist.rank == 0:                                                  # the same step, one process, batch 2
+    one = copy.deepcopy(model)
+    P.train_step(one, fsd, P.make_optimizer(one, args), fp32.make_scaler(), x, y, idx, 3, args, fp32)
+    out["one"] = {n: p.grad.clone() for n, p in one.named_parameters()}
+r = dist.rank                                                       # this process's slice of the global batch
+P.train_step(dist.wrap(model), fsd, P.make_optimizer(model, args), fp32.make_scaler(), x[r:r + 1], y[r:r + 1],
+             idx[r:r + 1], 3, args, fp32)
+out["ddp"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+out["grad"] = {n: p.grad.clone() for n, p in model.named_parameters()}     # after DDP's all-reduce
+torch.save(out, sys.argv[1] + f"/rank{r}.pt")
+"""
+
+
+def test_ddp_two_processes_stay_in_sync_and_equal_one_process_with_the_global_batch(tmp_path):
+    """2 gloo processes with one image each vs 1 process with both: DDP averages the gradients, so both replicas
+    end the step with identical weights, and the averaged gradient equals the one-process gradient up to
+    float rounding (no ignored pixel, so every image weighs the same in the CE mean; eval-mode BN, as torchrun
+    on CPU has no SyncBN). Gradients, not weights: Adam's first step is ~lr x sign(g), which turns rounding of
+    near-zero gradients into full-size weight differences."""
+    with __import__("socket").socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_CHILD, str(tmp_path)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(ENV1, WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    moved = 0
+    for n, p in r0["ddp"].items():
+        assert torch.equal(r0["init"][n], r1["init"][n]), n
+        torch.testing.assert_close(p, r1["ddp"][n], rtol=0, atol=1e-7, msg=f"replicas differ: {n}")
+        assert close(r0["grad"][n], r0["one"][n]), f"DDP gradient != one-process gradient: {n}"
+        moved += not torch.equal(p, r0["init"][n])
+    assert moved == len(r0["ddp"])                                  # every trained tensor took the step
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Half precision on the CPU: exactly the GPU's code path (frozen parts in half, autocast, GradScaler for fp16)
 # ------------------------------------------------------------------------------------------------------------
