@@ -361,7 +361,6 @@ def load_sd(model: str, parts: Sequence[str] = ALL_PARTS, device: str | torch.de
 # ------------------------------------------------------------------------------------------------------------
 # VAE, text and noise helpers
 # ------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
 def to_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """`module.to(dtype=dtype)` for the frozen SD parts, without diffusers' warning: `ModelMixin.to` (0.42)
     warns "modules that should be kept in float32: []" on every dtype cast, even when, as for SD's VAE and UNet,
@@ -369,6 +368,7 @@ def to_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return nn.Module.to(module, dtype=dtype)
 
 
+@torch.no_grad()
 def vae_encode(vae: nn.Module, x: torch.Tensor, sample: bool = False,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Image -> scaled SD latent.

@@ -96,6 +96,9 @@ def test_vae_mean_sample_and_decode_shapes(tiny):
     s1, s2 = vae_encode(tiny.vae, x, sample=True, generator=g1), vae_encode(tiny.vae, x, sample=True, generator=g2)
     assert torch.equal(s1, s2) and not torch.equal(s1, z)
     assert vae_decode(tiny.vae, z).shape == (2, 3, 32, 48)
+    # frozen-VAE helpers never build a graph, even for an input that requires grad
+    assert not vae_encode(tiny.vae, x.clone().requires_grad_(True)).requires_grad
+    assert not vae_decode(tiny.vae, z.clone().requires_grad_(True)).requires_grad
 
 
 def test_to_dtype_casts_like_module_to_without_diffusers_warning(capfd):
