@@ -1,5 +1,7 @@
 """Test session setup: no network, a private cache for the tiny SD, the `slow` marker."""
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,3 +25,20 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+def run_two_gloo_processes(script: str, out: Path, env: dict, timeout: int = 600) -> list:
+    """Run `python -c script out` as ranks 0 and 1 of a 2-process gloo group (the variables torchrun sets) and
+    return what each rank saved to `out/rank{r}.pt`; a failing rank fails the test with its stderr."""
+    import torch
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(out)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(env, OMP_NUM_THREADS="1", WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[-3000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import run_two_gloo_processes
 import torch
 import torch.nn.functional as F
 
@@ -548,17 +549,7 @@ def test_ddp_averages_the_two_processes_gradients_and_keeps_the_replicas_equal(t
     """2 gloo processes, one image each: the gradient of the DDP step is the mean of the two gradients each
     process computes alone on its image, and both replicas end the step with identical weights (a step that
     bypassed the DDP wrapper would update each replica on its own gradient)."""
-    with __import__("socket").socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    procs = [subprocess.Popen([sys.executable, "-c", DDP_CHILD, str(tmp_path)], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=dict(ENV, WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r),
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    r0, r1 = run_two_gloo_processes(DDP_CHILD, tmp_path, ENV)
     for n, g in r0["ddp"].items():
         mean = (r0["alone"][n] + r1["alone"][n]) / 2
         torch.testing.assert_close(g, mean, rtol=1e-4, atol=1e-7, msg=n)

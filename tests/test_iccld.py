@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_two_gloo_processes
 import torch
 
 import iccld
@@ -722,17 +723,7 @@ def test_ddp_averages_the_two_processes_gradients_and_keeps_the_replicas_equal_i
     mean of the two gradients each process computes alone on its images,
     and both replicas end the step with identical weights (a step that bypassed a DDP wrapper would update each
     replica on its own gradient)."""
-    with __import__("socket").socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2")
-    procs = [subprocess.Popen([sys.executable, "-c", DDP_CHILD, str(tmp_path)], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    r0, r1 = run_two_gloo_processes(DDP_CHILD, tmp_path, dict(os.environ))
     for stage in ("1", "1 source-only", "2"):
         g0, g1, ddp = r0[(stage, "alone")], r1[(stage, "alone")], r0[(stage, "ddp")]
         assert ddp.keys() == g0.keys() == g1.keys() and any(k.startswith("disc.") for k in ddp) == (stage == "2")

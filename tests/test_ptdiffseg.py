@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_two_gloo_processes
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -501,17 +502,7 @@ def test_ddp_two_processes_stay_in_sync_and_equal_one_process_with_the_global_ba
     float rounding (no ignored pixel, so every image weighs the same in the CE mean; eval-mode BN, as torchrun
     on CPU has no SyncBN). Gradients, not weights: Adam's first step is ~lr x sign(g), which turns rounding of
     near-zero gradients into full-size weight differences."""
-    with __import__("socket").socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    procs = [subprocess.Popen([sys.executable, "-c", DDP_CHILD, str(tmp_path)], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=dict(ENV1, WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r),
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    r0, r1 = run_two_gloo_processes(DDP_CHILD, tmp_path, ENV1)
     moved = 0
     for n, p in r0["ddp"].items():
         assert torch.equal(r0["init"][n], r1["init"][n]), n
