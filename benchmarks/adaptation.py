@@ -4,17 +4,20 @@ What it answers: does the adaptation part of each method (MADM's self-training w
 adaptation stages, PTDiffSeg's prompt randomization and test-time prompt tuning, DIFF's IPKL branch) raise the
 target mIoU over the same script run as its baseline (`--source-only` / `--baseline`) with the same steps, crop,
 data and seed? It writes a larger synthetic sample than the demo's (so that a target mIoU is not decided by a
-handful of pixels), trains each method and its baseline for every seed on the tiny random SD, and writes
+handful of pixels), trains each method and its baseline for every seed, and writes
 
-    <out>/adaptation.csv   one row per run (method, variant, seed, target mIoU, seconds)
-    <out>/adaptation.md    the table: target mIoU mean +- std (over seeds) per variant, the gain, the verdict
-    <out>/adaptation.png   the same as a bar chart (Pillow only)
+    <out>/adaptation_<sd>[_<tag>].csv   one row per run (method, variant, seed, target mIoU, seconds)
+    <out>/adaptation_<sd>[_<tag>].md    the table: target mIoU mean +- std (over seeds), the gain, the verdict
+    <out>/adaptation_<sd>[_<tag>].png   the same as a bar chart (Pillow only)
 
-Settings are the scripts' `--demo` settings (tiny random SD, 1/8-size synthetic data, crop 64) with more steps;
-every run is a separate process, two at a time with one thread each. The numbers say whether the mechanism acts
-on this shift with a random tiny backbone, nothing about the papers' numbers.
+Settings are the scripts' `--demo` settings (1/8-size synthetic data, crop 64) with more steps, on `--sd-model`:
+`mini` (pretrained on the synthetic world, common/mini_sd.py) or `tiny` (random weights). Every run is a separate
+process, two at a time with one thread each. The numbers say whether the mechanism acts on this shift with a
+miniature backbone, nothing about the papers' numbers.
 
-    python benchmarks/adaptation.py                      # the README run (3 seeds; about an hour on 2 cores)
+    python benchmarks/adaptation.py                      # the README run on mini (3 seeds)
+    python benchmarks/adaptation.py --sample-seed 7 --shift 0.8 --seeds 1 --tag heldout   # a second sample
+    python benchmarks/adaptation.py --sd-model tiny      # the same on the random tiny SD, for comparison
     python benchmarks/adaptation.py --smoke              # 1 seed, 3 steps per run: checks that it runs
 """
 from __future__ import annotations
@@ -46,7 +49,7 @@ METHODS = {
     "DIFF": dict(script="diff.py", src="gta5", tgt="cityscapes", iters=["--iters", "300"], full=[],
                  base=["--baseline"], read="diff"),
 }
-SAMPLE = dict(n_train=48, n_eval=24, seed=0, shift=1.0)  # 48 train / 24 eval images per dataset
+SAMPLE = dict(n_train=48, n_eval=24)  # 48 train / 24 eval images per dataset (generator seed and shift: flags)
 
 
 def read_miou(kind: str, out: Path) -> dict[str, float]:
@@ -65,13 +68,13 @@ def read_miou(kind: str, out: Path) -> dict[str, float]:
     return {"miou": float(evals[-1]["miou"])}
 
 
-def run_one(name: str, variant: str, seed: int, data: Path, out_root: Path, smoke: bool) -> dict:
+def run_one(name: str, variant: str, seed: int, data: Path, out_root: Path, smoke: bool, sd_model: str) -> dict:
     cfg = METHODS[name]
     out = out_root / "runs" / f"{name}-{variant}-seed{seed}"
     iters = ["--iters", "3"] + (["--iters-stage2", "2"] if name == "ICCLD" else []) + \
         (["--ttda-steps", "2"] if name == "PTDiffSeg" else []) if smoke else cfg["iters"]
     cmd = [sys.executable, cfg["script"], "--demo", "--src", cfg["src"], "--tgt", cfg["tgt"],
-           "--data-root", str(data), "--seed", str(seed), "--out", str(out), *iters,
+           "--data-root", str(data), "--seed", str(seed), "--out", str(out), "--sd-model", sd_model, *iters,
            "--eval-every", "100000", "--ckpt-every", "0", "--log-every", "50",
            *(cfg["full"] if variant == "full" else cfg["base"])]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -168,22 +171,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    p.add_argument("--sd-model", default="mini", help="mini (pretrained miniature) or tiny (random weights)")
+    p.add_argument("--sample-seed", type=int, default=0, help="generator seed of the synthetic sample")
+    p.add_argument("--shift", type=float, default=1.0, help="style shift of the synthetic sample, 0..1")
+    p.add_argument("--tag", default="", help="suffix of the output names (e.g. heldout)")
     p.add_argument("--smoke", action="store_true", help="1 seed, 3 steps per run: checks the plumbing only")
     a = p.parse_args(argv)
     from common.synthetic import write_synthetic_sample
-    work, out = Path(a.work), Path(a.out)
+    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = work / "synthetic"
+    sample = dict(SAMPLE, seed=a.sample_seed, shift=a.shift)
+    data = Path(a.work) / f"synthetic-seed{a.sample_seed}-shift{a.shift:g}"
+    work = Path(a.work) / f"{a.sd_model}-seed{a.sample_seed}-shift{a.shift:g}"
     t0 = time.time()
-    if not (data / "SYNTHETIC").exists() or json.loads((data / "SYNTHETIC").read_text()).get("n_eval") != \
-            SAMPLE["n_eval"]:
-        write_synthetic_sample(data, **SAMPLE)
+    if not (data / "SYNTHETIC").exists() or {k: v for k, v in json.loads((data / "SYNTHETIC").read_text()).items()
+                                              if k in sample} != sample:
+        write_synthetic_sample(data, **sample)
     names = a.methods.split(",")
     seeds = [0] if a.smoke else list(range(a.seeds))
     jobs = [(n, v, s) for n in names for s in seeds for v in ("base", "full")]
     rows = []
     with cf.ThreadPoolExecutor(a.workers) as pool:
-        futs = {pool.submit(run_one, n, v, s, data, work, a.smoke): (n, v, s) for n, v, s in jobs}
+        futs = {pool.submit(run_one, n, v, s, data, work, a.smoke, a.sd_model): (n, v, s) for n, v, s in jobs}
         for f in cf.as_completed(futs):
             r = f.result()
             rows.append(r)
@@ -191,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                   + (f" | after TTDA {100 * r['miou_ttda']:.2f}" if "miou_ttda" in r else "")
                   + f" | {r['seconds']:.0f} s", flush=True)
     rows.sort(key=lambda r: (names.index(r["method"]), r["variant"], r["seed"]))
-    suffix = "-smoke" if a.smoke else ""
+    suffix = f"_{a.sd_model}" + (f"_{a.tag}" if a.tag else "") + ("-smoke" if a.smoke else "")
     with open(out / f"adaptation{suffix}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["method", "variant", "seed", "miou", "miou_ttda", "seconds", "command"])
         w.writeheader()
@@ -200,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarize(rows)
     wall = time.time() - t0
     cpu = sum(r["seconds"] for r in rows)
-    text = (table(summary) + f"\n\n{len(rows)} runs, {len(seeds)} seed(s), wall-clock {wall / 60:.1f} min, "
+    text = (table(summary) + f"\n\n{len(rows)} runs, {len(seeds)} seed(s), --sd-model {a.sd_model}, synthetic "
+            f"sample seed {a.sample_seed} shift {a.shift:g}, wall-clock {wall / 60:.1f} min, "
             f"summed run time {cpu / 60:.1f} min ({a.workers} at a time, 1 thread each).\n")
     (out / f"adaptation{suffix}.md").write_text(text)
     chart(summary, out / f"adaptation{suffix}.png")

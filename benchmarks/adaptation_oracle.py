@@ -9,7 +9,8 @@ labels make the same step adapt. Nothing else changes: same command, steps, seed
 "full" variant; only `pseudo_labels` is swapped, in this process, for one returning the ground truth of the very
 target crops the step received.
 
-    python benchmarks/adaptation_oracle.py            # 3 seeds each of MADM and ICCLD, after adaptation.py
+    python benchmarks/adaptation_oracle.py                    # 3 seeds each of MADM and ICCLD on mini
+    python benchmarks/adaptation_oracle.py --sd-model tiny    # the same on the random tiny SD
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def child(name: str, seed: int, data: str, out: str) -> None:
+def child(name: str, seed: int, data: str, out: str, sd_model: str) -> None:
     """Run one oracle training in this process (called in a subprocess by `main`)."""
     import importlib
 
@@ -55,7 +56,8 @@ def child(name: str, seed: int, data: str, out: str) -> None:
         return (y, one, torch.ones_like(rest[0])) if rest else (y, one)
     mod.pseudo_labels = oracle
     argv = ["--demo", "--src", cfg["src"], "--tgt", cfg["tgt"], "--data-root", data, "--seed", str(seed),
-            "--out", out, *cfg["iters"], "--eval-every", "100000", "--ckpt-every", "0", "--log-every", "50"]
+            "--out", out, "--sd-model", sd_model, *cfg["iters"], "--eval-every", "100000", "--ckpt-every", "0",
+            "--log-every", "50"]
     res = mod.main(runtime.parse_args(mod.Args, argv))
     print("RESULT " + json.dumps({"miou": res["miou"]}))
 
@@ -65,18 +67,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", default="runs/adaptation", help="the benchmark's work folder (holds its sample)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--sd-model", default="mini", help="mini (pretrained miniature) or tiny (random weights)")
+    p.add_argument("--sample-seed", type=int, default=0, help="generator seed of adaptation.py's sample")
+    p.add_argument("--shift", type=float, default=1.0, help="style shift of adaptation.py's sample")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    work = Path(a.work)
+    data = Path(a.work) / f"synthetic-seed{a.sample_seed}-shift{a.shift:g}"   # written by adaptation.py
+    work = Path(a.work) / f"{a.sd_model}-seed{a.sample_seed}-shift{a.shift:g}"
     if a.child:
         name, seed = a.child
-        return child(name, int(seed), str(work / "synthetic"), str(work / "runs" / f"{name}-oracle-seed{seed}"))
+        return child(name, int(seed), str(data), str(work / "runs" / f"{name}-oracle-seed{seed}"), a.sd_model)
     jobs = [(n, s) for n in ("MADM", "ICCLD") for s in range(a.seeds)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def run(job):
         t = time.time()
-        r = subprocess.run([sys.executable, __file__, "--work", a.work, "--child", job[0], str(job[1])],
+        r = subprocess.run([sys.executable, __file__, "--work", a.work, "--sd-model", a.sd_model, "--sample-seed",
+                            str(a.sample_seed), "--shift", str(a.shift), "--child", job[0], str(job[1])],
                            cwd=ROOT, capture_output=True, text=True, env=env)
         if r.returncode:
             raise RuntimeError(r.stderr[-3000:])
@@ -88,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     lines += [f"| {r['method']} | {r['seed']} | {100 * r['miou_oracle']:.2f} |" for r in rows]
     text = "\n".join(lines) + "\n"
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / "adaptation_oracle.md").write_text(text)
+    (Path(a.out) / f"adaptation_oracle_{a.sd_model}.md").write_text(text)
     print(text)
 
 

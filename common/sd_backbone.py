@@ -2,13 +2,15 @@
 helpers, feature capture by forward hooks and cross-attention probability capture by an attention processor.
 
 Everything is loaded the way the diffusers examples do it (`from_pretrained(id_or_folder, subfolder="unet")`),
-and the miniature `tiny` SD used by the demo and the tests goes through that very same code: it is built from
-config, written with `save_pretrained` into a cache folder once, and read back with `from_pretrained`. Nothing
+and the miniatures go through that very same code: `mini` (pretrained on the synthetic world by
+`python -m common.mini_sd`, shipped in `common/mini-sd/`) and `tiny` (random weights: built from config, written
+with `save_pretrained` into a cache folder once, and read back with `from_pretrained`). Nothing
 here is a method's contribution; the method files decide what is trained, frozen, cast or hooked.
 
 Model names accepted by `load_sd`:
     a hub id                      e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5` (downloaded on first use)
     a local folder                with unet/ vae/ text_encoder/ tokenizer/ scheduler/ subfolders
+    `mini`                        miniature SD pretrained on the synthetic world (common/mini-sd/; the demos)
     `tiny`                        miniature random SD (seed 0) with SD's block layout: every hook name works
     `random-sd15`, `random-sd21`  the real SD 1.x / 2.1 architectures, random weights (profiling, no download)
 """
@@ -247,6 +249,16 @@ class SD:
         return float(self.vae.config.scaling_factor) if self.vae is not None else 0.18215
 
 
+def mini_sd_dir() -> Path:
+    """The shipped `mini` folder (common/mini-sd/), written by `python -m common.mini_sd`."""
+    folder = Path(__file__).resolve().parent / "mini-sd"
+    if not (folder / "model_index.json").exists():
+        raise UserError(f"error: --sd-model mini: the pretrained folder {folder} is missing or incomplete. "
+                        "Expected the repository's common/mini-sd/ (restore it with git, or write a new one "
+                        "with `python -m common.mini_sd --out common/mini-sd`).")
+    return folder
+
+
 def _missing_weights(model: str, part: str, err: Exception) -> UserError:
     if Path(model).is_dir():
         return UserError(f"error: --sd-model: cannot load '{part}' from the folder '{model}' "
@@ -304,7 +316,7 @@ def load_sd(model: str, parts: Sequence[str] = ALL_PARTS, device: str | torch.de
     """Load SD parts with `from_pretrained(model, subfolder=part)`, or build the random architectures.
 
     Args:
-        model: hub id, local folder, "tiny", "random-sd15" or "random-sd21".
+        model: hub id, local folder, "mini", "tiny", "random-sd15" or "random-sd21".
         parts: any of "unet", "vae", "text_encoder", "tokenizer" (the scheduler is always loaded).
         device: where the weights go.
     Returns:
@@ -322,6 +334,7 @@ def load_sd(model: str, parts: Sequence[str] = ALL_PARTS, device: str | torch.de
     if _ARCHITECTURE_ONLY[0] and model in _KNOWN_ARCH:
         loaded = build_random_sd(_KNOWN_ARCH[model], parts, device)
     elif _ARCHITECTURE_ONLY[0]:
+        model = str(mini_sd_dir()) if model == "mini" else model
         if not Path(model).is_dir():
             raise UserError(f"error: --estimate-memory: the architecture of '{model}' is not known without "
                             "its config files. Expected a local SD folder, a known SD 1.x / 2.1 hub id, "
@@ -330,7 +343,7 @@ def load_sd(model: str, parts: Sequence[str] = ALL_PARTS, device: str | torch.de
     elif model in ("random-sd15", "random-sd21"):
         loaded = build_random_sd("sd15" if model == "random-sd15" else "sd21", parts, device)
     else:
-        folder = str(tiny_sd_dir()) if model == "tiny" else model
+        folder = str(tiny_sd_dir()) if model == "tiny" else str(mini_sd_dir()) if model == "mini" else model
         # low_cpu_mem_usage=False is what diffusers falls back to without `accelerate` (not a dependency);
         # saying it explicitly only silences the warning.
         loaders = {"unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet",
@@ -340,7 +353,7 @@ def load_sd(model: str, parts: Sequence[str] = ALL_PARTS, device: str | torch.de
                    "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
                    "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")}
         loaded = {}
-        quiet = _no_progress_bars() if model == "tiny" else contextlib.nullcontext()
+        quiet = _no_progress_bars() if model in ("tiny", "mini") else contextlib.nullcontext()
         with quiet:
             for part in ["scheduler", *parts]:
                 try:
@@ -582,6 +595,7 @@ class AttentionStore:
         self.unet.set_attn_processor(self._previous)
 
 
-__all__ = ["SD", "load_sd", "sd_config", "build_random_sd", "tiny_sd_dir", "write_tiny_tokenizer",
+__all__ = ["SD", "load_sd", "sd_config", "build_random_sd", "tiny_sd_dir", "mini_sd_dir",
+           "write_tiny_tokenizer",
            "vae_encode", "vae_decode", "encode_prompts", "PromptCache", "add_noise", "get_module",
            "FeatureCapture", "AttentionStore", "cache_root"]
