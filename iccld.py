@@ -704,7 +704,8 @@ def main(args: Args) -> dict:
     if args.demo:
         args = runtime.replace_defaults(args, **DEMO)
         synthetic.ensure_synthetic_sample(args.data_root)
-    args = replace(args, out=args.out or f"runs/iccld-{datasets.run_tag(args.src)}-{datasets.run_tag(args.tgt)}",
+    tag = f"{datasets.run_tag(args.src)}-{datasets.run_tag(args.tgt)}"
+    args = replace(args, out=args.out or f"runs/iccld-{tag}",
                    eval_only=args.eval_only or bool(args.predict))  # --predict: load --ckpt, no training
     check_args(args)
     dist, prec = runtime.setup_hardware(args)

@@ -613,8 +613,8 @@ def ttda(run: SimpleNamespace, step: int, before: dict) -> tuple[dict, dict]:
                         f"(pixels with p_max >= {a.ttda_threshold} kept: mean fraction {r['mean_kept']:.3f})"
                         f"\nttda {t} | source prompt mIoU {100 * b:.2f} | TTDA prompt mIoU {100 * f:.2f} | "
                         f"delta {100 * (f - b):+.2f}")
-            (run.out / "ttda").mkdir(exist_ok=True)
-            save_file({"scene": learned[t].cpu()}, str(run.out / "ttda" / f"{cd.run_tag(t)}_scene.safetensors"))
+            (run.out / "ttda").mkdir(exist_ok=True)  # folder:PATH -> folder-<name>_scene.safetensors
+            save_file({"scene": learned[t].cpu()}, f"{run.out}/ttda/{cd.run_tag(t)}_scene.safetensors")
             runtime.write_metrics(run.out, record, key="ttda")
     return {"ttda": record, "miou": float(np.mean([r["miou"] for r in after.values()]))}, learned
 

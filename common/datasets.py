@@ -162,9 +162,9 @@ DATASETS: dict[str, DatasetInfo] = {
 EVAL_PROTOCOL: dict[str, tuple[tuple[str, tuple[int, int]], str]] = {
     n: (i.eval_input, i.metric) for n, i in DATASETS.items()}
 
-# Your own data: `folder:PATH` (data/README.md "Your own data"). Train resize and eval input keep the ratio into
-# the Cityscapes box 1024x512 (long edge <= 1024, short edge <= 512, up or down; x --demo scale), so a crop of 512
-# always fits and a 1920x1080 camera gives 910x512 [our choice]; metric at the label's native size.
+# Your own data: `folder:PATH` (data/README.md "Your own data"). Train resize and eval input keep the ratio
+# into the Cityscapes box 1024x512 (long edge <= 1024, short edge <= 512, up or down; x --demo scale), so a
+# crop of 512 always fits and a 1920x1080 camera gives 910x512 [our choice]; metric at the native label size.
 FOLDER = "folder:"
 FOLDER_SIZE = ("keep", (1024, 512))
 FOLDER_SPLITS = ("train", "val", "predict")
@@ -184,8 +184,9 @@ def run_tag(name: str) -> str:
 
 
 def eval_target(name: str, predict: Optional[str]) -> tuple[str, str]:
-    """(dataset, split) a script evaluates: `name`'s eval split, or with `--predict PATH` the "predict" split of
-    `folder:PATH` (every image, no labels: `common.metrics.evaluate` writes a prediction for each)."""
+    """(dataset, split) a script evaluates: `name`'s eval split, or with `--predict PATH` the "predict"
+    split of `folder:PATH` (every image, no labels: `common.metrics.evaluate` writes a prediction for
+    each)."""
     return (FOLDER + predict, "predict") if predict else (name, "val")
 
 
@@ -1074,8 +1075,8 @@ def _folder_items(name: str, path: Path, source: bool = False) -> list[_Item]:
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                     and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not images:
-        raise DatasetError(f"error: {name}: '{root}' contains no .png/.jpg/.jpeg images. Expected a folder of "
-                           f"images (searched recursively) or {layout}.")
+        raise DatasetError(f"error: {name}: '{root}' contains no .png/.jpg/.jpeg images. Expected a folder "
+                           f"of images (searched recursively) or {layout}.")
     items, stems = [], {}
     for img in images:
         rel = img.relative_to(root).with_suffix("")
@@ -1094,8 +1095,8 @@ def _folder_items(name: str, path: Path, source: bool = False) -> list[_Item]:
 
 
 def _check_folder_labels(name: str, path: Path, items: list[_Item], k: int) -> None:
-    """Decode every label once: 8-bit single channel, values in {0..K-1, 255}, the size of its image. Cached by
-    the file list, like the header sizes: a folder is checked once, and before anything is written."""
+    """Decode every label once: 8-bit single channel, values in {0..K-1, 255}, the size of its image. Cached
+    by the file list, like the header sizes: a folder is checked once, and before anything is written."""
     labelled = [it for it in items if it.label is not None]
     paths = _cache_candidates(path, None, f"folder_labels_{k}_"
                               f"{_files_hash([p for it in labelled for p in (it.image, it.label)])}.json")
@@ -1860,6 +1861,7 @@ class TrainStream:
 
 __all__ = ["DATASETS", "DatasetInfo", "EVAL_PROTOCOL", "CLASS_SETS", "PALETTES", "convert_labels",
            "check_pair", "eval_input_size", "resize_size", "build_dataset", "SegDataset", "RareClassSampling",
-           "TrainStream", "DatasetError", "dataset_info", "is_folder", "run_tag", "eval_target", "FOLDER", "GREY_MODES", "make_lut", "render_events", "read_synthia_label", "IGNORE",
+           "TrainStream", "DatasetError", "dataset_info", "is_folder", "run_tag", "eval_target", "FOLDER",
+           "GREY_MODES", "make_lut", "render_events", "read_synthia_label", "IGNORE",
            "DSEC_SEQUENCES", "CITYSCAPES_LABELID_TO_TRAINID", "SYNTHIA_TO_TRAINID", "MAPILLARY_TO_TRAINID",
            "DELIVER_TO_11", "FMB_TO_9", "CS19_TO_11", "CS19_TO_9", "C11_TO_9", "C9_TO_11"]
