@@ -204,7 +204,7 @@ def dataset_info(name: str) -> DatasetInfo:
     path = Path(name[len(FOLDER):])
     if not path.is_dir():
         raise DatasetError(f"error: {name}: folder '{path}' not found. Expected a folder of .png/.jpg/.jpeg "
-                           f"images, or PATH/images/ + PATH/labels/ (data/README.md \"Your own data\").")
+                           f"images, or {path}/images/ + {path}/labels/ (data/README.md, \"Your own data\").")
     return DatasetInfo(name, str(path), _folder_classes(name, path), "train", "val", FOLDER_SIZE, FOLDER_SIZE,
                        "native", "auto", "your own data", FOLDER_SPLITS)
 
@@ -416,7 +416,8 @@ _READ_ERRORS = (OSError, SyntaxError, ValueError, zlib.error, EOFError, Image.De
 
 def _corrupt(name: str, path: Path, e: BaseException) -> DatasetError:
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return DatasetError(f"error: {name}: cannot read '{path}' ({reason}). Re-download the file.")
+    fix = "Replace or remove it (a .png/.jpg/.jpeg file)" if is_folder(name) else "Re-download the file"
+    return DatasetError(f"error: {name}: cannot read '{path}' ({reason}). {fix}.")
 
 
 def _decode(name: str, path: Path, fn: Callable[[Image.Image], Any]) -> Any:
@@ -1069,14 +1070,14 @@ def _folder_items(name: str, path: Path, source: bool = False) -> list[_Item]:
     layout = f"{path}/images/ + {path}/labels/ (trainId PNGs, same stems)"
     if lab_dir.is_dir() and not img_dir.is_dir():
         raise DatasetError(f"error: {name}: '{lab_dir}' has no images/ folder beside it. Expected {layout}.")
-    if source and not (img_dir.is_dir() and lab_dir.is_dir()):
-        raise DatasetError(f"error: --src {name}: a source needs labels. Expected {layout}.")
     root = img_dir if img_dir.is_dir() else path
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                     and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not images:
         raise DatasetError(f"error: {name}: '{root}' contains no .png/.jpg/.jpeg images. Expected a folder "
                            f"of images (searched recursively) or {layout}.")
+    if source and not (img_dir.is_dir() and lab_dir.is_dir()):
+        raise DatasetError(f"error: --src {name}: a source needs labels. Expected {layout}.")
     items, stems = [], {}
     for img in images:
         rel = img.relative_to(root).with_suffix("")
@@ -1094,28 +1095,30 @@ def _folder_items(name: str, path: Path, source: bool = False) -> list[_Item]:
     return items
 
 
-def _check_folder_labels(name: str, path: Path, items: list[_Item], k: int) -> None:
-    """Decode every label once: 8-bit single channel, values in {0..K-1, 255}, the size of its image. Cached
-    by the file list, like the header sizes: a folder is checked once, and before anything is written."""
-    labelled = [it for it in items if it.label is not None]
-    paths = _cache_candidates(path, None, f"folder_labels_{k}_"
-                              f"{_files_hash([p for it in labelled for p in (it.image, it.label)])}.json")
-    if not labelled or _read_json_cache(paths, lambda d: d.get("n") == len(labelled)) is not None:
+def _check_folder(name: str, path: Path, items: list[_Item], k: int) -> None:
+    """Read every image header and decode every label once: 8-bit single channel, values in {0..K-1, 255},
+    the size of its image. Cached by the file list, like the header sizes: a folder is checked once, before
+    anything is written, so a bad file never stops a run half-way."""
+    paths = _cache_candidates(path, None, f"folder_check_{k}_"
+                              f"{_files_hash([p for it in items for p in (it.image, it.label)])}.json")
+    if _read_json_cache(paths, lambda d: d.get("n") == len(items)) is not None:
         return
 
     def check(it: _Item) -> None:
+        w, h = _image_size(name, it.image)
+        if it.label is None:
+            return
         lab = read_label_array(name, it.label)
         bad = _bad_values(lab, np.r_[np.arange(k), IGNORE])
         if bad.size:
             raise DatasetError(f"error: {name}: label '{it.label}' has values {_fmt_set(bad)} outside "
                                f"{{0..{k - 1}, 255}}. Expected trainIds of the {k}-class set (255 = ignore; "
                                f"classes.txt names another set).")
-        w, h = _image_size(name, it.image)
         if (w, h) != lab.shape[::-1]:
             raise DatasetError(f"error: {name}: image '{it.image}' is {w}x{h} but its label is "
                                f"{lab.shape[1]}x{lab.shape[0]}. Image and label must have the same size.")
-    _parallel_map(check, labelled)
-    _write_json_cache(paths, {"n": len(labelled)})
+    _parallel_map(check, items)
+    _write_json_cache(paths, {"n": len(items)})
 
 
 def _list_folder(name: str, folder: Path, split: str, opts: dict) -> _Listing:
@@ -1124,7 +1127,7 @@ def _list_folder(name: str, folder: Path, split: str, opts: dict) -> _Listing:
     items = _folder_items(name, folder)
     if split == "predict":
         items = [_Item(it.image, None, it.name) for it in items]
-    _check_folder_labels(name, folder, items, dataset_info(name).num_classes)
+    _check_folder(name, folder, items, dataset_info(name).num_classes)
     labelled = [it for it in items if it.label is not None]
     if split == "val" and labelled:
         items = labelled
@@ -1686,10 +1689,12 @@ def build_dataset(name: str, root: str | Path = "data", split: str = "train", *,
     if train is None:
         train = split == info.train_split
     k = num_classes or info.num_classes
-    if split == "predict":  # no labels: the images get the model's class set
-        info = dataclasses.replace(info, num_classes=k)
+    if is_folder(name):  # a folder split without labels ("predict", unlabelled) takes the model's class set
+        listing = _list_folder(name, folder, split, options)
+        info = info if listing.has_labels else dataclasses.replace(info, num_classes=k)
     convert_labels(info.num_classes, k)  # fail early on 11/9 -> 19
-    listing = (_list_folder if is_folder(name) else _LISTERS[name])(name, folder, split, options)
+    if not is_folder(name):
+        listing = _LISTERS[name](name, folder, split, options)
     return SegDataset(name, folder, split, listing, train=train, crop_size=crop_size, scale=scale,
                       num_classes=k, cat_max_ratio=cat_max_ratio, options=options, info=info)
 
