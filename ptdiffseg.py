@@ -609,10 +609,12 @@ def ttda(run: SimpleNamespace, step: int, before: dict) -> tuple[dict, dict]:
         b, f = before[t]["miou"], after[t]["miou"]
         r.update(miou_before=b, miou_after=f, delta=f - b)
         if run.dist.is_main:
+            scores = "" if after[t].get("no_labels") else (  # a target without labels: no mIoU to compare
+                f"\nttda {t} | source prompt mIoU {100 * b:.2f} | TTDA prompt mIoU {100 * f:.2f} | "
+                f"delta {100 * (f - b):+.2f}")
             console.log(f"adapted: the scene token s on {t} in {r['stepped']} of {a.ttda_steps} TTDA steps "
                         f"(pixels with p_max >= {a.ttda_threshold} kept: mean fraction {r['mean_kept']:.3f})"
-                        f"\nttda {t} | source prompt mIoU {100 * b:.2f} | TTDA prompt mIoU {100 * f:.2f} | "
-                        f"delta {100 * (f - b):+.2f}")
+                        + scores)
             (run.out / "ttda").mkdir(exist_ok=True)  # folder:PATH -> folder-<name>_scene.safetensors
             save_file({"scene": learned[t].cpu()}, f"{run.out}/ttda/{cd.run_tag(t)}_scene.safetensors")
             runtime.write_metrics(run.out, record, key="ttda")
