@@ -410,7 +410,7 @@ def eval_input_size(name: str, hw: tuple[int, int], scale: float = 1.0) -> tuple
 # ------------------------------------------------------------------------------------------------------------
 # Pillow modes of single-channel files (event frames, infrared, depth); `folder:PATH` reads them with
 # `read_grey` as the named grey modalities are read, replicated to 3 channels [our choice]
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+GREY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _READ_ERRORS = (OSError, SyntaxError, ValueError, zlib.error, EOFError, Image.DecompressionBombError)
 
 

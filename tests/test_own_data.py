@@ -80,7 +80,7 @@ def _check_predictions(pred_dir: Path, images: Path, k: int) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # The folder dataset
 # ------------------------------------------------------------------------------------------------------------
-def test_folder_splits_sizes_and_modality(folders):
+def test_folder_splits_sizes_and_modality(folders, tmp_path):
     src = build_dataset(f"folder:{folders / 'src'}", split="train", crop_size=64, scale=1 / 8)
     assert src.has_labels and len(src) == 8 and src.items[0].name == "seq0/frame_000.png"
     s = src.sample(0, np.random.default_rng(0))
@@ -101,6 +101,15 @@ def test_folder_splits_sizes_and_modality(folders):
     assert torch.equal(x[0], x[2]) and np.allclose(x[0].numpy(), raw)
     name, split = eval_target("cityscapes", str(folders / "events"))
     pred = build_dataset(name, split=split, num_classes=19)  # the model's class set, whatever classes.txt says
+    # 16-bit single-channel files (depth, thermal) are /65535, never cut to 8 bits; grey + alpha is read as RGB
+    d = tmp_path / "grey"
+    d.mkdir()
+    depth = (np.arange(64 * 32).reshape(32, 64) * 31).astype(np.uint16)
+    Image.fromarray(depth).save(d / "a.png")
+    Image.fromarray(np.full((32, 64, 2), 200, np.uint8), "LA").save(d / "b.png")
+    grey = build_dataset(f"folder:{d}", split="val")
+    assert np.allclose(grey[0]["image"][1].numpy(), depth / 65535.0, atol=1e-6)
+    assert torch.allclose(grey[1]["image"], torch.full((3, 32, 64), 200 / 255))
     assert pred.num_classes == 19 and not pred.has_labels
     assert check_pair(f"folder:{folders / 'src'}", f"folder:{folders / 'events'}") == 11
     assert run_tag(f"folder:{folders / 'src'},cityscapes") == "folder-src+cityscapes"
