@@ -2,7 +2,8 @@
 pages, sizes and label-map sources, in data/README.md).
 
 What is here, top to bottom:
-- the registry `DATASETS` (folder, class set, splits, counts, train / eval sizes) and `EVAL_PROTOCOL`;
+- the registry `DATASETS` (folder, class set, splits, counts, train / eval sizes) and `EVAL_PROTOCOL`; your
+  own data as `folder:PATH` (`dataset_info`, `_folder_items`, `_list_folder`; data/README.md "Your own data");
 - class sets, palettes and every label map as 256-entry lookup tables, `convert_labels`, `check_pair`,
   `eval_input_size`;
 - file readers that handle each dataset's label encoding (palette PNGs read as indices, SYNTHIA 16-bit labels
@@ -64,7 +65,7 @@ class DatasetInfo:
         metric: "native" (label size), "half" (half the label size, Mapillary) or "input" (the eval input
             size; MADM's targets). The label is resized only for "half" and "input", with Pillow's NEAREST
             rule (`common.metrics.resize_label`), as Rein and MADM do.
-        modality: "rgb" | "event" | "infrared" | "depth".
+        modality: "rgb" | "event" | "infrared" | "depth" | "auto" (`folder:PATH`: per file).
         download: where to get it.
         splits: every native split name the loader knows.
         no_gt_splits: splits listed without labels (no public ground truth, or an unlabeled target train
@@ -217,14 +218,16 @@ def _folder_classes(name: str, path: Path) -> int:
         return 19
     try:
         lines = [ln.strip().lower() for ln in f.read_text().splitlines() if ln.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise _corrupt(name, f, e) from None
+    except (OSError, UnicodeDecodeError):
+        raise DatasetError(f"error: {name}: cannot read '{f}'. Expected a text file: 19, 11 or 9, or class "
+                           f"names, one per line.") from None
     for k, names in CLASS_SETS.items():
         if lines == [str(k)] or lines == list(names):
             return k
     raise DatasetError(f"error: {name}: '{f}' names no known class set ({len(lines)} lines). Expected one "
                        f"line 19, 11 or 9, or the names of one of these sets in order, one per line "
                        f"(data/README.md).")
+
 
 # DSEC-Semantic sequences [official; ref: ESS, MADM]
 DSEC_SEQUENCES = {
