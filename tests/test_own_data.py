@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from common import metrics
-from common.datasets import (DatasetError, build_dataset, check_pair, eval_input_size, eval_target, run_tag)
+from common.datasets import CLASS_SETS, PALETTES, build_dataset, check_pair, eval_input_size, eval_target, run_tag
 from common.runtime import colorize, run_cli
 from common.synthetic import ensure_synthetic_sample
 
@@ -59,11 +59,6 @@ def _run(script: str, *args, timeout=300):
                           timeout=timeout, env=ENV1)
 
 
-def _palette(k):
-    from common.datasets import PALETTES
-    return PALETTES[k]
-
-
 def _check_predictions(pred_dir: Path, images: Path, k: int) -> None:
     """A colour and a trainId PNG per image, at the image's own size, in the folder's structure."""
     files = sorted(p for p in images.rglob("*") if p.suffix in (".png", ".jpg"))
@@ -74,7 +69,7 @@ def _check_predictions(pred_dir: Path, images: Path, k: int) -> None:
         col = Image.open(f"{stem}_color.png")
         assert ids.shape == Image.open(img).size[::-1] and col.size == Image.open(img).size
         assert ids.dtype == np.uint8 and ids.max() < k
-        assert np.array_equal(np.asarray(col.convert("RGB")), np.asarray(colorize(ids, _palette(k))))
+        assert np.array_equal(np.asarray(col.convert("RGB")), np.asarray(colorize(ids, PALETTES[k])))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -118,7 +113,6 @@ def test_folder_splits_sizes_and_modality(folders, tmp_path):
 def test_classes_txt(tmp_path, folders):
     d = tmp_path / "c"
     shutil.copytree(folders / "tgt", d)
-    from common.datasets import CLASS_SETS
     for text, k in (("9", 9), ("\n".join(CLASS_SETS[11]), 11), ("\n".join(CLASS_SETS[19]).upper(), 19)):
         (d / "classes.txt").write_text(text + "\n")
         assert build_dataset(f"folder:{d}", split="val").num_classes == k
@@ -129,12 +123,12 @@ def test_evaluate_without_labels_and_predict(tmp_path, folders):
     predict_fn = lambda x: torch.randn(1, k, x.shape[-2] // 4, x.shape[-1] // 4)  # noqa: E731
     tgt = build_dataset(f"folder:{folders / 'tgt'}", split="val")
     kw = dict(device=torch.device("cpu"), input_size=(64, 32), num_pictures=3)
-    r = metrics.evaluate(predict_fn, tgt, k, [str(i) for i in range(k)], _palette(k), pictures_dir=tmp_path / "p",
+    r = metrics.evaluate(predict_fn, tgt, k, [str(i) for i in range(k)], PALETTES[k], pictures_dir=tmp_path / "p",
                          **kw)
     assert r["no_labels"] and np.isnan(r["miou"]) and len(list((tmp_path / "p").glob("*.png"))) == 3
     assert r["table"] == f"no mIoU without labels: wrote prediction pictures for 3 images to {tmp_path / 'p'}"
     ds = build_dataset(f"folder:{folders / 'tgt'}", split="predict", num_classes=k)
-    r = metrics.evaluate(predict_fn, ds, k, [str(i) for i in range(k)], _palette(k), pictures_dir=tmp_path / "q",
+    r = metrics.evaluate(predict_fn, ds, k, [str(i) for i in range(k)], PALETTES[k], pictures_dir=tmp_path / "q",
                          **kw)
     assert r["table"].startswith("predict: wrote colour and trainId PNGs for 4 images")
     _check_predictions(tmp_path / "q", folders / "tgt" / "images", k)
