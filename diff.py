@@ -54,7 +54,7 @@ Commands
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -68,7 +68,7 @@ from common import console, metrics, runtime
 from common.daformer import DAFormerHead, ce_all_pixels, photometric_distortion, poly_warmup_factor
 from common.console import UserError
 from common.datasets import (CLASS_SETS, PALETTES, RareClassSampling, TrainStream, build_dataset, check_pair,
-                             eval_input_size)
+                             eval_input_size, eval_target, run_tag)
 from common.runtime import Checkpointer, TrainLog, check_finite, replace_defaults, write_metrics
 from common.sd_backbone import FeatureCapture, encode_prompts, load_sd
 from common.synthetic import ensure_synthetic_sample
@@ -80,7 +80,8 @@ class Args:
     src: str = "gta5"
     """source dataset (exp 50: GTA5, domain generalisation)"""
     tgt: str = "cityscapes"
-    """target dataset(s) for evaluation, comma-separated; the class set follows the target (exp 50)"""
+    """target dataset(s) for evaluation, comma-separated; the class set follows the target (exp 50); or
+    folder:PATH (your own images)"""
     data_root: str = "data"
     """folder holding the datasets in their official layouts (data/README.md)"""
     out: Optional[str] = None
@@ -100,7 +101,9 @@ class Args:
     eval_only: bool = False
     """only evaluate --ckpt"""
     ckpt: Optional[str] = None
-    """checkpoint folder for --eval-only"""
+    """checkpoint folder for --eval-only / --predict"""
+    predict: Optional[str] = None
+    """folder of images: write <out>/predictions/<stem>_color.png and _trainId.png for each (needs --ckpt)"""
     profile: int = 0
     """time N training iterations and print one JSON line"""
     estimate_memory: bool = False
@@ -643,12 +646,14 @@ def evaluate(model: DIFFSegmentor, extractor: DiffusionExtractor, datasets: list
                              device=dist.device, dist=dist,
                              input_size=lambda hw: eval_input_size(ds.name, hw, scale),
                              metric_size=ds.info.metric, desc=f"{ds.name} {ds.split}",
-                             pictures_dir=Path(out) / "predictions" / (ds.name if len(datasets) > 1 else ""),
+                             pictures_dir=Path(out) / "predictions" / (run_tag(ds.name) if len(datasets) > 1
+                                                                       else ""),
                              synthia=args.src == "synthia" and num_classes == 19,  # SYNTHIA -> Cityscapes
                              progress=dist.is_main, **metrics.RESIZE_PROTOCOLS["mmseg"])
         extra = {k: r[k] for k in ("miou16", "miou13") if k in r}
         if dist.is_main:
-            console.log(r["table"])
+            console.log(r["table"])  # without labels: the one line of what was written
+        if dist.is_main and not r.get("no_labels"):
             console.log(" | ".join([f"eval step {step}", ds.name, f"mIoU {100 * r['miou']:.2f}",
                                     *(f"{k} {100 * v:.2f}" for k, v in extra.items()), r["resolution"]]))
             write_metrics(out, {"step": step, "target": ds.name, "miou": r["miou"], **extra,
@@ -688,6 +693,7 @@ def main(args: Args) -> dict:
         args = replace_defaults(args, sd_model="tiny", data_root=str(root), num_steps=5, crop_size=64,
                                 iters=40, proj_dims=(128, 320, 512, 64), lr=3e-4, warmup_iters=5, log_every=5,
                                 eval_every=40, ckpt_every=40, out="runs/diff-demo")
+    args = replace(args, eval_only=args.eval_only or bool(args.predict))  # --predict: --ckpt, no training
     runtime.validate_args(args, crop_multiple=64)  # DIFF reshapes its features at stride 64
     inversion_schedule(args.num_steps)             # and the method's own flags, before anything is built
     class_prompts(args.prompt_classes, 19)
@@ -702,9 +708,10 @@ def main(args: Args) -> dict:
     src_ds = None if args.eval_only else build_dataset(
         args.src, args.data_root, "train", crop_size=args.crop_size, scale=scale, num_classes=num_classes,
         cat_max_ratio=args.cat_max_ratio)
-    tgt_sets = [build_dataset(t, args.data_root, "val", scale=scale, num_classes=num_classes)
-                for t in args.tgt.split(",")]
-    out = runtime.prepare_out_dir(args.out or f"runs/diff-{args.src}-{args.tgt.replace(',', '+')}",
+    evals = [eval_target(t, args.predict) for t in args.tgt.split(",")[: 1 if args.predict else None]]
+    tgt_sets = [build_dataset(t, args.data_root, split, scale=scale, num_classes=num_classes)
+                for t, split in evals]
+    out = runtime.prepare_out_dir(args.out or f"runs/diff-{run_tag(args.src)}-{run_tag(args.tgt)}",
                                   args.resume, args.eval_only, dist.is_main, allow_existing=args.demo)
     if args.resume:
         runtime.resume_checkpoint(out)  # the one-line "no checkpoint" error, before anything is written

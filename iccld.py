@@ -77,7 +77,7 @@ class Args:
     src: str = "gta5"
     """source dataset (labelled); paper benchmarks: gta5, synthia"""
     tgt: str = "cityscapes"
-    """target dataset (labels unused in training); paper: cityscapes"""
+    """target dataset (labels unused in training); paper: cityscapes; or folder:PATH (your own images)"""
     data_root: str = "data"
     """folder holding the datasets in their official layouts (data/README.md)"""
     out: Optional[str] = None
@@ -97,7 +97,9 @@ class Args:
     eval_only: bool = False
     """only evaluate --ckpt"""
     ckpt: Optional[str] = None
-    """checkpoint folder for --eval-only"""
+    """checkpoint folder for --eval-only / --predict"""
+    predict: Optional[str] = None
+    """folder of images: write <out>/predictions/<stem>_color.png and _trainId.png for each (needs --ckpt)"""
     profile: int = 0
     """time N training iterations of --stage 1 or 2, print one JSON line, write nothing"""
     estimate_memory: bool = False
@@ -529,7 +531,8 @@ def setup(a: Args, dist: runtime.Dist, prec: runtime.Precision, data: bool = Tru
     sd = sd_backbone.load_sd(a.sd_model, ("vae", "unet", "text_encoder", "tokenizer") if stage2 else ("vae",))
     ctx = sd_backbone.encode_prompts(sd.tokenizer, sd.text_encoder, [""]).float() if stage2 else None
     sd.text_encoder = None                                        # "" embedded once, then freed
-    return Setup(a, dist, prec, K, sd, ctx, streams, build(a.tgt, split="val") if data else None)
+    name, split = datasets.eval_target(a.tgt, a.predict)  # --predict: every image of its folder, no labels
+    return Setup(a, dist, prec, K, sd, ctx, streams, build(name, split=split) if data else None)
 
 
 # A stage as its loop sees it: step(batch, i, args, prec) = train_step_stage1/2 with its parts bound; the
@@ -658,7 +661,7 @@ def evaluate(s: Setup, net: ICCLDNet, unet, step: int, miou_direct: Optional[flo
             ctx = s.ctx.to(s.dist.device)
             res = score(lambda x: predict_diffusion(net, unet, ctx, ddim, a.sample_steps, gen, x),
                         f"stage2 diffusion T={a.sample_steps} (unet_ema)")
-            if miou_direct is None:
+            if miou_direct is None and s.eval_set.has_labels:
                 miou_direct = score(net.direct, "stage1 direct", pictures=False)["miou"]
     final = {k: res[k] for k in ("miou", "per_class_iou", "miou16", "miou13") if k in res}
     return {**final, "miou_direct": miou_direct, "step": step, "stage": 1 if unet is None else 2}
@@ -701,7 +704,9 @@ def main(args: Args) -> dict:
     if args.demo:
         args = runtime.replace_defaults(args, **DEMO)
         synthetic.ensure_synthetic_sample(args.data_root)
-    args = replace(args, out=args.out or f"runs/iccld-{args.src}-{args.tgt}")
+    tag = f"{datasets.run_tag(args.src)}-{datasets.run_tag(args.tgt)}"
+    args = replace(args, out=args.out or f"runs/iccld-{tag}",
+                   eval_only=args.eval_only or bool(args.predict))  # --predict: load --ckpt, no training
     check_args(args)
     dist, prec = runtime.setup_hardware(args)
     runtime.seed_everything(args.seed)                            # all seeding here, in one place

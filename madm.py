@@ -68,7 +68,8 @@ import torch.nn.functional as F
 
 from common import console, metrics, runtime
 from common.daformer import DAFormerHead, ce_all_pixels, class_mix_masks, ema_update, strong_augment
-from common.datasets import CLASS_SETS, PALETTES, RareClassSampling, TrainStream, build_dataset, check_pair
+from common.datasets import (CLASS_SETS, PALETTES, RareClassSampling, TrainStream, build_dataset, check_pair,
+                             eval_target, run_tag)
 from common.runtime import UserError
 from common.sd_backbone import (FeatureCapture, add_noise, encode_prompts, load_sd, to_dtype, vae_decode,
                                  vae_encode)
@@ -81,7 +82,8 @@ class Args:
     src: str = "cityscapes"
     """source dataset (labelled RGB); official configs: Cityscapes"""
     tgt: str = "dsec_event"
-    """target dataset (unlabelled modality): dsec_event, fmb_infrared, deliver_depth or any registry name"""
+    """target dataset (unlabelled modality): dsec_event, fmb_infrared, deliver_depth, any registry name or
+    folder:PATH (your own images, data/README.md)"""
     data_root: str = "data"
     """folder holding the datasets in their official layouts (data/README.md)"""
     out: Optional[str] = None
@@ -111,7 +113,9 @@ class Args:
     eval_only: bool = False
     """only evaluate --ckpt"""
     ckpt: Optional[str] = None
-    """checkpoint folder for --eval-only"""
+    """checkpoint folder for --eval-only / --predict"""
+    predict: Optional[str] = None
+    """folder of images: write <out>/predictions/<stem>_color.png and _trainId.png for each (needs --ckpt)"""
     profile: int = 0
     """time N training iterations (FLOPs, s/iter, memory, utilization), print one JSON line, write nothing"""
     estimate_memory: bool = False
@@ -565,7 +569,8 @@ def build_data(args: Args, num_classes: int):
     if args.demo:
         ensure_synthetic_sample(args.data_root)
     kw = dict(scale=1 / 8 if args.demo else 1.0, num_classes=num_classes)
-    val = build_dataset(args.tgt, args.data_root, "val", **kw)
+    name, split = eval_target(args.tgt, args.predict)  # --predict: every image of its folder, no labels
+    val = build_dataset(name, args.data_root, split, **kw)
     if args.eval_only:
         return None, None, val
     src, tgt = (build_dataset(name, args.data_root, "train", crop_size=args.crop_size, **kw)
@@ -600,7 +605,8 @@ def train(args: Args) -> dict:
     runtime.seed_everything(args.seed)
     K = check_pair(args.src, args.tgt)
     t0_lo, end_frac, lplr_w = task_settings(args)
-    out, t_end = Path(args.out or f"runs/madm-{args.src}-{args.tgt}"), round(end_frac * args.iters)
+    out = Path(args.out or f"runs/madm-{run_tag(args.src)}-{run_tag(args.tgt)}")
+    t_end = round(end_frac * args.iters)
     run = Run(dist, precision, PALETTES[K], CLASS_SETS[K], t0_lo, t_end, lplr_w, out)
     m, accum = args.micro_batch_size, args.batch_size // (args.micro_batch_size * dist.world)
     if args.profile or args.estimate_memory:
@@ -676,11 +682,15 @@ def evaluate(args: Args, student: Student, dataset, run: Run, step: int) -> dict
     # Official resizing: Pillow BILINEAR image, NEAREST label; two halves scored apart and summed (header).
     kw = dict(device=dist.device, dist=dist, input_size=(args.eval_size,) * 2, desc=f"{args.tgt} test",
               metric_size=args.eval_label_size, **metrics.RESIZE_PROTOCOLS["madm"])
-    halves = [range((n + 1) // 2), range((n + 1) // 2, n)]
+    halves = [range((n + 1) // 2), range((n + 1) // 2, n)] if dataset.has_labels else [range(n)]
     parts = [metrics.evaluate(predict, torch.utils.data.Subset(dataset, r), len(names), names, run.palette,
                               pictures_dir=run.out / "predictions" if dist.is_main and k == 0 else None,
                               progress=k == 0, **kw) for k, r in enumerate(halves) if len(r)]
     student.seg.train()
+    if parts[0].get("no_labels"):  # no metric: pictures (target without labels) or --predict outputs
+        if dist.is_main:
+            console.log(parts[0]["table"])
+        return dict(parts[0], step=step)
     conf, where = sum(np.asarray(p["confusion"], np.int64) for p in parts), parts[0]["resolution"]
     title = f"per-class results — {args.tgt} test, {n} images, {where}"
     res = dict(metrics.summarize(conf, names), step=step, resolution=where, num_images=n,
@@ -700,7 +710,7 @@ def main(args: Args) -> dict:
     """Train (or --eval-only, --profile, --estimate-memory); returns the last evaluation ("miou", ...)."""
     if args.demo:
         args = runtime.replace_defaults(args, out="runs/madm-demo", **DEMO)
-    return train(args)
+    return train(replace(args, eval_only=args.eval_only or bool(args.predict)))  # --predict: load --ckpt
 
 
 if __name__ == "__main__":

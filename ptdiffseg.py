@@ -95,7 +95,10 @@ class Args:
     eval_only: bool = False
     """only evaluate --ckpt (optionally after --ttda)"""
     ckpt: Optional[str] = None
-    """checkpoint folder for --eval-only"""
+    """checkpoint folder for --eval-only / --predict"""
+    predict: Optional[str] = None
+    """folder of images: write <out>/predictions/<stem>_color.png and _trainId.png for each (needs --ckpt;
+    with --ttda also the TTDA prompt's in predictions/ttda/)"""
     ckpt_every: int = 4000
     """steps between checkpoints (our choice)"""
     keep_ckpts: int = 3
@@ -115,7 +118,8 @@ class Args:
     src: str = "gta5"
     """source dataset, trained on alone (paper: synthetic-to-real DG)"""
     tgt: str = "cityscapes"
-    """target(s), comma-separated, one class set; each scored separately (paper: DG protocol)"""
+    """target(s), comma-separated, one class set; each scored separately (paper: DG protocol); folder:PATH
+    for your own images"""
     data_root: str = "data"
     """where datasets live"""
     batch_size: int = 2
@@ -519,12 +523,12 @@ def setup(args: Args) -> SimpleNamespace:
     K = check_args(args)
     dist, precision = runtime.setup_hardware(args)
     kw = dict(crop_size=args.crop_size, scale=1 / 8 if args.demo else 1.0, num_classes=K)  # demo: sizes / 8
-    targets = args.tgt.split(",")
+    evals = [cd.eval_target(t, args.predict) for t in args.tgt.split(",")[: 1 if args.predict else None]]
     data = {"src": None if args.eval_only else cd.build_dataset(args.src, args.data_root, **kw,
                                                                 cat_max_ratio=0.75),
-            "eval": {t: cd.build_dataset(t, args.data_root, "val", train=False, **kw) for t in targets},
+            "eval": {t: cd.build_dataset(t, args.data_root, split, train=False, **kw) for t, split in evals},
             "ttda": {t: cd.build_dataset(t, args.data_root, train=True, **kw)  # labels never used
-                     for t in (targets if args.ttda else [])}}
+                     for t, _ in (evals if args.ttda else [])}}
     if args.resume:  # fail before anything is written to --out
         runtime.resume_checkpoint(args.out)
     sd = FrozenSD.load(args, dist.device, precision.frozen_dtype)
@@ -605,12 +609,14 @@ def ttda(run: SimpleNamespace, step: int, before: dict) -> tuple[dict, dict]:
         b, f = before[t]["miou"], after[t]["miou"]
         r.update(miou_before=b, miou_after=f, delta=f - b)
         if run.dist.is_main:
+            scores = "" if after[t].get("no_labels") else (  # a target without labels: no mIoU to compare
+                f"\nttda {t} | source prompt mIoU {100 * b:.2f} | TTDA prompt mIoU {100 * f:.2f} | "
+                f"delta {100 * (f - b):+.2f}")
             console.log(f"adapted: the scene token s on {t} in {r['stepped']} of {a.ttda_steps} TTDA steps "
                         f"(pixels with p_max >= {a.ttda_threshold} kept: mean fraction {r['mean_kept']:.3f})"
-                        f"\nttda {t} | source prompt mIoU {100 * b:.2f} | TTDA prompt mIoU {100 * f:.2f} | "
-                        f"delta {100 * (f - b):+.2f}")
-            (run.out / "ttda").mkdir(exist_ok=True)
-            save_file({"scene": learned[t].cpu()}, str(run.out / "ttda" / f"{t}_scene.safetensors"))
+                        + scores)
+            (run.out / "ttda").mkdir(exist_ok=True)  # folder:PATH -> folder-<name>_scene.safetensors
+            save_file({"scene": learned[t].cpu()}, f"{run.out}/ttda/{cd.run_tag(t)}_scene.safetensors")
             runtime.write_metrics(run.out, record, key="ttda")
     return {"ttda": record, "miou": float(np.mean([r["miou"] for r in after.values()]))}, learned
 
@@ -654,9 +660,10 @@ def evaluate(run: SimpleNamespace, step: int, scenes: Optional[dict] = None, tag
             synthia=run.args.src == "synthia" and K == 19,  # mIoU16/13 belong to SYNTHIA-source runs
             **metrics.RESIZE_PROTOCOLS["mmseg"])
         if run.dist.is_main:
-            console.log(r["table"])
-            console.log(f"eval step {step} | {target} | {tag} | mIoU {100 * r['miou']:.2f} | "
-                        + r["resolution"].replace(", ", " | "))
+            console.log(r["table"])  # without labels: the one line of what was written
+            if not r.get("no_labels"):
+                console.log(f"eval step {step} | {target} | {tag} | mIoU {100 * r['miou']:.2f} | "
+                            + r["resolution"].replace(", ", " | "))
             runtime.write_metrics(run.out, {"step": step, "target": target, "prompt": tag, **{
                 k: r[k] for k in ("miou", "per_class_iou", "resolution", "miou16", "miou13") if k in r}})
     if len(res) > 1 and run.dist.is_main:
@@ -695,7 +702,8 @@ def resolve_args(args: Args) -> Args:
             iters=50, eval_every=50, log_every=10, ckpt_every=50, warmup_iters=5, lr=6e-3, adapter_lr=6e-4,
             eval_stride=43, ttda=not args.baseline, ttda_steps=20, ttda_lr=1e-2, ttda_threshold=0.5)
         synthetic.ensure_synthetic_sample(args.data_root)
-    return replace(args, out=args.out or f"runs/ptdiffseg-{args.src}-{args.tgt.replace(',', '+')}")
+    return replace(args, out=args.out or f"runs/ptdiffseg-{cd.run_tag(args.src)}-{cd.run_tag(args.tgt)}",
+                   eval_only=args.eval_only or bool(args.predict))  # --predict: load --ckpt, no training
 
 
 def main(args: Args) -> dict:

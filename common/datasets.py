@@ -2,7 +2,8 @@
 pages, sizes and label-map sources, in data/README.md).
 
 What is here, top to bottom:
-- the registry `DATASETS` (folder, class set, splits, counts, train / eval sizes) and `EVAL_PROTOCOL`;
+- the registry `DATASETS` (folder, class set, splits, counts, train / eval sizes) and `EVAL_PROTOCOL`; your
+  own data as `folder:PATH` (`dataset_info`, `_folder_items`, `_list_folder`; data/README.md "Your own data");
 - class sets, palettes and every label map as 256-entry lookup tables, `convert_labels`, `check_pair`,
   `eval_input_size`;
 - file readers that handle each dataset's label encoding (palette PNGs read as indices, SYNTHIA 16-bit labels
@@ -20,6 +21,7 @@ Tags: [official] the dataset's own release or tooling, [ref: X] a public re-impl
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -63,7 +65,7 @@ class DatasetInfo:
         metric: "native" (label size), "half" (half the label size, Mapillary) or "input" (the eval input
             size; MADM's targets). The label is resized only for "half" and "input", with Pillow's NEAREST
             rule (`common.metrics.resize_label`), as Rein and MADM do.
-        modality: "rgb" | "event" | "infrared" | "depth".
+        modality: "rgb" | "event" | "infrared" | "depth" | "auto" (`folder:PATH`: per file).
         download: where to get it.
         splits: every native split name the loader knows.
         no_gt_splits: splits listed without labels (no public ground truth, or an unlabeled target train
@@ -160,6 +162,72 @@ DATASETS: dict[str, DatasetInfo] = {
 # name -> (eval input, metric resolution); see data/README.md "Evaluation sizes and resampling"
 EVAL_PROTOCOL: dict[str, tuple[tuple[str, tuple[int, int]], str]] = {
     n: (i.eval_input, i.metric) for n, i in DATASETS.items()}
+
+# Your own data: `folder:PATH` (data/README.md "Your own data"). Train resize and eval input keep the ratio
+# into the Cityscapes box 1024x512 (long edge <= 1024, short edge <= 512, up or down; x --demo scale), so a
+# crop of 512 always fits and a 1920x1080 camera gives 910x512 [our choice]; metric at the native label size.
+FOLDER = "folder:"
+FOLDER_SIZE = ("keep", (1024, 512))
+FOLDER_SPLITS = ("train", "val", "predict")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def is_folder(name: str) -> bool:
+    """True for a `folder:PATH` dataset name."""
+    return name.startswith(FOLDER)
+
+
+def run_tag(name: str) -> str:
+    """A dataset name (or comma list) as it may appear in a run folder name: `folder:PATH` -> `folder-<last
+    part of PATH>`, comma lists joined by "+"."""
+    return "+".join(f"folder-{Path(n[len(FOLDER):]).resolve().name}" if is_folder(n) else n
+                    for n in name.split(","))
+
+
+def eval_target(name: str, predict: Optional[str]) -> tuple[str, str]:
+    """(dataset, split) a script evaluates: `name`'s eval split, or with `--predict PATH` the "predict"
+    split of `folder:PATH` (every image, no labels: `common.metrics.evaluate` writes a prediction for
+    each)."""
+    return (FOLDER + predict, "predict") if predict else (name, "val")
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """`DATASETS[name]`, or the entry of a `folder:PATH` dataset (its class set from `PATH/classes.txt`).
+
+    Raises:
+        DatasetError: an unknown name, a missing folder or a classes.txt naming no known class set.
+    """
+    if name in DATASETS:
+        return DATASETS[name]
+    if not is_folder(name):
+        raise DatasetError(f"error: unknown dataset '{name}'. Choose one of: {', '.join(DATASETS)}, or "
+                           f"folder:PATH.")
+    path = Path(name[len(FOLDER):])
+    if not path.is_dir():
+        raise DatasetError(f"error: {name}: folder '{path}' not found. Expected a folder of .png/.jpg/.jpeg "
+                           f"images, or {path}/images/ + {path}/labels/ (data/README.md, \"Your own data\").")
+    return DatasetInfo(name, str(path), _folder_classes(name, path), "train", "val", FOLDER_SIZE, FOLDER_SIZE,
+                       "native", "auto", "your own data", FOLDER_SPLITS)
+
+
+def _folder_classes(name: str, path: Path) -> int:
+    """Class set of a folder: 19 (Cityscapes) unless `classes.txt` holds one of 19 / 11 / 9, or the names of
+    one of `CLASS_SETS` in order, one per line."""
+    f = path / "classes.txt"
+    if not f.is_file():
+        return 19
+    try:
+        lines = [ln.strip().lower() for ln in f.read_text().splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError):
+        raise DatasetError(f"error: {name}: cannot read '{f}'. Expected a text file: 19, 11 or 9, or class "
+                           f"names, one per line.") from None
+    for k, names in CLASS_SETS.items():
+        if lines == [str(k)] or lines == list(names):
+            return k
+    raise DatasetError(f"error: {name}: '{f}' names no known class set ({len(lines)} lines). Expected one "
+                       f"line 19, 11 or 9, or the names of one of these sets in order, one per line "
+                       f"(data/README.md).")
+
 
 # DSEC-Semantic sequences [official; ref: ESS, MADM]
 DSEC_SEQUENCES = {
@@ -277,15 +345,15 @@ def check_pair(src: str, tgt: str) -> int:
         DatasetError: the source's class set cannot be mapped onto the target's (11 or 9 classes onto 19),
             or targets of a comma list have different class sets.
     """
-    for n in [src] + tgt.split(","):
-        if n not in DATASETS:
-            raise DatasetError(f"error: unknown dataset '{n}'. Choose one of: {', '.join(DATASETS)}.")
+    infos = {n: dataset_info(n) for n in [src] + tgt.split(",")}
+    if is_folder(src):
+        _folder_items(src, Path(src[len(FOLDER):]), source=True)  # a source folder is fully labelled
     tgts = tgt.split(",")
-    ks = {DATASETS[t].num_classes for t in tgts}
+    ks = {infos[t].num_classes for t in tgts}
     if len(ks) > 1:
         raise DatasetError(f"error: --tgt {tgt}: the targets have different class sets ({sorted(ks)}). "
                            f"Expected targets sharing one class set.")
-    k_src, k_tgt = DATASETS[src].num_classes, ks.pop()
+    k_src, k_tgt = infos[src].num_classes, ks.pop()
     if k_src != k_tgt and (k_src, k_tgt) not in _CONVERSIONS:
         # only 11 -> 19 and 9 -> 19 land here: every other pair of class sets has a table in `_CONVERSIONS`
         raise DatasetError(f"error: --src {src} has {k_src} classes but --tgt {tgts[0]} needs {k_tgt}; a "
@@ -336,19 +404,23 @@ def eval_input_size(name: str, hw: tuple[int, int], scale: float = 1.0) -> tuple
         (W, H) to pass as `input_size` to `common.metrics.evaluate`.
     """
     h, w = hw
-    return resize_size(DATASETS[name].eval_input, (w, h), scale)
+    return resize_size(dataset_info(name).eval_input, (w, h), scale)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # File readers (every read checks mode / dtype: colour PNGs refused as labels, palette PNGs read as indices,
 # 16-bit PNGs never cut to 8 bits)
 # ------------------------------------------------------------------------------------------------------------
+# Pillow modes of single-channel files (event frames, infrared, depth); `folder:PATH` reads them with
+# `read_grey` as the named grey modalities are read, replicated to 3 channels [our choice]
+GREY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _READ_ERRORS = (OSError, SyntaxError, ValueError, zlib.error, EOFError, Image.DecompressionBombError)
 
 
 def _corrupt(name: str, path: Path, e: BaseException) -> DatasetError:
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return DatasetError(f"error: {name}: cannot read '{path}' ({reason}). Re-download the file.")
+    fix = "Replace or remove it (a .png/.jpg/.jpeg file)" if is_folder(name) else "Re-download the file"
+    return DatasetError(f"error: {name}: cannot read '{path}' ({reason}). {fix}.")
 
 
 def _decode(name: str, path: Path, fn: Callable[[Image.Image], Any]) -> Any:
@@ -576,7 +648,7 @@ class _Item:
 class _Listing:
     items: list[_Item]
     label_kind: str                # how to decode labels, see SegDataset._native_label
-    image_kind: str                # "rgb" | "grey" | "depth" | "events"
+    image_kind: str                # "rgb" | "grey" | "depth" | "events" | "auto" (per file)
     has_labels: bool = True
     check_sizes: bool = True       # compare image and label sizes at construction
     size_mismatch: str = "error"   # "error" | "skip" (GTA5)
@@ -990,6 +1062,81 @@ def _check_events_h5(h5py: Any, path: Path) -> None:
                            f"events file (events/x, events/y, events/p, events/t, ms_to_idx, t_offset).")
 
 
+def _folder_items(name: str, path: Path, source: bool = False) -> list[_Item]:
+    """Every image of a `folder:PATH` dataset with its label where there is one (data/README.md "Your own
+    data"): the images are `PATH/images/**` if that folder exists, else `PATH/**` (.png/.jpg/.jpeg, any case,
+    hidden folders skipped); the label of `images/<rel>/<stem>.<ext>` is `labels/<rel>/<stem>.png`. A source
+    (`source`) needs images/ and labels/ and a label for every image. Item names are relative to the image
+    folder, so predictions keep the folder structure.
+    """
+    img_dir, lab_dir = path / "images", path / "labels"
+    layout = f"{path}/images/ + {path}/labels/ (trainId PNGs, same stems)"
+    if lab_dir.is_dir() and not img_dir.is_dir():
+        raise DatasetError(f"error: {name}: '{lab_dir}' has no images/ folder beside it. Expected {layout}.")
+    root = img_dir if img_dir.is_dir() else path
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not images:
+        raise DatasetError(f"error: {name}: '{root}' contains no .png/.jpg/.jpeg images. Expected a folder "
+                           f"of images (searched recursively) or {layout}.")
+    if source and not (img_dir.is_dir() and lab_dir.is_dir()):
+        raise DatasetError(f"error: --src {name}: a source needs labels. Expected {layout}.")
+    items, stems = [], {}
+    for img in images:
+        rel = img.relative_to(root).with_suffix("")
+        if rel in stems:
+            raise DatasetError(f"error: {name}: '{stems[rel]}' and '{img}' share the stem '{rel}'. Expected "
+                               f"one image per stem (labels are paired by stem).")
+        stems[rel] = img
+        lab = lab_dir / rel.with_name(rel.name + ".png")
+        items.append(_Item(img, lab if lab.is_file() else None, img.relative_to(root).as_posix()))
+    if source and any(it.label is None for it in items):
+        first = next(it for it in items if it.label is None)
+        raise DatasetError(f"error: --src {name}: {len(items)} images but "
+                           f"{sum(it.label is not None for it in items)} labels; first without a label: "
+                           f"images/{first.name}. Expected {lab_dir}/<same stem>.png for every image.")
+    return items
+
+
+def _check_folder(name: str, path: Path, items: list[_Item], k: int) -> None:
+    """Read every image header and decode every label once: 8-bit single channel, values in {0..K-1, 255},
+    the size of its image. Cached by the file list, like the header sizes: a folder is checked once, before
+    anything is written, so a bad file never stops a run half-way."""
+    paths = _cache_candidates(path, None, f"folder_check_{k}_"
+                              f"{_files_hash([p for it in items for p in (it.image, it.label)])}.json")
+    if _read_json_cache(paths, lambda d: d.get("n") == len(items)) is not None:
+        return
+
+    def check(it: _Item) -> None:
+        w, h = _image_size(name, it.image)
+        if it.label is None:
+            return
+        lab = read_label_array(name, it.label)
+        bad = _bad_values(lab, np.r_[np.arange(k), IGNORE])
+        if bad.size:
+            raise DatasetError(f"error: {name}: label '{it.label}' has values {_fmt_set(bad)} outside "
+                               f"{{0..{k - 1}, 255}}. Expected trainIds of the {k}-class set (255 = ignore; "
+                               f"classes.txt names another set).")
+        if (w, h) != lab.shape[::-1]:
+            raise DatasetError(f"error: {name}: image '{it.image}' is {w}x{h} but its label is "
+                               f"{lab.shape[1]}x{lab.shape[0]}. Image and label must have the same size.")
+    _parallel_map(check, items)
+    _write_json_cache(paths, {"n": len(items)})
+
+
+def _list_folder(name: str, folder: Path, split: str, opts: dict) -> _Listing:
+    """`folder:PATH`: "train" = every image (labels where present), "val" = the labelled images if there are
+    any, else every image without labels (pictures, no metric), "predict" = every image, no labels."""
+    items = _folder_items(name, folder)
+    if split == "predict":
+        items = [_Item(it.image, None, it.name) for it in items]
+    _check_folder(name, folder, items, dataset_info(name).num_classes)
+    labelled = [it for it in items if it.label is not None]
+    if split == "val" and labelled:
+        items = labelled
+    return _Listing(items, "trainIds", "auto", bool(labelled), check_sizes=False)
+
+
 _LISTERS: dict[str, Callable[[str, Path, str, dict], _Listing]] = {
     "cityscapes": _list_cityscapes,
     "gta5": lambda n, f, s, o: _list_numbered(n, f, s, o, "images", "labels", 5, "cs_labelIds_palette",
@@ -1062,7 +1209,7 @@ def resolve_folder(name: str, root: str | Path, split: str = "train") -> Path:
 
 def native_split(name: str, split: str) -> str:
     """Map the aliases "train" / "val" to the registry's train / eval split; native names pass through."""
-    info = DATASETS[name]
+    info = dataset_info(name)
     # the aliases win over native names: "val" is DELIVER's eval split "test", not its own "val" [our choice]
     if split == "train":
         return info.train_split
@@ -1218,8 +1365,9 @@ class SegDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, name: str, folder: Path, split: str, listing: _Listing, *, train: bool, crop_size: int,
-                 scale: float, num_classes: int, cat_max_ratio: Optional[float], options: dict) -> None:
-        self.name, self.folder, self.split, self.info = name, folder, split, DATASETS[name]
+                 scale: float, num_classes: int, cat_max_ratio: Optional[float], options: dict,
+                 info: Optional[DatasetInfo] = None) -> None:
+        self.name, self.folder, self.split, self.info = name, folder, split, info or dataset_info(name)
         self.train, self.crop_size, self.scale = train, int(crop_size), float(scale)
         self.cat_max_ratio = cat_max_ratio
         self.native_classes = self.info.num_classes
@@ -1349,6 +1497,9 @@ class SegDataset(torch.utils.data.Dataset):
     def load_image(self, i: int) -> Image.Image:
         """The input of item `i` at native size: PIL "RGB" (uint8) or "F" (float32 in [0, 1], grey)."""
         it = self.items[i]
+        if self.image_kind == "auto":  # folders: single-channel files read as the grey modalities are
+            grey = _decode(self.name, it.image, lambda im: im.mode in GREY_MODES)
+            return Image.fromarray(read_grey(self.name, it.image)) if grey else read_rgb(self.name, it.image)
         if self.image_kind == "rgb":
             return read_rgb(self.name, it.image)
         if self.image_kind == "events":
@@ -1516,11 +1667,11 @@ def build_dataset(name: str, root: str | Path = "data", split: str = "train", *,
     """Build one split of a dataset from its official layout (data/README.md).
 
     Args:
-        name: a registry name (`DATASETS`).
+        name: a registry name (`DATASETS`) or `folder:PATH` (your own data; `root` is not used).
         root: the data root containing the default folder (e.g. `data/` with `data/cityscapes/`) or the
             dataset folder itself.
         split: "train" / "val" (aliases of the registry's train / eval split) or a native name ("all", "test",
-            "validation", ...).
+            "validation", ...; folders: "predict" = every image, no labels).
         train: items go through the train transform; default: split is the train split.
         crop_size: train crop side (not scaled by `scale`).
         scale: multiplies every train / eval size of the registry (the demo uses 1/8).
@@ -1535,18 +1686,20 @@ def build_dataset(name: str, root: str | Path = "data", split: str = "train", *,
     Raises:
         DatasetError (a UserError) with a one-line message, at construction.
     """
-    if name not in DATASETS:
-        raise DatasetError(f"error: unknown dataset '{name}'. Choose one of: {', '.join(DATASETS)}.")
-    info = DATASETS[name]
+    info = dataset_info(name)
     split = native_split(name, split)
-    folder = resolve_folder(name, root, split)
+    folder = Path(info.folder) if is_folder(name) else resolve_folder(name, root, split)
     if train is None:
         train = split == info.train_split
     k = num_classes or info.num_classes
+    if is_folder(name):  # a folder split without labels ("predict", unlabelled) takes the model's class set
+        listing = _list_folder(name, folder, split, options)
+        info = info if listing.has_labels else dataclasses.replace(info, num_classes=k)
     convert_labels(info.num_classes, k)  # fail early on 11/9 -> 19
-    listing = _LISTERS[name](name, folder, split, options)
+    if not is_folder(name):
+        listing = _LISTERS[name](name, folder, split, options)
     return SegDataset(name, folder, split, listing, train=train, crop_size=crop_size, scale=scale,
-                      num_classes=k, cat_max_ratio=cat_max_ratio, options=options)
+                      num_classes=k, cat_max_ratio=cat_max_ratio, options=options, info=info)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1716,6 +1869,7 @@ class TrainStream:
 
 __all__ = ["DATASETS", "DatasetInfo", "EVAL_PROTOCOL", "CLASS_SETS", "PALETTES", "convert_labels",
            "check_pair", "eval_input_size", "resize_size", "build_dataset", "SegDataset", "RareClassSampling",
-           "TrainStream", "DatasetError", "make_lut", "render_events", "read_synthia_label", "IGNORE",
+           "TrainStream", "DatasetError", "dataset_info", "is_folder", "run_tag", "eval_target", "FOLDER",
+           "GREY_MODES", "make_lut", "render_events", "read_synthia_label", "IGNORE",
            "DSEC_SEQUENCES", "CITYSCAPES_LABELID_TO_TRAINID", "SYNTHIA_TO_TRAINID", "MAPILLARY_TO_TRAINID",
            "DELIVER_TO_11", "FMB_TO_9", "CS19_TO_11", "CS19_TO_9", "C11_TO_9", "C9_TO_11"]

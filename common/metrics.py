@@ -17,9 +17,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from common import console
-from common.runtime import save_side_by_side
+from common.runtime import colorize, save_side_by_side
 
 # SYNTHIA shares 16 of the 19 Cityscapes classes (terrain, truck, train never occur); mIoU13 also drops wall,
 # fence, pole. Both are the usual SYNTHIA -> Cityscapes numbers, computed from the per-class IoUs.
@@ -275,6 +276,9 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.
             upsampled bilinearly to it; an argmax is never upsampled.
         desc: dataset description for the table header, e.g. "cityscapes val".
         pictures_dir: where side-by-side PNGs of the first `num_pictures` items go (rank 0 only); None = none.
+            A dataset without labels (`has_labels` False) is not scored: only these pictures are written. A
+            "predict" split (`folder:PATH`) writes `<pictures_dir>/<relative stem>_color.png` and
+            `_trainId.png` for every image at its own size (logits upsampled to it) instead.
         synthia: also report mIoU16 / mIoU13.
         pad_to: pad the input right/bottom with zeros to a multiple of this and crop the logits back (DIFF:
             64).
@@ -283,7 +287,8 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.
             `resize_label`.
     Returns:
         `summarize(...)` plus "resolution" (the string printed in the header), "num_images", "table",
-        "image_resize" and "label_resize".
+        "image_resize" and "label_resize"; without labels or for "predict", mIoU NaN, "no_labels" True and
+        "table" the one line saying what was written.
     Raises:
         UserError: an unknown `image_resize` / `label_resize` value.
     """
@@ -291,6 +296,12 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.
     _check_option("label_resize", label_resize, LABEL_RESIZE)
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     indices = list(range(rank, len(dataset), world))  # disjoint shards, no padding: no image counted twice
+    base = getattr(dataset, "dataset", dataset)  # a Subset's dataset
+    mode = ("predict" if getattr(base, "split", "") == "predict" else
+            "score" if getattr(base, "has_labels", True) else "pictures")
+    if mode != "score":  # rank 0 alone: every image (predict) or the first `num_pictures` (no labels)
+        n_max = len(dataset) if mode == "predict" else min(num_pictures, len(dataset))
+        indices = list(range(n_max)) if rank == 0 and pictures_dir is not None else []
     conf = np.zeros((num_classes, num_classes), np.int64)
     in_str = "native"
     n_pictures = 0
@@ -314,17 +325,32 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.
             # logits at stride s of the padded input: keep the part covering the real image
             s = x.shape[-1] / logits.shape[-1]
             logits = logits[..., : math.ceil(h / s), : math.ceil(w / s)]
-        mh, mw = _metric_size(metric_size, label.shape, (h, w))
+        mh, mw = _metric_size("native" if mode == "predict" else metric_size, label.shape, (h, w))
         logits = F.interpolate(logits, size=(mh, mw), mode="bilinear", align_corners=False)
         pred = logits.argmax(1)[0].cpu().numpy()
+        if mode == "predict":  # at the image's own size: colour and trainId PNGs, the folder structure kept
+            n_pictures += 1
+            stem = Path(pictures_dir) / Path(str(item["name"])).with_suffix("")
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            colorize(pred, palette).save(f"{stem}_color.png")
+            Image.fromarray(pred.astype(np.uint8)).save(f"{stem}_trainId.png")
+            continue
         if (mh, mw) != label.shape:
             label = resize_label(label, (mw, mh), label_resize)
-        conf += confusion_matrix(pred, label, num_classes)
+        if mode == "score":
+            conf += confusion_matrix(pred, label, num_classes)
         if pictures_dir is not None and rank == 0 and n_pictures < num_pictures:
             n_pictures += 1
             name = Path(str(item.get("name", i))).stem
             save_side_by_side(Path(pictures_dir) / f"{i:04d}_{name}.png", image, label, pred, palette,
                               class_names)
+    if mode != "score":  # no metric: one line says what was written instead
+        out = summarize(conf, class_names)
+        line = (f"no mIoU without labels: wrote prediction pictures for {n_pictures} images to {pictures_dir}"
+                if mode == "pictures" else f"predict: wrote colour and trainId PNGs for {n_pictures} images "
+                f"to {pictures_dir}")
+        return dict(out, no_labels=True, resolution=f"input {in_str}", num_images=n_pictures, table=line,
+                    image_resize=image_resize, label_resize=label_resize)
     conf_t = torch.from_numpy(conf).to(device if (dist is not None and dist.world > 1
                                                   and device.type == "cuda") else "cpu")
     if dist is not None:

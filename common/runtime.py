@@ -30,7 +30,7 @@ import torch
 import torch.utils.checkpoint
 
 from common.console import UserError, log, progress  # noqa: F401  (re-exported for the method files)
-from common.datasets import DATASETS
+from common.datasets import DATASETS, dataset_info, is_folder
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -125,9 +125,11 @@ def check_dataset_names(args: Any) -> None:
         if value is None:
             continue
         for name in str(value).split(","):
-            if name not in DATASETS:
+            if is_folder(name):
+                dataset_info(name)  # the folder exists, its classes.txt names a known class set
+            elif name not in DATASETS:
                 raise UserError(f"error: --{flag}: unknown dataset '{name}'. Choose one of: "
-                                f"{', '.join(DATASETS)}.")
+                                f"{', '.join(DATASETS)}, or folder:PATH.")
 
 
 def in_notebook_kernel() -> bool:
@@ -558,7 +560,10 @@ def weights_of(weights: dict[str, torch.Tensor], name: str) -> dict[str, torch.T
 
 
 def require_ckpt(args: Any) -> None:
-    """`--eval-only` needs `--ckpt`."""
+    """`--eval-only` and `--predict` need `--ckpt`."""
+    if getattr(args, "predict", None) and not getattr(args, "ckpt", None):
+        raise UserError("error: --predict: no --ckpt given. Expected --ckpt <out>/checkpoints/step_XXXXXXX "
+                        "(a checkpoint folder written by training).")
     if getattr(args, "eval_only", False) and not getattr(args, "ckpt", None):
         raise UserError("error: --eval-only: no --ckpt given. Expected --ckpt <out>/checkpoints/step_XXXXXXX "
                         "(a checkpoint folder written by training).")
@@ -763,13 +768,15 @@ def log_eval(out: Optional[str | Path], res: dict, step: int, tags: dict[str, st
         the record: {"step", **tags, every entry of `res` but "table" and "confusion"}.
     """
     record = {"step": step, **tags, **{k: v for k, v in res.items() if k not in ("table", "confusion")}}
-    if is_main:
+    if is_main and res.get("no_labels"):  # no metric: the one line of what was written
+        log(res["table"])
+    elif is_main:
         parts = [f"eval step {step}", f"mIoU {100 * res['miou']:.2f}"]
         parts += [f"mIoU{k[4:]} {100 * res[k]:.2f}" for k in ("miou16", "miou13") if k in res]
         parts += [res["resolution"].replace(", metric at ", " | metric "), *map(str, tags.values())]
         log(res["table"] + "\n" + " | ".join(parts))
-        if out is not None:
-            write_metrics(out, record)
+    if is_main and out is not None:
+        write_metrics(out, record)
     return record
 
 

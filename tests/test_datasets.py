@@ -146,7 +146,7 @@ def test_unknown_dataset_name_via_cli(capsys):
         parse_args(Args, ["--tgt", "cityscape"])
     assert str(e.value) == ("error: --tgt: unknown dataset 'cityscape'. Choose one of: cityscapes, gta5, "
                             "synthia, acdc, acdc_fog, acdc_night, acdc_rain, acdc_snow, dark_zurich, "
-                            "bdd100k, mapillary, dsec_event, fmb_infrared, deliver_depth.")
+                            "bdd100k, mapillary, dsec_event, fmb_infrared, deliver_depth, or folder:PATH.")
     with pytest.raises(SystemExit) as ex:
         run_cli(lambda a: {}, Args, ["--tgt", "cityscape"])
     assert ex.value.code == 2
