@@ -678,29 +678,3 @@ def test_run_cli_exits_75_after_a_stop(tmp_path):
     assert r.returncode == 75, r.stderr
     assert r.stdout.strip() == "stopped by SIGINT at step 2: checkpoint written, continue with --resume"
     assert r.stderr == ""
-
-
-STOP_CHILD = """
-import os, signal, sys, torch
-from common import runtime
-dist = runtime.init_distributed("cpu")
-stop, done = runtime.StopOnSignal(dist), []
-try:
-    for i in stop.steps(0, 50):
-        if i == 3 and dist.rank == 1:          # only rank 1 is signalled
-            os.kill(os.getpid(), signal.SIGTERM)
-        done.append(i)
-        stop.requested()
-except runtime.Stopped as e:
-    torch.save({"done": done, "msg": str(e)}, sys.argv[1] + f"/rank{dist.rank}.pt")
-"""
-
-
-def test_under_two_processes_one_signalled_rank_stops_both_after_the_same_step(tmp_path):
-    """The flag is all-reduced at the step boundary: SIGTERM to rank 1 alone stops rank 0 after the same step
-    (and neither waits in a collective the other never joins)."""
-    from conftest import run_two_gloo_processes
-    r0, r1 = run_two_gloo_processes(STOP_CHILD, tmp_path, dict(os.environ), timeout=120)
-    assert r0["done"] == r1["done"] == [0, 1, 2, 3]
-    line = "stopped by SIGTERM at step 4: checkpoint written, continue with --resume"
-    assert r0["msg"] == r1["msg"] == line
