@@ -1,5 +1,6 @@
 """Plumbing every method script uses: errors, command line, seeding, device and precision, torchrun/DDP,
-atomic checkpoints, the log line, `metrics.json`, side-by-side pictures and the `--profile` measurement.
+atomic checkpoints, the stop on SIGTERM / SIGINT, the log line, `metrics.json`, side-by-side pictures and the
+`--profile` measurement.
 
 Nothing in this file is about a model (minGPT's `trainer.py` rule). Method logic (EMA, ClassMix, LR schedules,
 heads) lives in the method files.
@@ -692,8 +693,10 @@ class StopOnSignal:
 
     def requested(self) -> bool:
         """True when any process got SIGTERM / SIGINT; a collective under torchrun (every rank calls it)."""
-        code = self.dist.all_reduce_max(torch.tensor([self.signum], device=self.dist.device))
-        self.agreed = int(code.item())
+        if self.dist.world == 1:
+            self.agreed = self.signum
+        else:
+            self.agreed = int(self.dist.all_reduce_max(torch.tensor([self.signum], device=self.dist.device)))
         return self.agreed > 0
 
     def steps(self, start: int, total: int, offset: int = 0, redo: str = ""):
