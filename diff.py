@@ -597,7 +597,8 @@ def train(args: Args, src_ds, tgt_sets: list, out: Path, dist: runtime.Dist, pre
     stream = TrainStream(src_ds, args.seed, rcs, stream_id=0)
     ddp_model, log = dist.wrap(model), TrainLog(out, args.iters, args.log_every, device, dist.is_main, start)
     result, prompted = {}, 0  # result stays {} when resuming a finished run: scored at the end
-    for step in range(start, args.iters):
+    stop = runtime.StopOnSignal(dist)  # SIGTERM / SIGINT: stop after the step's checkpoint (README)
+    for step in stop.steps(start, args.iters):
         model.train()
         b0 = dist.rank * args.batch_size  # this rank's slice; the stream is a pure function of (step, index)
         batch = stream.batch(step, b0, args.batch_size)
@@ -610,7 +611,7 @@ def train(args: Args, src_ds, tgt_sets: list, out: Path, dist: runtime.Dist, pre
         prompted += logs.get("n_prompts", 0) > 0
         if (step + 1) % args.eval_every == 0 or step + 1 == args.iters:
             result = evaluate(model, extractor, tgt_sets, args, dist, precision, step + 1, out)
-        if ckpt.due(step + 1, args.iters):
+        if ckpt.due(step + 1, args.iters) or stop.requested():
             ckpt.save(step + 1, model.state_dict(), {"optimizer": opt.state_dict(), "args": asdict(args),
                                                      "scaler": scaler.state_dict(),
                                                      "generator": gen.get_state()})

@@ -609,8 +609,8 @@ def train(s: Setup, resume_stage: Optional[int], stage1_w: Optional[dict], offse
                 "E and D, trained on ClassMix images with net_ema's pseudo labels" if stage == 1 else
                 "eps_theta, on mixed / target pseudo-label latents and against the discriminator (source vs. "
                 "mixed + target x0_hat from pure noise)"))
-        qs = []
-        for i in range(start, total):
+        qs, stop = [], runtime.StopOnSignal(s.dist)   # SIGTERM / SIGINT: stop after the step's checkpoint
+        for i in stop.steps(start, total, offset=off):
             # this rank's slice of the global batch
             src, tgt = (stream.batch(off + i, s.dist.rank * b, b) for stream in s.streams)
             logs = st.step((src["image"].to(dev), src["label"].to(dev), tgt["image"].to(dev)), i, a, s.prec)
@@ -620,7 +620,7 @@ def train(s: Setup, resume_stage: Optional[int], stage1_w: Optional[dict], offse
             qs.append(logs.get("q", 0.0))
             if step % a.eval_every == 0 or step == total:
                 res = evaluate(s, *st.evaluated, step, res.get("miou_direct"))
-            if ckpt.due(step, total):
+            if ckpt.due(step, total) or stop.requested():
                 ckpt.save_parts(off + step, st.modules, st.optims, {"stage": stage, "offset": off,
                                                                     "args": asdict(a)})
             if stage == 1 and step == total and s.dist.is_main:   # outside the rotation: what --stage 2 reads

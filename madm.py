@@ -645,8 +645,8 @@ def train(args: Args) -> dict:
         console.log("adapting: nothing, --source-only baseline (source CE + source LPLR)" if args.source_only
                     else "adapting: EMA-teacher pseudo labels on the target via ClassMix, weighted by q = "
                     f"share of pixels with confidence >= {args.pseudo_threshold}; DPLG until step {t_end}")
-    result, adapted = {}, 0
-    for i in range(start, args.iters):
+    result, adapted, stop = {}, 0, runtime.StopOnSignal(dist)  # SIGTERM/SIGINT: stop after a checkpoint
+    for i in stop.steps(start, args.iters):
         batch = [tuple(t.to(dist.device) for t in (s["image"], s["label"], tg["image"]))
                  for s, tg in ((src_stream.batch(i, j * m, m), tgt_stream.batch(i, j * m, m))
                                for j in range(dist.rank * accum, (dist.rank + 1) * accum))]
@@ -655,7 +655,7 @@ def train(args: Args) -> dict:
         log.step(i + 1, logs)
         if (i + 1) % args.eval_every == 0 or i + 1 == args.iters:
             result = evaluate(args, student, val_set, run, i + 1)
-        if ckpt.due(i + 1, args.iters):
+        if ckpt.due(i + 1, args.iters) or stop.requested():
             state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "args": asdict(args)}
             ckpt.save(i + 1, parts.state_dict(), state)
             dist.barrier()

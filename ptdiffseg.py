@@ -559,7 +559,8 @@ def train(run: SimpleNamespace) -> tuple[dict, list]:
         start = state["step"]
     log = runtime.TrainLog(run.out, a.iters, a.log_every, run.device, run.dist.is_main, start)
     b0, result, randomized = run.dist.rank * a.batch_size, {}, 0  # global batch = batch_size x world
-    for step in range(start, a.iters):
+    stop = runtime.StopOnSignal(run.dist)  # SIGTERM / SIGINT: stop after the step's checkpoint (README)
+    for step in stop.steps(start, a.iters):
         batch = stream.batch(step, b0, a.batch_size)
         x, y = batch["image"].to(run.device) * 2 - 1, batch["label"].to(run.device)  # [0, 1] -> SD's [-1, 1]
         idx = scene_prompt_indices(a, step, b0)                                             # (B, K_s)
@@ -569,7 +570,7 @@ def train(run: SimpleNamespace) -> tuple[dict, list]:
         if (step + 1) % a.eval_every == 0 or step + 1 == a.iters:
             result = evaluate(run, step + 1)
             model.train()
-        if ckpt.due(step + 1, a.iters):
+        if ckpt.due(step + 1, a.iters) or stop.requested():
             state = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), args=asdict(a))
             ckpt.save(step + 1, model.state_dict(), state)  # + step and every RNG state
     log.close()
@@ -593,7 +594,8 @@ def ttda(run: SimpleNamespace, step: int, before: dict) -> tuple[dict, dict]:
         log = runtime.TrainLog(run.out, a.ttda_steps, a.log_every, run.device, run.dist.is_main,
                                prefix="ttda ", key=f"train_log_ttda_{t}")
         stepped, kept = 0, 0.0
-        for i in range(a.ttda_steps):
+        stop = None if a.eval_only else runtime.StopOnSignal(run.dist)  # training's checkpoint is on disk
+        for i in stop.steps(0, a.ttda_steps, step, f"TTDA on {t}") if stop else range(a.ttda_steps):
             x = stream.batch(i, run.dist.rank * a.batch_size, a.batch_size)["image"].to(run.device) * 2 - 1
             logs = ttda_step(model, run.sd, s, s0, opt, scaler, x, i, a.ttda_threshold, run.precision,
                              run.dist)

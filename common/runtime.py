@@ -1,5 +1,6 @@
 """Plumbing every method script uses: errors, command line, seeding, device and precision, torchrun/DDP,
-atomic checkpoints, the log line, `metrics.json`, side-by-side pictures and the `--profile` measurement.
+atomic checkpoints, the stop on SIGTERM / SIGINT, the log line, `metrics.json`, side-by-side pictures and the
+`--profile` measurement.
 
 Nothing in this file is about a model (minGPT's `trainer.py` rule). Method logic (EMA, ClassMix, LR schedules,
 heads) lives in the method files.
@@ -17,8 +18,10 @@ import random
 import re
 import resource
 import shutil
+import signal
 import sys
 import textwrap
+import threading
 import time
 import typing
 from dataclasses import dataclass
@@ -156,6 +159,8 @@ def run_cli(main: Callable[[Any], dict], args_cls: type, argv: Optional[list[str
     except UserError as e:
         print(str(e).splitlines()[0] if str(e) else "error", file=sys.stderr)
         sys.exit(2)
+    except Stopped:  # SIGTERM / SIGINT inside a training loop: the checkpoint is written, the line printed
+        sys.exit(EXIT_STOPPED)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -329,6 +334,12 @@ class Dist:
         """Sum a tensor over processes in place (no-op for one process)."""
         if self.world > 1:
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Maximum of a tensor over processes in place (no-op for one process)."""
+        if self.world > 1:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
         return tensor
 
     def barrier(self) -> None:
@@ -643,6 +654,86 @@ class Checkpointer:
         for name, o in stateful.items():
             o.load_state_dict(state[name])
         return state
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Preemption: SIGTERM / SIGINT stop the loop at the next step boundary, after a checkpoint
+# ------------------------------------------------------------------------------------------------------------
+EXIT_STOPPED = 75  # sysexits.h EX_TEMPFAIL, "temporary failure, try again": stopped by a signal, resumable
+
+
+class Stopped(Exception):
+    """A training loop stopped by SIGTERM / SIGINT after its checkpoint; `run_cli` exits with EXIT_STOPPED
+    (in a notebook the exception propagates). The message is the line the run printed."""
+
+
+class StopOnSignal:
+    """SIGTERM and SIGINT (Ctrl-C) only set a flag; the loop ends at the next step boundary, after the
+    checkpoint of that step, so a resumed run continues as if nothing happened. Every training loop:
+
+        stop = runtime.StopOnSignal(dist)
+        for i in stop.steps(start, total):      # handlers installed here, the previous ones restored after
+            ...                                 # the optimizer step, the log line, an evaluation when due
+            if ckpt.due(i + 1, total) or stop.requested():
+                ckpt.save(i + 1, ...)           # the --ckpt-every checkpoint, and the one a stop needs
+
+    After the body, `steps` raises `Stopped` (and rank 0 prints `stopped by SIGTERM at step N: checkpoint
+    written, continue with --resume`) when `requested()` was true; when the body did not ask (`ckpt.due`
+    was true: the checkpoint is written anyway) `steps` asks itself. `requested()` all-reduces the signal
+    number (MAX) across processes, so under torchrun every rank stops after the same step, whichever rank
+    was signalled. A second signal changes nothing: the checkpoint being written is finished (and the
+    previous one stays valid in any case: `save_checkpoint` writes a temporary folder and renames it).
+
+    Args:
+        dist: the process group (`Dist`); one process needs no communication.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, dist: Dist):
+        self.dist, self.signum, self.agreed = dist, 0, None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = self.signum or signum  # only a flag: no I/O in a signal handler
+
+    def requested(self) -> bool:
+        """True when any process got SIGTERM / SIGINT; a collective under torchrun (every rank calls it)."""
+        if self.dist.world == 1:
+            self.agreed = self.signum
+        else:
+            self.agreed = int(self.dist.all_reduce_max(torch.tensor([self.signum], device=self.dist.device)))
+        return self.agreed > 0
+
+    def steps(self, start: int, total: int, offset: int = 0, redo: str = ""):
+        """`range(start, total)` with the handlers installed and the stop at each step boundary.
+
+        Args:
+            offset: added to the step in the message (a checkpoint name that continues another loop's).
+            redo: for a loop that writes no checkpoint of its own (PTDiffSeg's TTDA): the message names the
+                checkpoint at step `offset` and says that this loop (`redo`) starts over on --resume.
+        """
+        previous = {}
+        if threading.current_thread() is threading.main_thread():  # signal.signal works there only
+            previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        try:
+            for i in range(start, total):
+                self.agreed = None
+                yield i
+                if self.agreed is None:  # the body did not ask: its checkpoint was due anyway (or has none)
+                    self.requested()
+                if self.agreed:
+                    self.dist.barrier()  # rank 0 has written the checkpoint: every rank exits after it
+                    name = signal.Signals(self.agreed).name
+                    line = (f"stopped by {name} at step {offset + i + 1}: checkpoint written, continue with "
+                            "--resume" if not redo else
+                            f"stopped by {name} at step {offset}: checkpoint written, continue with --resume "
+                            f"({redo} starts over; it stopped after step {i + 1} of {total})")
+                    if self.dist.is_main:
+                        log(line)
+                    raise Stopped(line)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def validate_args(args: Any, crop_multiple: int = 8) -> None:

@@ -42,3 +42,21 @@ def run_two_gloo_processes(script: str, out: Path, env: dict, timeout: int = 600
         _, err = p.communicate(timeout=timeout)
         assert p.returncode == 0, err[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def sigterm_on_call(fn, call: int):
+    """`fn`, wrapped to send SIGTERM to this process when it is called for the `call`-th time (1-based),
+    before running it: a preemption arriving in the middle of a training step. Sent only while a
+    `runtime.StopOnSignal` handler is installed (otherwise it would end pytest); its absence fails the
+    test."""
+    import signal
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            handler = signal.getsignal(signal.SIGTERM)
+            assert type(getattr(handler, "__self__", None)).__name__ == "StopOnSignal", "no SIGTERM handler"
+            os.kill(os.getpid(), signal.SIGTERM)
+        return fn(*args, **kwargs)
+    return wrapped

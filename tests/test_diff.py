@@ -5,6 +5,7 @@ learning on the synthetic sample, the demo end to end, kill-and-resume, --profil
 only, tiny SD (one load per module).
 """
 import copy
+import dataclasses
 import json
 import os
 import resource
@@ -17,7 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import run_two_gloo_processes
+from conftest import run_two_gloo_processes, sigterm_on_call
 import torch
 import torch.nn.functional as F
 
@@ -787,6 +788,24 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     w_res, s_res = load_checkpoint(latest_checkpoint(killed))
     assert s_full["step"] == s_res["step"] == 5
     assert w_full.keys() == w_res.keys()
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+    assert torch.equal(s_full["generator"], s_res["generator"])
+
+
+def test_sigterm_writes_the_step_and_resume_is_bit_identical(tmp_path, monkeypatch):
+    """SIGTERM in the middle of step 2 of 3 (no periodic checkpoint): the step finishes, its checkpoint is
+    written, Stopped carries the line; --resume ends with the uninterrupted run's weights and generator."""
+    args = diff.Args(demo=True, num_steps=1, iters=3, ckpt_every=1000, eval_every=1000, log_every=1)
+    diff.main(dataclasses.replace(args, out=str(tmp_path / "full")))
+    monkeypatch.setattr(diff, "train_step", sigterm_on_call(diff.train_step, 2))
+    with pytest.raises(runtime.Stopped, match=r"^stopped by SIGTERM at step 2: checkpoint written, continue"):
+        diff.main(dataclasses.replace(args, out=str(tmp_path / "cut")))
+    assert latest_checkpoint(tmp_path / "cut").name == "step_0000002"
+    monkeypatch.undo()
+    diff.main(dataclasses.replace(args, out=str(tmp_path / "cut"), resume=True))
+    (w_full, s_full), (w_res, s_res) = (load_checkpoint(latest_checkpoint(tmp_path / d))
+                                        for d in ("full", "cut"))
+    assert s_full["step"] == s_res["step"] == 3 and w_full.keys() == w_res.keys()
     assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
     assert torch.equal(s_full["generator"], s_res["generator"])
 

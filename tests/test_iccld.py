@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_two_gloo_processes
+from conftest import run_two_gloo_processes, sigterm_on_call
 import torch
 
 import iccld
@@ -799,6 +799,23 @@ def test_resume_inside_stage_1_is_bit_identical(tmp_path, data_root, full_run):
     iccld.main(_args(tmp_path, data_root, out=str(tmp_path / "s1"), resume=True, **{**KW, "stage": "1"}))
     ref = runtime.load_checkpoint(full_run[0] / "checkpoints" / "step_0000002")[0]
     _assert_bit_identical(ref, _final_weights(tmp_path / "s1"))
+
+
+def test_sigterm_in_each_stage_writes_its_step_and_resume_is_bit_identical(tmp_path, data_root, full_run,
+                                                                           monkeypatch):
+    """SIGTERM during stage 1's step 1, --resume; SIGTERM during stage 2's step 1 (checkpoint step 3),
+    --resume: each stop writes the checkpoint of its step (no periodic ones), and the end equals the
+    uninterrupted run."""
+    kw, out = {**KW, "ckpt_every": 100}, str(tmp_path / "cut")
+    for stage, resume, step in ((1, False, 1), (2, True, 3)):
+        name = f"train_step_stage{stage}"
+        monkeypatch.setattr(iccld, name, sigterm_on_call(getattr(iccld, name), 1))
+        with pytest.raises(runtime.Stopped, match=rf"^stopped by SIGTERM at step {step}: checkpoint written"):
+            iccld.main(_args(tmp_path, data_root, out=out, resume=resume, **kw))
+        monkeypatch.undo()
+        assert runtime.latest_checkpoint(out).name == f"step_{step:07d}"
+    iccld.main(_args(tmp_path, data_root, out=out, resume=True, **kw))
+    _assert_bit_identical(_final_weights(full_run[0]), _final_weights(out))
 
 
 def test_stage_2_from_the_stage_1_checkpoint_reproduces_both(tmp_path, data_root, full_run):

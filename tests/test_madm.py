@@ -11,11 +11,13 @@ import gc
 import json
 import math
 import os
+import re
 import resource
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -887,6 +889,57 @@ def test_kill_and_resume_is_bit_identical(three_runs, data, tmp_path):
     assert list((tmp_path / "ev" / "predictions").glob("*.png"))
 
 
+def _stop_after_first_step(procs, signalled, total):
+    """Read rank 0's output until its `step 1/<total>` line, send SIGTERM to the `signalled` processes, and
+    return ([return codes], rank 0's whole output); every process is killed after 300 s."""
+    watchdogs = [threading.Timer(300, p.kill) for p in procs]
+    for w in watchdogs:
+        w.start()
+    lines = []
+    for line in procs[0].stdout:
+        lines.append(line)
+        if line.startswith(f"step 1/{total} "):
+            for p in signalled:
+                p.send_signal(signal.SIGTERM)
+            break
+    lines.append(procs[0].communicate()[0])
+    for p in procs[1:]:
+        p.communicate()
+    for w in watchdogs:
+        w.cancel()
+    return [p.returncode for p in procs], "".join(lines)
+
+
+def _stopped_step(output: str, total: int) -> int:
+    """The step of the `stopped by SIGTERM` line, which must be the last line of the output."""
+    m = re.fullmatch(r"stopped by SIGTERM at step (\d+): checkpoint written, continue with --resume",
+                     output.strip().splitlines()[-1])
+    assert m, output[-2000:]
+    assert 1 <= int(m.group(1)) < total
+    return int(m.group(1))
+
+
+def test_sigterm_writes_a_checkpoint_exits_75_and_resume_is_bit_identical(three_runs):
+    """`python madm.py` gets SIGTERM after its first log line: it finishes the step it is in, writes that
+    step's checkpoint (no periodic one is due), prints the line and exits with 75; --resume then ends with
+    the weights of the uninterrupted run (`ref` of three_runs: same seed, threads and data), bit for bit."""
+    tmp, _ = three_runs
+    env, out = dict(ENV_DEFAULT, XDG_CACHE_HOME=str(tmp / "cache")), tmp / "sigterm"
+    cmd = [*SMALL, "--iters", "6", "--ckpt-every", "100", "--eval-every", "100", "--data-root",
+           str(tmp / "data"), "--out", str(out)]
+    p = subprocess.Popen([sys.executable, "madm.py", *cmd], cwd=ROOT, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    (code,), output = _stop_after_first_step([p], [p], 6)
+    step = _stopped_step(output, 6)
+    assert code == 75, output[-2000:]
+    assert [c.name for c in (out / "checkpoints").iterdir()] == [f"step_{step:07d}"]
+    res = _run([*cmd, "--resume"], env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"at step {step}" in res.stdout
+    a, b = _weights(tmp / "ref", 6), _weights(out, 6)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -927,6 +980,37 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(data, tmp_path):
         assert torch.allclose(a[k], b[k], atol=2e-6, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
         moved += 1
     assert moved > 100
+
+
+def _two_ranks(cmd, out):
+    """madm.py as ranks 0 and 1 of a 2-process gloo group (the variables torchrun sets); output in pipes."""
+    port = str(_free_port())
+    return [subprocess.Popen([sys.executable, "madm.py", *cmd, "--out", str(out)], cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env=dict(ENV1, WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r),
+                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(2)]
+
+
+def test_sigterm_under_two_processes_both_ranks_stop_after_the_same_step(data, tmp_path):
+    """2 gloo processes; SIGTERM reaches rank 1 only (the all-reduced flag must stop rank 0 too): both exit
+    with 75 after the same step, whose checkpoint rank 0 wrote, neither hangs; a 2-process --resume ends
+    with the weights of an uninterrupted 2-process run, bit for bit."""
+    cmd = [*SMALL, "--iters", "3", "--ckpt-every", "100", "--eval-every", "100", "--batch-size", "2",
+           "--micro-batch-size", "1"]
+    ref = _two_ranks(cmd, tmp_path / "ref")
+    for p in ref:
+        o, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, o[-2000:]
+    procs = _two_ranks(cmd, tmp_path / "cut")
+    codes, output = _stop_after_first_step(procs, procs[1:], 3)
+    step = _stopped_step(output, 3)
+    assert codes == [75, 75], output[-2000:]
+    assert [c.name for c in (tmp_path / "cut" / "checkpoints").iterdir()] == [f"step_{step:07d}"]
+    for p in _two_ranks([*cmd, "--resume"], tmp_path / "cut"):
+        o, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, o[-2000:]
+    a, b = _weights(tmp_path / "ref", 3), _weights(tmp_path / "cut", 3)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_demo_end_to_end(tmp_path):

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_two_gloo_processes
+from conftest import run_two_gloo_processes, sigterm_on_call
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -684,6 +684,35 @@ def test_resume_is_bit_identical_and_eval_only_ttda(tmp_path):
     assert saved["ttda"]["cityscapes"]["miou_before"] == pytest.approx(rec["miou_before"])
     assert {e["prompt"] for e in saved["evals"]} == {"source prompt", "TTDA prompt"}
     assert (tmp_path / "eval" / "ttda" / "cityscapes_scene.safetensors").is_file()
+
+
+def test_sigterm_in_training_and_in_ttda_then_resume_is_bit_identical(tmp_path, monkeypatch):
+    """SIGTERM during training step 2 of 3 (no periodic checkpoint): its checkpoint is written and the run
+    stops; --resume, SIGTERM during TTDA step 2: the run stops on the final training checkpoint (TTDA has no
+    state worth keeping: it starts over); --resume: the weights, the learned scene token and the scores equal
+    those of the uninterrupted run, bit for bit."""
+    ensure_synthetic_sample(DATA)
+    args = P.Args(demo=True, data_root=str(DATA), iters=3, ckpt_every=100, eval_every=100, log_every=1,
+                  ttda_steps=3)
+    full = P.main(dataclasses.replace(args, out=str(tmp_path / "full")))
+    out = str(tmp_path / "cut")
+    monkeypatch.setattr(P, "train_step", sigterm_on_call(P.train_step, 2))
+    with pytest.raises(runtime.Stopped, match=r"^stopped by SIGTERM at step 2: checkpoint written, continue"):
+        P.main(dataclasses.replace(args, out=out))
+    assert runtime.latest_checkpoint(out).name == "step_0000002"
+    monkeypatch.undo()
+    monkeypatch.setattr(P, "ttda_step", sigterm_on_call(P.ttda_step, 2))
+    with pytest.raises(runtime.Stopped) as e:
+        P.main(dataclasses.replace(args, out=out, resume=True))
+    assert str(e.value) == ("stopped by SIGTERM at step 3: checkpoint written, continue with --resume "
+                            "(TTDA on cityscapes starts over; it stopped after step 2 of 3)")
+    assert not (tmp_path / "cut" / "ttda").exists()
+    monkeypatch.undo()
+    res = P.main(dataclasses.replace(args, out=out, resume=True))
+    for name in ("checkpoints/step_0000003/weights.safetensors", "ttda/cityscapes_scene.safetensors"):
+        a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "cut" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert res["miou"] == full["miou"] and res["miou_before_ttda"] == full["miou_before_ttda"]
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):

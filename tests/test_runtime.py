@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -587,3 +588,93 @@ def test_checkpointed_recomputes_in_backward_with_the_same_gradients():
     with torch.no_grad():
         runtime.checkpointed(True, fn, x)
     assert len(calls) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preemption: SIGTERM / SIGINT stop the loop at the next step boundary, after a checkpoint
+# ----------------------------------------------------------------------------------------------------------------
+ONE = runtime.Dist(0, 1, 0, torch.device("cpu"))
+
+
+def _handlers():
+    return {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _send(sig):
+    """Signal this process, but only while a StopOnSignal handler is installed (else it would kill pytest)."""
+    assert getattr(signal.getsignal(sig), "__self__", None).__class__ is runtime.StopOnSignal, "no handler"
+    os.kill(os.getpid(), sig)
+
+
+def test_sigterm_stops_after_the_step_and_its_checkpoint_second_signal_changes_nothing(tmp_path,
+                                                                                       monkeypatch):
+    """SIGTERM during step 3 (of 10, no periodic checkpoint): the step finishes, the body writes a checkpoint
+    of step 3 because a stop was requested, then the loop raises Stopped with the one line. A second signal
+    (SIGINT) arriving inside the checkpoint write is ignored: the write completes and loads. The handlers in
+    place before the loop are back afterwards."""
+    before = _handlers()
+    ckpt, done, saving = runtime.Checkpointer(tmp_path, every=0, keep=0), [], []
+    real_save = torch.save
+
+    def save_interrupted(obj, f, *a, **k):
+        _send(signal.SIGINT)       # a second signal in the middle of the atomic write
+        saving.append(True)
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", save_interrupted)
+    stop = runtime.StopOnSignal(ONE)
+    with pytest.raises(runtime.Stopped) as e:
+        for i in stop.steps(0, 10):
+            if i == 2:
+                _send(signal.SIGTERM)
+            done.append(i)         # the rest of the step runs
+            if ckpt.due(i + 1, 10) or stop.requested():
+                ckpt.save(i + 1, {"w": torch.full((3,), float(i + 1))}, {})
+    assert str(e.value) == "stopped by SIGTERM at step 3: checkpoint written, continue with --resume"
+    assert done == [0, 1, 2] and saving == [True]
+    weights, state = load_checkpoint(latest_checkpoint(tmp_path))
+    assert state["step"] == 3 and torch.equal(weights["w"], torch.full((3,), 3.0))
+    assert _handlers() == before
+    assert runtime.EXIT_STOPPED == 75
+
+
+def test_stop_on_signal_restores_handlers_on_errors_and_names_sigint_and_redo(tmp_path):
+    before = _handlers()
+    with pytest.raises(ValueError):                      # any other error in the loop: handlers restored too
+        for i in runtime.StopOnSignal(ONE).steps(0, 5):
+            raise ValueError
+    assert _handlers() == before
+    assert list(runtime.StopOnSignal(ONE).steps(2, 5)) == [2, 3, 4] and _handlers() == before
+    with pytest.raises(runtime.Stopped) as e:            # a loop without checkpoints of its own (TTDA)
+        for i in runtime.StopOnSignal(ONE).steps(0, 20, 40, "TTDA on cityscapes"):
+            if i == 4:
+                _send(signal.SIGINT)                     # Ctrl-C
+    assert str(e.value) == ("stopped by SIGINT at step 40: checkpoint written, continue with --resume "
+                            "(TTDA on cityscapes starts over; it stopped after step 5 of 20)")
+    assert _handlers() == before
+
+
+def test_run_cli_exits_75_after_a_stop(tmp_path):
+    """The command line: Ctrl-C (SIGINT) in the loop -> the line on stdout, exit code 75, no traceback."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys, torch
+        sys.path.insert(0, {str(runtime.Path(runtime.__file__).parents[1])!r})
+        from dataclasses import dataclass
+        from common import runtime
+        @dataclass
+        class Args:
+            x: int = 1
+            \"\"\"a number\"\"\"
+        def main(args):
+            stop = runtime.StopOnSignal(runtime.Dist(0, 1, 0, torch.device("cpu")))
+            for i in stop.steps(0, 10):
+                if i == 1:
+                    os.kill(os.getpid(), signal.SIGINT)
+                stop.requested()
+        runtime.run_cli(main, Args)
+    """)
+    path = tmp_path / "s.py"
+    path.write_text(script)
+    r = subprocess.run([sys.executable, str(path)], capture_output=True, text=True)
+    assert r.returncode == 75, r.stderr
+    assert r.stdout.strip() == "stopped by SIGINT at step 2: checkpoint written, continue with --resume"
+    assert r.stderr == ""
