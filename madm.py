@@ -49,7 +49,7 @@ Commands
   python madm.py --src cityscapes --tgt dsec_event --grad-checkpointing --fusion-stride 4  # on 24 GB: 16.8 GB
   python madm.py --sd-model random-sd15 --estimate-memory [flags]   # peak GPU memory, no GPU (above: bf16;
       official README: GPUs > 40 GB); 16 GB is too small: fp32 UNet weights, grads, AdamW states take 14.1 GB
-  python madm.py --demo                                      # CPU, < 2 min: tiny random SD + synthetic data
+  python madm.py --demo                                      # CPU, < 2 min: mini SD + synthetic data
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ class Args:
     """predict the peak GPU memory of one training step of this exact command without a GPU, data or weights
     (FakeTensorMode + MemTracker); print one JSON line"""
     demo: bool = False
-    """tiny random SD + synthetic data + short schedule: the whole loop on CPU in < 2 minutes"""
+    """mini SD (pretrained on the synthetic world) + synthetic data + short schedule: CPU, < 2 minutes"""
     # ---- data
     batch_size: int = 2
     """global batch (source + target pairs per optimizer step); official --bs 2 on 2 GPUs"""
@@ -134,7 +134,8 @@ class Args:
     """rare-class sampling temperature on the source; official dataset (DAFormer RCS)"""
     # ---- backbone
     sd_model: str = "CompVis/stable-diffusion-v1-4"
-    """hub id or folder (tiny, random-sd15: random weights); official models/mtmadise_multi_lora.py"""
+    """hub id or folder (mini: pretrained miniature; tiny, random-sd15: random weights); official
+    models/mtmadise_multi_lora.py"""
     vae_dtype: str = "auto"
     """frozen VAE dtype: auto = precision's (fp16 under fp16 = official; bf16; fp32) | fp16 | bf16 | fp32"""
     noise_seed: int = 42
@@ -172,7 +173,7 @@ class Args:
 TASKS = {"dsec_event": (50, 0.8, (20.0,)), "fmb_infrared": (50, 0.8, (1.0, 1.0)),
          "deliver_depth": (60, 0.5, (1.0, 1.0)), "other": (50, 0.8, (1.0, 1.0))}
 VAE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-DEMO = dict(sd_model="tiny", data_root="data/synthetic", iters=40, crop_size=64, eval_size=64, lr=3e-3,
+DEMO = dict(sd_model="mini", data_root="data/synthetic", iters=40, crop_size=64, eval_size=64, lr=3e-3,
             log_every=5, eval_every=40, ckpt_every=40, fusion_stride=4, pseudo_threshold=0.3)
 
 

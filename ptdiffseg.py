@@ -50,7 +50,7 @@ Commands
     python ptdiffseg.py --src gta5 --tgt cityscapes --grad-checkpointing        # low memory (16 GB, T4)
     python ptdiffseg.py --tgt cityscapes --eval-only --ttda --ckpt runs/.../checkpoints/step_0040000
     python ptdiffseg.py --sd-model random-sd15 --estimate-memory                # peak GPU memory, no GPU
-    python ptdiffseg.py --demo  # CPU, tiny SD, synthetic data; demo-only settings: lr x10, TTDA p_max >= 0.5
+    python ptdiffseg.py --demo  # CPU, mini SD, synthetic data; demo-only settings: lr x10, TTDA p_max >= 0.5
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ class Args:
     """predict the peak GPU memory of one training step of this exact command without a GPU, data or weights
     (FakeTensorMode + MemTracker); print one JSON line"""
     demo: bool = False
-    """tiny SD + synthetic sample + short schedule, < 2 min on CPU"""
+    """mini SD (pretrained on the synthetic world) + synthetic sample + short schedule, < 2 min on CPU"""
     # ---- data ----
     src: str = "gta5"
     """source dataset, trained on alone (paper: synthetic-to-real DG)"""
@@ -128,7 +128,7 @@ class Args:
     """training crop and sliding-window size, a multiple of 64 (VPD: 512)"""
     # ---- backbone ----
     sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """hub id or folder; tiny / random-sd15 build random weights (VPD default SD v1-5)"""
+    """hub id or folder; mini = pretrained miniature, tiny / random-sd15 = random weights (VPD: SD v1-5)"""
     timestep: int = 1
     """the one UNet pass, no noise (VPD code; VPD issue #27)"""
     latent_scale: bool = True
@@ -698,9 +698,9 @@ def measure(args: Args) -> dict:
 
 def resolve_args(args: Args) -> Args:
     """Apply the --demo values (only where the user kept a default) and the default --out."""
-    if args.demo:  # tiny random SD + synthetic sample, seconds on CPU; the user's own flags win
+    if args.demo:  # mini SD + synthetic sample, seconds on CPU; the user's own flags win
         args = runtime.replace_defaults(
-            args, sd_model="tiny", data_root="data/synthetic", crop_size=64, out="runs/ptdiffseg-demo",
+            args, sd_model="mini", data_root="data/synthetic", crop_size=64, out="runs/ptdiffseg-demo",
             iters=50, eval_every=50, log_every=10, ckpt_every=50, warmup_iters=5, lr=6e-3, adapter_lr=6e-4,
             eval_stride=43, ttda=not args.baseline, ttda_steps=20, ttda_lr=1e-2, ttda_threshold=0.5)
         synthetic.ensure_synthetic_sample(args.data_root)

@@ -743,7 +743,7 @@ def test_demo_end_to_end(tmp_path):
     r = _run(["--demo", "--out", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["args"]["sd_model"] == "tiny" and metrics["evals"][-1]["miou"] is not None
+    assert metrics["args"]["sd_model"] == "mini" and metrics["evals"][-1]["miou"] is not None
     assert list((out / "predictions").glob("*.png")) and (out / "curves.png").exists()
     assert "eval step" in r.stdout and "mIoU" in r.stdout
     assert latest_checkpoint(out) is not None

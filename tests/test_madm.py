@@ -1023,7 +1023,7 @@ def test_demo_end_to_end(tmp_path):
     assert "eval step 40 | mIoU" in r.stdout and "per-class results" in r.stdout
     assert "adapting: EMA-teacher pseudo labels on the target" in r.stdout
     m = json.loads((out / "metrics.json").read_text())
-    assert m["args"]["sd_model"] == "tiny" and m["args"]["pseudo_threshold"] == 0.3 and m["evals"][-1]["step"] == 40
+    assert m["args"]["sd_model"] == "mini" and m["args"]["pseudo_threshold"] == 0.3 and m["evals"][-1]["step"] == 40
     assert math.isfinite(m["evals"][-1]["miou"]) and "miou_first_half" in m["evals"][-1]
     qs = [rec["q"] for rec in m["train_log"]]
     assert len(qs) == 8 and sum(q > 0 for q in qs) >= 6, qs

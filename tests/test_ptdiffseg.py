@@ -61,8 +61,9 @@ def tiny():
 
 
 def demo_args(out, **kw) -> P.Args:
-    """The demo's resolved configuration with overrides (TTDA off unless asked)."""
-    args = P.resolve_args(P.Args(demo=True, data_root=str(DATA), out=str(out)))
+    """The demo's resolved configuration on the random tiny SD (the step tests and the mutation table are
+    calibrated on it; the demo itself runs on mini) with overrides (TTDA off unless asked)."""
+    args = P.resolve_args(P.Args(demo=True, sd_model="tiny", data_root=str(DATA), out=str(out)))
     return dataclasses.replace(args, **{"ttda": False, **kw})
 
 
@@ -676,7 +677,8 @@ def test_resume_is_bit_identical_and_eval_only_ttda(tmp_path):
     assert w4.keys() == w4r.keys()
     assert all(torch.equal(w4[k], w4r[k]) for k in w4), "resumed weights differ from the uninterrupted run"
 
-    out = P.main(P.Args(demo=True, data_root=str(DATA), eval_only=True, ckpt=str(tmp_path / "uninterrupted"),
+    out = P.main(P.Args(demo=True, sd_model="tiny", data_root=str(DATA), eval_only=True,
+                        ckpt=str(tmp_path / "uninterrupted"),
                         ttda_steps=2, out=str(tmp_path / "eval")))
     rec = out["ttda"]["cityscapes"]
     assert 0.0 <= rec["miou_before"] <= 1.0 and 0.0 <= rec["miou_after"] <= 1.0 and out["step"] == 4
