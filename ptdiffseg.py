@@ -612,7 +612,7 @@ def ttda(run: SimpleNamespace, step: int, before: dict) -> tuple[dict, dict]:
             (run.out / "ttda").mkdir(exist_ok=True)
             save_file({"scene": learned[t].cpu()}, str(run.out / "ttda" / f"{t}_scene.safetensors"))
             runtime.write_metrics(run.out, record, key="ttda")
-    return {"ttda": record, "miou": float(np.mean([r["miou"] for r in after.values()]))}, learned
+    return {"ttda": record, **mean_scores(after)}, learned
 
 
 # ---- Evaluation: sliding window over the eval-resized image, scored by common.metrics -------------------
@@ -663,6 +663,13 @@ def evaluate(run: SimpleNamespace, step: int, scenes: Optional[dict] = None, tag
         console.log(f"eval step {step} | mean over {len(res)} targets | {tag} | mIoU "
                     f"{100 * float(np.mean([r['miou'] for r in res.values()])):.2f}")
     return res
+
+
+def mean_scores(res: dict) -> dict:
+    """{"miou"} and, for SYNTHIA sources, {"miou16", "miou13"} (the papers' SYNTHIA columns), each the mean
+    over the targets of `evaluate`'s result {target: metrics}."""
+    return {k: float(np.mean([r[k] for r in res.values()])) for k in ("miou", "miou16", "miou13")
+            if all(k in r for r in res.values())}
 
 
 # ---- main, and --profile / --estimate-memory: one training step at the requested size, random inputs ---
@@ -724,15 +731,18 @@ def main(args: Args) -> dict:
         result = evaluate(run, step)
     else:
         result, history = train(run)
-    out = {t: {"miou": r["miou"], "per_class_iou": r["per_class_iou"]} for t, r in result.items()}
-    summary = {"step": step, "targets": out, "miou": float(np.mean([r["miou"] for r in result.values()])),
+    out = {t: {k: r[k] for k in ("miou", "per_class_iou", "miou16", "miou13") if k in r}
+           for t, r in result.items()}
+    scores = mean_scores(result)                                  # miou (+ miou16, miou13 for SYNTHIA)
+    summary = {"step": step, "targets": out, **scores,
                "per_class_iou": next(iter(out.values()))["per_class_iou"], "train_log": history}
     if args.ttda:
-        summary.update(miou_before_ttda=summary["miou"], **ttda(run, step, result)[0])
+        summary.update({f"{k}_before_ttda": v for k, v in scores.items()}, **ttda(run, step, result)[0])
     if run.dist.is_main:
         runtime.write_curves(run.out)
-        console.log(f"done | mIoU {100 * summary['miou']:.2f} | peak memory "
-                    f"{runtime.peak_memory_gb(run.device):.2f} GB | outputs in {run.out}")
+        runtime.write_metrics(run.out, {k: v for k, v in summary.items() if k != "train_log"}, key="final")
+        console.log("done | " + " | ".join(f"mIoU{k[4:]} {100 * summary[k]:.2f}" for k in scores)
+                    + f" | peak memory {runtime.peak_memory_gb(run.device):.2f} GB | outputs in {run.out}")
     return summary
 
 

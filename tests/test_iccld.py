@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -883,6 +884,20 @@ def test_profile_each_stage_writes_nothing(tmp_path, capsys, monkeypatch):
         line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{\"flops_per_iter")]
         assert json.loads(line[-1])["utilization"] > 0
     assert not (tmp_path / "o").exists()
+
+
+def test_synthia_run_ends_with_miou16_13_in_the_line_the_result_and_metrics_json(tmp_path, data_root, capsys):
+    """A SYNTHIA -> Cityscapes run (1 + 1 steps) reports the SYNTHIA-source columns mIoU16 / mIoU13 at its end:
+    the `done` line, main's result and metrics.json's "final" record, equal to the last (stage-2) evaluation."""
+    res = iccld.main(iccld.Args(demo=True, src="synthia", data_root=data_root, iters=1, iters_stage2=1,
+                                out=str(tmp_path / "run")))
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done in ")]
+    assert len(done) == 1 and re.search(r"\| mIoU [\d.]+ \| mIoU16 [\d.]+ \| mIoU13 [\d.]+$", done[0]), done
+    data = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    last = [e for e in data["evals"] if e["path"].startswith("stage2 diffusion")][-1]
+    for key in ("miou", "miou16", "miou13"):
+        assert res[key] == data["final"][key] == last[key]
+        assert f"{100 * res[key]:.2f}" in done[0]
 
 
 # ---- the demo, end to end ------------------------------------------------------------------------------------------
