@@ -44,6 +44,10 @@ Deviations and choices (ours unless a source is named)
  8. Frozen parts in the precision's half dtype; EMA copies fp32 (a 0.001 EMA step vanishes in half precision).
  9. --source-only, the baseline row: source losses only (no pseudo labels, mix, target latent, discriminator);
     the EMA copies are still the evaluated models.
+10. Stage 1 adds a second CE on D(z_y, skips(x)), the label latent decoded with the image's skips (our choice,
+    not in the paper): D must decode eps_theta's label latents from stage 2 on (Fig. 2), which E never made.
+11. eps_theta is conditioned on the empty prompt's CLIP embedding (our choice: the paper names no text
+    condition; SD's UNet needs a cross-attention context, and "" is SD's unconditional one).
 
 Commands (memory: --estimate-memory's predicted peak, bf16, batch 2, crop 512)
   full run (stage 1 18 GB, stage 2 27 GB: a 32 GB+ GPU):  python iccld.py --src gta5 --tgt cityscapes
