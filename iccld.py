@@ -760,9 +760,9 @@ def main(args: Args) -> dict:
         weights, unet = runtime.load_checkpoint(args.ckpt)[0], None
         net = ICCLDNet(s.sd.vae, s.K)
         net.load_state_dict(runtime.weights_of(weights, "net_ema"))
-        if unet_w := runtime.weights_of(weights, "unet_ema"):
-            unet = widen_conv_in(s.sd.unet)
-            unet.load_state_dict(unet_w)
+        if unet_w := runtime.weights_of(weights, "unet_ema"):  # a fresh copy, as training's unet_ema: on CPU
+            unet = copy.deepcopy(widen_conv_in(s.sd.unet))   # from_pretrained's memory-mapped tensors are not
+            unet.load_state_dict(unet_w)                      # 64-byte aligned: other SIMD paths, 1e-6 apart
         result = evaluate(s, frozen(net, s), unet and frozen(unet, s), 0)
     else:
         result = train(s, resume_stage, stage1_w, offset)
