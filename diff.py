@@ -661,12 +661,24 @@ def evaluate(model: DIFFSegmentor, extractor: DiffusionExtractor, datasets: list
             write_metrics(out, {"step": step, "target": ds.name, "miou": r["miou"], **extra,
                                 "per_class_iou": r["per_class_iou"], "resolution": r["resolution"]})
         results[ds.name] = r
-    mean = float(np.mean([r["miou"] for r in results.values()]))
+    # means over the targets: mIoU, and for SYNTHIA sources mIoU16 / mIoU13 (the papers' SYNTHIA columns)
+    means = {k: float(np.mean([r[k] for r in results.values()])) for k in ("miou", "miou16", "miou13")
+             if all(k in r for r in results.values())}
     if dist.is_main and len(results) > 1:
-        console.log(f"eval step {step} | mean mIoU over {len(results)} targets {100 * mean:.2f}")
+        console.log(f"eval step {step} | mean mIoU over {len(results)} targets {100 * means['miou']:.2f}")
     model.train()
-    return {"miou": mean, "per_class_iou": next(iter(results.values()))["per_class_iou"], "step": step,
+    return {**means, "per_class_iou": next(iter(results.values()))["per_class_iou"], "step": step,
             "targets": {k: v["miou"] for k, v in results.items()}}
+
+
+def finish(out: Path, result: dict, dist: runtime.Dist) -> dict:
+    """End of a run: the `done | mIoU ..` line (+ mIoU16 / mIoU13 for SYNTHIA sources) and metrics.json's
+    "final" record."""
+    if dist.is_main:
+        write_metrics(out, result, key="final")
+        console.log("done | " + " | ".join(f"mIoU{k[4:]} {100 * result[k]:.2f}"
+                                           for k in ("miou", "miou16", "miou13") if k in result))
+    return result
 
 
 # ---- --profile / --estimate-memory: one training step on random inputs of the training shapes ----
@@ -718,7 +730,7 @@ def main(args: Args) -> dict:
     if args.resume:
         runtime.resume_checkpoint(out)  # the one-line "no checkpoint" error, before anything is written
     if not args.eval_only:
-        return train(args, src_ds, tgt_sets, out, dist, precision, num_classes)
+        return finish(out, train(args, src_ds, tgt_sets, out, dist, precision, num_classes), dist)
     extractor, model, *_ = build(args, num_classes, dist.device, precision)
     weights, state = runtime.load_checkpoint(args.ckpt)
     model.load_state_dict(weights)
@@ -727,7 +739,7 @@ def main(args: Args) -> dict:
     result = evaluate(model, extractor, tgt_sets, args, dist, precision, state.get("step", 0), out)
     if dist.is_main:
         runtime.write_curves(out)
-    return result
+    return finish(out, result, dist)
 
 
 if __name__ == "__main__":

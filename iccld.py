@@ -17,8 +17,9 @@ the code says `net` and `net_ema` (makes the pseudo labels, is evaluated), `unet
 Paper -> code: Fig. 2 E, D, inter-coder connections: ImageEncoder, SegDecoder, ICCLDNet; the latent space
 eps_theta generates in: LabelLatents; Fig. 1 stage 1: pseudo_labels, class_mix, stage1_losses,
 train_step_stage1; Fig. 1 stage 2: widen_conv_in, discriminator, eps_loss, lsgan_*, train_step_stage2;
-Fig. 2 inference: make_sampler, predict_diffusion. DAFormer's recipe parts (EMA, ClassMix masks, strong
-augmentation, CE over all pixels, poly LR) are borrowed from common/daformer.py.
+Fig. 2 inference: make_sampler, sample_to_last_step (also in stage 2), predict_diffusion. DAFormer's recipe
+parts (EMA, ClassMix masks, strong augmentation, CE over all pixels, poly LR) are borrowed from
+common/daformer.py.
 
 Deviations and choices (ours unless a source is named)
  1. E = VAE encoder + quant_conv, z0 = posterior mean x 0.18215, skips = down_blocks[i].resnets[-1] outputs;
@@ -29,9 +30,13 @@ Deviations and choices (ours unless a source is named)
     jitter when u > 0.2 and blur when u > 0.5, CE over all pixels; a backward per pass (same gradient).
  4. Stage 2: conv_in widened 4 -> 8 with zero weights (InstructPix2Pix); eps loss on source GT, mixed and
     target pseudo-label latents, pixel weights pooled 8x8; pseudo labels from the frozen D(E(x)).
- 5. The discriminator (LSGAN, ADVENT: BCE; lambda 1e-3, ADVENT) judges source vs. mixed + target x0_hat
-    from pure noise at t = T_train - 1 as inference makes it (first sampling step), in the eps-loss UNet call;
-    at small t x0_hat is nearly the label latent, whose black ignore pixels (source only) reveal the domain.
+ 5. The discriminator (LSGAN, ADVENT: BCE; lambda 1e-3, ADVENT) judges source vs. mixed + target x0_hat of
+    the sampler's last step, the latent inference decodes (Fig. 2: D decodes after T denoising steps): the
+    first T - 1 DDIM steps from z_T ~ N(0, I) without gradient (sample_to_last_step, shared with inference),
+    the last one with gradient in the eps-loss UNet call. Cost: T - 1 no-grad UNet passes over the 3B latents
+    per step, no extra activation memory; backpropagating through all T calls would hold T UNet graphs (our
+    choice). No label latent enters this chain (at the eps loss's small t, x0_hat is nearly the label latent,
+    whose black ignore pixels, source only, would reveal the domain).
  6. Inference: DDIM, eta 0, "trailing" timesteps (T = 3: 999, 666, 332), z_T reseeded at each evaluation;
     unet_ema evaluated, plus D(E(x)) of net_ema (ablation row); mmseg resizing, native-size metric.
  7. AdamW wd 0.01, 0 on norm layers (DAFormer's paramwise_cfg); lr 6e-5, new layers 6e-4; warm-up 1500,
@@ -39,6 +44,10 @@ Deviations and choices (ours unless a source is named)
  8. Frozen parts in the precision's half dtype; EMA copies fp32 (a 0.001 EMA step vanishes in half precision).
  9. --source-only, the baseline row: source losses only (no pseudo labels, mix, target latent, discriminator);
     the EMA copies are still the evaluated models.
+10. Stage 1 adds a second CE on D(z_y, skips(x)), the label latent decoded with the image's skips (our choice,
+    not in the paper): D must decode eps_theta's label latents from stage 2 on (Fig. 2), which E never made.
+11. eps_theta is conditioned on the empty prompt's CLIP embedding (our choice: the paper names no text
+    condition; SD's UNet needs a cross-attention context, and "" is SD's unconditional one).
 
 Commands (memory: --estimate-memory's predicted peak, bf16, batch 2, crop 512)
   full run (stage 1 18 GB, stage 2 27 GB: a 32 GB+ GPU):  python iccld.py --src gta5 --tgt cityscapes
@@ -391,19 +400,37 @@ def make_sampler(scheduler) -> DDIMScheduler:
 
 
 @torch.no_grad()
-def predict_diffusion(net: ICCLDNet, unet, ctx, ddim: DDIMScheduler, steps: int, generator, x: torch.Tensor):
+def sample_to_last_step(unet, z0: torch.Tensor, ctx, ddim: DDIMScheduler, steps: int, z_T: torch.Tensor):
+    """The first `steps` - 1 DDIM steps (eta 0) from z_T conditioned on z0, without gradient -> (z_s, s): the
+    last step's input latent and timestep (z_T, 999 for T = 1; z_333 and 332 for T = 3: diffusers' step lands
+    on t - 1000 // T). One code path for inference and stage 2, so the discriminator judges the latent that
+    inference decodes. z0, z_T (B, 4, h, w); ctx (1, 77, d)."""
+    ddim.set_timesteps(steps, device=z0.device)
+    *first, s = ddim.timesteps                                    # trailing: 999, ..., s
+    dtype, z = next(unet.parameters()).dtype, z_T.float()
+    for t in first:                                               # eps_hat = eps_theta(cat(z_t, z0), t, ctx)
+        inp = torch.cat([z, z0.float()], 1).to(dtype)            # (B, 8, h, w) noisy label latent first
+        eps_hat = unet(inp, t, encoder_hidden_states=ctx.expand(len(z), -1, -1).to(dtype)).sample
+        z = ddim.step(eps_hat.float(), t, z, eta=0.0).prev_sample  # sqrt(a') x0_hat + sqrt(1 - a') eps_hat
+    return z, s
+
+
+@torch.no_grad()
+def predict_diffusion(net: ICCLDNet, unet, ctx, ddim: DDIMScheduler, steps: int, generator, x: torch.Tensor,
+                      z_T: Optional[torch.Tensor] = None):
     """The ICCLD prediction (Fig. 2): x (B, 3, H, W) in [0, 1] -> z0, skips = E(x); z_T ~ N(0, I) (on the CPU
-    generator: the same z_T on any device); `steps` DDIM steps with eps_hat = eps_theta(cat(z_t, z0), t, ctx);
-    the last step's predicted x0 = z0_bar; logits (B, K, H, W) = D(z0_bar, skips)."""
+    generator: the same z_T on any device; or the given z_T); `steps` DDIM steps with eps_hat =
+    eps_theta(cat(z_t, z0), t, ctx); the last step's predicted x0 = z0_bar (DDPM Eq. 15, as stage 2 computes
+    the discriminator's input); logits (B, K, H, W) = D(z0_bar, skips)."""
     dtype = next(net.parameters()).dtype
     z0, skips = net.E((x * 2 - 1).to(dtype))                      # (B, 4, H/8, W/8), skips
-    z = torch.randn(z0.shape, generator=generator).to(z0.device)  # (B, 4, H/8, W/8) z_T
-    ddim.set_timesteps(steps, device=z0.device)
-    for t in ddim.timesteps:
-        inp = torch.cat([z, z0.float()], 1).to(unet.dtype)      # (B, 8, h, w) noisy label latent first
-        eps_hat = unet(inp, t, encoder_hidden_states=ctx.expand(len(z), -1, -1).to(unet.dtype)).sample
-        out = ddim.step(eps_hat.float(), t, z, eta=0.0)
-        z, z0_bar = out.prev_sample, out.pred_original_sample
+    if z_T is None:
+        z_T = torch.randn(z0.shape, generator=generator)          # (B, 4, H/8, W/8)
+    z, s = sample_to_last_step(unet, z0, ctx, ddim, steps, z_T.to(z0.device))   # z_s, s: the last step
+    u_dtype = next(unet.parameters()).dtype
+    eps_hat = unet(torch.cat([z, z0.float()], 1).to(u_dtype), s,
+                   encoder_hidden_states=ctx.expand(len(z), -1, -1).to(u_dtype)).sample.float()
+    z0_bar = predict_x0(z, eps_hat, ddim.alphas_cumprod[int(s)].to(z.device))  # (B, 4, h, w)
     return net.D(z0_bar.to(dtype), skips)
 
 
@@ -441,9 +468,9 @@ def train_step_stage1(net, net_ema: ICCLDNet, lab: LabelLatents, opt, scaler, ba
     return {**{k: v.item() for k, v in logs.items()}, "lr": opt.param_groups[0]["lr"]}
 
 
-# What stage 2 reads but never trains: stage 1's net_ema (E, D), the label encoder, the "" context (1, 77, d)
-# and the noise schedule with alpha_bar_t = prod(1 - beta_s), (T_train,) on the device.
-Frozen = namedtuple("Frozen", "net lab ctx sched alpha_bars")
+# What stage 2 reads but never trains: stage 1's net_ema (E, D), the label encoder, the "" context (1, 77, d),
+# the noise schedule with alpha_bar_t = prod(1 - beta_s), (T_train,) on the device, and the inference sampler.
+Frozen = namedtuple("Frozen", "net lab ctx sched alpha_bars ddim")
 
 
 def train_step_stage2(unet, unet_ema, disc, fz: Frozen, opt, opt_d, scaler, batch, j: int, a: Args,
@@ -476,14 +503,17 @@ def train_step_stage2(unet, unet_ema, disc, fz: Frozen, opt, opt_d, scaler, batc
     eps = torch.randn_like(z_y)                                   # (n, 4, h, w)
     z_t = fz.sched.add_noise(z_y, eps, t)                         # sqrt(a_t) z_y + sqrt(1 - a_t) eps
     inp, tt = torch.cat([z_t, z0], 1), t                          # (n, 8, h, w): noisy latent, then condition
-    if not a.source_only:                                         # + pure noise at t = T - 1, where sampling
-        z_T = torch.randn_like(z_y)                               # starts: the discriminator's input
-        inp, tt = torch.cat([inp, torch.cat([z_T, z0], 1)]), torch.cat([t, torch.full_like(t, T - 1)])
+    if not a.source_only:                                         # + the sampler's last step (Fig. 2)
+        z_T = torch.randn_like(z_y)                               # (n, 4, h, w) pure noise, as inference
+        with prec.autocast():                                     # sample_steps - 1 DDIM steps, no gradient
+            z_s, s = sample_to_last_step(getattr(unet, "module", unet), z0, fz.ctx, fz.ddim, a.sample_steps,
+                                         z_T)                     # (n, 4, h, w) z_s and its timestep s
+        inp, tt = torch.cat([inp, torch.cat([z_s, z0], 1)]), torch.cat([t, torch.full_like(t, int(s))])
     with prec.autocast():                                         # one UNet batch -> (n or 2n, 4, h, w)
         eps_hat = unet(inp, tt, encoder_hidden_states=fz.ctx.expand(len(tt), -1, -1)).sample.float()
     loss = logs["loss_eps"] = eps_loss(eps_hat[:n], eps, w_lat)   # L_eps = mean(w_lat (eps_hat - eps)^2)
     if not a.source_only:
-        x0_T = predict_x0(z_T, eps_hat[n:], fz.alpha_bars[T - 1])  # (n, 4, h, w) first sampling step's x0
+        x0_T = predict_x0(z_s, eps_hat[n:], fz.alpha_bars[s])      # (n, 4, h, w) the latent D decodes
         disc.requires_grad_(False)                                # generator step: the discriminator is fixed
         with prec.autocast():                                     # mixed + target should look like source
             logs["loss_adv"] = l_adv = lsgan_g_loss(getattr(disc, "module", disc)(x0_T[b:]))
@@ -562,7 +592,8 @@ def build_stage2(s: Setup, net_w: Optional[dict]) -> Stage:
     if net_w is not None:
         net.load_state_dict(net_w)
     lab = LabelLatents(s.sd.vae, datasets.PALETTES[s.K])
-    fz = Frozen(frozen(net, s), frozen(lab, s), s.ctx.to(dev), sched, sched.alphas_cumprod.to(dev))
+    fz = Frozen(frozen(net, s), frozen(lab, s), s.ctx.to(dev), sched, sched.alphas_cumprod.to(dev),
+                make_sampler(sched))
     unet = widen_conv_in(s.sd.unet).to(dev).requires_grad_(True).train()
     if a.grad_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -610,7 +641,7 @@ def train(s: Setup, resume_stage: Optional[int], stage1_w: Optional[dict], offse
                 "nothing (--source-only: source losses only)" if a.source_only else
                 "E and D, trained on ClassMix images with net_ema's pseudo labels" if stage == 1 else
                 "eps_theta, on mixed / target pseudo-label latents and against the discriminator (source vs. "
-                "mixed + target x0_hat from pure noise)"))
+                f"mixed + target x0_hat of the last of {a.sample_steps} DDIM steps from pure noise)"))
         qs, stop = [], runtime.StopOnSignal(s.dist)   # SIGTERM / SIGINT: stop after the step's checkpoint
         for i in stop.steps(start, total, offset=off):
             # this rank's slice of the global batch
@@ -736,9 +767,9 @@ def main(args: Args) -> dict:
         weights, unet = runtime.load_checkpoint(args.ckpt)[0], None
         net = ICCLDNet(s.sd.vae, s.K)
         net.load_state_dict(runtime.weights_of(weights, "net_ema"))
-        if unet_w := runtime.weights_of(weights, "unet_ema"):
-            unet = widen_conv_in(s.sd.unet)
-            unet.load_state_dict(unet_w)
+        if unet_w := runtime.weights_of(weights, "unet_ema"):  # a fresh copy, as training's unet_ema: on CPU
+            unet = copy.deepcopy(widen_conv_in(s.sd.unet))   # from_pretrained's memory-mapped tensors are not
+            unet.load_state_dict(unet_w)                      # 64-byte aligned: other SIMD paths, 1e-6 apart
         result = evaluate(s, frozen(net, s), unet and frozen(unet, s), 0)
     else:
         result = train(s, resume_stage, stage1_w, offset)

@@ -628,7 +628,7 @@ def train(args: Args) -> dict:
         result = evaluate(args, student, val_set, run, step=state.get("step", 0))
         if dist.is_main:
             runtime.write_curves(out)
-        return result
+        return finish(result, run, "done: --eval-only")
     optimizer, scaler = make_optimizer(student, args), precision.make_scaler()
     ckpt, start = runtime.Checkpointer(out, args.ckpt_every, args.keep_ckpts, dist.is_main), 0
     if args.resume:  # also restores the RNG states: nothing may draw random numbers after this
@@ -664,11 +664,23 @@ def train(args: Args) -> dict:
     if dist.is_main:
         console.log("adapted: nothing (--source-only baseline)" if args.source_only else "adapted: the "
                     f"target pseudo labels carried weight (q > 0) in {adapted} of {args.iters - start} steps")
-        mem = runtime.peak_memory_gb(dist.device)
-        console.log(f"done: {args.iters} steps | peak memory {mem:.1f} GB | out {out}")
-        runtime.write_curves(out)
     result = result or evaluate(args, student, val_set, run, args.iters)  # resumed a finished run: score it
-    return dict(result, train_log=log.history, out=str(out))
+    if dist.is_main:
+        runtime.write_curves(out)
+    mem = runtime.peak_memory_gb(dist.device)
+    return dict(finish(result, run, f"done: {args.iters} steps | peak memory {mem:.1f} GB | out {out}"),
+                train_log=log.history, out=str(out))
+
+
+def finish(res: dict, run: Run, head: str) -> dict:
+    """End of a run: `head | mIoU ..` (+ mIoU16 / mIoU13 for SYNTHIA sources) and metrics.json's "final"."""
+    if run.dist.is_main:
+        scores = [f"mIoU{k[4:]} {100 * res[k]:.2f}" for k in ("miou", "miou16", "miou13") if k in res]
+        console.log(" | ".join([head, *scores]))
+        if run.out.is_dir():
+            runtime.write_metrics(run.out, {k: v for k, v in res.items() if k not in ("table", "confusion")},
+                                  key="final")
+    return res
 
 
 # ---- Evaluation: the student at t = 0, whole image resized to 512x512 (official test_resize_h_w) ----
@@ -694,12 +706,15 @@ def evaluate(args: Args, student: Student, dataset, run: Run, step: int) -> dict
         return dict(parts[0], step=step)
     conf, where = sum(np.asarray(p["confusion"], np.int64) for p in parts), parts[0]["resolution"]
     title = f"per-class results — {args.tgt} test, {n} images, {where}"
-    res = dict(metrics.summarize(conf, names), step=step, resolution=where, num_images=n,
-               miou_first_half=parts[0]["miou"], table=metrics.format_table(conf, names, title))
+    synthia = args.src == "synthia" and len(names) == 19  # + mIoU16 / mIoU13: the SYNTHIA-source columns
+    res = dict(metrics.summarize(conf, names, synthia), step=step, resolution=where, num_images=n,
+               miou_first_half=parts[0]["miou"], table=metrics.format_table(conf, names, title, synthia))
     in_res = where.split(",")[0].replace("input ", "")
     if dist.is_main:
         console.log(res["table"])
-        console.log(f"eval step {step} | mIoU {100 * res['miou']:.2f} | input {in_res} | metric "
+        console.log(f"eval step {step} | mIoU {100 * res['miou']:.2f} | "
+                    + "".join(f"mIoU{k[4:]} {100 * res[k]:.2f} | " for k in ("miou16", "miou13") if k in res)
+                    + f"input {in_res} | metric "
                     f"{'native' if args.eval_label_size == 'native' else in_res} | first half mIoU "
                     f"{100 * res['miou_first_half']:.2f}")
         if run.out.is_dir():

@@ -34,9 +34,12 @@ Deviations ([our choice] unless marked; the paper gives no code, the VPD code is
       stride 16 / 32 (VPD: maps with <= 32^2 queries at 512). FPN + semantic-FPN head written out (no mmseg).
     - DAFormer DG schedule on one GPU: AdamW, head lr 6e-4, adapter 6e-5, 1500 warm-up steps, poly 1.0, 40k
       steps, batch 2, crop 512 (VPD: lr 8e-5, 80k, batch 16 on 8 GPUs); GTA5 crops with cat_max_ratio 0.75.
-    - [DAFormer configs, by layer type] wd 0.01 on weights, biases and gamma, 0 on the head's BatchNorm:
-      DAFormer's `paramwise_cfg` sets `norm=dict(decay_mult=0.0)` and no bias multiplier; mmcv matches
-      "norm" in parameter names, ours have none, so we select norm layers by type.
+    - wd 0.01 on weights, biases and gamma (DAFormer's AdamW: no bias multiplier); wd 0 on the head's
+      BatchNorm is our choice (the usual practice for norm layers): DAFormer adds `norm=dict(decay_mult=0.0)`
+      only for MiT backbones, and mmcv matches parameter names, where a ConvModule's BatchNorm is `bn`, so
+      DAFormer's rule would keep the decay on this head.
+    - CE averaged over the valid pixels (our choice: the loss scale does not depend on how much of a crop is
+      ignore); mmseg / VPD average over all pixels, ignored ones counting 0 (`ce_all_pixels` in common/).
     - Evaluation: mmseg-style sliding window (--crop-size, stride 341) over the eval-resized image.
     - TTDA: target train crops (labels never read); pseudo labels of the frozen prompt-0 model where p_max >=
       0.9; CE on kept pixels; AdamW lr 1e-3, wd 0, 1000 steps; offline, no entropy term, not resumable.
@@ -150,7 +153,7 @@ class Args:
     adapter_lr: float = 6e-5
     """TextAdapter learning rate, 0.1 x head (our choice, DAFormer convention)"""
     weight_decay: float = 0.01
-    """AdamW weight decay, 0 on norm layers (DAFormer adamw.py and its optimizer paramwise_cfg)"""
+    """AdamW weight decay (DAFormer adamw.py), 0 on the head's norm layers (our choice)"""
     warmup_iters: int = 1500
     """linear warm-up from ratio 1e-6, then poly power 1.0 (DAFormer poly10warm.py)"""
     # ---- evaluation ----
@@ -422,14 +425,13 @@ def ttda_loss(logits: torch.Tensor, logits_src: torch.Tensor, size: tuple[int, i
     return F.cross_entropy(up, y_hat, ignore_index=255, reduction="sum") / kept, kept / y_hat.numel()
 
 
-# ---- Optimizer and learning-rate schedule (DAFormer adamw.py, poly10warm.py, optimizer paramwise_cfg) ---
+# ---- Optimizer and learning-rate schedule (DAFormer adamw.py, poly10warm.py) ------------------------------
 def make_optimizer(model: PTDiffSeg, args: Args) -> torch.optim.Optimizer:
     """AdamW (default betas 0.9, 0.999): head weights and biases (lr 6e-4, wd 0.01), head norm layers (lr
-    6e-4, wd 0: DAFormer's `norm decay_mult=0.0`), adapter incl. gamma (lr 6e-5, wd 0.01); `base_lr` feeds
-    the LR"""
+    6e-4, wd 0: our choice, see the header), adapter incl. gamma (lr 6e-5, wd 0.01); `base_lr` feeds the LR"""
     norms = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)  # any norm a head may hold
     decay, no_decay = [], []
-    for m in [*model.neck.modules(), *model.head.modules()]:  # by layer type: mmcv matched names with "norm"
+    for m in [*model.neck.modules(), *model.head.modules()]:  # by layer type
         (no_decay if isinstance(m, norms) else decay).extend(m.parameters(recurse=False))
     groups = [(decay, args.lr, args.weight_decay), (no_decay, args.lr, 0.0),  # (params, lr, wd)
               (list(model.adapter.parameters()), args.adapter_lr, args.weight_decay)]
@@ -620,7 +622,7 @@ def ttda(run: SimpleNamespace, step: int, before: dict) -> tuple[dict, dict]:
             (run.out / "ttda").mkdir(exist_ok=True)  # folder:PATH -> folder-<name>_scene.safetensors
             save_file({"scene": learned[t].cpu()}, f"{run.out}/ttda/{cd.run_tag(t)}_scene.safetensors")
             runtime.write_metrics(run.out, record, key="ttda")
-    return {"ttda": record, "miou": float(np.mean([r["miou"] for r in after.values()]))}, learned
+    return {"ttda": record, **mean_scores(after)}, learned
 
 
 # ---- Evaluation: sliding window over the eval-resized image, scored by common.metrics -------------------
@@ -672,6 +674,13 @@ def evaluate(run: SimpleNamespace, step: int, scenes: Optional[dict] = None, tag
         console.log(f"eval step {step} | mean over {len(res)} targets | {tag} | mIoU "
                     f"{100 * float(np.mean([r['miou'] for r in res.values()])):.2f}")
     return res
+
+
+def mean_scores(res: dict) -> dict:
+    """{"miou"} and, for SYNTHIA sources, {"miou16", "miou13"} (the papers' SYNTHIA columns), each the mean
+    over the targets of `evaluate`'s result {target: metrics}."""
+    return {k: float(np.mean([r[k] for r in res.values()])) for k in ("miou", "miou16", "miou13")
+            if all(k in r for r in res.values())}
 
 
 # ---- main, and --profile / --estimate-memory: one training step at the requested size, random inputs ---
@@ -734,15 +743,18 @@ def main(args: Args) -> dict:
         result = evaluate(run, step)
     else:
         result, history = train(run)
-    out = {t: {"miou": r["miou"], "per_class_iou": r["per_class_iou"]} for t, r in result.items()}
-    summary = {"step": step, "targets": out, "miou": float(np.mean([r["miou"] for r in result.values()])),
+    out = {t: {k: r[k] for k in ("miou", "per_class_iou", "miou16", "miou13") if k in r}
+           for t, r in result.items()}
+    scores = mean_scores(result)                                  # miou (+ miou16, miou13 for SYNTHIA)
+    summary = {"step": step, "targets": out, **scores,
                "per_class_iou": next(iter(out.values()))["per_class_iou"], "train_log": history}
     if args.ttda:
-        summary.update(miou_before_ttda=summary["miou"], **ttda(run, step, result)[0])
+        summary.update({f"{k}_before_ttda": v for k, v in scores.items()}, **ttda(run, step, result)[0])
     if run.dist.is_main:
         runtime.write_curves(run.out)
-        console.log(f"done | mIoU {100 * summary['miou']:.2f} | peak memory "
-                    f"{runtime.peak_memory_gb(run.device):.2f} GB | outputs in {run.out}")
+        runtime.write_metrics(run.out, {k: v for k, v in summary.items() if k != "train_log"}, key="final")
+        console.log("done | " + " | ".join(f"mIoU{k[4:]} {100 * summary[k]:.2f}" for k in scores)
+                    + f" | peak memory {runtime.peak_memory_gb(run.device):.2f} GB | outputs in {run.out}")
     return summary
 
 

@@ -143,9 +143,12 @@ def strong_augment(x: torch.Tensor, jitter_p: float = 0.2, strength: float = 0.2
 
     The two on/off decisions are drawn once per call ("p = 0.2" means *applied when u > 0.2*, i.e. with
     probability 0.8, exactly as DAFormer's code reads); jitter factors and the blur sigma are drawn per image.
-    Colour jitter (kornia's in DAFormer; ours by hand): brightness additive U(-s, s), contrast and saturation
-    factors U(1 - s, 1 + s) (blends with the grey mean / the grey image, as torchvision), hue shift U(-s, s)
-    of a full turn; the four in random order, clamped to [0, 1] after each. Blur sigma ~ U(0.15, 1.15).
+    Colour jitter: kornia 0.5's `ColorJitter(s, s, s, s)` (pinned by DAFormer and DIFF), its formulas by hand
+    (`kornia/enhance/adjust.py`, 0.5.x): brightness x + b, b ~ U(-s, s); contrast x * c (OpenCV-style, no
+    blend with the mean), c ~ U(1 - s, 1 + s); saturation S * f in HSV, clamped to [0, 1], f ~ U(1 - s,
+    1 + s); hue + h turns in HSV, h ~ U(-s, s); one random order for the batch, factors per image, clamped
+    to [0, 1] after each. Our draws differ from kornia's (order: decision, permutation, then each op's factor
+    when it runs). Blur sigma ~ U(0.15, 1.15).
 
     Args:
         x: float (B, 3, H, W) in [0, 1].
@@ -160,13 +163,12 @@ def strong_augment(x: torch.Tensor, jitter_p: float = 0.2, strength: float = 0.2
         for op in torch.randperm(4).tolist():
             if op == 0:  # brightness
                 x = x + u()
-            elif op == 1:  # contrast
-                mean = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).mean((1, 2)).view(B, 1, 1, 1)
-                x = mean + (1 + u()) * (x - mean)
-            elif op == 2:  # saturation
-                grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
-                x = grey + (1 + u()) * (x - grey)
-            else:  # hue
+            elif op == 1:  # contrast: x c (kornia adjust_contrast)
+                x = x * (1 + u())
+            elif op == 2:  # saturation: S f in HSV, S clamped to [0, 1] (kornia adjust_saturation)
+                hsv = rgb_to_hsv(x)
+                x = hsv_to_rgb(torch.cat([hsv[:, :1], (hsv[:, 1:2] * (1 + u())).clamp(0, 1), hsv[:, 2:]], 1))
+            else:  # hue: H + h turns (kornia adjust_hue, in radians there)
                 hsv = rgb_to_hsv(x)
                 hsv = torch.cat([(hsv[:, :1] + u()) % 1.0, hsv[:, 1:]], 1)
                 x = hsv_to_rgb(hsv)

@@ -872,8 +872,9 @@ def log_eval(out: Optional[str | Path], res: dict, step: int, tags: dict[str, st
 
 
 def finish_run(out: str | Path, result: dict, dist: Dist, timer: "RunTimer") -> None:
-    """End of a run (rank 0): print `done in 93.2 s | peak memory 2.41 GB`, store `result` in
-    `<out>/metrics.json` under "final" and draw `<out>/curves.png` (`write_curves`).
+    """End of a run (rank 0): print `done in 93.2 s | peak memory 2.41 GB | mIoU 41.70` (+ `| mIoU16 .. |
+    mIoU13 ..` when the result holds them: SYNTHIA sources), store `result` in `<out>/metrics.json` under
+    "final" and draw `<out>/curves.png` (`write_curves`).
 
     Args:
         out: the run folder.
@@ -883,7 +884,9 @@ def finish_run(out: str | Path, result: dict, dist: Dist, timer: "RunTimer") -> 
     """
     if dist.is_main:
         mem = peak_memory_gb(dist.device)
-        log(f"done in {time.perf_counter() - timer.t0:.1f} s | peak memory {mem:.2f} GB")
+        scores = [f"mIoU{k[4:]} {100 * result[k]:.2f}" for k in ("miou", "miou16", "miou13") if k in result]
+        took = time.perf_counter() - timer.t0
+        log(" | ".join([f"done in {took:.1f} s", f"peak memory {mem:.2f} GB", *scores]))
         write_metrics(out, result, key="final")
         write_curves(out)
 

@@ -55,6 +55,42 @@ def test_strong_augment_applies_each_part_when_u_exceeds_p_and_draws_in_order():
     assert torch.equal(augment.strong_augment(x, jitter_p=1.0, blur_p=1.0), x)   # both off: the identity
 
 
+def test_colour_jitter_follows_kornia_05_formulas():
+    """kornia 0.5.x `ColorJitter(0.2, 0.2, 0.2, 0.2)` (DAFormer's and DIFF's pin; kornia/enhance/adjust.py), per
+    pixel with colorsys: brightness x + b; contrast x * c (no blend with the mean); saturation S * f in HSV,
+    clamped to [0, 1]; hue H + h turns; b, h ~ U(-0.2, 0.2), c, f ~ U(0.8, 1.2) per image, the four in one
+    random order, values clamped to [0, 1] after each. The draws are replayed from the same seed: the jitter
+    decision, the permutation, then one factor per image for each op as it runs (blur off)."""
+    x = torch.rand(2, 3, 4, 5)
+    orders = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        assert torch.rand(()).item() > 0.0                          # jitter on (p = 0)
+        order = torch.randperm(4).tolist()
+        factors = [torch.rand(2) * 0.4 - 0.2 for _ in order]         # U(-s, s) per image, in op order
+        orders.add(tuple(order))
+        ref = x.permute(0, 2, 3, 1).numpy().astype(np.float64).copy()
+        for op, u in zip(order, factors):
+            for b in range(2):
+                f = float(u[b])
+                if op == 0:
+                    ref[b] = ref[b] + f
+                elif op == 1:
+                    ref[b] = ref[b] * (1 + f)
+                else:
+                    hsv = np.array([[colorsys.rgb_to_hsv(*p) for p in row] for row in ref[b]])
+                    if op == 2:
+                        hsv[..., 1] = np.clip(hsv[..., 1] * (1 + f), 0, 1)
+                    else:
+                        hsv[..., 0] = (hsv[..., 0] + f) % 1.0
+                    ref[b] = np.array([[colorsys.hsv_to_rgb(*p) for p in row] for row in hsv])
+            ref = np.clip(ref, 0, 1)
+        torch.manual_seed(seed)
+        ours = augment.strong_augment(x.clone(), jitter_p=0.0, blur_p=1.0)
+        assert np.allclose(ours.permute(0, 2, 3, 1).numpy(), ref, atol=1e-5), (seed, order)
+    assert len(orders) > 3                                           # several orders were exercised
+
+
 def test_photometric_distortion_draw_order_follows_mmseg():
     """mmseg PhotoMetricDistortion: brightness (p .5, +-32), mode, [contrast], saturation, hue, [contrast];
     the reference below replays the same numpy draws on a float image with colorsys and compares."""

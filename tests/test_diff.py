@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -760,6 +761,19 @@ def test_demo_end_to_end(tmp_path):
     r2 = diff.main(diff.Args(demo=True, eval_only=True, ckpt=str(latest_checkpoint(out)),
                              out=str(tmp_path / "ev")))
     assert r2["miou"] == pytest.approx(metrics["evals"][-1]["miou"], abs=1e-9)
+
+
+def test_synthia_run_ends_with_miou16_13_in_the_line_the_result_and_metrics_json(tmp_path, capsys):
+    """A SYNTHIA -> Cityscapes demo run (2 steps) reports the papers' SYNTHIA columns at its end: the `done`
+    line, main's result and metrics.json's "final" record, equal to the last evaluation's."""
+    res = diff.main(diff.Args(demo=True, src="synthia", iters=2, eval_every=2, ckpt_every=2, num_steps=1,
+                              out=str(tmp_path / "run")))
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done | ")]
+    assert len(done) == 1 and re.search(r"^done \| mIoU [\d.]+ \| mIoU16 [\d.]+ \| mIoU13 [\d.]+$", done[0])
+    data = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("miou", "miou16", "miou13"):
+        assert res[key] == data["final"][key] == data["evals"][-1][key]
+        assert f"{100 * res[key]:.2f}" in done[0]
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path):

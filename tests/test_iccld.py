@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -467,7 +468,7 @@ def _stage2(sd, monkeypatch, source_only=False, lab_offset=0.0):
             p.add_(torch.randn_like(p) * 0.01)
     if lab_offset:
         lab = fz.lab
-        fz = iccld.Frozen(fz.net, lambda y: lab(y) + lab_offset, fz.ctx, fz.sched, fz.alpha_bars)
+        fz = fz._replace(lab=lambda y: lab(y) + lab_offset)
     x_s, y_s, x_t = _batch(64)
     with torch.no_grad():
         s.args.pseudo_threshold = float(net.direct(x_t).softmax(1).max(1)[0].median())
@@ -481,12 +482,29 @@ def _stage2(sd, monkeypatch, source_only=False, lab_offset=0.0):
                 before=before, rec=rec, grads=grads, grads_d=grads_d, logs=logs)
 
 
+def _ddim_to_last_step(unet, z_T, z0, T, ctx):
+    """DDIM, eta 0, trailing timesteps t_k = 999 - k 1000 // T (rounded down at the end, as diffusers: 999,
+    666, 332 for T = 3), without gradient over all but the last step: eps_hat = unet(cat(z, z0), t_k);
+    x0_hat = (z - sqrt(1 - a_t) eps_hat) / sqrt(a_t); z <- sqrt(a_p) x0_hat + sqrt(1 - a_p) eps_hat with
+    p = t_k - 1000 // T (diffusers' DDIM step). -> (z at the last step, its timestep)."""
+    ab, ts, z = _alpha_bar(), np.round(np.arange(1000, 0, -1000 / T)).astype(int) - 1, z_T
+    with torch.no_grad():
+        for t in ts[:-1]:
+            eps_hat = unet(torch.cat([z, z0], 1), torch.tensor([t] * len(z)),
+                           encoder_hidden_states=ctx.expand(len(z), -1, -1)).sample
+            x0 = (z - (1 - ab[t]).sqrt() * eps_hat) / ab[t].sqrt()
+            p = t - 1000 // T
+            z = ab[p].sqrt() * x0 + (1 - ab[p]).sqrt() * eps_hat
+    return z, int(ts[-1])
+
+
 def test_stage2_step_gradients_equal_the_reference_losses(sd, monkeypatch):
     """Generator: L = mean(w_lat (eps_hat - eps)^2) + lambda_adv mean((Dis(x0_T[mix, tgt]) - 1)^2) over source,
     mixed and target latents (z_t = sqrt(a_t) z_y + sqrt(1 - a_t) eps, t ~ U{0..999}; w_lat = 8x8 mean of
-    valid x (1 | w_m | q with the row crop)), x0_T predicted from pure noise at t = 999 with the image latent as
-    condition; discriminator: 1/2 [mean((Dis(x0_T[src]) - 1)^2) + mean(Dis(x0_T[mix, tgt])^2)] on the detached
-    x0_T. Both gradients equal those of these losses with the pre-step weights."""
+    valid x (1 | w_m | q with the row crop)), x0_T = the x0 predicted at the last of T = 3 DDIM steps from pure
+    noise with the image latent as condition (the first two without gradient); discriminator:
+    1/2 [mean((Dis(x0_T[src]) - 1)^2) + mean(Dis(x0_T[mix, tgt])^2)] on the detached x0_T. Both gradients
+    equal those of these losses with the pre-step weights."""
     r = _stage2(sd, monkeypatch)
     a, (x_s, y_s, x_t), rec, b = r["s"].args, r["batch"], r["rec"], 2
     y_hat, q, w_t = _pseudo(r["net"], x_t, a.pseudo_threshold, (2, 15))  # the frozen stage-1 model
@@ -506,17 +524,20 @@ def test_stage2_step_gradients_equal_the_reference_losses(sd, monkeypatch):
     assert abs(eps.std().item() - 1) < 0.1 and abs(eps.mean().item()) < 0.1
     ab = _alpha_bar()
     z_t = ab[t].sqrt()[:, None, None, None] * z_y + (1 - ab[t]).sqrt()[:, None, None, None] * eps
-    inp, tt = rec["unet"][0][0][:2]
-    assert len(rec["unet"]) == 1 and inp.shape == (2 * n, 8, 8, 8)          # one UNet batch: eps loss + z_T
-    torch.testing.assert_close(inp[:n], torch.cat([z_t, z0], 1), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(inp[n:, 4:], z0, rtol=1e-4, atol=1e-5)
-    assert torch.equal(tt[:n], t) and (tt[n:] == 999).all()
-    z_T = inp[n:, :4]
+    assert a.sample_steps == 3 and len(rec["unet"]) == 3                    # 2 no-grad steps, then one batch
+    z_T = rec["unet"][0][0][0][:, :4]                                      # the chain's start
     assert abs(z_T.std().item() - 1) < 0.1 and not torch.allclose(z_T, eps)
     unet0, disc0 = r["before"]["unet"], r["before"]["disc"]
-    eps_hat = unet0(torch.cat([torch.cat([z_t, z0], 1), torch.cat([z_T, z0], 1)]), torch.cat([t, t * 0 + 999]),
+    z_s, s = _ddim_to_last_step(unet0, z_T, z0, 3, _ctx(sd, 1))
+    assert s == 332
+    inp, tt = rec["unet"][2][0][:2]
+    assert inp.shape == (2 * n, 8, 8, 8)                                   # one UNet batch: eps loss + last step
+    torch.testing.assert_close(inp[:n], torch.cat([z_t, z0], 1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(inp[n:], torch.cat([z_s, z0], 1), rtol=1e-4, atol=1e-5)
+    assert torch.equal(tt[:n], t) and (tt[n:] == s).all()
+    eps_hat = unet0(torch.cat([torch.cat([z_t, z0], 1), torch.cat([z_s, z0], 1)]), torch.cat([t, t * 0 + s]),
                     encoder_hidden_states=_ctx(sd, 2 * n)).sample
-    x0_T = (z_T - (1 - ab[999]).sqrt() * eps_hat[n:]) / ab[999].sqrt()
+    x0_T = (z_s - (1 - ab[s]).sqrt() * eps_hat[n:]) / ab[s].sqrt()
     l_eps = (_pool8(w.float()) * (eps_hat[:n] - eps) ** 2).mean()
     l_adv = ((disc0(x0_T[b:]) - 1) ** 2).mean()
     assert r["logs"]["loss_eps"] == pytest.approx(l_eps.item(), rel=1e-4)
@@ -555,6 +576,20 @@ def test_stage2_step_schedules_ema_and_frozen_discriminator(sd, monkeypatch):
     assert all(p.grad is None and p.requires_grad for p in r["disc"].parameters())
     for mod in ("unet", "disc"):
         assert any(not torch.equal(p, p0) for p, p0 in zip(r[mod].parameters(), r["before"][mod].parameters()))
+
+
+def test_stage2_discriminator_judges_the_latent_that_prediction_decodes(sd, monkeypatch):
+    """From the same z_T and weights, `predict_diffusion` (T = 3) hands D exactly the latents the discriminator
+    judged in the step (its own step sees source, mixed and target; the generator term mixed and target)."""
+    r = _stage2(sd, monkeypatch)
+    (x_s, _, x_t), rec = r["batch"], r["rec"]
+    x = torch.cat([x_s, rec["aug"].calls[0][2], x_t])                     # source, mixed, target images
+    z_T, decoded = rec["unet"][0][0][0][:, :4], Recorder(monkeypatch, r["net"].D, "forward")
+    iccld.predict_diffusion(r["net"], r["before"]["unet"], _ctx(sd, 1), iccld.make_sampler(sd.scheduler),
+                            r["s"].args.sample_steps, None, x, z_T=z_T)
+    judged, z_bar = rec["disc"][1][0][0], decoded.calls[0][0][0]
+    torch.testing.assert_close(z_bar, judged, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rec["disc"][0][0][0], z_bar[2:], rtol=1e-4, atol=1e-5)
 
 
 def test_stage2_discriminator_input_does_not_depend_on_the_labels(sd, monkeypatch):
@@ -867,6 +902,20 @@ def test_profile_each_stage_writes_nothing(tmp_path, capsys, monkeypatch):
         line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{\"flops_per_iter")]
         assert json.loads(line[-1])["utilization"] > 0
     assert not (tmp_path / "o").exists()
+
+
+def test_synthia_run_ends_with_miou16_13_in_the_line_the_result_and_metrics_json(tmp_path, data_root, capsys):
+    """A SYNTHIA -> Cityscapes run (1 + 1 steps) reports the SYNTHIA-source columns mIoU16 / mIoU13 at its end:
+    the `done` line, main's result and metrics.json's "final" record, equal to the last (stage-2) evaluation."""
+    res = iccld.main(iccld.Args(demo=True, src="synthia", data_root=data_root, iters=1, iters_stage2=1,
+                                out=str(tmp_path / "run")))
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done in ")]
+    assert len(done) == 1 and re.search(r"\| mIoU [\d.]+ \| mIoU16 [\d.]+ \| mIoU13 [\d.]+$", done[0]), done
+    data = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    last = [e for e in data["evals"] if e["path"].startswith("stage2 diffusion")][-1]
+    for key in ("miou", "miou16", "miou13"):
+        assert res[key] == data["final"][key] == last[key]
+        assert f"{100 * res[key]:.2f}" in done[0]
 
 
 # ---- the demo, end to end ------------------------------------------------------------------------------------------

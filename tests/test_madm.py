@@ -1013,6 +1013,20 @@ def test_sigterm_under_two_processes_both_ranks_stop_after_the_same_step(data, t
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_synthia_run_ends_with_miou16_13_in_the_line_the_result_and_metrics_json(tmp_path, capsys):
+    """A SYNTHIA -> Cityscapes demo run (2 steps) reports the SYNTHIA-source columns mIoU16 / mIoU13 at its end:
+    the `done` line, main's result and metrics.json's "final" record, equal to the last evaluation's."""
+    ensure_synthetic_sample(DATA)
+    res = madm.main(madm.Args(demo=True, src="synthia", tgt="cityscapes", data_root=str(DATA), iters=2,
+                              eval_every=2, ckpt_every=2, out=str(tmp_path / "run")))
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done: ")]
+    assert len(done) == 1 and re.search(r"\| mIoU [\d.]+ \| mIoU16 [\d.]+ \| mIoU13 [\d.]+$", done[0]), done
+    data = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("miou", "miou16", "miou13"):
+        assert res[key] == data["final"][key] == data["evals"][-1][key]
+        assert f"{100 * res[key]:.2f}" in done[0]
+
+
 def test_demo_end_to_end(tmp_path):
     """`python madm.py --demo`: exit 0, metrics.json, pictures, curves, an mIoU line, and the target side acts for
     most of the run: the start line says what adapts and q > 0 in most steps (demo threshold 0.3)."""

@@ -750,6 +750,22 @@ def test_miou16_13_for_synthia_source_runs_not_for_synthia_targets(tmp_path):
     assert "miou16" not in res and "mIoU16" not in res["table"]
 
 
+def test_synthia_run_ends_with_miou16_13_in_the_line_the_result_and_metrics_json(tmp_path, capsys):
+    """A SYNTHIA -> Cityscapes run (2 steps, TTDA 2 steps) reports the papers' SYNTHIA columns at its end: the
+    `done` line, main's result (after TTDA, and before it) and metrics.json's "final" record."""
+    ensure_synthetic_sample(DATA)
+    res = P.main(demo_args(tmp_path, src="synthia", tgt="cityscapes", iters=2, eval_every=2, ckpt_every=2,
+                           ttda=True, ttda_steps=2))
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done | ")]
+    assert len(done) == 1 and re.search(r"mIoU \d+\.\d\d \| mIoU16 \d+\.\d\d \| mIoU13 \d+\.\d\d", done[0])
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    evals = {e["prompt"]: e for e in data["evals"]}                       # the last of each (one target)
+    for key in ("miou", "miou16", "miou13"):
+        assert res[key] == data["final"][key] == evals["TTDA prompt"][key]
+        assert res[f"{key}_before_ttda"] == data["final"][f"{key}_before_ttda"] == evals["source prompt"][key]
+        assert f"{100 * res[key]:.2f}" in done[0]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The demo end to end, which is also the learning test
 # ------------------------------------------------------------------------------------------------------------

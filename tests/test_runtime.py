@@ -559,8 +559,10 @@ def test_log_args_and_finish_run_write_the_run_records(tmp_path, capsys):
     timer.t0 -= 2.0                                                  # the timed part took 2 s
     runtime.finish_run(tmp_path, {"miou": 0.5}, dist, timer)
     out = capsys.readouterr().out
-    assert out.startswith("done in 2.0 s | peak memory ") and out.splitlines()[0].endswith(" GB")
+    assert out.startswith("done in 2.0 s | peak memory ") and out.splitlines()[0].endswith(" GB | mIoU 50.00")
     assert json.loads((tmp_path / "metrics.json").read_text())["final"] == {"miou": 0.5}
+    runtime.finish_run(tmp_path, {"miou": 0.5, "miou16": 0.25, "miou13": 0.125}, dist, timer)  # SYNTHIA source
+    assert capsys.readouterr().out.splitlines()[0].endswith(" GB | mIoU 50.00 | mIoU16 25.00 | mIoU13 12.50")
     assert (tmp_path / "curves.png").exists() or "curves.png skipped" in out
     other = tmp_path / "rank1"
     other.mkdir()
