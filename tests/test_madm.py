@@ -1029,7 +1029,8 @@ def test_synthia_run_ends_with_miou16_13_in_the_line_the_result_and_metrics_json
 
 def test_demo_end_to_end(tmp_path):
     """`python madm.py --demo`: exit 0, metrics.json, pictures, curves, an mIoU line, and the target side acts for
-    most of the run: the start line says what adapts and q > 0 in most steps (demo threshold 0.3)."""
+    most of the run on mini at the paper's threshold 0.968: the start line says what adapts and q > 0 in most steps
+    (27 of 40 measured on 2026-12-07)."""
     out = tmp_path / "demo"
     t = time.time()
     r = _run(["--demo", "--out", str(out)], timeout=240)
@@ -1037,12 +1038,13 @@ def test_demo_end_to_end(tmp_path):
     assert "eval step 40 | mIoU" in r.stdout and "per-class results" in r.stdout
     assert "adapting: EMA-teacher pseudo labels on the target" in r.stdout
     m = json.loads((out / "metrics.json").read_text())
-    assert m["args"]["sd_model"] == "mini" and m["args"]["pseudo_threshold"] == 0.3 and m["evals"][-1]["step"] == 40
+    assert m["args"]["sd_model"] == "mini" and m["args"]["pseudo_threshold"] == 0.968
+    assert m["evals"][-1]["step"] == 40
     assert math.isfinite(m["evals"][-1]["miou"]) and "miou_first_half" in m["evals"][-1]
     qs = [rec["q"] for rec in m["train_log"]]
-    assert len(qs) == 8 and sum(q > 0 for q in qs) >= 6, qs
+    assert len(qs) == 8 and sum(q > 0 for q in qs) >= 5, qs
     n = int(r.stdout.split("carried weight (q > 0) in ")[1].split(" of 40")[0])
-    assert n >= 30, n
+    assert n >= 20, n
     assert list((out / "predictions").glob("*.png"))
     assert (out / "checkpoints" / "step_0000040" / "weights.safetensors").exists()
     print(f"demo wall time {time.time() - t:.1f} s")
