@@ -29,6 +29,7 @@ How it is pretrained (the recipe of Rombach et al. 2022, https://arxiv.org/abs/2
 
     python -m common.mini_sd --out runs/mini-sd          # the full pretraining (~45 min, 1 thread)
     python -m common.mini_sd --out /tmp/m --smoke        # a few steps of everything: checks that it runs
+    python -m common.mini_sd --report common/mini-sd     # the held-out report of the shipped folder
 
 The result is shipped in `common/mini-sd/` (fp32 safetensors, a diffusers folder) and loaded by `load_sd("mini")`
 through the same `from_pretrained` code as a hub id; `pretraining.json` there holds the settings and the report.
@@ -262,9 +263,15 @@ def report(parts: dict, held: dict, seed: int) -> dict:
     x = _to_model(held["images"])
     mean, _ = encode(vae, held["images"])
     rec = torch.cat([vae.decode(mean[i:i + 256]).sample for i in range(0, len(mean), 256)]).clamp(-1, 1)
-    mse = ((rec - x) / 2).pow(2).flatten(1).mean(1)                      # in [0, 1] units
     doms = np.array(held["domains"])
-    psnr = {d: float((10 * torch.log10(1 / mse[torch.from_numpy(doms == d)])).mean()) for d in DOMAINS}
+
+    def psnr(y: torch.Tensor) -> dict:                                  # per domain, images in [0, 1] units
+        mse = ((y - x) / 2).pow(2).flatten(1).mean(1)
+        return {d: float((10 * torch.log10(1 / mse[torch.from_numpy(doms == d)])).mean()) for d in DOMAINS}
+    # two references that need no training: each image's mean colour, and its 8 x 8 block means upsampled
+    # (what an 8 x 8 grid of averages keeps: the layout, no texture, no edges)
+    flat = x.mean((1, 2, 3), keepdim=True).expand_as(x)
+    blocks = F.interpolate(F.avg_pool2d(x, 8), scale_factor=8, mode="bilinear")
     gen = torch.Generator().manual_seed(seed)
     z0 = mean * vae.config.scaling_factor
     t = torch.randint(0, 1000, (len(z0),), generator=gen)
@@ -275,7 +282,8 @@ def report(parts: dict, held: dict, seed: int) -> dict:
     variants = {"right": held["captions"], "empty": [""] * len(z0),
                 "other domain": [c.replace(DOMAINS[d][0], DOMAINS[o][0], 1)
                                  for c, d, o in zip(held["captions"], held["domains"], other)]}
-    out = {"psnr_db": psnr, "eps_mse": {}}
+    out = {"psnr_db": psnr(rec), "psnr_db_mean_image": psnr(flat), "psnr_db_8x8_block_means": psnr(blocks),
+           "eps_mse": {}}
     for name, texts in variants.items():
         errs = []
         for i in range(0, len(z0), 256):
@@ -325,7 +333,8 @@ def pretrain(a: argparse.Namespace, log=print) -> dict:
                tokenize(tok, corpus["captions"]), tokenize(tok, [""]), scale, a.unet_iters, a.unet_batch,
                a.unet_lr, a.seed, log=log)
     rep = report(parts, held, a.seed + 2)
-    log("report | PSNR dB: " + ", ".join(f"{d} {v:.1f}" for d, v in rep["psnr_db"].items()))
+    for key in ("psnr_db", "psnr_db_mean_image", "psnr_db_8x8_block_means"):
+        log(f"report | {key}: " + ", ".join(f"{d} {v:.1f}" for d, v in rep[key].items()))
     for name, r in rep["eps_mse"].items():
         log(f"report | eps-MSE {name:>12}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items()))
     return {"parts": parts, "report": rep, "corpus_size": len(corpus["images"])}
@@ -343,9 +352,21 @@ def save(parts: dict, out: Path, meta: dict) -> None:
     os.rename(tmp, out)
 
 
+def print_report(folder: str, seed: int, crops: int, images: int) -> int:
+    """The held-out report of a pretrained folder, as `pretrain` computes it (same held-out seed and sizes)."""
+    from common.sd_backbone import load_sd
+    sd = load_sd(folder)
+    parts = {"vae": sd.vae, "unet": sd.unet, "text_encoder": sd.text_encoder, "tokenizer": sd.tokenizer,
+             "scheduler": sd.scheduler}
+    with tempfile.TemporaryDirectory() as work:
+        held = build_corpus(seed + 1, max(4, crops // 8), max(4, images // 8), Path(work), lambda s: None)
+    print(json.dumps(report(parts, held, seed + 2), indent=1))
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description="Pretrain the mini SD on the synthetic world (common/mini_sd.py).")
-    p.add_argument("--out", required=True, help="new folder to write (refused if it exists)")
+    p.add_argument("--out", help="new folder to write (refused if it exists)")
     p.add_argument("--seed", type=int, default=1000, help="corpus generator seed (held-out: seed + 1)")
     p.add_argument("--images", type=int, default=200, help="generated images per dataset split")
     p.add_argument("--crops", type=int, default=600, help="crops per domain (x its weight in DOMAINS)")
@@ -356,7 +377,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--smoke", action="store_true", help="a few steps of everything (a check that it runs)")
+    p.add_argument("--report", metavar="FOLDER", help="only print the held-out report of a pretrained folder")
     a = p.parse_args(argv)
+    if a.report:
+        return print_report(a.report, a.seed, a.crops, a.images)
+    if not a.out:
+        print("error: --out is required: the new folder to write (or --report FOLDER).", file=sys.stderr)
+        return 2
     if a.smoke:
         a.images, a.crops, a.vae_iters, a.unet_iters, a.vae_batch, a.unet_batch = 8, 8, 2, 2, 4, 4
     out = Path(a.out)
