@@ -49,7 +49,7 @@ Commands
     python diff.py --src gta5 --tgt cityscapes --baseline      # the paper's baseline row (no IPKL)
     python diff.py --num-steps 5 --grad-checkpointing          # 16 GB: speed option, NOT the paper setting
     python diff.py --sd-model random-sd21 --estimate-memory    # peak GPU memory of a command, without a GPU
-    python diff.py --demo                                       # mini SD + synthetic sample, CPU, < 2 minutes
+    python diff.py --demo                                       # mini SD + synthetic sample, CPU, minutes
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ class Args:
     """predict the peak GPU memory of one training step of this exact command without a GPU, data or weights
     (FakeTensorMode + MemTracker); print one JSON line"""
     demo: bool = False
-    """mini SD (pretrained on the synthetic world) + synthetic sample + short schedule, CPU, < 2 minutes"""
+    """mini SD (pretrained on the synthetic world) + synthetic sample + short schedule, minutes on a CPU"""
     log_every: int = 50
     """log line cadence (official: log_config interval 50)"""
     eval_every: int = 4000

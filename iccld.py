@@ -57,7 +57,7 @@ Commands (memory: --estimate-memory's predicted peak, bf16, batch 2, crop 512)
   memory without a GPU:    python iccld.py --sd-model random-sd15 --estimate-memory --stage 1   (or 2)
   CPU demo:                python iccld.py --demo   (mini SD, synthetic data at 1/8, crop 64, 100 + 50 steps,
                            larger LRs, pseudo-label threshold 0.3: at 0.968 mini's teacher is confident on
-                           too few target pixels, mean q 0.00 in both stages, so the target side would not act)
+                           too few target pixels, mean q 0.00 in both stages: the target side would not act)
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ class Args:
     (FakeTensorMode + MemTracker); print one JSON line"""
     demo: bool = False
     """mini SD (pretrained on the synthetic world) + synthetic sample + short schedule of both stages (CPU,
-    < 2 min)"""
+    minutes)"""
     log_every: int = 50
     """log line cadence in steps (DAFormer: 50)"""
     eval_every: int = 4000
@@ -172,7 +172,7 @@ class Args:
 
 WARMUP_RATIO, POLY_POWER = 1e-6, 1.0     # DAFormer poly10warm.py
 DISC_BETAS, DISC_POLY_POWER = (0.9, 0.99), 0.9  # ADVENT advent/domain_adaptation/config.py
-# --demo: a miniature SD pretrained in minutes, nothing precious to protect: larger LRs show learning in 100 steps
+# --demo: a miniature SD pretrained in an hour, nothing precious to protect: larger LRs show learning quickly
 DEMO = dict(sd_model="mini", data_root="data/synthetic", out="runs/iccld-demo", iters=100, iters_stage2=50,
             crop_size=64, warmup_iters=10, lr=2e-3, new_layer_lr=1e-2, disc_lr=1e-3, pseudo_threshold=0.3,
             log_every=10, eval_every=10**6, ckpt_every=10**6)

@@ -35,8 +35,8 @@ Deviations from the paper and the official code's active path
   * Not official: `--source-only` (the paper's baseline row: source CE + source LPLR; no teacher, no mix),
     `--fusion-stride 4` (fuse at 1/4: less memory, changes results), `--eval-label-size native`,
     `--grad-checkpointing`, `--deterministic`, any source/target pair (other targets: `TASKS["other"]`).
-  * `--demo`: the mini SD pretrained on the synthetic world (common/mini_sd.py), 1/8-size synthetic data (crop,
-    eval 64), 40 steps, lr 3e-3, fusion stride 4; the paper's pseudo-label threshold 0.968 (on mini the
+  * `--demo`: the mini SD pretrained on the synthetic world (common/mini_sd.py), 1/8-size synthetic data
+    (crop, eval 64), 40 steps, lr 3e-3, fusion stride 4; the paper's pseudo-label threshold 0.968 (on mini the
     teacher passes it: q > 0 in 27 of the demo's 40 steps; the random `tiny` SD never does).
   Kept on purpose (official quirks): the teacher shares the student's UNet (only conditioning, projections and
   head are EMA'd) and runs its head in train mode; one fixed seed-42 noise pattern, added even at t = 0; s0
@@ -50,7 +50,7 @@ Commands
   python madm.py --src cityscapes --tgt dsec_event --grad-checkpointing --fusion-stride 4  # on 24 GB: 16.8 GB
   python madm.py --sd-model random-sd15 --estimate-memory [flags]   # peak GPU memory, no GPU (above: bf16;
       official README: GPUs > 40 GB); 16 GB is too small: fp32 UNet weights, grads, AdamW states take 14.1 GB
-  python madm.py --demo                                      # CPU, < 2 min: mini SD + synthetic data
+  python madm.py --demo                                      # CPU, minutes: mini SD + synthetic data
 """
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ class Args:
     """predict the peak GPU memory of one training step of this exact command without a GPU, data or weights
     (FakeTensorMode + MemTracker); print one JSON line"""
     demo: bool = False
-    """mini SD (pretrained on the synthetic world) + synthetic data + short schedule: CPU, < 2 minutes"""
+    """mini SD (pretrained on the synthetic world) + synthetic data + short schedule: minutes on a CPU"""
     # ---- data
     batch_size: int = 2
     """global batch (source + target pairs per optimizer step); official --bs 2 on 2 GPUs"""

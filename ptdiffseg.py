@@ -116,7 +116,7 @@ class Args:
     """predict the peak GPU memory of one training step of this exact command without a GPU, data or weights
     (FakeTensorMode + MemTracker); print one JSON line"""
     demo: bool = False
-    """mini SD (pretrained on the synthetic world) + synthetic sample + short schedule, < 2 min on CPU"""
+    """mini SD (pretrained on the synthetic world) + synthetic sample + short schedule, minutes on a CPU"""
     # ---- data ----
     src: str = "gta5"
     """source dataset, trained on alone (paper: synthetic-to-real DG)"""

@@ -1,4 +1,4 @@
-"""`mini`: a Stable Diffusion pretrained here, on the synthetic world, in well under an hour on a 2-core CPU.
+"""`mini`: a Stable Diffusion pretrained here, on the synthetic world, in about an hour on one CPU thread.
 
 Why it exists. Every mechanism of the four methods rests on what SD learned in pretraining: UNet features that
 separate objects (MADM, DIFF), a VAE whose latents are images (MADM's label-palette regression, ICCLD's label
@@ -6,19 +6,21 @@ latents), a text encoder aligned with images (PTDiffSeg's scene prompts, DIFF's 
 initialised miniature (`--sd-model tiny`) has none of it, so on it no method can show what its paper shows.
 `mini` gives the synthetic world (common/synthetic.py) what SD's web-scale pretraining gave the real one.
 
-What it is: SD 1.x's structure at a small width -- AutoencoderKL (f = 8, 4 latent channels), UNet2DConditionModel
-with cross-attention in SD's block layout (so every hook name of the methods works), a CLIP text model with the
-byte-level tokenizer of `tiny`, SD's scaled-linear DDPM schedule and epsilon-prediction.
+What it is: SD 1.x's structure at a small width -- AutoencoderKL (f = 8, 4 latent channels),
+UNet2DConditionModel with cross-attention in SD's block layout (so every hook name of the methods works), a
+CLIP text model with the byte-level tokenizer of `tiny`, SD's scaled-linear DDPM schedule and epsilon-
+prediction.
 
 How it is pretrained (the recipe of Rombach et al. 2022, https://arxiv.org/abs/2112.10752, made small):
-  1. Corpus. A synthetic sample with its own generator seed (never the demo's or the benchmark's) is written in
-     the real on-disk layouts and read back through the project's own loaders (`build_dataset(...).sample`),
-     so the pretraining images are exactly what the scripts see: 64 x 64 train crops of every domain -- RGB in
-     the Cityscapes / GTA5 / SYNTHIA / ACDC fog, night, rain, snow / Dark Zurich / BDD / Mapillary styles, DSEC
-     event frames, FMB infrared, DELIVER depth. Each crop gets a caption built from what generated it (its
-     domain and the classes drawn in it), e.g. "an event camera frame of an urban street scene with road, car".
+  1. Corpus. A synthetic sample with its own generator seed (never the demo's or the benchmark's) is written
+     in the real on-disk layouts and read back through the project's own loaders
+     (`build_dataset(...).sample`), so the pretraining images are exactly what the scripts see: 64 x 64 train
+     crops of every domain -- RGB in the Cityscapes / GTA5 / SYNTHIA / ACDC fog, night, rain, snow / Dark
+     Zurich / BDD / Mapillary styles, DSEC event frames, FMB infrared, DELIVER depth. Each crop gets a caption
+     built from what generated it (its domain and the classes drawn in it), e.g. "an event camera frame of an
+     urban street scene with road, car".
      Labels are never a training target: they only name the classes in the caption, like alt text.
-  2. VAE: reconstruction (L1 on pixels + L1 on pixel differences, which keeps the thin edges of event frames)
+  2. VAE: reconstruction (L1 on pixels + L1 on pixel differences, meant for the thin edges of event frames)
      + a small KL (SD: 1e-6). It also sees "flat colour drawings" of scenes with random colours per region, as
      SD's VAE saw drawings among web images (our choice): the methods encode colour label images with it.
      SD's scaling factor (0.18215 for SD 1.x) is recomputed as 1 / std of our latents, the way it was derived.
@@ -27,13 +29,14 @@ How it is pretrained (the recipe of Rombach et al. 2022, https://arxiv.org/abs/2
   4. Held-out report (a fourth generator seed): VAE reconstruction PSNR per domain, and the epsilon-MSE per
      timestep range with the right caption, with "" and with another domain's caption (same noise, same t).
 
-    python -m common.mini_sd --out runs/mini-sd          # the full pretraining (~45 min, 1 thread)
+    python -m common.mini_sd --out runs/mini-sd          # the full pretraining (75 min on 1 shared thread)
     python -m common.mini_sd --out /tmp/m --smoke        # a few steps of everything: checks that it runs
     python -m common.mini_sd --report common/mini-sd     # the held-out report of the shipped folder
 
-The result is shipped in `common/mini-sd/` (fp32 safetensors, a diffusers folder) and loaded by `load_sd("mini")`
-through the same `from_pretrained` code as a hub id; `pretraining.json` there holds the settings and the report.
-Deterministic for a seed and a thread count (PyTorch's CPU kernels may sum in another order with more threads).
+The result is shipped in `common/mini-sd/` (fp32 safetensors, a diffusers folder) and loaded by
+`load_sd("mini")` through the same `from_pretrained` code as a hub id; `pretraining.json` there holds the
+settings and the report. Deterministic for a seed and a thread count (PyTorch's CPU kernels may sum in another
+order with more threads).
 """
 from __future__ import annotations
 
@@ -59,19 +62,23 @@ _UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBloc
 
 
 def mini_config() -> dict:
-    """Configs of the mini UNet, VAE, text encoder and scheduler (kwargs of the diffusers/transformers classes).
+    """Configs of the mini UNet, VAE, text encoder and scheduler (kwargs of the diffusers / transformers
+    classes).
 
-    Widths: twice `tiny`'s first VAE / UNet stage and a 64-wide text model -- what pretrains in the time budget
-    while its 8 x 8 latents of a 64 x 64 crop still reconstruct the class textures and event edges (the report).
+    Widths: twice `tiny`'s first VAE / UNet stage and a 64-wide text model -- what pretrains in about an hour
+    on one CPU thread. Measured (the report): its 8 x 8 latents of a 64 x 64 crop keep the layout and the
+    class colours, not the class textures nor the edges of event frames.
     """
     unet = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64, 64),
                 layers_per_block=2, down_block_types=_DOWN, up_block_types=_UP, cross_attention_dim=64,
                 attention_head_dim=4, norm_num_groups=8)
     vae = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-               up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(32, 64, 64, 64), layers_per_block=1,
-               latent_channels=4, norm_num_groups=8, sample_size=64, scaling_factor=0.18215)
-    text = dict(vocab_size=514, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
-                max_position_embeddings=77, projection_dim=64, bos_token_id=512, eos_token_id=513, pad_token_id=513)
+               up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(32, 64, 64, 64),
+               layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64,
+               scaling_factor=0.18215)
+    text = dict(vocab_size=514, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                intermediate_size=128, max_position_embeddings=77, projection_dim=64, bos_token_id=512,
+                eos_token_id=513, pad_token_id=513)
     # SD's training schedule (CompVis v1-inference.yaml): 1000 steps, scaled-linear betas 0.00085 -> 0.012
     sched = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  prediction_type="epsilon", steps_offset=1, clip_sample=False)
@@ -136,7 +143,7 @@ def build_corpus(seed: int, crops_per_unit: int, n_images: int, work: Path, log=
             captions.append(caption(domain, label, list(ds.class_names), rng))
             domains.append(domain)
             if domain == "cityscapes":
-                colours = rng.integers(0, 256, (256, 3), dtype=np.uint8)              # a random colour per class
+                colours = rng.integers(0, 256, (256, 3), dtype=np.uint8)     # a random colour per class
                 drawings.append(colours[label].transpose(2, 0, 1))
         log(f"corpus | {domain}: {crops_per_unit * weight} crops, e.g. \"{captions[-1]}\"")
     return {"images": torch.from_numpy(np.stack(images)), "captions": captions, "domains": domains,
@@ -151,7 +158,8 @@ def _to_model(x: torch.Tensor) -> torch.Tensor:
 # 2. VAE: reconstruction + gradient L1 + small KL
 # ------------------------------------------------------------------------------------------------------------
 def vae_loss(vae, x: torch.Tensor, gen: torch.Generator, kl_weight: float) -> tuple[torch.Tensor, dict]:
-    """L = |x - x_hat|_1 + |dx - dx_hat|_1 + |dy - dy_hat|_1 + kl_weight * KL(q(z|x) || N(0, I)); x (B, 3, H, W)."""
+    """L = |x - x_hat|_1 + |dx - dx_hat|_1 + |dy - dy_hat|_1 + kl_weight * KL(q(z|x) || N(0, I));
+    x (B, 3, H, W) in [-1, 1]."""
     post = vae.encode(x).latent_dist
     z = post.sample(generator=gen)                                       # (B, 4, H/8, W/8)
     x_hat = vae.decode(z).sample                                         # (B, 3, H, W)
@@ -215,7 +223,8 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
 
 def eps_loss(unet, text_encoder, scheduler, z0: torch.Tensor, ids: torch.Tensor, t: torch.Tensor,
              eps: torch.Tensor) -> torch.Tensor:
-    """L = || eps - eps_theta(z_t, t, tau(y)) ||^2 with z_t = sqrt(a_bar_t) z0 + sqrt(1 - a_bar_t) eps (LDM Eq. 2)."""
+    """L = || eps - eps_theta(z_t, t, tau(y)) ||^2, z_t = sqrt(a_bar_t) z0 + sqrt(1 - a_bar_t) eps
+    (LDM Eq. 2)."""
     z_t = scheduler.add_noise(z0, eps, t)                                # (B, 4, 8, 8)
     ctx = text_encoder(ids).last_hidden_state                            # (B, 77, d)
     return F.mse_loss(unet(z_t, t, encoder_hidden_states=ctx).sample, eps)
@@ -257,8 +266,8 @@ def train_unet(unet, text_encoder, scheduler, z_mean: torch.Tensor, z_std: torch
 # ------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def report(parts: dict, held: dict, seed: int) -> dict:
-    """PSNR of the VAE per domain; epsilon-MSE per timestep range with the right caption, "" and another domain's
-    caption (the other domain's words with the same class list), with the same z0, t and noise for all three."""
+    """PSNR of the VAE per domain; epsilon-MSE per timestep range with the right caption, "" and another
+    domain's caption (the other domain's words, the same class list), the same z0, t and noise for all."""
     vae, unet, te, tok, sch = (parts[k] for k in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"))
     x = _to_model(held["images"])
     mean, _ = encode(vae, held["images"])
@@ -315,17 +324,18 @@ def build_parts() -> dict:
 
 
 def pretrain(a: argparse.Namespace, log=print) -> dict:
-    """Corpus -> VAE -> scaling factor -> UNet + text encoder -> held-out report; returns the parts and report."""
+    """Corpus -> VAE -> scaling factor -> UNet + text encoder -> held-out report; returns parts and report."""
     torch.manual_seed(a.seed)
     parts = build_parts()
     with tempfile.TemporaryDirectory() as work:
         corpus = build_corpus(a.seed, a.crops, a.images, Path(work), log)
-        held = build_corpus(a.seed + 1, max(4, a.crops // 8), max(4, a.images // 8), Path(work), lambda s: None)
+        held = build_corpus(a.seed + 1, max(4, a.crops // 8), max(4, a.images // 8), Path(work),
+                            lambda s: None)
     log(f"corpus | {len(corpus['images'])} crops + {len(corpus['drawings'])} drawings; held out "
         f"{len(held['images'])} crops (generator seeds {a.seed}, {a.seed + 1})")
     train_vae(parts["vae"], corpus, a.vae_iters, a.vae_batch, a.vae_lr, a.seed, log)
     z_mean, z_std = encode(parts["vae"], corpus["images"])
-    scale = float(1 / z_mean.std())                                      # SD: 0.18215 = 1 / std of its latents
+    scale = float(1 / z_mean.std())                               # SD: 0.18215 = 1 / std of its latents
     parts["vae"].register_to_config(scaling_factor=scale)
     log(f"vae | scaling factor 1 / std(z) = {scale:.4f}")
     tok = parts["tokenizer"]
@@ -348,12 +358,13 @@ def save(parts: dict, out: Path, meta: dict) -> None:
     for part in ("unet", "vae", "text_encoder", "scheduler", "tokenizer"):
         parts[part].save_pretrained(tmp / part)
     (tmp / "pretraining.json").write_text(json.dumps(meta, indent=1) + "\n")
-    (tmp / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "mini": True}))
+    index = {"_class_name": "StableDiffusionPipeline", "mini": True}
+    (tmp / "model_index.json").write_text(json.dumps(index))
     os.rename(tmp, out)
 
 
 def print_report(folder: str, seed: int, crops: int, images: int) -> int:
-    """The held-out report of a pretrained folder, as `pretrain` computes it (same held-out seed and sizes)."""
+    """The held-out report of a pretrained folder, as `pretrain` computes it (same held-out seed, sizes)."""
     from common.sd_backbone import load_sd
     sd = load_sd(folder)
     parts = {"vae": sd.vae, "unet": sd.unet, "text_encoder": sd.text_encoder, "tokenizer": sd.tokenizer,
@@ -365,7 +376,7 @@ def print_report(folder: str, seed: int, crops: int, images: int) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Pretrain the mini SD on the synthetic world (common/mini_sd.py).")
+    p = argparse.ArgumentParser(description="Pretrain the mini SD on the synthetic world.")
     p.add_argument("--out", help="new folder to write (refused if it exists)")
     p.add_argument("--seed", type=int, default=1000, help="corpus generator seed (held-out: seed + 1)")
     p.add_argument("--images", type=int, default=200, help="generated images per dataset split")
