@@ -2,6 +2,7 @@
 `common/mini_sd.py` builds, it is really pretrained (its VAE reconstructs, its text is used), and the
 pretraining script runs, refuses to overwrite and is deterministic for a seed."""
 import json
+import os
 import subprocess
 import sys
 
@@ -101,7 +102,7 @@ def test_pretraining_script_runs_refuses_to_overwrite_and_is_deterministic(tmp_p
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
         r = subprocess.run([sys.executable, "-m", "common.mini_sd", "--out", str(out), "--smoke"],
-                           capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert r.returncode == 0, r.stderr[-2000:]
         assert "report | eps-MSE" in r.stdout and "wrote" in r.stdout
     a, b = (load_sd(str(o), parts=("unet", "vae", "text_encoder")) for o in outs)
