@@ -58,6 +58,7 @@ import contextlib
 import copy
 import itertools
 import json
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -67,11 +68,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import console, metrics, runtime
+from common import metrics, runs
+from common.cli import UserError, check_common_flags, log, replace_defaults, run_cli
 from common.daformer import DAFormerHead, ce_all_pixels, class_mix_masks, ema_update, strong_augment
 from common.datasets import (CLASS_SETS, PALETTES, RareClassSampling, TrainStream, build_dataset, check_pair,
                              eval_target, run_tag)
-from common.runtime import UserError
 from common.sd_backbone import (FeatureCapture, add_noise, encode_prompts, load_sd, to_dtype, vae_decode,
                                  vae_encode)
 from common.synthetic import ensure_synthetic_sample
@@ -426,8 +427,8 @@ def micro_seed(seed: int, step: int, j: int) -> int:
 @dataclass
 class Run:
     """What `train` derives once from Args, the task table and the hardware; `train_step` reads it."""
-    dist: runtime.Dist
-    precision: runtime.Precision
+    dist: runs.Dist
+    precision: runs.Precision
     palette: np.ndarray               # (K, 3) uint8 palette of the target class set: the LPLR colours
     class_names: tuple                # K names
     t0_lo: int                        # DPLG t0 is drawn from {t0_lo, t0_lo + 1}
@@ -477,7 +478,7 @@ def train_step(student: nn.Module, ema_seg: SegHead, optimizer: torch.optim.Opti
                 z_pal = palette_latent(fz, y_s, run.palette)                    # (b, 4, h, w) LPLR target
                 l_reg_s = w[0] * loss_lplr(o_s, z_pal, (y_s != 255).float())
                 loss = (l_src + l_reg_s) / A                                    # micro-losses add: scale 1/A
-            runtime.check_finite(loss, i + 1, run.out)                          # stop on NaN/inf
+            runs.check_finite(loss, i + 1, run.out)                          # stop on NaN/inf
             scaler.scale(loss).backward()
         if not args.source_only:
             # -- ClassMix (no grad): half of the source classes pasted onto the target crop; jitter + blur.
@@ -493,7 +494,7 @@ def train_step(student: nn.Module, ema_seg: SegHead, optimizer: torch.optim.Opti
                         z_pal = palette_latent(fz, y_m, run.palette)
                         l_reg_t = w[1] * loss_lplr(o_m, z_pal, (y_m != 255).float() * q)
                     loss = (l_mix + l_reg_t) / A
-                runtime.check_finite(loss, i + 1, run.out)
+                runs.check_finite(loss, i + 1, run.out)
                 scaler.scale(loss).backward()
         for key, v in zip(logs, (l_src, l_mix, l_reg_s, l_reg_t, q, t_dplg)):
             logs[key] += float(v.detach() if torch.is_tensor(v) else v) / A
@@ -510,7 +511,7 @@ def train_step(student: nn.Module, ema_seg: SegHead, optimizer: torch.optim.Opti
 # ---- Setup: checks, model, data, --profile / --estimate-memory ----
 def check_args(args: Args, world: int) -> None:
     """Bad flag values as one-line UserErrors, before anything is built or written."""
-    runtime.validate_args(args, crop_multiple=8)
+    check_common_flags(args, crop_multiple=8)
     m = args.micro_batch_size
     if m < 1 or args.batch_size % (m * world):
         raise UserError(f"error: --batch-size {args.batch_size} is not a multiple of --micro-batch-size {m} "
@@ -532,7 +533,7 @@ def task_settings(args: Args) -> tuple[int, float, tuple[float, ...]]:
             tuple(args.lplr_weights) if args.lplr_weights else weights)
 
 
-def build_model(args: Args, num_classes: int, device: torch.device, precision: runtime.Precision):
+def build_model(args: Args, num_classes: int, device: torch.device, precision: runs.Precision):
     """Load SD, embed "" once, free the text encoder, set what trains, hook the UNet -> (student, ema_seg)."""
     sd = load_sd(args.sd_model, device=device)
     e_empty = encode_prompts(sd.tokenizer, sd.text_encoder, [""]).float()    # (1, 77, d) E("")
@@ -582,8 +583,17 @@ def build_data(args: Args, num_classes: int):
     return TrainStream(src, args.seed, rcs, stream_id=0), TrainStream(tgt, args.seed, None, stream_id=1), val
 
 
-def measure(args: Args, run: Run, num_classes: int, accum: int) -> dict:
+def measure(args: Args) -> dict:
     """--profile / --estimate-memory: steps on random crops of the training shapes (no data needed)."""
+    from common import runtime
+    dist, precision = runtime.setup_hardware(args)
+    check_args(args, dist.world)
+    runtime.seed_everything(args.seed)
+    num_classes = check_pair(args.src, args.tgt)
+    t0_lo, end_frac, lplr_w = task_settings(args)
+    run = Run(dist, precision, PALETTES[num_classes], CLASS_SETS[num_classes], t0_lo,
+              round(end_frac * args.iters), lplr_w, None)
+    accum = args.batch_size // (args.micro_batch_size * dist.world)
     m, c, dev = args.micro_batch_size, args.crop_size, run.dist.device
 
     def build():
@@ -600,87 +610,102 @@ def measure(args: Args, run: Run, num_classes: int, accum: int) -> dict:
     return runtime.measure(args, build, dev, {**extra, **{k: getattr(args, k) for k in keys}})
 
 
-# ---- Training loop ----
+# ---- Training loop: setup, data, model, resume, the loop (log, evaluate, checkpoint), end ----
 def train(args: Args) -> dict:
-    dist, precision = runtime.setup_hardware(args)  # processes, device, precision, determinism
+    if args.profile or args.estimate_memory:  # measuring tools (benchmarks/measure.py): one JSON line
+        return measure(args)
+    # Processes (torchrun: one per GPU, DDP), device, precision, seed.
+    dist, repeatable = runs.init_distributed(args.device, args.deterministic)
+    precision = runs.choose_precision(args.precision, dist.device)  # bf16 / fp16 + GradScaler / fp32 on CPU
     check_args(args, dist.world)
-    runtime.seed_everything(args.seed)
+    runs.seed_everything(args.seed)
     K = check_pair(args.src, args.tgt)
     t0_lo, end_frac, lplr_w = task_settings(args)
     out = Path(args.out or f"runs/madm-{run_tag(args.src)}-{run_tag(args.tgt)}")
     t_end = round(end_frac * args.iters)
     run = Run(dist, precision, PALETTES[K], CLASS_SETS[K], t0_lo, t_end, lplr_w, out)
     m, accum = args.micro_batch_size, args.batch_size // (args.micro_batch_size * dist.world)
-    if args.profile or args.estimate_memory:
-        return measure(args, replace(run, out=None), K, accum)
     if dist.is_main:
-        console.log("args: " + json.dumps(asdict(args)))
-        console.log(f"device {dist.device} x{dist.world} | {precision.reason} | accumulation {accum} x "
-                    f"micro-batch {m}")
-        console.log(f"task {args.tgt}: {K} classes | DPLG t0 {{{t0_lo}, {t0_lo + 1}}} until step {t_end} | "
-                    f"LPLR weights {lplr_w} ({'source + mixed' if len(lplr_w) > 1 else 'source only'})")
-    src_stream, tgt_stream, val_set = build_data(args, K)   # validates the data before anything is written
+        log("args: " + json.dumps(asdict(args)))
+        log(f"device {dist.device} x{dist.world} | {precision.reason} | {repeatable} | accumulation {accum} x "
+            f"micro-batch {m}")
+        log(f"task {args.tgt}: {K} classes | DPLG t0 {{{t0_lo}, {t0_lo + 1}}} until step {t_end} | "
+            f"LPLR weights {lplr_w} ({'source + mixed' if len(lplr_w) > 1 else 'source only'})")
+    # Data and model (the data are checked before anything is written).
+    src_stream, tgt_stream, val_set = build_data(args, K)
     student, ema_seg = build_model(args, K, dist.device, precision)
     parts = nn.ModuleDict({"unet": student.unet, "seg": student.seg, "ema": ema_seg})  # checkpoint weights
-    if args.eval_only:
-        weights, state = runtime.load_checkpoint(args.ckpt)
+    if args.eval_only:  # --eval-only / --predict: score (or draw) the --ckpt weights
+        weights, state = runs.load_checkpoint(args.ckpt)
         load_weights(parts, weights, args.ckpt)
-        runtime.prepare_out_dir(str(out), eval_only=True, is_main=dist.is_main)
+        out.mkdir(parents=True, exist_ok=True)
         result = evaluate(args, student, val_set, run, step=state.get("step", 0))
-        if dist.is_main:
-            runtime.write_curves(out)
         return finish(result, run, "done: --eval-only")
     optimizer, scaler = make_optimizer(student, args), precision.make_scaler()
-    ckpt, start = runtime.Checkpointer(out, args.ckpt_every, args.keep_ckpts, dist.is_main), 0
-    if args.resume:  # also restores the RNG states: nothing may draw random numbers after this
-        weights, state = ckpt.resume()
-        load_weights(parts, weights, str(ckpt.latest()))
+    start, history = 0, []
+    if args.resume:  # restores the RNG states too: nothing may draw random numbers after this
+        weights, state = runs.load_checkpoint(runs.latest_checkpoint(out), "--resume")
+        load_weights(parts, weights, str(out))
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        start = state["step"]
-    runtime.prepare_out_dir(str(out), resume=args.resume, is_main=dist.is_main, allow_existing=args.demo)
+        start, history = state["step"], state["train_log"]
+        runs.set_rng_state(state["rng"])
+        log(f"resumed at step {start}") if dist.is_main else None
+    runs.prepare_out_dir(out, args.resume, args.demo, dist.is_main)
     if dist.is_main and not args.resume:
-        runtime.write_metrics(out, args, key="args")
-    ddp = dist.wrap(student)  # DDP when launched with torchrun (gradients averaged over processes)
-    log = runtime.TrainLog(out, args.iters, args.log_every, dist.device, dist.is_main, start)
+        metrics.write_metrics(out, args, key="args")
+    ddp = dist.wrap(student)  # DDP under torchrun: gradients averaged over processes
     if dist.is_main:
-        console.log("adapting: nothing, --source-only baseline (source CE + source LPLR)" if args.source_only
-                    else "adapting: EMA-teacher pseudo labels on the target via ClassMix, weighted by q = "
-                    f"share of pixels with confidence >= {args.pseudo_threshold}; DPLG until step {t_end}")
-    result, adapted, stop = {}, 0, runtime.StopOnSignal(dist)  # SIGTERM/SIGINT: stop after a checkpoint
+        log("adapting: nothing, --source-only baseline (source CE + source LPLR)" if args.source_only
+            else "adapting: EMA-teacher pseudo labels on the target via ClassMix, weighted by q = share of "
+            f"pixels with confidence >= {args.pseudo_threshold}; DPLG until step {t_end}")
+    result, adapted, window, t_log, logged = {}, 0, {}, time.perf_counter(), start
+    stop = runs.StopOnSignal(dist)  # SIGTERM / SIGINT: stop after the step's checkpoint, exit 75
     for i in stop.steps(start, args.iters):
-        batch = [tuple(t.to(dist.device) for t in (s["image"], s["label"], tg["image"]))
+        batch = [tuple(t.to(dist.device) for t in (s["image"], s["label"], tg["image"]))   # A x (x_s, y_s, x_t)
                  for s, tg in ((src_stream.batch(i, j * m, m), tgt_stream.batch(i, j * m, m))
                                for j in range(dist.rank * accum, (dist.rank + 1) * accum))]
         logs = train_step(ddp, ema_seg, optimizer, scaler, batch, i, args, run)
         adapted += logs["q"] > 0
-        log.step(i + 1, logs)
+        window = {k: window.get(k, 0.0) + v for k, v in logs.items()}
+        if (i + 1) % args.log_every == 0 or i + 1 == args.iters:  # means since the last line; lr the latest
+            n, now = i + 1 - logged, time.perf_counter()
+            history.append({"step": i + 1, **{k: v / n for k, v in window.items()}, "lr": logs["lr"]})
+            if dist.is_main:
+                log(log_line(history[-1], args.iters, 1000 * (now - t_log) / n, dist.device))
+                metrics.write_metrics(out, history, key="train_log")
+            window, t_log, logged = {}, now, i + 1
         if (i + 1) % args.eval_every == 0 or i + 1 == args.iters:
             result = evaluate(args, student, val_set, run, i + 1)
-        if ckpt.due(i + 1, args.iters) or stop.requested():
-            state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "args": asdict(args)}
-            ckpt.save(i + 1, parts.state_dict(), state)
+        if i + 1 == args.iters or (args.ckpt_every and (i + 1) % args.ckpt_every == 0) or stop.requested():
+            if dist.is_main:
+                runs.save_checkpoint(out, i + 1, parts.state_dict(), dict(
+                    step=i + 1, rng=runs.get_rng_state(), optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict(), train_log=history, args=asdict(args)), args.keep_ckpts)
             dist.barrier()
-    log.close()
     if dist.is_main:
-        console.log("adapted: nothing (--source-only baseline)" if args.source_only else "adapted: the "
-                    f"target pseudo labels carried weight (q > 0) in {adapted} of {args.iters - start} steps")
+        log("adapted: nothing (--source-only baseline)" if args.source_only else "adapted: the target pseudo "
+            f"labels carried weight (q > 0) in {adapted} of {args.iters - start} steps")
     result = result or evaluate(args, student, val_set, run, args.iters)  # resumed a finished run: score it
-    if dist.is_main:
-        runtime.write_curves(out)
-    mem = runtime.peak_memory_gb(dist.device)
+    mem = metrics.peak_memory_gb(dist.device)
     return dict(finish(result, run, f"done: {args.iters} steps | peak memory {mem:.1f} GB | out {out}"),
-                train_log=log.history, out=str(out))
+                train_log=history, out=str(out))
+
+
+def log_line(rec: dict, total: int, ms_per_step: float, device: torch.device) -> str:
+    """`step 1200/10000 | loss_src 0.412 | q 0.710 | lr 5.0e-06 | 410 ms/step | mem 17.3 GB` (README)."""
+    values = [f"{k} {v:.1e}" if k == "lr" or 0 < abs(v) < 1e-3 else f"{k} {v:.3f}" for k, v in rec.items()
+              if k != "step"]
+    mem = metrics.peak_memory_gb(device)
+    return " | ".join([f"step {rec['step']}/{total}", *values, f"{ms_per_step:.0f} ms/step", f"mem {mem:.1f} GB"])
 
 
 def finish(res: dict, run: Run, head: str) -> dict:
-    """End of a run: `head | mIoU ..` (+ mIoU16 / mIoU13 for SYNTHIA sources) and metrics.json's "final"."""
+    """End of a run: `head | mIoU ..` (+ mIoU16 / mIoU13 for SYNTHIA sources), metrics.json's "final", curves."""
     if run.dist.is_main:
-        scores = [f"mIoU{k[4:]} {100 * res[k]:.2f}" for k in ("miou", "miou16", "miou13") if k in res]
-        console.log(" | ".join([head, *scores]))
-        if run.out.is_dir():
-            runtime.write_metrics(run.out, {k: v for k, v in res.items() if k not in ("table", "confusion")},
-                                  key="final")
+        log(" | ".join([head, *(f"mIoU{k[4:]} {100 * res[k]:.2f}" for k in ("miou", "miou16", "miou13") if k in res)]))
+        metrics.write_metrics(run.out, {k: v for k, v in res.items() if k not in ("table", "confusion")}, "final")
+        metrics.write_curves(run.out)
     return res
 
 
@@ -703,7 +728,7 @@ def evaluate(args: Args, student: Student, dataset, run: Run, step: int) -> dict
     student.seg.train()
     if parts[0].get("no_labels"):  # no metric: pictures (target without labels) or --predict outputs
         if dist.is_main:
-            console.log(parts[0]["table"])
+            log(parts[0]["table"])
         return dict(parts[0], step=step)
     conf, where = sum(np.asarray(p["confusion"], np.int64) for p in parts), parts[0]["resolution"]
     title = f"per-class results — {args.tgt} test, {n} images, {where}"
@@ -712,23 +737,23 @@ def evaluate(args: Args, student: Student, dataset, run: Run, step: int) -> dict
                miou_first_half=parts[0]["miou"], table=metrics.format_table(conf, names, title, synthia))
     in_res = where.split(",")[0].replace("input ", "")
     if dist.is_main:
-        console.log(res["table"])
-        console.log(f"eval step {step} | mIoU {100 * res['miou']:.2f} | "
+        log(res["table"])
+        log(f"eval step {step} | mIoU {100 * res['miou']:.2f} | "
                     + "".join(f"mIoU{k[4:]} {100 * res[k]:.2f} | " for k in ("miou16", "miou13") if k in res)
                     + f"input {in_res} | metric "
                     f"{'native' if args.eval_label_size == 'native' else in_res} | first half mIoU "
                     f"{100 * res['miou_first_half']:.2f}")
         if run.out.is_dir():
-            runtime.write_metrics(run.out, {k: v for k, v in res.items() if k not in ("table", "confusion")})
+            metrics.write_metrics(run.out, {k: v for k, v in res.items() if k not in ("table", "confusion")})
     return res
 
 
 def main(args: Args) -> dict:
     """Train (or --eval-only, --profile, --estimate-memory); returns the last evaluation ("miou", ...)."""
     if args.demo:
-        args = runtime.replace_defaults(args, out="runs/madm-demo", **DEMO)
+        args = replace_defaults(args, out="runs/madm-demo", **DEMO)
     return train(replace(args, eval_only=args.eval_only or bool(args.predict)))  # --predict: load --ckpt
 
 
 if __name__ == "__main__":
-    runtime.run_cli(main, Args)
+    run_cli(main, Args)

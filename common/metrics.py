@@ -9,10 +9,14 @@ average per-image IoUs: accumulate the matrix over the set by summing, then comp
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import resource
 import warnings
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +24,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common import console
-from common.runtime import colorize, save_side_by_side
 
 # SYNTHIA shares 16 of the 19 Cityscapes classes (terrain, truck, train never occur); mIoU13 also drops wall,
 # fence, pole. Both are the usual SYNTHIA -> Cityscapes numbers, computed from the per-class IoUs.
@@ -370,5 +373,153 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.
 
 __all__ = ["confusion_matrix", "iou_per_class", "acc_per_class", "mean_iou", "summarize", "format_table",
            "evaluate", "resize_image", "resize_label", "pil_nearest_index", "IMAGE_RESIZE", "LABEL_RESIZE",
-           "RESIZE_PROTOCOLS", "SYNTHIA16", "SYNTHIA13"]
+           "RESIZE_PROTOCOLS", "SYNTHIA16", "SYNTHIA13", "colorize", "save_side_by_side", "write_curves",
+           "write_metrics", "peak_memory_gb"]
 warnings.filterwarnings("ignore", message="Mean of empty slice")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Pictures
+# ------------------------------------------------------------------------------------------------------------
+def colorize(label: np.ndarray, palette: np.ndarray) -> "Image.Image":
+    """Label map (H, W) of class ids (255 = ignore) -> RGB PIL image with the class-set palette, ignore
+    black."""
+    from PIL import Image
+    lut = np.zeros((256, 3), np.uint8)
+    lut[: len(palette)] = palette
+    return Image.fromarray(lut[np.asarray(label, dtype=np.uint8)])
+
+
+def _legend(classes: list[tuple[str, tuple[int, int, int]]], width: int) -> "Image.Image":
+    """A white strip naming the colour of each class: swatch + name, wrapped over as many rows as needed."""
+    from PIL import Image, ImageDraw, ImageFont
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    items, x, y, row_h = [], 8, 6, 22
+    for name, colour in classes:
+        w = 18 + 6 + int(probe.textlength(name, font=font)) + 16
+        if x + w > width and x > 8:
+            x, y = 8, y + row_h
+        items.append((x, y, name, colour))
+        x += w
+    strip = Image.new("RGB", (width, y + row_h + 4), "white")
+    draw = ImageDraw.Draw(strip)
+    for x, y, name, colour in items:
+        draw.rectangle([x, y + 2, x + 18, y + 18], fill=tuple(int(c) for c in colour), outline="black")
+        draw.text((x + 24, y + 2), name, fill="black", font=font)
+    return strip
+
+
+def save_side_by_side(path: str | Path, image: torch.Tensor, gt: np.ndarray, pred: np.ndarray,
+                      palette: np.ndarray, class_names: Optional[Sequence[str]] = None,
+                      min_height: int = 256) -> None:
+    """Write `input | ground truth | prediction` as one PNG, with a legend strip under it.
+
+    Panels smaller than `min_height` pixels are upscaled (nearest, so labels stay crisp) until they are at
+    least that high; the legend names the colours of the classes that appear in the ground truth or the
+    prediction (ignore = black).
+
+    Args:
+        image: float (3, H, W) in [0, 1] (resized to the label size if it differs).
+        gt, pred: int (H, W) class ids, 255 = ignore (black).
+        palette: (K, 3) uint8.
+        class_names: K names for the legend (None = no legend).
+        min_height: smallest panel height in pixels.
+    """
+    from PIL import Image
+    h, w = gt.shape
+    img = (image.detach().float().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    panels = [Image.fromarray(img).resize((w, h), Image.BILINEAR), colorize(gt, palette),
+              colorize(pred, palette)]
+    f = max(1, -(-min_height // h))  # integer upscale factor: a 64-pixel demo panel becomes 256 pixels high
+    panels = [p.resize((w * f, h * f), Image.NEAREST) for p in panels]
+    canvas = Image.new("RGB", (3 * w * f, h * f), "white")
+    for k, p in enumerate(panels):
+        canvas.paste(p, (k * w * f, 0))
+    if class_names is not None:
+        present = sorted(set(np.unique(gt).tolist()) | set(np.unique(pred).tolist()))
+        classes = [(class_names[c], tuple(palette[c])) for c in present if c < len(class_names)]
+        if 255 in present:
+            classes.append(("ignore", (0, 0, 0)))
+        legend = _legend(classes, canvas.width)
+        full = Image.new("RGB", (canvas.width, canvas.height + legend.height), "white")
+        full.paste(canvas, (0, 0))
+        full.paste(legend, (0, canvas.height))
+        canvas = full
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def write_curves(out_dir: str | Path) -> Optional[Path]:
+    """`<out>/curves.png`: every logged loss and the evaluation mIoU over steps, from `<out>/metrics.json`.
+
+    Needs matplotlib (installed in Colab; not a dependency): without it one line says the plot was skipped.
+    Returns the file, or None when nothing was written.
+    """
+    path = Path(out_dir) / "metrics.json"
+    if not path.exists():
+        return None
+    try:  # a bare Figure, not pyplot: no global backend switch in the user's notebook
+        from matplotlib.figure import Figure
+    except ImportError:
+        console.log("curves.png skipped: matplotlib is not installed (pip install matplotlib to get the training "
+            "curves)")
+        return None
+    data = json.loads(path.read_text())
+    logs = {k: v for k, v in data.items() if k.startswith("train_log") and isinstance(v, list) and v}
+    evals = [e for e in data.get("evals", []) if isinstance(e, dict) and e.get("miou") is not None]
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
+    for key, recs in logs.items():
+        for name in recs[0]:
+            if name.startswith("loss") and all(r.get(name) is not None for r in recs):
+                label = name if len(logs) == 1 else f"{key.replace('train_log', '').strip('_')} {name}"
+                ax1.plot([r["step"] for r in recs], [r[name] for r in recs], label=label)
+    ax1.set(xlabel="step", ylabel="loss", title="training losses")
+    if ax1.get_lines():  # an --eval-only run has no losses
+        ax1.legend(fontsize=8)
+    groups: dict[str, list] = {}
+    for e in evals:  # one line per evaluated target / path
+        tag = " ".join(str(e[k]) for k in ("target", "path", "prompt") if k in e) or "mIoU"
+        groups.setdefault(tag, []).append(e)
+    for tag, es in groups.items():
+        ax2.plot([e.get("step", 0) for e in es], [100 * e["miou"] for e in es], "o-", label=tag)
+    ax2.set(xlabel="step", ylabel="mIoU (%)", title="evaluation")
+    if groups:
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    png = Path(out_dir) / "curves.png"
+    fig.savefig(png, dpi=100)
+    return png
+
+
+# ---- metrics.json: args, train log, evaluations, final result ----
+def _jsonable(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        obj = asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray, torch.Tensor)):
+        return [_jsonable(v) for v in (obj.tolist() if hasattr(obj, "tolist") else obj)]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None  # NaN -> null: the file stays valid JSON
+    return int(obj) if isinstance(obj, np.integer) else obj
+
+
+def write_metrics(out: Path, record: Any, key: str = "evals") -> None:
+    """Append `record` to the list "evals" of <out>/metrics.json, or set `key` to it; an atomic rewrite."""
+    path = out / "metrics.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.setdefault("evals", []).append(_jsonable(record)) if key == "evals" else data.update({key: _jsonable(record)})
+    (out / "metrics.json.tmp").write_text(json.dumps(data, indent=1))
+    os.replace(out / "metrics.json.tmp", path)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak CUDA memory held by tensors, or the process's peak resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
