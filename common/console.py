@@ -14,12 +14,7 @@ import sys
 from typing import Any, Iterable, Optional
 
 
-class UserError(Exception):
-    """Bad input: the message is one line, `error: <what>: <what is wrong>. Expected ... <how to fix>.`
-
-    The method's `__main__` guard (`runtime.run_cli`) prints it to stderr and exits with code 2 without a
-    traceback; in a notebook the exception propagates with the same message.
-    """
+from common.cli import UserError  # noqa: E402,F401  (one class while runtime.py is retired)
 
 
 def bars_enabled() -> bool:

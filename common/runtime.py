@@ -662,9 +662,7 @@ class Checkpointer:
 EXIT_STOPPED = 75  # sysexits.h EX_TEMPFAIL, "temporary failure, try again": stopped by a signal, resumable
 
 
-class Stopped(Exception):
-    """A training loop stopped by SIGTERM / SIGINT after its checkpoint; `run_cli` exits with EXIT_STOPPED
-    (in a notebook the exception propagates). The message is the line the run printed."""
+from common.cli import Stopped  # noqa: E402  (one class while runtime.py is retired)
 
 
 class StopOnSignal:
