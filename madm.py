@@ -644,7 +644,7 @@ def train(args: Args) -> dict:
     optimizer, scaler = make_optimizer(student, args), precision.make_scaler()
     start, history = 0, []
     if args.resume:  # restores the RNG states too: nothing may draw random numbers after this
-        weights, state = runs.load_checkpoint(runs.latest_checkpoint(out), "--resume")
+        weights, state = runs.load_checkpoint(runs.latest_checkpoint(out) or out / "checkpoints", "--resume")
         load_weights(parts, weights, str(out))
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])

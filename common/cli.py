@@ -67,7 +67,8 @@ def _parser(args_cls: type, with_defaults: bool) -> argparse.ArgumentParser:
     hints, docs = typing.get_type_hints(args_cls), _field_docs(args_cls)
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(args_cls):
-        tp = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
+        tp, inner = hints[f.name], typing.get_args(hints[f.name])
+        tp = inner[0] if type(None) in inner else tp  # Optional[X] -> X
         kw: dict[str, Any] = dict(default=f.default if with_defaults else argparse.SUPPRESS,
                                   help=docs.get(f.name, ""))
         if tp is bool:

@@ -165,14 +165,14 @@ def latest_checkpoint(out: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Optional[Path], flag: str = "--ckpt") -> tuple[dict, dict]:
+def load_checkpoint(path: str | Path, flag: str = "--ckpt") -> tuple[dict, dict]:
     """(weights, state) of a checkpoint folder (or its weights.safetensors); one-line error when it is none."""
     from safetensors.torch import load_file
-    p = Path(path or "")
+    p = Path(path)
     wfile = p if p.is_file() else p / "weights.safetensors"
-    if path is None or not wfile.is_file():
-        raise UserError(f"error: {flag}: no checkpoint at '{path or 'the run folder'}'. Expected a folder "
-                        "<out>/checkpoints/step_XXXXXXX written by this script.")
+    if not wfile.is_file():
+        raise UserError(f"error: {flag}: no checkpoint at '{p}'. Expected a folder <out>/checkpoints/step_XXXXXXX "
+                        "written by this script.")
     try:
         st = wfile.parent / "state.pt"
         return load_file(str(wfile)), (torch.load(st, "cpu", weights_only=False) if st.exists() else {})
