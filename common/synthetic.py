@@ -36,8 +36,9 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from common.datasets import (CITYSCAPES_LABELID_TO_TRAINID, CS19_TO_11, DSEC_SEQUENCES, MAPILLARY_TO_TRAINID,
-                             PALETTES, SYNTHIA_TO_TRAINID, make_lut)
+from common.datasets import CS19_TO_11, PALETTES
+from common.layouts import DSEC_SEQUENCES
+from common.readers import CITYSCAPES_LABELID_TO_TRAINID, MAPILLARY_TO_TRAINID, SYNTHIA_TO_TRAINID, make_lut, render_events
 
 GENERATOR_VERSION = 2  # bump when the output changes, so ensure_synthetic_sample regenerates stale samples
 SIZE_RATIO = 1 / 8     # every size is the real native size times this
@@ -508,7 +509,6 @@ def _write_dsec(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
         h5py = None
     d = root / "dsec"
     to11 = make_lut(CS19_TO_11)
-    from common.datasets import render_events
     sensor = (60, 80)                                   # (H, W): 640x480 / 8; labels are the top 55 rows
     label_hw = (55, 80)
     ident = np.stack(np.meshgrid(np.arange(80, dtype=np.float32), np.arange(60, dtype=np.float32)), -1)
