@@ -1,14 +1,9 @@
-"""The dataset names of the four methods (`--src` / `--tgt`) and what a script gets from them.
-
-`DATASETS` is the table of data/README.md; your own data is `folder:PATH` ("Your own data" there). A split is
-listed by `common.layouts`, its files are decoded by `common.readers`, and `build_dataset` returns a
-`SegDataset`: eval items at native size, train items resized, cropped, flipped and converted to the model's
-class set; `common.sampling` draws the training batches from it.
-
-Conventions: images float32 (3, H, W) in [0, 1] (grey modalities replicated to 3 channels); labels int64 (H,
-W) with 255 = ignore; sizes are written (W, H), array shapes (H, W). Bad input fails at construction with a
-one-line `DatasetError`. Tags: [official] the dataset's own release, [ref: X] a public re-implementation, [our
-choice].
+"""The dataset names of the four methods (`--src` / `--tgt`, the table of data/README.md, or your own data as
+`folder:PATH`) and `build_dataset`, which lists a split (`common.layouts`), decodes it (`common.readers`) and
+returns a `SegDataset`: eval items at native size, train items resized, cropped, flipped and converted to the
+model's class set (`common.sampling` draws the batches). Images float32 (3, H, W) in [0, 1], grey replicated to
+3 channels; labels int64 (H, W), 255 = ignore; sizes (W, H), shapes (H, W). Bad input fails at construction
+with a one-line `DatasetError`. [ref: X] = a public re-implementation.
 """
 from __future__ import annotations
 
@@ -27,17 +22,13 @@ from common.readers import IGNORE, DatasetError, EventFiles, image_size, make_lu
 from common.sampling import RareClassSampling, TrainStream  # noqa: F401  (the scripts use datasets.TrainStream)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Registry (the table of data/README.md)
-# ------------------------------------------------------------------------------------------------------------
+# ---- the registry --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DatasetInfo:
-    """One registry entry: the `--src` / `--tgt` name, its default folder under the data root, the native
-    class count (19, 11 or 9), the native train and eval splits, the train resize and eval input size
-    (("exact", (W, H)), or ("keep", (W, H)) = keep the ratio into that box, `resize_size`), the metric's
-    resolution ("native" label size, "half" of it for Mapillary, or the eval "input" size, MADM's targets,
-    `common.metrics.evaluate`), every split the loader knows, those listed without labels, and the expected
-    item counts (a mismatch is a warning: downloads differ slightly)."""
+    """A registry entry: name, default folder under the data root, native class count, native train / eval
+    split, train resize and eval input (("exact", (W, H)) or ("keep", (W, H)): the ratio kept, `resize_size`),
+    the metric's resolution ("native", "half" for Mapillary, "input" for MADM's targets; `common.metrics`),
+    the splits, those without labels, the item counts (a mismatch is a warning: downloads differ slightly)."""
     name: str
     folder: str
     num_classes: int
@@ -113,18 +104,13 @@ def run_tag(name: str) -> str:
 
 def eval_target(name: str, predict: Optional[str]) -> tuple[str, str]:
     """(dataset, split) a script evaluates: `name`'s eval split, or with `--predict PATH` every image of
-    `folder:PATH`, without labels (`common.metrics.evaluate` writes a prediction for each)."""
+    `folder:PATH` without labels (`common.metrics.evaluate` writes a prediction for each)."""
     return (FOLDER + predict, "predict") if predict else (name, "val")
 
 
 def dataset_info(name: str, flag: str = "") -> DatasetInfo:
-    """`DATASETS[name]`, or the entry of a `folder:PATH` dataset: the one check of a dataset name.
-
-    Args:
-        flag: the option that gave the name ("--tgt"), named in the message.
-    Raises:
-        DatasetError: an unknown name, a missing folder or a classes.txt naming no known class set.
-    """
+    """`DATASETS[name]` or the entry of a `folder:PATH`: the one check of a dataset name. DatasetError for an
+    unknown name (`flag`, e.g. "--tgt", is named in the message), a missing folder, a bad classes.txt."""
     if name in DATASETS:
         return DATASETS[name]
     if not is_folder(name):
@@ -156,9 +142,7 @@ def _folder_classes(name: str, path: Path) -> int:
                        f"(data/README.md).")
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Class sets, palettes, conversions (sources: data/README.md "Class sets and label maps")
-# ------------------------------------------------------------------------------------------------------------
+# ---- class sets, palettes, conversions (sources: data/README.md "Class sets and label maps") ------------------
 CLASS_SETS: dict[int, tuple[str, ...]] = {
     19: ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
          "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
@@ -188,12 +172,8 @@ _CONVERSIONS = {(19, 11): CS19_TO_11, (19, 9): CS19_TO_9, (11, 9): C11_TO_9, (9,
 
 
 def convert_labels(src_k: int, tgt_k: int) -> np.ndarray:
-    """(256,) uint8 LUT from one class set to another (the model's class set is the target's [our choice]);
-    255 -> 255, the identity when src_k == tgt_k.
-
-    Raises:
-        DatasetError: 11 -> 19 or 9 -> 19 (a merged class cannot be split) or an unknown class count.
-    """
+    """(256,) uint8 LUT from one class set to another (255 -> 255); DatasetError for 11 -> 19 or 9 -> 19 (a
+    merged class cannot be split) or an unknown class count. The model's class set is the target's [our choice]."""
     if src_k == tgt_k and src_k in CLASS_SETS:
         return make_lut({i: i for i in range(src_k)})
     if (src_k, tgt_k) in _CONVERSIONS:
@@ -207,12 +187,9 @@ def convert_labels(src_k: int, tgt_k: int) -> np.ndarray:
 
 
 def check_pair(src: str, tgt: str) -> int:
-    """The model's class count for a `--src` / `--tgt` pair (the target's); `tgt` may be a comma list.
-
-    Raises:
-        DatasetError: the source's class set cannot be mapped onto the target's (11 or 9 classes onto 19),
-            targets of a comma list have different class sets, or a source folder has unlabelled images.
-    """
+    """The model's class count for a `--src` / `--tgt` pair (the target's; `tgt` may be a comma list).
+    DatasetError when the source's class set cannot be mapped onto the target's (11 or 9 classes onto 19), the
+    targets differ in class set, or a source folder has unlabelled images."""
     tgts = tgt.split(",")
     infos = {n: dataset_info(n) for n in [src] + tgts}
     if is_folder(src):
@@ -252,9 +229,7 @@ def eval_input_size(name: str, hw: tuple[int, int], scale: float = 1.0) -> tuple
     return resize_size(dataset_info(name).eval_input, hw[::-1], scale)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# The dataset
-# ------------------------------------------------------------------------------------------------------------
+# ---- the dataset ---------------------------------------------------------------------------------------------
 def _to_tensor(a: np.ndarray) -> torch.Tensor:
     """(3, H, W) float32 in [0, 1] from uint8 (H, W, 3) or float (H, W) grey (replicated to 3 channels)."""
     if a.ndim == 2:
@@ -304,10 +279,6 @@ class SegDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __repr__(self) -> str:
-        return (f"SegDataset({self.name}, split={self.split}, n={len(self)}, train={self.train}, "
-                f"classes={self.native_classes}->{self.num_classes}, folder='{self.folder}')")
-
     def load_label(self, i: int) -> np.ndarray:
         """The native label of item `i`: uint8 (H, W), 0..K-1 and 255 = ignore (all 255 without labels)."""
         it = self.items[i]
@@ -317,7 +288,7 @@ class SegDataset(torch.utils.data.Dataset):
         return read_label(self.name, it.label, self.label_kind, self.native_classes)
 
     def load_image(self, i: int) -> Image.Image:
-        """The input of item `i` at native size: PIL "RGB" (uint8) or "F" (float32 in [0, 1], grey)."""
+        """The input of item `i` at native size: PIL "RGB" (uint8) or "F" (grey, float32 in [0, 1])."""
         it = self.items[i]
         if self.image_kind == "events":
             w, h = image_size(self.name, it.label)
@@ -360,20 +331,12 @@ class SegDataset(torch.utils.data.Dataset):
 
     def sample(self, i: int, rng: np.random.Generator, rcs_class: Optional[int] = None,
                rcs_min_pixels: int = 0) -> dict:
-        """Train transform of item `i`: resize -> random crop -> flip -> conversion to the model's class set.
-
-        Resize to the (scaled) train size with Pillow, image bilinear (antialiased when shrinking), label
-        nearest, as MADM's train loader does (mmseg uses OpenCV without antialiasing: a train-time difference
-        kept [our choice]). Crop `crop_size` squared; with `cat_max_ratio`, up to 10 redraws until >= 2 labelled
-        classes and the largest < ratio of the labelled pixels [ref: mmseg RandomCrop]; with `rcs_class`, up to 10
-        redraws until the crop holds > `rcs_min_pixels` pixels of that native class [ref: DAFormer RCS]. Joint
-        horizontal flip, p = 0.5. Conversion after cropping [ref: MADM order].
-
-        Args:
-            rng: the only source of randomness (TrainStream seeds it with (seed, step, j)).
-        Returns:
-            {"image": float32 (3, c, c) in [0, 1], "label": int64 (c, c), "name", "split"}.
-        """
+        """Item `i` resized to the train size (Pillow: image bilinear, label nearest, as MADM's loader; mmseg's
+        OpenCV does not antialias, a train-time difference [our choice]), cropped to `crop_size` squared (with
+        `cat_max_ratio` up to 10 redraws until >= 2 classes and the largest < ratio of the labelled pixels [ref:
+        mmseg RandomCrop]; with `rcs_class` up to 10 redraws until > `rcs_min_pixels` of that native class [ref:
+        DAFormer RCS]), flipped with p = 0.5, converted to the model's class set [ref: MADM order]. `rng` is the
+        only randomness. Returns {"image": float32 (3, c, c) in [0, 1], "label": int64 (c, c), "name", "split"}."""
         im, label = self._load(i)
         w0, h0 = im.size
         tw, th = self._train_size((w0, h0))
@@ -411,15 +374,13 @@ def build_dataset(name: str, root: str | Path = "data", split: str = "train", *,
     """One split of a dataset in its official layout (data/README.md), checked at construction.
 
     Args:
-        name: a registry name (`DATASETS`) or `folder:PATH` (your own data; `root` is not used).
+        name: a registry name or `folder:PATH` (then `root` is not used).
         root: the data root holding the default folder (`data/` with `data/cityscapes/`), or that folder itself.
-        split: "train" / "val" (the registry's train / eval split) or a native name ("all", "test",
-            "validation", ...; folders: "predict" = every image, no labels).
-        train: items go through the train transform; default: `split` is the train split.
-        crop_size: train crop side (not scaled); scale: multiplies every train / eval size (the demo: 1/8).
-        num_classes: the model's class set (default: the native one); cat_max_ratio: mmseg's crop constraint.
-    Raises:
-        DatasetError (a UserError) with a one-line message.
+        split: "train" / "val" (the registry's train / eval split) or a native name ("all", "validation", ...;
+            folders: "predict" = every image, no labels).
+        train: items go through the train transform (default: for the train split); crop_size: not scaled;
+            scale: multiplies every train / eval size (the demo: 1/8); num_classes: the model's class set
+            (default: the native one); cat_max_ratio: mmseg's crop constraint.
     """
     info = dataset_info(name)
     # the aliases win over native names: "val" is DELIVER's eval split "test", not its own "val" [our choice]

@@ -1,9 +1,7 @@
-"""Where each dataset keeps its files: one lister per official on-disk layout (the trees are in data/README.md)
-returning the items of one split and how to decode them, the image/label size check, and `resolve_folder`.
-
+"""Where each dataset keeps its files: one lister per official layout (trees in data/README.md) returning the
+items of a split and how to decode them, your own `folder:PATH`, the image/label size check, `resolve_folder`.
 Images and labels are paired by explicit suffix and stem, never by `*.png` (DAFormer's converted files sit next
-to the raw ones). A missing folder, an empty split or an image without its label is a one-line `DatasetError`.
-Tags: [official] the dataset's own release or tooling, [ref: X] a public re-implementation, [our choice].
+to the raw ones); a missing folder, an empty split or an image without its label is a one-line `DatasetError`.
 """
 from __future__ import annotations
 
@@ -12,7 +10,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -50,12 +48,7 @@ class Listing:
 
 
 def _missing(name: str, folder: Path, rel: str, pattern: str) -> DatasetError:
-    return DatasetError(f"error: {name}: no folder '{rel}' under '{folder}'. Expected {pattern} (official "
-                        f"layout).")
-
-
-def _empty(name: str, directory: Path, what: str) -> DatasetError:
-    return DatasetError(f"error: {name}: '{directory}' contains no {what} files.")
+    return DatasetError(f"error: {name}: no folder '{rel}' under '{folder}'. Expected {pattern} (official layout).")
 
 
 def _require_dir(name: str, folder: Path, rel: str, pattern: str) -> Path:
@@ -64,15 +57,12 @@ def _require_dir(name: str, folder: Path, rel: str, pattern: str) -> Path:
     return folder / rel
 
 
-def _find(name: str, folder: Path, rel: str, glob: str, pattern: str, what: str = "",
-          keep: Callable[[Path], bool] = lambda p: True) -> tuple[Path, list[Path]]:
-    """`folder/rel` and its files matching `glob` (sorted) that `keep` accepts; none is an error."""
-    d = _require_dir(name, folder, rel, pattern)
-    files = [p for p in sorted(d.glob(glob)) if keep(p)]
-    if not files:
-        what = what or Path(glob).name
-        raise _empty(name, d, what[1:] if what.startswith("*.") else what)
-    return d, files
+def _empty(name: str, directory: Path, what: str) -> DatasetError:
+    return DatasetError(f"error: {name}: '{directory}' contains no {what} files.")
+
+
+def _unlabeled(images: list[Path], folder: Path) -> list[Item]:
+    return [Item(p, None, p.relative_to(folder).as_posix()) for p in images]
 
 
 def _pair(name: str, folder: Path, img_dir: Path, images: list[Path], lab_dir: Path,
@@ -93,40 +83,40 @@ def _pair(name: str, folder: Path, img_dir: Path, images: list[Path], lab_dir: P
                    image_kind)
 
 
-def _unlabeled(images: list[Path], folder: Path, image_kind: str = "rgb") -> Listing:
-    """A split without ground truth: items carry all-ignore labels, the metric refuses it."""
-    return Listing([Item(p, None, p.relative_to(folder).as_posix()) for p in images], "none", image_kind, False)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# One lister per layout: (name, dataset folder, native split, split without ground truth) -> Listing
-# ------------------------------------------------------------------------------------------------------------
-def _list_cityscapes(name: str, folder: Path, split: str, no_gt: bool) -> Listing:
-    pattern = ("leftImg8bit/<train|val|test>/<city>/*_leftImg8bit.png and "
-               "gtFine/<split>/<city>/*_gtFine_labelIds.png")
-    img_dir, images = _find(name, folder, f"leftImg8bit/{split}", "*/*_leftImg8bit.png", pattern)
+def _list(name: str, folder: Path, pattern: str, img_rel: str, glob: str, lab_rel: str,
+          labels: list[tuple[Callable[[Path], Path], str]], no_gt: bool = False, image_kind: str = "rgb",
+          what: str = "", keep: Callable[[Path], bool] = lambda p: True) -> Listing:
+    """The files matching `glob` (sorted) in `folder/img_rel` that `keep` accepts, paired with their labels in
+    `folder/lab_rel` (`_pair`); without labels for a split without ground truth (`no_gt`: the metric refuses
+    it). A missing folder or no file is an error naming `pattern`."""
+    img_dir = _require_dir(name, folder, img_rel, pattern)
+    images = [p for p in sorted(img_dir.glob(glob)) if keep(p)]
+    if not images:
+        what = what or Path(glob).name
+        raise _empty(name, img_dir, what[1:] if what.startswith("*.") else what)
     if no_gt:
-        return _unlabeled(images, folder)
-    lab_dir = _require_dir(name, folder, f"gtFine/{split}", pattern)
+        return Listing(_unlabeled(images, folder), "none", image_kind, False)
+    return _pair(name, folder, img_dir, images, _require_dir(name, folder, lab_rel, pattern), labels, image_kind)
 
+
+# ---- one lister per layout: (name, dataset folder, native split, split without ground truth) -> Listing ------
+def _list_cityscapes(name: str, folder: Path, split: str, no_gt: bool) -> Listing:
     def label(suffix: str) -> Callable[[Path], Path]:
         return lambda r: r.with_name(r.name[: -len("_leftImg8bit.png")] + f"_gtFine_{suffix}.png")
     # labelTrainIds are not in the download (cityscapesScripts makes them): used when complete [our choice]
-    return _pair(name, folder, img_dir, images, lab_dir, [(label("labelTrainIds"), "cs_trainIds"),
-                                                          (label("labelIds"), "cs_labelIds")])
+    return _list(name, folder, "leftImg8bit/<train|val|test>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/"
+                 "*_gtFine_labelIds.png", f"leftImg8bit/{split}", "*/*_leftImg8bit.png", f"gtFine/{split}",
+                 [(label("labelTrainIds"), "cs_trainIds"), (label("labelIds"), "cs_labelIds")], no_gt)
 
 
 def _list_numbered(name: str, folder: Path, split: str, img_rel: str, lab_rel: str, digits: int, raw_kind: str,
                    hint: str) -> Listing:
     """GTA5 (`images/NNNNN.png`) and SYNTHIA (`RGB/NNNNNNN.png`); "val" = the ids = 0 mod 50 [our choice]."""
-    n = "N" * digits
-    pattern = f"{img_rel}/{n}.png and {lab_rel}/{n}.png ({hint})"
-    num = re.compile(rf"^\d{{{digits}}}\.png$")  # raw files are exactly N digits + .png
-    img_dir, images = _find(name, folder, img_rel, "*.png", pattern, f"{n}.png", lambda p: bool(
-        num.match(p.name)) and (split != "val" or int(p.stem) % 50 == 0))
-    lab_dir = _require_dir(name, folder, lab_rel, pattern)
-    listing = _pair(name, folder, img_dir, images, lab_dir, [
-        (lambda r: r.with_name(f"{r.stem}_labelTrainIds.png"), "trainIds"), (lambda r: r, raw_kind)])
+    n, num = "N" * digits, re.compile(rf"^\d{{{digits}}}\.png$")  # raw files are exactly N digits + .png
+    listing = _list(name, folder, f"{img_rel}/{n}.png and {lab_rel}/{n}.png ({hint})", img_rel, "*.png", lab_rel,
+                    [(lambda r: r.with_name(f"{r.stem}_labelTrainIds.png"), "trainIds"), (lambda r: r, raw_kind)],
+                    what=f"{n}.png", keep=lambda p: bool(num.match(p.name)) and (split != "val"
+                                                                                   or int(p.stem) % 50 == 0))
     listing.skip_mismatch = name == "gta5"
     return listing
 
@@ -153,7 +143,7 @@ def _list_acdc(name: str, folder: Path, split: str, no_gt: bool) -> Listing:
         if not images:
             raise _empty(name, img_dir, "*_rgb_anon.png")
         if no_gt:
-            items += _unlabeled(images, folder).items
+            items += _unlabeled(images, folder)
             continue
         lab_dir = _require_dir(name, folder, f"gt/{sub}", "gt/<cond>/<split>/<seq>/*_gt_labelTrainIds.png")
         by_name: dict[str, list[Path]] = {}
@@ -170,30 +160,22 @@ def _list_acdc(name: str, folder: Path, split: str, no_gt: bool) -> Listing:
 
 def _list_dark_zurich(name: str, folder: Path, split: str, no_gt: bool) -> Listing:
     # train conditions are day / twilight / night; the target is night [ref: DAFormer CS->DZ]
-    pattern = "rgb_anon/<train|val|test>/night/<seq>/*_rgb_anon.png and gt/val/night/<seq>/*_gt_labelTrainIds.png"
-    img_dir, images = _find(name, folder, f"rgb_anon/{split}/night", "*/*_rgb_anon.png", pattern)
-    if no_gt:
-        return _unlabeled(images, folder)
-    return _pair(name, folder, img_dir, images, _require_dir(name, folder, f"gt/{split}/night", pattern),
-                 [(lambda r: r.with_name(r.name.replace("_rgb_anon.png", "_gt_labelTrainIds.png")), "trainIds")])
+    return _list(name, folder, "rgb_anon/<train|val|test>/night/<seq>/*_rgb_anon.png and gt/val/night/<seq>/"
+                 "*_gt_labelTrainIds.png", f"rgb_anon/{split}/night", "*/*_rgb_anon.png", f"gt/{split}/night",
+                 [(lambda r: r.with_name(r.name.replace("_rgb_anon.png", "_gt_labelTrainIds.png")), "trainIds")],
+                 no_gt)
 
 
 def _list_bdd(name: str, folder: Path, split: str, no_gt: bool) -> Listing:
     pattern = "images/10k/<train|val|test>/*.jpg and labels/sem_seg/masks/<split>/*.png"
-    new = (folder / "images" / "10k").is_dir()  # else the older release [ref: mmseg]
-    img_rel, lab_rel, suffix = ((f"images/10k/{split}", f"labels/sem_seg/masks/{split}", ".png") if new else
-                                (f"seg/images/{split}", f"seg/labels/{split}", "_train_id.png"))
-    old = "" if new else " (or seg/images/<split>/*.jpg)"
-    img_dir, images = _find(name, folder, img_rel, "*.jpg", pattern + old)
-    if no_gt:
-        return _unlabeled(images, folder)
-    return _pair(name, folder, img_dir, images, _require_dir(name, folder, lab_rel, pattern),
-                 [(lambda r: r.with_name(r.stem + suffix), "trainIds")])
+    if (folder / "images" / "10k").is_dir():
+        return _list(name, folder, pattern, f"images/10k/{split}", "*.jpg", f"labels/sem_seg/masks/{split}",
+                     [(lambda r: r.with_suffix(".png"), "trainIds")], no_gt)
+    return _list(name, folder, pattern + " (or seg/images/<split>/*.jpg)", f"seg/images/{split}", "*.jpg",
+                 f"seg/labels/{split}", [(lambda r: r.with_name(r.stem + "_train_id.png"), "trainIds")], no_gt)
 
 
 def _list_mapillary(name: str, folder: Path, split: str, no_gt: bool) -> Listing:
-    pattern = "<training|validation>/images/*.jpg and <split>/v1.2/labels/*.png (v2.0 labels are not used)"
-    img_dir, images = _find(name, folder, f"{split}/images", "*.jpg", pattern)
     cfg = folder / "config_v1.2.json"
     if cfg.is_file():  # v1.2 has 66 labels, v2.0 has 124
         try:
@@ -203,18 +185,16 @@ def _list_mapillary(name: str, folder: Path, split: str, no_gt: bool) -> Listing
         if n != 66:
             raise DatasetError(f"error: mapillary: '{cfg}' lists {n} labels. Expected the 66 labels of "
                                f"Vistas v1.2 (v2.0 with 124 is not used).")
-    if no_gt:
-        return _unlabeled(images, folder)
     old = not (folder / split / "v1.2" / "labels").is_dir() and (folder / split / "labels").is_dir()  # v1.x
-    lab_dir = _require_dir(name, folder, f"{split}/labels" if old else f"{split}/v1.2/labels", pattern)
-    return _pair(name, folder, img_dir, images, lab_dir, [(lambda r: r.with_suffix(".png"), "mapillary")])
+    return _list(name, folder, "<training|validation>/images/*.jpg and <split>/v1.2/labels/*.png (v2.0 labels "
+                 "are not used)", f"{split}/images", "*.jpg", f"{split}/labels" if old else f"{split}/v1.2/labels",
+                 [(lambda r: r.with_suffix(".png"), "mapillary")], no_gt)
 
 
 def _list_fmb(name: str, folder: Path, split: str, no_gt: bool) -> Listing:
-    pattern = "<train|test>/{Infrared,Visible,Label}/NNNNN.png"
-    img_dir, images = _find(name, folder, f"{split}/Infrared", "*.png", pattern)  # test names interleave with train
-    return _pair(name, folder, img_dir, images, _require_dir(name, folder, f"{split}/Label", pattern),
-                 [(lambda r: r, "fmb")], "grey")
+    # always the split's own folder: test names interleave with train names
+    return _list(name, folder, "<train|test>/{Infrared,Visible,Label}/NNNNN.png", f"{split}/Infrared", "*.png",
+                 f"{split}/Label", [(lambda r: r, "fmb")], image_kind="grey")
 
 
 def _list_deliver(name: str, folder: Path, split: str, no_gt: bool) -> Listing:
@@ -271,8 +251,8 @@ def _list_dsec(name: str, folder: Path, split: str, no_gt: bool) -> Listing:
     for seq in present:
         files = sorted(p for p in (edges / seq).glob("*.png") if p.stem.isdigit() and _dsec_frame(int(p.stem), split))
         lab_dir = _dsec_labels(folder, split, seq, events=False)
-        items += (_pair(name, folder, edges / seq, files, lab_dir, [(lambda r: r, "trainIds")]) if lab_dir else
-                  _unlabeled(files, folder)).items
+        items += (_pair(name, folder, edges / seq, files, lab_dir, [(lambda r: r, "trainIds")]).items if lab_dir
+                  else _unlabeled(files, folder))
     if not items:
         raise DatasetError(f"error: dsec_event: '{edges / present[0]}' contains no NNNNNN.png frames kept by the "
                            f"frame rule (frames >= 1, stride {2 if split == 'train' else 1}). Expected MADM's edge "
@@ -331,9 +311,7 @@ LISTERS: dict[str, Callable[[str, Path, str, bool], Listing]] = {
 }
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Your own data: `folder:PATH` (data/README.md "Your own data")
-# ------------------------------------------------------------------------------------------------------------
+# ---- your own data: `folder:PATH` (data/README.md "Your own data") ------------------------------------------
 def folder_items(name: str, path: Path, source: bool = False) -> list[Item]:
     """Every image of `folder:PATH` with its label where there is one: images are `PATH/images/**` if that folder
     exists, else `PATH/**` (.png/.jpg/.jpeg, any case, hidden folders skipped); the label of
@@ -375,36 +353,37 @@ def list_folder(name: str, folder: Path, split: str, k: int) -> Listing:
     items = folder_items(name, folder)
     if split == "predict":
         items = [Item(it.image, None, it.name) for it in items]
-    paths = cache_paths(folder, None, f"folder_check_{k}_"
-                        f"{files_hash([p for it in items for p in (it.image, it.label)])}.json")
-    if read_cache(paths, lambda d: d.get("n") == len(items)) is None:
-        def check(it: Item) -> None:
-            w, h = image_size(name, it.image)
-            lab = read_label(name, it.label, "trainIds", k) if it.label is not None else None
-            if lab is not None and (w, h) != lab.shape[::-1]:
-                raise DatasetError(f"error: {name}: image '{it.image}' is {w}x{h} but its label is "
-                                   f"{lab.shape[1]}x{lab.shape[0]}. Image and label must have the same size.")
-        parallel_map(check, items)
-        write_cache(paths, {"n": len(items)})
+    def check(it: Item) -> None:
+        w, h = image_size(name, it.image)
+        lab = read_label(name, it.label, "trainIds", k) if it.label is not None else None
+        if lab is not None and (w, h) != lab.shape[::-1]:
+            raise DatasetError(f"error: {name}: image '{it.image}' is {w}x{h} but its label is "
+                               f"{lab.shape[1]}x{lab.shape[0]}. Image and label must have the same size.")
+    _cached(folder, f"folder_check_{k}", items, lambda: len(parallel_map(check, items)))
     labelled = [it for it in items if it.label is not None]
     return Listing(labelled if split == "val" and labelled else items, "trainIds", "auto", bool(labelled),
                    check_sizes=False)
+
+
+def _cached(folder: Path, key: str, items: list[Item], compute: Callable[[], Any]) -> Any:
+    """`compute()` (JSON), computed once per list of image and label files (`common.readers.cache_paths`)."""
+    paths = cache_paths(folder, None, f"{key}_{files_hash([p for it in items for p in (it.image, it.label)])}.json")
+    cached = read_cache(paths, lambda d: d.get("n") == len(items) and "value" in d)
+    if cached is not None:
+        return cached["value"]
+    value = compute()
+    write_cache(paths, {"n": len(items), "value": value})
+    return value
 
 
 def check_sizes(name: str, folder: Path, split: str, listing: Listing) -> list[Item]:
     """The items whose image and label have the same size (file headers, cached by the file list); a mismatch
     is an error, or skipped with one warning (GTA5)."""
     items = listing.items
-    paths = cache_paths(folder, None, f"sizes_{name}_{split}_"
-                        f"{files_hash([p for it in items for p in (it.image, it.label)])}.json")
-    cached = read_cache(paths, lambda d: len(d.get("sizes", [])) == len(items))
-    if cached is not None:
-        sizes = [tuple(map(tuple, s)) for s in cached["sizes"]]
-    else:
-        sizes = parallel_map(lambda it: (image_size(name, it.image), image_size(name, it.label)), items)
-        write_cache(paths, {"sizes": [list(map(list, s)) for s in sizes]})
+    sizes = _cached(folder, f"sizes_{name}_{split}", items, lambda: parallel_map(
+        lambda it: (image_size(name, it.image), image_size(name, it.label)), items))
     bad = []
-    for it, (si, sl) in zip(items, sizes):
+    for it, (si, sl) in zip(items, map(lambda s: tuple(map(tuple, s)), sizes)):
         if listing.crop_top and si[0] == sl[0] and si[1] > sl[1]:
             si = (si[0], sl[1])  # 640x480 edge image -> top 440 rows
         if si != sl:

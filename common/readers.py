@@ -1,10 +1,8 @@
-"""Reading dataset files: images, class-index labels in each dataset's encoding, DSEC raw events, and a JSON
-cache of what was read (header sizes, label checks, class counts), keyed by the file list.
-
-Every read checks mode and dtype: colour PNGs are refused as labels, palette PNGs are read as indices, 16-bit
-PNGs are never cut to 8 bits, and a file that cannot be decoded is a one-line `DatasetError`.
-Tags: [official] the dataset's own release or tooling, [ref: X] a public re-implementation, [our choice].
-"""
+"""Reading dataset files: images, labels in each dataset's encoding, DSEC raw events, and a JSON cache of what
+was read (header sizes, label checks, class counts) keyed by the file list. Every read checks mode and dtype
+(colour PNGs refused as labels, palette PNGs read as indices, 16-bit PNGs never cut to 8 bits); a file that
+cannot be decoded is a one-line `DatasetError`. [official] = the dataset's release, [ref: X] = a public
+re-implementation."""
 from __future__ import annotations
 
 import hashlib
@@ -30,9 +28,7 @@ class DatasetError(UserError):
     to fix it; the scripts print it and exit with code 2."""
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Label encodings -> native class ids (sources: data/README.md "Class sets and label maps")
-# ------------------------------------------------------------------------------------------------------------
+# ---- label encodings -> native class ids (sources: data/README.md "Class sets and label maps") ----------------
 # [official cityscapesscripts/helpers/labels.py]; also the GTA5 palette indices
 CITYSCAPES_LABELID_TO_TRAINID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
                                  24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
@@ -71,9 +67,7 @@ _SYNTHIA_LUT16 = np.full(65536, IGNORE, np.uint8)
 _SYNTHIA_LUT16[list(SYNTHIA_TO_TRAINID)] = list(SYNTHIA_TO_TRAINID.values())
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Decoding
-# ------------------------------------------------------------------------------------------------------------
+# ---- decoding ------------------------------------------------------------------------------------------------
 GREY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # Pillow modes of single-channel files
 _READ_ERRORS = (OSError, SyntaxError, ValueError, zlib.error, EOFError, Image.DecompressionBombError)
 _notes_printed: set[str] = set()
@@ -173,28 +167,12 @@ def read_synthia_label(name: str, path: Path) -> np.ndarray:
     return ids
 
 
-def _bad_values(raw: np.ndarray, top: int) -> np.ndarray:
-    """Values of a uint8 map outside {0..top, 255} (a boolean lookup first: almost every label is clean)."""
-    bad = np.ones(256, bool)
-    bad[: top + 1] = bad[IGNORE] = False
-    if not bad[raw].any():
-        return np.empty(0, np.int64)
-    return np.flatnonzero(np.bincount(raw.ravel(), minlength=256) * bad)
-
-
-def fmt_set(vals: np.ndarray) -> str:
-    vals = [int(v) for v in vals[:8]]
-    return "{" + ", ".join(map(str, vals)) + (", ..." if len(vals) == 8 else "") + "}"
-
-
 def read_label(name: str, path: Path, kind: str, k: int) -> np.ndarray:
     """A label file as native class ids, uint8 (H, W), 0..k-1 and 255 = ignore.
 
     Args:
         kind: "trainIds" / "cs_trainIds" (class ids already), "synthia16" (16-bit RGB, id in R), or a raw
-            encoding of `_RAW_KINDS` (one LUT, values checked against the encoding's range first).
-    Raises:
-        DatasetError: wrong mode or dtype, values outside the encoding, an undecodable file.
+            encoding of `_RAW_KINDS` (one LUT; the values are checked against the encoding's range first).
     """
     if kind == "synthia16":
         return _SYNTHIA_LUT16[read_synthia_label(name, path)]
@@ -203,8 +181,10 @@ def read_label(name: str, path: Path, kind: str, k: int) -> np.ndarray:
         raw = raw[..., 0]  # DELIVER: the class is channel 0
     ids = kind in ("trainIds", "cs_trainIds")
     top = k - 1 if ids else _RAW_KINDS[kind][1]
-    bad = _bad_values(raw, top) if top is not None else []
-    if len(bad):
+    ok = np.zeros(256, bool)
+    ok[: 256 if top is None else top + 1] = ok[IGNORE] = True
+    if not ok[raw].all():  # a boolean lookup first: almost every label is clean
+        bad = np.flatnonzero(np.bincount(raw.ravel(), minlength=256) * ~ok)
         if not ids:
             hint = f"Expected the raw {name} label encoding."
         elif kind == "cs_trainIds":
@@ -216,8 +196,8 @@ def read_label(name: str, path: Path, kind: str, k: int) -> np.ndarray:
             hint = "This looks like a labelIds map; use the *_labelTrainIds.png files."
         else:
             hint = f"Expected {name} class ids."
-        raise DatasetError(f"error: {name}: label '{path}' has values {fmt_set(bad)} outside {{0..{top}, 255}}. "
-                           f"{hint}")
+        shown = ", ".join(str(v) for v in bad[:8]) + (", ..." if len(bad) >= 8 else "")
+        raise DatasetError(f"error: {name}: label '{path}' has values {{{shown}}} outside {{0..{top}, 255}}. {hint}")
     return raw.copy() if ids else _RAW_KINDS[kind][0][raw]
 
 
@@ -245,10 +225,7 @@ def read_grey(name: str, path: Path, depth: bool = False) -> np.ndarray:
     return np.clip(arr.astype(np.float32), 0.0, 1.0)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# DSEC raw events -> an image [our choice; approximates MADM's pre-rendered edge PNGs, data/README.md
-# "dsec_event"]
-# ------------------------------------------------------------------------------------------------------------
+# ---- DSEC raw events -> an image like MADM's pre-rendered edge PNGs [our choice; data/README.md "dsec_event"] ----
 def import_h5py(folder: Path, split: str) -> Any:
     try:  # registers the Blosc/ZSTD filters of the official files; must come before h5py opens them
         import hdf5plugin  # noqa: F401
@@ -277,19 +254,12 @@ def check_events_h5(h5py: Any, path: Path) -> None:
 
 def render_events(x: np.ndarray, y: np.ndarray, p: np.ndarray, rectify_map: np.ndarray,
                   hw: tuple[int, int]) -> np.ndarray:
-    """Accumulate events into a MADM-like signed edge image [our choice].
+    """A MADM-like signed edge image, uint8 (H, W) = `hw` (127/128: no events, brighter: more positive events).
 
-    Each event moves to its rectified pixel (rounded; outside the frame dropped), polarity 0/1 counts -1/+1,
-    and the per-pixel sums v are scaled around mid-grey: c = max(1, 95th percentile of |v| over v != 0),
-    image = 127.5 + 127.5 * clip(v, -c, c) / c.
-
-    Args:
-        x, y: (N,) int pixel coordinates on the distorted sensor; p: (N,) polarity 0/1.
-        rectify_map: (H_s, W_s, 2) float rectified (x', y') per sensor pixel [official DSEC rectify_map.h5].
-        hw: (H, W) of the label frame (440 x 640 for DSEC).
-    Returns:
-        uint8 (H, W): 127/128 = no events, brighter = more positive events, darker = more negative.
-    """
+    Events (x, y, polarity p 0/1 -> -1/+1: (N,) each) move to their rectified pixel (`rectify_map` (H_s, W_s, 2)
+    (x', y') per sensor pixel [official DSEC rectify_map.h5], rounded, outside the frame dropped); the sums v per
+    pixel are scaled around mid-grey: c = max(1, 95th percentile of |v| over v != 0), 127.5 + 127.5 * clip(v, -c,
+    c) / c [our choice]."""
     h, w = hw
     v = np.zeros(h * w, np.int64)
     if len(x):
@@ -305,14 +275,14 @@ def render_events(x: np.ndarray, y: np.ndarray, p: np.ndarray, rectify_map: np.n
 
 
 class EventFiles:
-    """Renders the event window before a label timestamp; opens `events.h5` / `rectify_map.h5` once, lazily,
-    and is safe to call from TrainStream's decode threads."""
+    """Renders the events of the 50 ms before a label timestamp [ref: ESS, MADM]; opens `events.h5` /
+    `rectify_map.h5` once, lazily, and may be called from TrainStream's decode threads."""
+    window_us = 50_000
 
-    def __init__(self, window_us: int = 50_000) -> None:
-        self.window_us = window_us  # [t - 50 ms, t) [ref: ESS, MADM]
+    def __init__(self) -> None:
         self.lock = threading.Lock()
         self.files: dict[str, Any] = {}
-        self.arrays: dict[tuple[str, str], np.ndarray] = {}
+        self.arrays: dict[tuple[str, str], np.ndarray] = {}  # small whole datasets: ms_to_idx, rectify_map
         self.empty_warned: set[str] = set()
 
     def get(self, h5py: Any, path: Path) -> Any:
@@ -322,11 +292,9 @@ class EventFiles:
             return self.files[str(path)]
 
     def array(self, h5py: Any, path: Path, key: str) -> np.ndarray:
-        f = self.get(h5py, path)
-        with self.lock:
-            if (str(path), key) not in self.arrays:
-                self.arrays[(str(path), key)] = np.asarray(f[key][()])
-            return self.arrays[(str(path), key)]
+        if (str(path), key) not in self.arrays:  # two threads may both read it once: same array
+            self.arrays[(str(path), key)] = np.asarray(self.get(h5py, path)[key][()])
+        return self.arrays[(str(path), key)]
 
     def render(self, extra: dict, hw: tuple[int, int]) -> np.ndarray:
         """`render_events` of the window before `extra["t"]` (image clock, us) of sequence `extra["seq"]`."""
@@ -364,9 +332,7 @@ class EventFiles:
         return render_events(x, y, p, rect, hw)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Cache of what was read, keyed by a hash of the file list [our choice]
-# ------------------------------------------------------------------------------------------------------------
+# ---- cache of what was read, keyed by a hash of the file list [our choice] -----------------------------------
 def files_hash(paths: Sequence[Optional[Path]]) -> str:
     """16 hex digits over the paths, sizes and modification times: a replaced file invalidates a cache."""
     h = hashlib.sha1()
