@@ -127,10 +127,8 @@ def dataset_info(name: str, flag: str = "") -> DatasetInfo:
 def _folder_classes(name: str, path: Path) -> int:
     """19 (Cityscapes) unless `classes.txt` holds 19 / 11 / 9, or the names of one of `CLASS_SETS` in order."""
     f = path / "classes.txt"
-    if not f.is_file():
-        return 19
     try:
-        lines = [ln.strip().lower() for ln in f.read_text().splitlines() if ln.strip()]
+        lines = [ln.strip().lower() for ln in f.read_text().splitlines() if ln.strip()] if f.is_file() else ["19"]
     except (OSError, UnicodeDecodeError):
         raise DatasetError(f"error: {name}: cannot read '{f}'. Expected a text file: 19, 11 or 9, or class "
                            f"names, one per line.") from None
@@ -207,12 +205,9 @@ def check_pair(src: str, tgt: str) -> int:
 
 
 def resize_size(spec: tuple[str, tuple[int, int]], wh: tuple[int, int], scale: float = 1.0) -> tuple[int, int]:
-    """(W, H) of a resize rule ("exact" or "keep", box (W, H) x `scale`) for an image of size `wh` = (w, h).
-
-    Keep-ratio is mmcv's `rescale_size` (called by mmseg's `Resize(keep_ratio=True)`): the box is a long and a
-    short edge, s = min(max(W, H) / max(w, h), min(W, H) / min(w, h)), size = int(w*s + 0.5) x int(h*s + 0.5);
-    a portrait 3000x4000 image goes to 512x683 in the box 1024x512, not to 384x512 [ref: mmseg].
-    """
+    """(W, H) of a resize rule ("exact" or "keep", box (W, H) x `scale`) for an image of size `wh` = (w, h). Keep
+    is mmcv's `rescale_size` (mmseg's `Resize(keep_ratio=True)`): the box is a long and a short edge, s = min(max(W,
+    H) / max(w, h), min(W, H) / min(w, h)), so a portrait 3000x4000 goes to 512x683 in 1024x512 [ref: mmseg]."""
     mode, (bw, bh) = spec
     bw, bh = max(1, int(bw * scale + 0.5)), max(1, int(bh * scale + 0.5))
     if mode == "exact":
@@ -223,9 +218,8 @@ def resize_size(spec: tuple[str, tuple[int, int]], wh: tuple[int, int], scale: f
 
 
 def eval_input_size(name: str, hw: tuple[int, int], scale: float = 1.0) -> tuple[int, int]:
-    """(W, H) of the evaluation input of `name` for an image of shape `hw` = (H, W), to pass as `input_size` to
-    `common.metrics.evaluate`, which resamples the native-size eval items with the filter of the reference a
-    method compares with."""
+    """(W, H) of the eval input of `name` for an image of shape `hw` = (H, W): `input_size` of
+    `common.metrics.evaluate`, which resamples the native-size eval items as the method's reference does."""
     return resize_size(dataset_info(name).eval_input, hw[::-1], scale)
 
 
@@ -244,14 +238,10 @@ def _label_rows(w: int, h: int) -> int:
 
 
 class SegDataset(torch.utils.data.Dataset):
-    """One split of one dataset; built by `build_dataset`.
-
-    Attributes:
-        name, split (native name), info (`DatasetInfo`), folder, items (`common.layouts.Item`), train (items go
-        through the train transform), num_classes / class_names / palette (the model's class set),
-        native_classes, has_labels (False: every label is 255), synthetic (in the synthetic sample), scale
-        (multiplies every train / eval size), crop_size, cat_max_ratio.
-    """
+    """One split of one dataset (`build_dataset`): name, split (native), info, folder, items, train (items go
+    through the train transform), num_classes / class_names / palette (the model's class set), native_classes,
+    has_labels (False: every label is 255), synthetic (no count warning), scale (of every size), crop_size,
+    cat_max_ratio."""
 
     def __init__(self, name: str, folder: Path, split: str, listing: Listing, info: DatasetInfo, *, train: bool,
                  crop_size: int, scale: float, num_classes: int, cat_max_ratio: Optional[float]) -> None:
@@ -264,7 +254,7 @@ class SegDataset(torch.utils.data.Dataset):
         self.has_labels, self.crop_top = listing.has_labels, listing.crop_top
         self._convert = convert_labels(self.native_classes, num_classes)
         self._events = EventFiles()
-        if listing.check_sizes and self.has_labels:
+        if listing.image_kind not in ("events", "auto") and self.has_labels:  # folders: checked by list_folder
             self.items = check_sizes(name, folder, split, listing)
         if not self.items:
             raise DatasetError(f"error: {name}: '{folder / split}' contains no .png files.")
@@ -389,12 +379,13 @@ def build_dataset(name: str, root: str | Path = "data", split: str = "train", *,
         raise DatasetError(f"error: {name}: unknown split '{split}'. Expected train, val or one of "
                            f"{', '.join(info.splits)}.")
     k = num_classes or info.num_classes
-    if is_folder(name):  # a folder split without labels takes the model's class set
+    if is_folder(name):
         folder = Path(info.folder)
         listing = list_folder(name, folder, split, info.num_classes)
-        info = info if listing.has_labels else dataclasses.replace(info, num_classes=k)
-    convert_labels(info.num_classes, k)  # fail early on 11/9 -> 19
-    if not is_folder(name):
+        if not listing.has_labels:  # a folder split without labels takes the model's class set
+            info = dataclasses.replace(info, num_classes=k)
+    else:
+        convert_labels(info.num_classes, k)  # fail on 11/9 -> 19 before reading anything
         folder = resolve_folder(name, info.folder, root, split)
         listing = LISTERS[name](name, folder, split, split in info.no_gt_splits)
     return SegDataset(name, folder, split, listing, info, train=split == info.train_split if train is None else train,

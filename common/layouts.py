@@ -14,8 +14,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from common.readers import (DatasetError, cache_paths, check_events_h5, corrupt, files_hash, image_size,
-                            import_h5py, note_once, parallel_map, read_cache, read_label, write_cache)
+from common.readers import (DatasetError, cached, check_events_h5, corrupt, files_hash, image_size, note_once,
+                            parallel_map, read_label)
 
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 DELIVER_CONDITIONS = ("cloud", "fog", "night", "rain", "sun")
@@ -25,7 +25,6 @@ DSEC_SEQUENCES = {
               "zurich_city_05_a", "zurich_city_06_a", "zurich_city_07_a", "zurich_city_08_a"),
     "test": ("zurich_city_13_a", "zurich_city_14_c", "zurich_city_15_a"),
 }
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # `folder:PATH`
 
 
 @dataclass
@@ -42,7 +41,6 @@ class Listing:
     label_kind: str              # a `readers.read_label` kind, or "none" (every label 255)
     image_kind: str              # "rgb" | "grey" | "depth" | "auto" (`readers.read_image`) | "events"
     has_labels: bool = True
-    check_sizes: bool = True     # compare image and label sizes from the file headers
     skip_mismatch: bool = False  # GTA5: about 25 pairs differ in size; skipped with one warning [our choice]
     crop_top: bool = False       # DSEC edge images 640x480 -> the top 440 rows, the label frame [ref: MADM]
 
@@ -128,10 +126,9 @@ def _acdc_files(directory: Path, suffix: str) -> list[Path]:
 
 
 def _list_acdc(name: str, folder: Path, split: str, no_gt: bool) -> Listing:
-    """ACDC, official (`rgb_anon/<cond>/<split>/<seq>/`) or DAFormer's flattened layout (`rgb_anon/<split>/`,
-    data/README.md "acdc"). The flattened folder serves only `acdc` and only when no condition folder exists for
-    the split: it has lost the condition [our choice]. Labels are paired by file name, as ACDC names are unique
-    across sequences and conditions (any flattening works)."""
+    """ACDC, official (`rgb_anon/<cond>/<split>/<seq>/`) or DAFormer's flattened layout (`rgb_anon/<split>/`),
+    which has lost the condition: it serves `acdc` when no condition folder exists for the split [our choice].
+    Labels are paired by file name, unique across sequences and conditions (any flattening works)."""
     pattern = "rgb_anon/<fog|night|rain|snow>/<train|val|test>/<seq>/*_rgb_anon.png"
     conds = ACDC_CONDITIONS if name == "acdc" else (name.split("_", 1)[1],)
     flat = (name == "acdc" and (folder / "rgb_anon" / split).is_dir()
@@ -216,10 +213,9 @@ def _list_deliver(name: str, folder: Path, split: str, no_gt: bool) -> Listing:
 
 
 def _dsec_frame(k: int, split: str) -> bool:
-    """The frames of MADM's lists (`data/json_file/Cityscapes_RGB_to_DSEC_Event_{train,test}.json` in
-    XiaRho/MADM): train 2, 4, 6, ... (4,037), test 1, 2, 3, ... (2,806); frame 0 has no preceding events. The
-    edge PNGs (frame = file stem) and the raw events (frame = index of the label file) keep the same frames, even
-    where a download holds more edge files [ref: MADM]."""
+    """The frames of MADM's lists (`data/json_file/Cityscapes_RGB_to_DSEC_Event_*.json`): train 2, 4, 6, ...,
+    test 1, 2, 3, ... (frame 0 has no preceding events), for the edge PNGs (frame = file stem) and the raw events
+    (frame = index of the label file) alike, even where a download holds more edge files [ref: MADM]."""
     return k >= 1 and k % (2 if split == "train" else 1) == 0
 
 
@@ -264,7 +260,6 @@ def _list_dsec(name: str, folder: Path, split: str, no_gt: bool) -> Listing:
 
 
 def _list_dsec_events(name: str, folder: Path, split: str) -> Listing:
-    h5py = import_h5py(folder, split)
     present = [s for s in DSEC_SEQUENCES[split] if (folder / split / s).is_dir()]
     if not present:
         raise _missing(name, folder, f"{split}/{DSEC_SEQUENCES[split][0]}",
@@ -278,7 +273,7 @@ def _list_dsec_events(name: str, folder: Path, split: str) -> Listing:
                 raise DatasetError(f"error: dsec_event: no file '{f.relative_to(folder)}' under '{folder}'. "
                                    f"Expected {split}/<seq>/events/left/{{events.h5,rectify_map.h5}} (official "
                                    f"layout).")
-        check_events_h5(h5py, ev)
+        check_events_h5(folder, split, ev)
         lab_dir = _dsec_labels(folder, split, seq, events=True)
         labels = sorted(lab_dir.glob("*.png"))
         sem = lab_dir.parent.parent  # .../semantic or .../semantic/left
@@ -297,7 +292,7 @@ def _list_dsec_events(name: str, folder: Path, split: str) -> Listing:
         raise _empty(name, folder / split, "label")
     note_once(f"dsec:{split}:events", f"dsec_event {split}: raw events, 50 ms before each label, frames of MADM's "
                                       f"lists ({len(items)})")
-    return Listing(items, "trainIds", "events", check_sizes=False)
+    return Listing(items, "trainIds", "events")
 
 
 LISTERS: dict[str, Callable[[str, Path, str, bool], Listing]] = {
@@ -313,16 +308,15 @@ LISTERS: dict[str, Callable[[str, Path, str, bool], Listing]] = {
 
 # ---- your own data: `folder:PATH` (data/README.md "Your own data") ------------------------------------------
 def folder_items(name: str, path: Path, source: bool = False) -> list[Item]:
-    """Every image of `folder:PATH` with its label where there is one: images are `PATH/images/**` if that folder
-    exists, else `PATH/**` (.png/.jpg/.jpeg, any case, hidden folders skipped); the label of
-    `images/<rel>/<stem>.<ext>` is `labels/<rel>/<stem>.png`. A `source` needs a label for every image. Item
-    names are relative to the image folder, so predictions keep the folder structure."""
+    """Every image of `folder:PATH` (`PATH/images/**` if that folder exists, else `PATH/**`; .png/.jpg/.jpeg, any
+    case, hidden folders skipped) with its label `labels/<rel>/<stem>.png` where there is one (a `source` needs
+    one for every image). Names are relative to the image folder: predictions keep the folder structure."""
     img_dir, lab_dir = path / "images", path / "labels"
     layout = f"{path}/images/ + {path}/labels/ (trainId PNGs, same stems)"
     if lab_dir.is_dir() and not img_dir.is_dir():
         raise DatasetError(f"error: {name}: '{lab_dir}' has no images/ folder beside it. Expected {layout}.")
     root = img_dir if img_dir.is_dir() else path
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg") and p.is_file()
                     and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not images:
         raise DatasetError(f"error: {name}: '{root}' contains no .png/.jpg/.jpeg images. Expected a folder "
@@ -361,19 +355,14 @@ def list_folder(name: str, folder: Path, split: str, k: int) -> Listing:
                                f"{lab.shape[1]}x{lab.shape[0]}. Image and label must have the same size.")
     _cached(folder, f"folder_check_{k}", items, lambda: len(parallel_map(check, items)))
     labelled = [it for it in items if it.label is not None]
-    return Listing(labelled if split == "val" and labelled else items, "trainIds", "auto", bool(labelled),
-                   check_sizes=False)
+    return Listing(labelled if split == "val" and labelled else items, "trainIds", "auto", bool(labelled))
 
 
 def _cached(folder: Path, key: str, items: list[Item], compute: Callable[[], Any]) -> Any:
-    """`compute()` (JSON), computed once per list of image and label files (`common.readers.cache_paths`)."""
-    paths = cache_paths(folder, None, f"{key}_{files_hash([p for it in items for p in (it.image, it.label)])}.json")
-    cached = read_cache(paths, lambda d: d.get("n") == len(items) and "value" in d)
-    if cached is not None:
-        return cached["value"]
-    value = compute()
-    write_cache(paths, {"n": len(items), "value": value})
-    return value
+    """`compute()` (JSON), computed once per list of image and label files (`common.readers.cached`)."""
+    return cached(folder, f"{key}_{files_hash([p for it in items for p in (it.image, it.label)])}.json",
+                  lambda d: d.get("n") == len(items) and "value" in d, lambda: {"n": len(items), "value": compute()}
+                  )["value"]
 
 
 def check_sizes(name: str, folder: Path, split: str, listing: Listing) -> list[Item]:
@@ -432,11 +421,8 @@ _ROOTS = {
 
 
 def resolve_folder(name: str, default_folder: str, root: str | Path, split: str) -> Path:
-    """The dataset's folder: `root/<default folder>` if it exists, else `root` itself if it looks like one.
-
-    Raises:
-        DatasetError: neither exists (one line naming the expected paths and the download page).
-    """
+    """`root/<default folder>` if it exists, else `root` itself if it looks like the dataset's folder; else a
+    DatasetError naming the expected paths and the download page."""
     root = Path(root)
     markers, a, b, how = _ROOTS["acdc" if name.startswith("acdc") else name]
     if (root / default_folder).is_dir():

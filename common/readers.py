@@ -73,8 +73,7 @@ _READ_ERRORS = (OSError, SyntaxError, ValueError, zlib.error, EOFError, Image.De
 _notes_printed: set[str] = set()
 
 
-def note_once(key: str, text: str) -> None:
-    """Print `text` the first time `key` is seen in this process."""
+def note_once(key: str, text: str) -> None:  # print `text` the first time `key` is seen in this process
     if key not in _notes_printed:
         _notes_printed.add(key)
         print(text, flush=True)
@@ -91,9 +90,7 @@ def decode(name: str, path: Path, fn: Callable[[Image.Image], Any]) -> Any:
     try:
         with Image.open(path) as im:
             return fn(im)
-    except DatasetError:
-        raise
-    except _READ_ERRORS as e:
+    except _READ_ERRORS as e:  # a DatasetError raised by `fn` passes through
         raise corrupt(name, path, e) from None
 
 
@@ -118,11 +115,7 @@ def read_image(name: str, path: Path, kind: str) -> Image.Image:
 
 def read_label_array(name: str, path: Path, allow_rgb: bool = False) -> np.ndarray:
     """A class-index label without colour conversion: uint8 (H, W) (palette PNGs give their indices, as GTA5 and
-    Mapillary need), or (H, W, 3) for an RGB file when `allow_rgb` (DELIVER).
-
-    Raises:
-        DatasetError: a colour label (not allowed), a 16-bit label, an undecodable file.
-    """
+    Mapillary need), or (H, W, 3) for an RGB file when `allow_rgb` (DELIVER); colour and 16-bit labels refused."""
     def fn(im: Image.Image) -> np.ndarray:
         if im.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr") and not (allow_rgb and im.mode in ("RGB", "RGBA")):
             article = "an" if im.mode[0] in "RL" else "a"
@@ -146,11 +139,9 @@ def _with_rawmode(im: Image.Image, rawmode: str) -> np.ndarray:
 
 
 def read_synthia_label(name: str, path: Path) -> np.ndarray:
-    """SYNTHIA `GT/LABELS/*.png` as uint16 (H, W) SYNTHIA ids: 16 bits per channel RGB, the id in R [official].
-
-    Decoded twice: raw mode "RGB;16B" gives the high bytes, "RGB;16L" (big-endian read as little-endian) the
-    low ones; id = high * 256 + low [our choice; checked with Pillow 13].
-    """
+    """SYNTHIA `GT/LABELS/*.png` (16 bits per channel RGB, the id in R [official]) as uint16 (H, W) ids, decoded
+    twice: raw mode "RGB;16B" gives the high bytes, "RGB;16L" (big-endian read as little-endian) the low ones
+    [our choice; checked with Pillow 13]."""
     mode, args = decode(name, path, lambda im: (im.mode, im.tile[0].args if im.tile else None))
     rawmode = args if isinstance(args, str) else (args[0] if args else None)
     if mode == "RGB" and rawmode == "RGB;16B":
@@ -202,12 +193,10 @@ def read_label(name: str, path: Path, kind: str, k: int) -> np.ndarray:
 
 
 def read_grey(name: str, path: Path, depth: bool = False) -> np.ndarray:
-    """A single-channel modality (infrared, edges, depth, your own grey files) as float32 (H, W) in [0, 1].
-
-    8-bit -> /255; 3 identical channels -> channel 0; 16-bit -> /65535 with a printed note. With `depth`
-    (DELIVER), an RGB file with different channels is CARLA's 24-bit depth: d = (R + 256 G + 65536 B) /
-    (2^24 - 1) * 1000 m, returned as log1p(d) / log1p(1000) [our choice].
-    """
+    """A single-channel modality (infrared, edges, depth, your grey files) as float32 (H, W) in [0, 1]: 8-bit /
+    255, 3 identical channels -> channel 0, 16-bit / 65535 (with a note). With `depth` (DELIVER), an RGB file of
+    different channels is CARLA's 24-bit depth d = (R + 256 G + 65536 B) / (2^24 - 1) * 1000 m, returned as
+    log1p(d) / log1p(1000) [our choice]."""
     arr = decode(name, path, lambda im: np.asarray(im))
     if arr.ndim == 3:
         rgb = arr[..., :3]
@@ -226,25 +215,21 @@ def read_grey(name: str, path: Path, depth: bool = False) -> np.ndarray:
 
 
 # ---- DSEC raw events -> an image like MADM's pre-rendered edge PNGs [our choice; data/README.md "dsec_event"] ----
-def import_h5py(folder: Path, split: str) -> Any:
-    try:  # registers the Blosc/ZSTD filters of the official files; must come before h5py opens them
+def check_events_h5(folder: Path, split: str, path: Path) -> None:
+    """Open one DSEC events file and check its keys; raw events need the optional h5py (and hdf5plugin for the
+    Blosc/ZSTD filters of the official files, imported before h5py opens them)."""
+    try:
         import hdf5plugin  # noqa: F401
     except ImportError:
         pass
     try:
         import h5py
+        with h5py.File(path, "r") as f:
+            ok = all(k in f for k in ("events/x", "events/y", "events/p", "events/t", "ms_to_idx", "t_offset"))
     except ImportError:
         raise DatasetError(f"error: dsec_event: raw events need the optional package h5py (pip install h5py "
                            f"hdf5plugin), or the pre-rendered edge images in '{folder}/69mask_{split}_edges/'."
                            ) from None
-    return h5py
-
-
-def check_events_h5(h5py: Any, path: Path) -> None:
-    """Open one events file, check its keys, close it."""
-    try:
-        with h5py.File(path, "r") as f:
-            ok = all(k in f for k in ("events/x", "events/y", "events/p", "events/t", "ms_to_idx", "t_offset"))
     except OSError as e:
         raise corrupt("dsec_event", path, e) from None
     if not ok:
@@ -283,7 +268,6 @@ class EventFiles:
         self.lock = threading.Lock()
         self.files: dict[str, Any] = {}
         self.arrays: dict[tuple[str, str], np.ndarray] = {}  # small whole datasets: ms_to_idx, rectify_map
-        self.empty_warned: set[str] = set()
 
     def get(self, h5py: Any, path: Path) -> Any:
         with self.lock:
@@ -323,12 +307,9 @@ class EventFiles:
                 raise DatasetError(f"error: dsec_event: cannot decompress '{ev}' (Blosc). pip install h5py "
                                    f"hdf5plugin, or use the pre-rendered edge images (69mask_*_edges).") from None
             raise corrupt("dsec_event", ev, e) from None
-        if len(x) == 0:
-            with self.lock:
-                if extra["seq"] not in self.empty_warned:
-                    self.empty_warned.add(extra["seq"])
-                    warnings.warn(f"dsec_event: empty event window for a frame of '{extra['seq']}' (mid-grey "
-                                  f"image); further empty windows of this sequence are not reported.")
+        if len(x) == 0:  # Python shows the same warning once
+            warnings.warn(f"dsec_event: empty event window for a frame of '{extra['seq']}' (mid-grey image); "
+                          f"further empty windows of this sequence are not reported.")
         return render_events(x, y, p, rect, hw)
 
 
@@ -345,12 +326,10 @@ def files_hash(paths: Sequence[Optional[Path]]) -> str:
 def user_cache_dir(folder: Path) -> Optional[Path]:
     """`$XDG_CACHE_HOME/diffseg/<hash>/` (default `~/.cache/diffseg/<hash>/`), <hash> = 16 hex digits of the
     SHA-1 of the resolved dataset folder; None when the process has no home folder either."""
-    base = os.environ.get("XDG_CACHE_HOME")
-    if not base:
-        try:
-            base = str(Path.home() / ".cache")
-        except (RuntimeError, KeyError):
-            return None
+    try:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    except (RuntimeError, KeyError):
+        return None
     return Path(base) / "diffseg" / hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:16]
 
 
@@ -374,8 +353,11 @@ def _dir_writable(directory: Path) -> bool:
     return d.is_dir() and os.access(d, os.W_OK | os.X_OK)
 
 
-def read_cache(paths: list[Path], valid: Callable[[dict], bool]) -> Optional[dict]:
-    """The first of `paths` that exists, parses and is `valid`; None if none is."""
+def cached(folder: Path, fname: str, valid: Callable[[dict], bool], compute: Callable[[], dict],
+           cache_dir: Optional[str | Path] = None) -> dict:
+    """The first `valid` JSON dict among `cache_paths`, else `compute()`, written atomically to the first
+    writable of them (DDP ranks: the last writer wins, no reader sees half a file)."""
+    paths = cache_paths(folder, cache_dir, fname)
     for p in paths:
         try:
             data = json.loads(p.read_text()) if p.is_file() else None
@@ -383,22 +365,17 @@ def read_cache(paths: list[Path], valid: Callable[[dict], bool]) -> Optional[dic
             continue
         if isinstance(data, dict) and valid(data):
             return data
-    return None
-
-
-def write_cache(paths: list[Path], data: dict) -> None:
-    """Write atomically to the first writable of `paths` (DDP ranks: the last writer wins, no half files)."""
-    for p in paths:
-        if not _dir_writable(p.parent):
-            continue
+    data = compute()
+    for p in (p for p in paths if _dir_writable(p.parent)):
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
             tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}-{threading.get_ident()}")
             tmp.write_text(json.dumps(data))
             os.replace(tmp, p)
-            return
+            break
         except OSError:
             continue
+    return data
 
 
 def parallel_map(fn: Callable[[Any], Any], xs: Sequence[Any], desc: str = "") -> list[Any]:

@@ -9,23 +9,17 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from common.readers import DatasetError, cache_paths, files_hash, parallel_map, read_cache, write_cache
+from common.readers import DatasetError, cached, files_hash, parallel_map
 
 
 class RareClassSampling:
-    """Draw source images so that rare classes are seen more often [ref: DAFormer
-    mmseg/datasets/uda_dataset.py, tools/convert_datasets/gta.py].
+    """Draw source images so that rare classes are seen more often [ref: DAFormer mmseg/datasets/uda_dataset.py].
 
-    Statistics over the split at its native resolution, per native class c: the pixel frequency f_c and the
-    images with > `min_pixels` pixels of c; cached as JSON by the label file list (`common.readers.cache_paths`).
-    Draw: p_c = softmax((1 - f_c) / T) over the classes with f_c > 0 and a qualifying image, then a uniform image
-    from c's list. Pixel thresholds are for the real native resolution, multiplied by `dataset.scale ** 2` so the
-    synthetic sample (1/8 of it) keeps the proportions [our choice].
-
-    Attributes:
-        classes: (C,) int native ids that can be drawn; probs: (C,) float64 their probabilities; freq: (K,)
-        float64 pixel frequency per native class; samples: {class: [dataset indices]}; crop_min_pixels:
-        min_pixels * min_crop_ratio (scaled), for `SegDataset.sample(rcs_min_pixels=...)`.
+    Per native class c, over the split at native resolution (cached by the label file list): the pixel frequency
+    `freq[c]` and `samples[c]`, the images with > `min_pixels` pixels of c. Draw c with p_c = softmax((1 - f_c) /
+    T) over the `classes` with f_c > 0 and an image (`probs`), then a uniform image of `samples[c]`. The pixel
+    thresholds (also `crop_min_pixels` = min_pixels * min_crop_ratio, for `SegDataset.sample`) are for the real
+    native resolution, times `dataset.scale ** 2` so the synthetic sample (1/8) keeps the proportions [our choice].
     """
 
     def __init__(self, dataset: Any, temperature: float = 0.01, min_pixels: int = 3000,
@@ -48,28 +42,23 @@ class RareClassSampling:
         self.classes = np.array([c for c in range(k) if self.freq[c] > 0 and self.samples[c]], np.int64)
         if not len(self.classes):
             raise DatasetError(f"error: {dataset.name}: no class has an image with more than {self.min_pixels} "
-                               f"pixels. Expected a labelled split; lower --rcs-min-pixels.")
+                               f"pixels. Expected a labelled source split (diff.py: or a lower --rcs-min-pixels).")
         logits = (1.0 - self.freq[self.classes]) / temperature
         e = np.exp(logits - logits.max())  # softmax, shifted for stability
         self.probs = e / e.sum()
 
     @staticmethod
-    def _counts(ds: Any, cache_dir: Optional[str | Path]) -> list[dict[int, int]]:
-        """{native class: pixels} per item."""
-        key = f"rcs_{ds.name}_{ds.split}_{ds.label_kind}_{files_hash([it.label for it in ds.items])}.json"
-        paths = cache_paths(ds.folder, cache_dir, key)
+    def _counts(ds: Any, cache_dir: Optional[str | Path]) -> list[dict[int, int]]:  # {native class: pixels}
         names = [it.name for it in ds.items]
-        cached = read_cache(paths, lambda d: d.get("names") == names and len(d.get("counts", [])) == len(names))
-        if cached is not None:
-            return [{int(c): int(n) for c, n in d.items()} for d in cached["counts"]]
 
-        def count(i: int) -> dict[int, int]:
+        def count(i: int) -> dict[str, int]:
             bc = np.bincount(ds.load_label(i).ravel(), minlength=256)[: ds.native_classes]
-            return {int(c): int(bc[c]) for c in np.nonzero(bc)[0]}
-        out = parallel_map(count, range(len(ds)), desc=f"RCS stats {ds.name} {ds.split}")
-        write_cache(paths, {"dataset": ds.name, "split": ds.split, "names": names,
-                            "counts": [{str(c): n for c, n in d.items()} for d in out]})
-        return out
+            return {str(c): int(bc[c]) for c in np.nonzero(bc)[0]}
+        key = f"rcs_{ds.name}_{ds.split}_{ds.label_kind}_{files_hash([it.label for it in ds.items])}.json"
+        data = cached(ds.folder, key, lambda d: d.get("names") == names and len(d.get("counts", [])) == len(names),
+                      lambda: {"dataset": ds.name, "split": ds.split, "names": names, "counts": parallel_map(
+                          count, range(len(ds)), desc=f"RCS stats {ds.name} {ds.split}")}, cache_dir)
+        return [{int(c): int(n) for c, n in d.items()} for d in data["counts"]]
 
     def draw(self, rng: np.random.Generator) -> tuple[int, int]:
         """(native class c drawn by p_c, a uniform dataset index among the images holding enough of c)."""
@@ -81,12 +70,10 @@ class RareClassSampling:
 class TrainStream:
     """Training batches as a pure function of (seed, stream_id, step, j): no sampler state to checkpoint.
 
-    Sample j of step `step` draws the image (uniform, or RCS), the crop and the flip from
-    `np.random.default_rng([seed, stream_id, step, j])`, so a resumed run repeats the original and DDP ranks and
-    accumulation micro-steps ask for disjoint `start` ranges. Images are drawn with replacement, not in epochs
-    [our choice]: the stream need not know the batch size. `workers` threads decode (Pillow releases the GIL) and
-    the same range of the next step is prefetched; the batches are the same with or without threads.
-    """
+    Sample j of step `step` draws its image (uniform, or RCS), crop and flip from `np.random.default_rng([seed,
+    stream_id, step, j])`: a resumed run repeats the original, DDP ranks and micro-steps ask for disjoint ranges.
+    Images are drawn with replacement, not in epochs [our choice]. `workers` threads decode and prefetch the same
+    range of the next step; the batches are the same with or without threads."""
 
     def __init__(self, dataset: Any, seed: int, rcs: Optional[RareClassSampling] = None, stream_id: int = 0,
                  workers: int = 2) -> None:
@@ -106,20 +93,15 @@ class TrainStream:
     def _compute(self, step: int, start: int, count: int, parallel: bool = True) -> dict:
         js = range(start, start + count)
         # a prefetch already runs on a pool thread: it decodes sequentially so it never waits on its own pool
-        if parallel and self._pool is not None and count > 1:
-            items = list(self._pool.map(lambda j: self.sample(step, j), js))
-        else:
-            items = [self.sample(step, j) for j in js]
+        items = (list(self._pool.map(lambda j: self.sample(step, j), js)) if parallel and self._pool is not None
+                 and count > 1 else [self.sample(step, j) for j in js])
         return {"image": torch.stack([s["image"] for s in items]), "label": torch.stack([s["label"] for s in items]),
                 "name": [s["name"] for s in items]}
 
     def batch(self, step: int, start: int, count: int) -> dict:
-        """Samples start .. start+count-1 of this step's global batch (DDP / accumulation: rank r, micro-step k
-        of A, micro-batch m -> start = (r * A + k) * m).
-
-        Returns:
-            {"image": float32 (count, 3, c, c) in [0, 1], "label": int64 (count, c, c), "name": list[str]}.
-        """
+        """Samples start .. start+count-1 of this step's global batch (rank r, micro-step k of A, micro-batch m:
+        start = (r * A + k) * m): {"image": float32 (count, 3, c, c) in [0, 1], "label": int64 (count, c, c),
+        "name": list[str]}."""
         if self.workers and self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers)
         key = (int(step), int(start), int(count))

@@ -1,17 +1,15 @@
-"""A tiny synthetic sample of every dataset in its real layout and label encoding (data/README.md
-"Synthetic sample"): `python -m common.synthetic --out data/synthetic` writes it in seconds, a few MB, so
-`--demo` runs and the tests exercise exactly the loaders that read the real data.
-
-A scene is a 19-class label map with a distance per pixel (flat ground, pinhole camera): sky, buildings, road,
-sidewalks, vegetation, poles with signs or lights, vehicles, persons and riders. Every modality is rendered from
-it, so every modality predicts the labels: RGB = class colour + a per-class grating texture + noise, depth =
-distance, infrared = a temperature per class, events = the log-intensity change of a 1-2 px ego-motion. Each
-dataset has a fixed colour transform (its style), scaled by `shift`, so a source-only model loses accuracy on
-another domain, which the methods' learning tests rely on. Sizes are native / 8 at the real aspect ratio.
+"""A tiny synthetic sample of every dataset in its real layout and label encoding (data/README.md "Synthetic
+sample"): `python -m common.synthetic --out data/synthetic` writes a few MB in seconds, so `--demo` and the tests
+run the loaders that read the real data. A scene is a 19-class label map with a distance per pixel (flat ground,
+pinhole camera); every modality is rendered from it, so every modality predicts the labels: RGB = class colour +
+a per-class grating texture + noise, depth = distance, infrared = a temperature per class, events = the
+log-intensity change of a 1-2 px ego-motion. Each dataset has a fixed colour transform (its style), scaled by
+`shift`: a source-only model loses accuracy on another domain. Sizes are native / 8 at the real aspect ratio.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -21,13 +19,14 @@ import time
 import uuid
 import zlib
 from pathlib import Path
+from types import ModuleType
 from typing import Optional
 
 import numpy as np
 from PIL import Image
 
 from common.datasets import CS19_TO_11, PALETTES
-from common.layouts import DSEC_SEQUENCES
+from common.layouts import ACDC_CONDITIONS, DELIVER_CONDITIONS, DSEC_SEQUENCES
 from common.readers import (CITYSCAPES_LABELID_TO_TRAINID, MAPILLARY_TO_TRAINID, SYNTHIA_TO_TRAINID, make_lut,
                             render_events)
 
@@ -72,16 +71,14 @@ def _colour_map(label: np.ndarray) -> np.ndarray:
 
 def _encode_lut(mapping: dict[int, int], void: int) -> np.ndarray:
     """trainId -> raw id LUT; every trainId without an entry (and 255) becomes the dataset's void id."""
-    lut = np.full(256, void, np.uint8)
-    for k, v in mapping.items():
-        lut[k] = v
-    return lut
+    lut = make_lut(mapping)
+    return np.where(lut == 255, np.uint8(void), lut)
 
 
 def _palette(colours: dict[int, tuple[int, int, int]]) -> list[int]:
     pal = [0] * 768
-    for k, (r, g, b) in colours.items():
-        pal[3 * k: 3 * k + 3] = [r, g, b]
+    for k, rgb in colours.items():
+        pal[3 * k: 3 * k + 3] = rgb
     return pal
 
 
@@ -304,11 +301,8 @@ def render_infrared(scene: dict, rng: np.random.Generator, tex: np.ndarray) -> n
 
 
 def scene_events(scene: dict, rng: np.random.Generator, tex: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Events of an ego-motion of 1-2 px: the log-intensity change between two renders in steps of 0.12.
-
-    Returns:
-        x, y (uint16) and p (uint8, 1 = brighter) of every event; a change of n steps fires n events (at most 4).
-    """
+    """x, y (uint16) and p (uint8, 1 = brighter) of the events of a 1-2 px ego-motion: a log-intensity change of
+    n steps of 0.12 between two renders fires n events (at most 4)."""
     grey = (_BASE_RGB[scene["label"]].mean(-1) + 25 * tex + 10).astype(np.float32)
     dx = int(rng.integers(1, 3))
     moved = np.concatenate([grey[:, :1].repeat(dx, 1), grey[:, :-dx]], 1)  # the scene slides right by dx px
@@ -316,22 +310,18 @@ def scene_events(scene: dict, rng: np.random.Generator, tex: np.ndarray) -> tupl
     n = np.minimum(np.floor(np.abs(diff) / 0.12), 4).astype(np.int64)
     ys, xs = np.nonzero(n)
     reps = n[ys, xs]
-    y = np.repeat(ys, reps).astype(np.uint16)
-    x = np.repeat(xs, reps).astype(np.uint16)
-    p = np.repeat(diff[ys, xs] > 0, reps).astype(np.uint8)
-    return x, y, p
+    return (np.repeat(xs, reps).astype(np.uint16), np.repeat(ys, reps).astype(np.uint16),
+            np.repeat(diff[ys, xs] > 0, reps).astype(np.uint8))
 
 
 # ---- writers: one per dataset, in its real layout and encoding -----------------------------------------------
 def write_png16_rgb(path: Path, arr: np.ndarray) -> None:
-    """Write (h, w, 3) uint16 as a 16-bit RGB PNG (colour type 2), SYNTHIA's label encoding, which Pillow cannot
-    write."""
+    """(h, w, 3) uint16 as a 16-bit RGB PNG (colour type 2): SYNTHIA's label encoding, which Pillow cannot write."""
     h, w, _ = arr.shape
     raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))  # filter 0 per row, big-endian
 
     def chunk(tag: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(tag + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
                      + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
@@ -407,7 +397,7 @@ def _write_synthia(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
 
 def _write_acdc(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
     d = root / "acdc"
-    for cond in ("fog", "night", "rain", "snow"):
+    for cond in ACDC_CONDITIONS:
         for split, n in (("train", max(1, n_train // 2)), ("val", max(1, n_eval // 2)), ("train_ref", 1)):
             for k in range(n):
                 seq = f"GOPR0{400 + k % 2}"
@@ -424,8 +414,7 @@ def _write_dark_zurich(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
     for split, cond, n in (("train", "night", n_train), ("train", "day", 1), ("val", "night", n_eval),
                            ("val_ref", "day", 1)):
         for k in range(n):
-            seq = "GOPR0356"
-            stem = f"{seq}_frame_{k:06d}"
+            seq, stem = "GOPR0356", f"GOPR0356_frame_{k:06d}"
             s = g.scene((240, 135))
             _save(d / "rgb_anon" / split / cond / seq / f"{stem}_rgb_anon.png",
                   g.rgb(s, "dark_zurich" if cond == "night" else "cityscapes"))
@@ -464,10 +453,7 @@ def _write_mapillary(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
 
 def _write_dsec(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
     """Edge PNGs (80x60, MADM layout), labels (80x55, 11 classes) in MADM and ESS layouts, raw events (h5)."""
-    try:
-        import h5py
-    except ImportError:
-        h5py = None
+    h5py = _h5py()
     d, to11 = root / "dsec", make_lut(CS19_TO_11)
     ident = np.stack(np.meshgrid(np.arange(80, dtype=np.float32), np.arange(60, dtype=np.float32)), -1)
     t_first = 1_600_000_000_000_000                     # absolute microseconds of frame 0 (image clock)
@@ -526,12 +512,9 @@ def _write_fmb(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
 def _write_deliver(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
     d = root / "deliver"
     raw = make_lut(TRAIN_TO_DELIVER_RAW)
-    conds = ("cloud", "fog", "night", "rain", "sun")
     for split, n in (("train", n_train), ("test", n_eval)):
         for k in range(n):
-            cond = conds[k % len(conds)]
-            m = f"MAP_{1 + k % 2}_point{k}"
-            frame = f"{k:06d}"
+            cond, m, frame = DELIVER_CONDITIONS[k % 5], f"MAP_{1 + k % 2}_point{k}", f"{k:06d}"
             s = g.scene((130, 130))
             _save(d / "depth" / cond / split / m / f"{frame}_depth_front.png", render_depth(s, s["tex"]))
             stored = np.where(s["label"] == 255, 0, raw[s["label"]].astype(np.int64) + 1).astype(np.uint8)
@@ -547,13 +530,12 @@ _WRITERS = [_write_cityscapes, _write_gta5, _write_synthia, _write_acdc, _write_
             _write_mapillary, _write_dsec, _write_fmb, _write_deliver]
 
 
-def _have_h5py() -> bool:
-    """Raw DSEC events (events.h5) are written only when the optional h5py is installed."""
+def _h5py() -> Optional[ModuleType]:
+    """The optional h5py, or None: raw DSEC events (events.h5) are written only when it is installed."""
     try:
-        import h5py  # noqa: F401
+        return importlib.import_module("h5py")
     except ImportError:
-        return False
-    return True
+        return None
 
 
 def _is_current(root: Path) -> bool:
@@ -563,7 +545,7 @@ def _is_current(root: Path) -> bool:
         marker = json.loads((root / "SYNTHETIC").read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("generator_version") == GENERATOR_VERSION and (marker.get("raw_events") or not _have_h5py())
+    return marker.get("generator_version") == GENERATOR_VERSION and (marker.get("raw_events") or _h5py() is None)
 
 
 def _write(root: Path, n_train: int, n_eval: int, seed: int, shift: float, keep_current: bool) -> Path:
@@ -576,7 +558,7 @@ def _write(root: Path, n_train: int, n_eval: int, seed: int, shift: float, keep_
         for index, writer in enumerate(_WRITERS):
             writer(tmp, _Gen(seed, index, shift), n_train, n_eval)
         marker = {"generator_version": GENERATOR_VERSION, "seed": seed, "n_train": n_train, "n_eval": n_eval,
-                  "shift": shift, "size_ratio": SIZE_RATIO, "raw_events": _have_h5py()}
+                  "shift": shift, "size_ratio": SIZE_RATIO, "raw_events": _h5py() is not None}
         (tmp / "SYNTHETIC").write_text(json.dumps(marker) + "\n")  # written last: marks a complete sample
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -599,15 +581,10 @@ def _write(root: Path, n_train: int, n_eval: int, seed: int, shift: float, keep_
 
 def write_synthetic_sample(root: str | Path = "data/synthetic", n_train: int = 8, n_eval: int = 4,
                            seed: int = 0, shift: float = 1.0) -> Path:
-    """Write the synthetic sample of every dataset under `root`, replacing an existing one.
-
-    Args:
-        root: receives one folder per dataset (cityscapes/, gta5/, ..., deliver/) and the `SYNTHETIC` marker
-            (JSON: generator version, seed, counts, shift, size ratio).
-        n_train, n_eval: items per train / eval split (ACDC: half of each per condition; DSEC: frames).
-        seed: everything is a deterministic function of the seed.
-        shift: 0 = every dataset in the reference style, 1 = the full per-dataset style shift.
-    """
+    """Write the sample under `root` (one folder per dataset and the `SYNTHETIC` marker: generator version, seed,
+    counts, shift, size ratio), replacing an existing one: `n_train` / `n_eval` items per train / eval split
+    (ACDC: half of each per condition), a deterministic function of `seed`; `shift` 0 = every dataset in the
+    reference style, 1 = the full per-dataset style shift."""
     return _write(Path(root), n_train, n_eval, seed, shift, keep_current=False)
 
 
