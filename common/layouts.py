@@ -113,8 +113,7 @@ def _list_numbered(name: str, folder: Path, split: str, img_rel: str, lab_rel: s
     n, num = "N" * digits, re.compile(rf"^\d{{{digits}}}\.png$")  # raw files are exactly N digits + .png
     listing = _list(name, folder, f"{img_rel}/{n}.png and {lab_rel}/{n}.png ({hint})", img_rel, "*.png", lab_rel,
                     [(lambda r: r.with_name(f"{r.stem}_labelTrainIds.png"), "trainIds"), (lambda r: r, raw_kind)],
-                    what=f"{n}.png", keep=lambda p: bool(num.match(p.name)) and (split != "val"
-                                                                                   or int(p.stem) % 50 == 0))
+                    what=f"{n}.png", keep=lambda p: num.match(p.name) and (split != "val" or int(p.stem) % 50 == 0))
     listing.skip_mismatch = name == "gta5"
     return listing
 
