@@ -1,27 +1,15 @@
-"""A tiny synthetic sample of every dataset in its real layout and label encoding (data/README.md
-"Synthetic sample").
-
-`python -m common.synthetic --out data/synthetic` writes, in a few seconds and a few MB, procedural street
-scenes for all 14 registry names, so `--demo` runs and the tests exercise exactly the loaders that read the
-real data: Cityscapes labelIds (+ labelTrainIds for train), GTA5 palette PNGs, SYNTHIA 16-bit RGB labels, ACDC
-/ Dark Zurich / BDD trainIds, Mapillary v1.2 palette PNGs + config, DSEC edge PNGs and raw `events.h5`,
-DELIVER depth with raw+1 in channel 0, FMB raw ids.
-
-How a sample is made: a 19-class label map first (sky, buildings, road trapezoid, sidewalks, vegetation, poles
-with signs/lights, vehicles, persons/riders), each object with a distance from a flat-ground camera model.
-Every modality
-is rendered from that map and geometry, so every modality predicts the labels: RGB = per-class colour + a
-per-class grating texture + noise; depth = distance; infrared = per-class temperature; events = two renders
-1-2 px apart, log-intensity change thresholded. Each dataset applies a fixed colour transform (its "style"),
-scaled by `shift`, so a model trained on one source loses accuracy on another domain, which the methods'
-learning tests rely on.
-
-Sizes are native / 8 at the real aspect ratio (Cityscapes 256x128, DSEC 80x55 labels and 80x60 edge images).
-Nothing here is committed: the sample is generated on demand (`ensure_synthetic_sample`).
+"""A tiny synthetic sample of every dataset in its real layout and label encoding (data/README.md "Synthetic
+sample"): `python -m common.synthetic --out data/synthetic` writes a few MB in seconds, so `--demo` and the tests
+run the loaders that read the real data. A scene is a 19-class label map with a distance per pixel (flat ground,
+pinhole camera); every modality is rendered from it, so every modality predicts the labels: RGB = class colour +
+a per-class grating texture + noise, depth = distance, infrared = a temperature per class, events = the
+log-intensity change of a 1-2 px ego-motion. Each dataset has a fixed colour transform (its style), scaled by
+`shift`: a source-only model loses accuracy on another domain. Sizes are native / 8 at the real aspect ratio.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -31,20 +19,21 @@ import time
 import uuid
 import zlib
 from pathlib import Path
+from types import ModuleType
 from typing import Optional
 
 import numpy as np
 from PIL import Image
 
-from common.datasets import (CITYSCAPES_LABELID_TO_TRAINID, CS19_TO_11, DSEC_SEQUENCES, MAPILLARY_TO_TRAINID,
-                             PALETTES, SYNTHIA_TO_TRAINID, make_lut)
+from common.datasets import CS19_TO_11, PALETTES
+from common.layouts import ACDC_CONDITIONS, DELIVER_CONDITIONS, DSEC_SEQUENCES
+from common.readers import (CITYSCAPES_LABELID_TO_TRAINID, MAPILLARY_TO_TRAINID, SYNTHIA_TO_TRAINID, make_lut,
+                            render_events)
 
 GENERATOR_VERSION = 2  # bump when the output changes, so ensure_synthetic_sample regenerates stale samples
 SIZE_RATIO = 1 / 8     # every size is the real native size times this
 
-# ------------------------------------------------------------------------------------------------------------
-# Inverse label maps: scene trainId (19) -> each dataset's raw encoding
-# ------------------------------------------------------------------------------------------------------------
+# ---- inverse label maps: scene trainId (19) -> each dataset's raw encoding ------------------------------------
 TRAIN_TO_LABELID = {v: k for k, v in CITYSCAPES_LABELID_TO_TRAINID.items()}
 TRAIN_TO_SYNTHIA = {v: k for k, v in SYNTHIA_TO_TRAINID.items()}
 # one canonical Mapillary v1.2 id per trainId (road 13, sidewalk 15, ...)
@@ -64,30 +53,32 @@ _LABELID_COLOURS = {0: (0, 0, 0), 1: (0, 0, 0), 2: (0, 0, 0), 3: (0, 0, 0), 4: (
                     30: (0, 0, 110)}
 _LABELID_COLOURS.update({TRAIN_TO_LABELID[t]: tuple(int(v) for v in PALETTES[19][t]) for t in range(19)})
 MAPILLARY_V12_NAMES = (
-    "Bird", "Ground Animal", "Curb", "Fence", "Guard Rail", "Barrier", "Wall", "Bike Lane",
-    "Crosswalk - Plain", "Curb Cut", "Parking", "Pedestrian Area", "Rail Track", "Road", "Service Lane",
-    "Sidewalk", "Bridge", "Building", "Tunnel", "Person", "Bicyclist", "Motorcyclist", "Other Rider",
-    "Lane Marking - Crosswalk", "Lane Marking - General", "Mountain", "Sand", "Sky", "Snow", "Terrain",
-    "Vegetation", "Water", "Banner", "Bench", "Bike Rack", "Billboard", "Catch Basin", "CCTV Camera",
-    "Fire Hydrant", "Junction Box", "Mailbox", "Manhole", "Phone Booth", "Pothole", "Street Light", "Pole",
-    "Traffic Sign Frame", "Utility Pole", "Traffic Light", "Traffic Sign (Back)", "Traffic Sign (Front)",
-    "Trash Can", "Bicycle", "Boat", "Bus", "Car", "Caravan", "Motorcycle", "On Rails", "Other Vehicle",
-    "Trailer", "Truck", "Wheeled Slow", "Car Mount", "Ego Vehicle",
-    "Unlabeled")
+    "Bird", "Ground Animal", "Curb", "Fence", "Guard Rail", "Barrier", "Wall", "Bike Lane", "Crosswalk - Plain",
+    "Curb Cut", "Parking", "Pedestrian Area", "Rail Track", "Road", "Service Lane", "Sidewalk", "Bridge",
+    "Building", "Tunnel", "Person", "Bicyclist", "Motorcyclist", "Other Rider", "Lane Marking - Crosswalk",
+    "Lane Marking - General", "Mountain", "Sand", "Sky", "Snow", "Terrain", "Vegetation", "Water", "Banner",
+    "Bench", "Bike Rack", "Billboard", "Catch Basin", "CCTV Camera", "Fire Hydrant", "Junction Box", "Mailbox",
+    "Manhole", "Phone Booth", "Pothole", "Street Light", "Pole", "Traffic Sign Frame", "Utility Pole",
+    "Traffic Light", "Traffic Sign (Back)", "Traffic Sign (Front)", "Trash Can", "Bicycle", "Boat", "Bus", "Car",
+    "Caravan", "Motorcycle", "On Rails", "Other Vehicle", "Trailer", "Truck", "Wheeled Slow", "Car Mount",
+    "Ego Vehicle", "Unlabeled")
+
+
+def _colour_map(label: np.ndarray) -> np.ndarray:
+    """A visualisation file beside the labels (never read: the loaders pair by explicit suffix)."""
+    return PALETTES[19].take(np.minimum(label, 18), 0)
 
 
 def _encode_lut(mapping: dict[int, int], void: int) -> np.ndarray:
     """trainId -> raw id LUT; every trainId without an entry (and 255) becomes the dataset's void id."""
-    lut = np.full(256, void, np.uint8)
-    for k, v in mapping.items():
-        lut[k] = v
-    return lut
+    lut = make_lut(mapping)
+    return np.where(lut == 255, np.uint8(void), lut)
 
 
 def _palette(colours: dict[int, tuple[int, int, int]]) -> list[int]:
     pal = [0] * 768
-    for k, (r, g, b) in colours.items():
-        pal[3 * k: 3 * k + 3] = [r, g, b]
+    for k, rgb in colours.items():
+        pal[3 * k: 3 * k + 3] = rgb
     return pal
 
 
@@ -100,18 +91,18 @@ def _mapillary_colours() -> dict[int, tuple[int, int, int]]:
     return cols
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Scene: a 19-class label map with per-pixel distance (flat ground, pinhole camera at 1.5 m)
-# ------------------------------------------------------------------------------------------------------------
+# ---- scene: a 19-class label map with per-pixel distance (flat ground, pinhole camera at 1.5 m) --------------
 SKY_DIST = 1000.0
 
 
-def make_scene(rng: np.random.Generator, h: int, w: int,
-               absent: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
-    """Procedural street scene.
+def _z(w: int, u: float) -> float:
+    """Distance of something standing u rows below the horizon (focal length = image width, camera at 1.5 m)."""
+    return min(SKY_DIST * 0.9, float(w) * 1.5 / max(u, 0.5))
 
-    Geometry: horizon row y_h; a ground point at row y is at distance Z = f * 1.5 / (y - y_h) with f = w; an
-    object standing at row y_b has image size proportional to u = y_b - y_h (objects are painted far to near).
+
+def make_scene(rng: np.random.Generator, h: int, w: int, absent: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+    """Procedural street scene: horizon row y_h, a ground row y at distance Z = w * 1.5 / (y - y_h); an object
+    standing at row y_b has an image size proportional to u = y_b - y_h (painted far to near).
 
     Args:
         absent: trainIds never drawn (SYNTHIA has no terrain, truck, train).
@@ -123,63 +114,68 @@ def make_scene(rng: np.random.Generator, h: int, w: int,
     xs = np.arange(w, dtype=np.float32)[None, :]
     label = np.full((h, w), 10, np.uint8)                                    # sky
     dist = np.full((h, w), SKY_DIST, np.float32)
-    f = float(w)
-
-    def z_of(u: float) -> float:
-        return min(SKY_DIST * 0.9, f * 1.5 / max(u, 0.5))
     ground = ys >= yh
     u_rows = np.maximum(ys - yh + 0.5, 0.5)
-    dist[:] = np.where(ground, np.minimum(f * 1.5 / u_rows, SKY_DIST * 0.9), SKY_DIST)
+    dist[:] = np.where(ground, np.minimum(float(w) * 1.5 / u_rows, SKY_DIST * 0.9), SKY_DIST)
     base_ground = 9 if (9 not in absent and rng.random() < 0.6) else 8
     label[np.broadcast_to(ground, (h, w))] = base_ground
     vx = w * rng.uniform(0.35, 0.65)
-    # road between vx - a*u and vx + b*u, sidewalks s*u wide on both sides (u = y - y_h)
+    # road between vx - a*u and vx + b*u, sidewalks s*u wide on both sides; lat = lateral position in u
     a, b, s = rng.uniform(0.9, 1.8), rng.uniform(0.9, 1.8), rng.uniform(0.5, 1.1)
-    # lateral position in camera heights
     lat = (xs - vx) / u_rows
     if 1 not in absent:
         label[ground & (lat > -a - s) & (lat < b + s)] = 1
     label[ground & (lat > -a) & (lat < b)] = 0
-    # buildings (and walls / fences) rising from the horizon, leaving the far road end open
     x = 0.0
-    while x < w:
+    while x < w:  # buildings rising from the horizon, leaving the far road end open
         bw = w * rng.uniform(0.08, 0.22)
         if rng.random() < 0.85 and not (x < vx < x + bw and rng.random() < 0.5):
             top = int(yh * rng.uniform(0.05, 0.8))
             x0, x1 = int(x), int(min(w, x + bw))
             label[top:yh + 1, x0:x1] = 2
-            dist[top:yh + 1, x0:x1] = z_of(1.5)
+            dist[top:yh + 1, x0:x1] = _z(w, 1.5)
         x += bw
-    for cls, hgt in ((3, 0.12), (4, 0.09)):
+    for cls, hgt in ((3, 0.12), (4, 0.09)):  # walls, fences
         if cls not in absent and rng.random() < 0.6:
             x0 = int(w * rng.uniform(0, 0.7))
             x1 = int(min(w, x0 + w * rng.uniform(0.15, 0.35)))
             y0 = max(0, int(yh - h * hgt))
             label[y0:yh + 2, x0:x1] = cls
-            dist[y0:yh + 2, x0:x1] = z_of(2.0)
-    # tree crowns above the horizon, vegetation / terrain patches on the ground
-    if 8 not in absent:
+            dist[y0:yh + 2, x0:x1] = _z(w, 2.0)
+    if 8 not in absent:  # tree crowns above the horizon
         for _ in range(int(rng.integers(0, 4))):
             cx, cy = w * rng.uniform(0, 1), yh - h * rng.uniform(0.05, 0.25)
             rx, ry = w * rng.uniform(0.04, 0.12), h * rng.uniform(0.06, 0.16)
             m = ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 < 1
             label[m] = 8
-            dist[m] = z_of(3.0)
-    for _ in range(int(rng.integers(0, 3))):
+            dist[m] = _z(w, 3.0)
+    for _ in range(int(rng.integers(0, 3))):  # vegetation / terrain patches on the ground
         cls = int(rng.choice([8, 9]))
         if cls in absent:
             continue
         cx, cy = w * rng.uniform(0, 1), yh + (h - yh) * rng.uniform(0.2, 0.9)
         rx, ry = w * rng.uniform(0.05, 0.15), (h - yh) * rng.uniform(0.05, 0.15)
-        m = (((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 < 1) & (label == base_ground)
-        label[m] = cls
-    # objects, painted far to near: (class, lateral range, width, height) in units of u
-    objects = []
+        label[(((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 < 1) & (label == base_ground)] = cls
+    _paint_objects(rng, label, dist, yh, vx, (a, b, s), absent)
+    if rng.random() < 0.3:  # void: an ego-vehicle hood, a small unlabelled object
+        label[int(h * 0.93):] = 255
+    if rng.random() < 0.3:
+        cx, cy, r = w * rng.uniform(0, 1), yh + (h - yh) * rng.uniform(0.1, 0.8), w * 0.03
+        label[((xs - cx) ** 2 + (ys - cy) ** 2) < r * r] = 255
+    return {"label": label, "dist": dist}
+
+
+def _paint_objects(rng: np.random.Generator, label: np.ndarray, dist: np.ndarray, yh: int, vx: float,
+                   road: tuple[float, float, float], absent: tuple[int, ...]) -> None:
+    """Vehicles, persons, riders and poles with a sign or a light, painted far to near into `label` / `dist`."""
+    (h, w), (a, b, s) = label.shape, road
+    # (class, probability, lateral range, width, height), sizes in units of u
     kinds = [(13, 0.5, (-a + 0.6, b - 0.6), 1.3, 1.0), (14, 0.2, (-a + 0.8, b - 0.8), 1.4, 2.2),
              (15, 0.2, (-a + 0.9, b - 0.9), 1.6, 2.2), (16, 0.08, (-a + 0.9, b - 0.9), 1.8, 2.4),
              (11, 0.55, (b + 0.1, b + s - 0.1), 0.35, 1.15), (11, 0.4, (-a - s + 0.1, -a - 0.1), 0.35, 1.15),
              (12, 0.35, (b + 0.1, b + s), 0.6, 1.6), (5, 0.75, (b + s * 0.8, b + s), 0.08, 3.0),
              (5, 0.5, (-a - s, -a - s * 0.8), 0.08, 3.0)]
+    objects = []
     for cls, p, (l0, l1), ow, oh in kinds:
         for _ in range(int(rng.integers(1, 3))):
             if cls in absent or rng.random() > p:
@@ -188,42 +184,30 @@ def make_scene(rng: np.random.Generator, h: int, w: int,
             objects.append((u, cls, rng.uniform(l0, max(l0, l1)), ow, oh))
     objects.sort(key=lambda o: o[0])
     for u, cls, lat0, ow, oh in objects:
-        yb = yh + u
-        cx = vx + lat0 * u
+        yb, cx = yh + u, vx + lat0 * u
         ww, hh = max(1.0, ow * u), max(2.0, oh * u)
         x0, x1 = int(max(0, cx - ww / 2)), int(min(w, cx + ww / 2 + 1))
         y0, y1 = int(max(0, yb - hh)), int(min(h, yb + 1))
         if x1 <= x0 or y1 <= y0:
             continue
-        z = z_of(u)
+        z = _z(w, u)
         if cls == 12:  # rider on a bicycle or a motorcycle
             bike = 17 if (rng.random() < 0.5 and 17 not in absent) else 18
             yb0 = int(max(0, yb - 0.55 * u))
             label[yb0:y1, x0:x1], dist[yb0:y1, x0:x1] = bike, z
-            rx0, rx1 = int(cx - 0.18 * u), int(cx + 0.18 * u + 1)
-            label[y0:yb0, max(0, rx0):max(0, rx1)] = 12
-            dist[y0:yb0, max(0, rx0):max(0, rx1)] = z
+            rx0, rx1 = max(0, int(cx - 0.18 * u)), max(0, int(cx + 0.18 * u + 1))
+            label[y0:yb0, rx0:rx1], dist[y0:yb0, rx0:rx1] = 12, z
             continue
         label[y0:y1, x0:x1], dist[y0:y1, x0:x1] = cls, z
         if cls == 5:  # a sign or a light on top of the pole
-            top = int(y0)
             sw, sh = max(2, int(0.35 * u)), max(2, int(0.3 * u))
             cls2 = 7 if rng.random() < 0.6 else 6
             if cls2 not in absent:
                 sx0 = int(max(0, cx - sw / 2))
-                label[top:top + sh, sx0:sx0 + sw], dist[top:top + sh, sx0:sx0 + sw] = cls2, z * 0.99
-    # void: an ego-vehicle hood or a small unlabelled object
-    if rng.random() < 0.3:
-        label[int(h * 0.93):] = 255
-    if rng.random() < 0.3:
-        cx, cy, r = w * rng.uniform(0, 1), yh + (h - yh) * rng.uniform(0.1, 0.8), w * 0.03
-        label[((xs - cx) ** 2 + (ys - cy) ** 2) < r * r] = 255
-    return {"label": label, "dist": dist}
+                label[y0:y0 + sh, sx0:sx0 + sw], dist[y0:y0 + sh, sx0:sx0 + sw] = cls2, z * 0.99
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Renders (all from the label map and the distance)
-# ------------------------------------------------------------------------------------------------------------
+# ---- renders, all from the label map and the distance --------------------------------------------------------
 _C = np.arange(256)
 _THETA = np.deg2rad((_C * 47) % 180).astype(np.float32)                 # per-class grating orientation
 _LAMBDA = (2.5 + (_C * 5) % 7).astype(np.float32)                       # and wavelength (px)
@@ -242,11 +226,6 @@ def _texture(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     phase = rng.uniform(0, 2 * np.pi, 256).astype(np.float32)
     th, lam = _THETA[label], _LAMBDA[label]
     return np.sin(2 * np.pi * (xs * np.cos(th) + ys * np.sin(th)) / lam + phase[label]) * _TEX_AMP[label]
-
-
-def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int = 6) -> np.ndarray:
-    g = rng.standard_normal((cells, cells)).astype(np.float32)
-    return np.asarray(Image.fromarray(g).resize((w, h), Image.BILINEAR))
 
 
 def render_rgb(scene: dict, rng: np.random.Generator, tex: np.ndarray) -> np.ndarray:
@@ -277,11 +256,7 @@ def _saturate(rgb: np.ndarray, f: float) -> np.ndarray:
 
 
 def apply_style(rgb: np.ndarray, style: str, shift: float, rng: np.random.Generator) -> np.ndarray:
-    """Fixed per-dataset colour transform, blended with the reference by `shift` in [0, 1].
-
-    Returns:
-        uint8 (h, w, 3).
-    """
+    """A fixed colour transform per dataset, blended with the reference by `shift` in [0, 1]; uint8 (h, w, 3)."""
     x = rgb.astype(np.float32)
     if style == "gta5":            # saturated, warmer, hue turned
         y = _hue_rotate(_saturate(x, 1.8), 40) * 1.05 + np.array([15, 5, -10], np.float32)
@@ -320,45 +295,33 @@ def render_depth(scene: dict, tex: np.ndarray) -> np.ndarray:
 def render_infrared(scene: dict, rng: np.random.Generator, tex: np.ndarray) -> np.ndarray:
     """8-bit thermal image: per-class temperature (persons and cars hottest, sky coldest) + smooth noise."""
     h, w = scene["label"].shape
-    v = _TEMPERATURE[scene["label"]] + 12 * _smooth_noise(rng, h, w) + 8 * tex + rng.normal(0, 3, (h, w))
+    smooth = np.asarray(Image.fromarray(rng.standard_normal((6, 6)).astype(np.float32)).resize((w, h), Image.BILINEAR))
+    v = _TEMPERATURE[scene["label"]] + 12 * smooth + 8 * tex + rng.normal(0, 3, (h, w))
     return np.clip(np.rint(v), 0, 255).astype(np.uint8)
 
 
-def scene_events(scene: dict, rng: np.random.Generator, tex: np.ndarray, threshold: float = 0.12
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Events of an ego-motion of 1-2 px: log-intensity change between two renders, thresholded.
-
-    Returns:
-        x, y (uint16) and p (uint8, 1 = brighter) of every event; a pixel whose change spans n thresholds
-        fires n events (at most 4).
-    """
+def scene_events(scene: dict, rng: np.random.Generator, tex: np.ndarray) -> tuple[np.ndarray, ...]:
+    """x, y (uint16) and p (uint8, 1 = brighter) of the events of a 1-2 px ego-motion: a log-intensity change of
+    n steps of 0.12 between two renders fires n events (at most 4)."""
     grey = (_BASE_RGB[scene["label"]].mean(-1) + 25 * tex + 10).astype(np.float32)
     dx = int(rng.integers(1, 3))
     moved = np.concatenate([grey[:, :1].repeat(dx, 1), grey[:, :-dx]], 1)  # the scene slides right by dx px
     diff = np.log(moved + 1) - np.log(grey + 1)
-    n = np.minimum(np.floor(np.abs(diff) / threshold), 4).astype(np.int64)
+    n = np.minimum(np.floor(np.abs(diff) / 0.12), 4).astype(np.int64)
     ys, xs = np.nonzero(n)
     reps = n[ys, xs]
-    y = np.repeat(ys, reps).astype(np.uint16)
-    x = np.repeat(xs, reps).astype(np.uint16)
-    p = np.repeat(diff[ys, xs] > 0, reps).astype(np.uint8)
-    return x, y, p
+    return (np.repeat(xs, reps).astype(np.uint16), np.repeat(ys, reps).astype(np.uint16),
+            np.repeat(diff[ys, xs] > 0, reps).astype(np.uint8))
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Writers
-# ------------------------------------------------------------------------------------------------------------
+# ---- writers: one per dataset, in its real layout and encoding -----------------------------------------------
 def write_png16_rgb(path: Path, arr: np.ndarray) -> None:
-    """Write (h, w, 3) uint16 as a 16-bit-per-channel RGB PNG (colour type 2) with the stdlib only.
-
-    Pillow cannot write 16-bit RGB, and this is exactly the SYNTHIA label encoding the loader has to read.
-    """
+    """(h, w, 3) uint16 as a 16-bit RGB PNG (colour type 2): SYNTHIA's label encoding, which Pillow cannot write."""
     h, w, _ = arr.shape
     raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))  # filter 0 per row, big-endian
 
     def chunk(tag: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(tag + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
                      + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
@@ -369,10 +332,7 @@ def _save(path: Path, arr: np.ndarray, palette: Optional[list[int]] = None, jpeg
     im = Image.fromarray(arr)
     if palette is not None:
         im.putpalette(palette)  # 'L' -> 'P': the file stores indices, the palette only colours them
-    if jpeg:
-        im.save(path, quality=90)
-    else:
-        im.save(path, compress_level=6)
+    im.save(path, quality=90) if jpeg else im.save(path, compress_level=6)
 
 
 class _Gen:
@@ -391,6 +351,10 @@ class _Gen:
         return apply_style(render_rgb(s, self.rng, s["tex"]), style, self.shift, self.rng)
 
 
+def _numbered_ids(n_train: int, n_eval: int) -> list[int]:
+    return list(range(1, n_train + 1)) + [50 * (k + 1) for k in range(n_eval)]  # eval split: ids = 0 mod 50
+
+
 def _write_cityscapes(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
     d = root / "cityscapes"
     lab_ids = _encode_lut(TRAIN_TO_LABELID, 0)  # void -> unlabeled (labelId 0)
@@ -406,41 +370,34 @@ def _write_cityscapes(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
             _save(d / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", lab_ids[s["label"]])
             if split == "train":  # converted trainIds for train only, so both label paths are exercised
                 _save(d / "gtFine" / split / city / f"{stem}_gtFine_labelTrainIds.png", s["label"])
-            if k == 0:  # a colour file beside the labels: the loader must pair by explicit suffix
-                _save(d / "gtFine" / split / city / f"{stem}_gtFine_color.png", PALETTES[19].take(
-                    np.minimum(s["label"], 18), 0))
+            if k == 0:
+                _save(d / "gtFine" / split / city / f"{stem}_gtFine_color.png", _colour_map(s["label"]))
 
 
-def _write_numbered(root: Path, g: _Gen, n_train: int, n_eval: int, name: str) -> None:
-    """GTA5 (5-digit palette PNGs of labelIds) and SYNTHIA (7-digit, 16-bit RGB labels)."""
-    ids = list(range(1, n_train + 1)) + [50 * (k + 1) for k in range(n_eval)]  # eval split: ids = 0 mod 50
-    if name == "gta5":
-        d, wh, digits = root / "gta5", (239, 132), 5
-        lut = _encode_lut(TRAIN_TO_LABELID, 0)
-        pal = _palette(_LABELID_COLOURS)
-    else:
-        d, wh, digits = root / "synthia", (160, 95), 7
-        lut = _encode_lut(TRAIN_TO_SYNTHIA, 0)
+def _write_gta5(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
+    lut, pal = _encode_lut(TRAIN_TO_LABELID, 0), _palette(_LABELID_COLOURS)  # palette PNGs of labelIds
+    for k in _numbered_ids(n_train, n_eval):
+        s = g.scene((239, 132))
+        _save(root / "gta5" / "images" / f"{k:05d}.png", g.rgb(s, "gta5"))
+        _save(root / "gta5" / "labels" / f"{k:05d}.png", lut[s["label"]], palette=pal)
+
+
+def _write_synthia(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
+    d, lut, ids = root / "synthia", _encode_lut(TRAIN_TO_SYNTHIA, 0), _numbered_ids(n_train, n_eval)
     for k in ids:
-        stem = f"{k:0{digits}d}"
-        if name == "gta5":
-            s = g.scene(wh)
-            _save(d / "images" / f"{stem}.png", g.rgb(s, "gta5"))
-            _save(d / "labels" / f"{stem}.png", lut[s["label"]], palette=pal)
-        else:
-            s = g.scene(wh, absent=(9, 14, 16))  # terrain, truck and train never occur in SYNTHIA
-            _save(d / "RGB" / f"{stem}.png", g.rgb(s, "synthia"))
-            gt = np.zeros(s["label"].shape + (3,), np.uint16)
-            gt[..., 0] = lut[s["label"]]
-            gt[..., 1] = g.rng.integers(0, 3000, s["label"].shape) * (gt[..., 0] > 0)  # instance ids > 255
-            write_png16_rgb(d / "GT" / "LABELS" / f"{stem}.png", gt)
-            if k == ids[0]:
-                _save(d / "GT" / "COLOR" / f"{stem}.png", PALETTES[19].take(np.minimum(s["label"], 18), 0))
+        s = g.scene((160, 95), absent=(9, 14, 16))  # terrain, truck and train never occur in SYNTHIA
+        _save(d / "RGB" / f"{k:07d}.png", g.rgb(s, "synthia"))
+        gt = np.zeros(s["label"].shape + (3,), np.uint16)  # 16-bit RGB: the id in R, instance ids > 255 in G
+        gt[..., 0] = lut[s["label"]]
+        gt[..., 1] = g.rng.integers(0, 3000, s["label"].shape) * (gt[..., 0] > 0)
+        write_png16_rgb(d / "GT" / "LABELS" / f"{k:07d}.png", gt)
+        if k == ids[0]:
+            _save(d / "GT" / "COLOR" / f"{k:07d}.png", _colour_map(s["label"]))
 
 
 def _write_acdc(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
     d = root / "acdc"
-    for cond in ("fog", "night", "rain", "snow"):
+    for cond in ACDC_CONDITIONS:
         for split, n in (("train", max(1, n_train // 2)), ("val", max(1, n_eval // 2)), ("train_ref", 1)):
             for k in range(n):
                 seq = f"GOPR0{400 + k % 2}"
@@ -457,8 +414,7 @@ def _write_dark_zurich(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
     for split, cond, n in (("train", "night", n_train), ("train", "day", 1), ("val", "night", n_eval),
                            ("val_ref", "day", 1)):
         for k in range(n):
-            seq = "GOPR0356"
-            stem = f"{seq}_frame_{k:06d}"
+            seq, stem = "GOPR0356", f"GOPR0356_frame_{k:06d}"
             s = g.scene((240, 135))
             _save(d / "rgb_anon" / split / cond / seq / f"{stem}_rgb_anon.png",
                   g.rgb(s, "dark_zurich" if cond == "night" else "cityscapes"))
@@ -474,43 +430,31 @@ def _write_bdd(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
             s = g.scene((160, 90))
             _save(d / "images" / "10k" / split / f"{stem}.jpg", g.rgb(s, "bdd100k"), jpeg=True)
             _save(d / "labels" / "sem_seg" / "masks" / split / f"{stem}.png", s["label"])
-            if k == 0:  # a colour map, never a label
-                _save(d / "labels" / "sem_seg" / "colormaps" / split / f"{stem}.png",
-                      PALETTES[19].take(np.minimum(s["label"], 18), 0))
+            if k == 0:
+                _save(d / "labels" / "sem_seg" / "colormaps" / split / f"{stem}.png", _colour_map(s["label"]))
 
 
 def _write_mapillary(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
     d = root / "mapillary"
-    lut = _encode_lut(TRAIN_TO_MAPILLARY, 65)  # void -> Unlabeled
-    cols = _mapillary_colours()
-    pal = _palette(cols)
-    sizes = [(256, 192), (240, 135), (200, 150)]  # Mapillary sizes vary
+    lut, cols = _encode_lut(TRAIN_TO_MAPILLARY, 65), _mapillary_colours()  # void -> Unlabeled
+    pal, sizes = _palette(cols), [(256, 192), (240, 135), (200, 150)]  # Mapillary sizes vary
     for split, n in (("training", n_train), ("validation", n_eval)):
         for k in range(n):
             stem = f"{split[:2]}{k:04d}Xy9"
             s = g.scene(sizes[k % len(sizes)])
             lab = lut[s["label"]]
-            road = s["label"] == 0
-            lab[road & (g.rng.random(lab.shape) < 0.05)] = 24  # lane markings: another road id
+            lab[(s["label"] == 0) & (g.rng.random(lab.shape) < 0.05)] = 24  # lane markings: another road id
             _save(d / split / "images" / f"{stem}.jpg", g.rgb(s, "mapillary"), jpeg=True)
             _save(d / split / "v1.2" / "labels" / f"{stem}.png", lab, palette=pal)
     labels = [{"name": n.lower().replace(" ", "-"), "readable": n, "color": list(cols[i]),
                "instances": False, "evaluate": i != 65} for i, n in enumerate(MAPILLARY_V12_NAMES)]
-    cfg = {"labels": labels, "version": "1.2 (synthetic)"}
-    (d / "config_v1.2.json").write_text(json.dumps(cfg, indent=1))
+    (d / "config_v1.2.json").write_text(json.dumps({"labels": labels, "version": "1.2 (synthetic)"}, indent=1))
 
 
 def _write_dsec(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
     """Edge PNGs (80x60, MADM layout), labels (80x55, 11 classes) in MADM and ESS layouts, raw events (h5)."""
-    try:
-        import h5py
-    except ImportError:
-        h5py = None
-    d = root / "dsec"
-    to11 = make_lut(CS19_TO_11)
-    from common.datasets import render_events
-    sensor = (60, 80)                                   # (H, W): 640x480 / 8; labels are the top 55 rows
-    label_hw = (55, 80)
+    h5py = _h5py()
+    d, to11 = root / "dsec", make_lut(CS19_TO_11)
     ident = np.stack(np.meshgrid(np.arange(80, dtype=np.float32), np.arange(60, dtype=np.float32)), -1)
     t_first = 1_600_000_000_000_000                     # absolute microseconds of frame 0 (image clock)
     t_offset = t_first - 20_000                         # event clock = absolute - t_offset
@@ -523,7 +467,7 @@ def _write_dsec(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
         lab_dir = sem / "11classes" / "data" if split == "train" else sem / "left" / "11classes" / "data"
         for k in range(n_frames):
             s = g.scene((80, 60))
-            label11 = to11[s["label"][: label_hw[0]]]
+            label11 = to11[s["label"][:55]]  # 640x480 / 8; the labels are the top 55 of 60 rows
             _save(lab_dir / f"{k:06d}.png", label11)
             if split == "test":
                 _save(d / "test_semantic_labels" / seq / "11classes" / f"{k:06d}.png", label11)
@@ -534,10 +478,8 @@ def _write_dsec(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
             t = np.sort(g.rng.integers(ts[k] - t_offset - 49_000, ts[k] - t_offset, len(x))).astype(np.int64)
             order = np.argsort(g.rng.random(len(x)), kind="stable")
             ev_x.append(x[order]), ev_y.append(y[order]), ev_p.append(p[order]), ev_t.append(t)
-            keep = (k % 2 == 0) if split == "train" else True  # MADM's train edges: even frames >= 2
-            if keep:
-                edges = render_events(x, y, p, ident, sensor)
-                _save(d / f"69mask_{split}_edges" / seq / f"{k:06d}.png", edges)
+            if split == "test" or k % 2 == 0:  # MADM's train edges: even frames >= 2
+                _save(d / f"69mask_{split}_edges" / seq / f"{k:06d}.png", render_events(x, y, p, ident, (60, 80)))
         sem.mkdir(parents=True, exist_ok=True)
         (sem / "timestamps.txt").write_text("".join(f"{int(t)}\n" for t in ts))
         if h5py is None:
@@ -546,23 +488,19 @@ def _write_dsec(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
         ev_dir.mkdir(parents=True, exist_ok=True)
         t_all = np.concatenate(ev_t)
         ms = np.arange(0, t_all[-1] // 1000 + 2) * 1000
-        ms_to_idx = np.searchsorted(t_all, ms, "left").astype(np.uint64)  # first event at or after each ms
-        with h5py.File(ev_dir / "events.h5", "w") as f:  # uncompressed: readable without hdf5plugin
-            f.create_dataset("events/x", data=np.concatenate(ev_x))
-            f.create_dataset("events/y", data=np.concatenate(ev_y))
-            f.create_dataset("events/p", data=np.concatenate(ev_p))
-            f.create_dataset("events/t", data=t_all)
-            f.create_dataset("ms_to_idx", data=ms_to_idx)
-            f.create_dataset("t_offset", data=np.int64(t_offset))
-        with h5py.File(ev_dir / "rectify_map.h5", "w") as f:
-            f.create_dataset("rectify_map", data=ident)  # identity rectification
+        data = {"events/x": np.concatenate(ev_x), "events/y": np.concatenate(ev_y), "events/p": np.concatenate(ev_p),
+                "events/t": t_all, "ms_to_idx": np.searchsorted(t_all, ms, "left").astype(np.uint64),  # first event
+                "t_offset": np.int64(t_offset)}                                                   # at or after a ms
+        for fname, content in (("events.h5", data), ("rectify_map.h5", {"rectify_map": ident})):  # identity map
+            with h5py.File(ev_dir / fname, "w") as f:  # uncompressed: readable without hdf5plugin
+                for key, v in content.items():
+                    f.create_dataset(key, data=v)
 
 
 def _write_fmb(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
     d = root / "fmb"
     lut = _encode_lut(TRAIN_TO_FMB, 0)  # wall, fence and void -> unlabelled
-    n = n_train + n_eval
-    for k in range(n):
+    for k in range(n_train + n_eval):
         split = "test" if k % 3 == 1 and sum(1 for j in range(k) if j % 3 == 1) < n_eval else "train"
         s = g.scene((100, 75))
         stem = f"{k + 1:05d}"  # test names interleave with train names
@@ -574,12 +512,9 @@ def _write_fmb(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
 def _write_deliver(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
     d = root / "deliver"
     raw = make_lut(TRAIN_TO_DELIVER_RAW)
-    conds = ("cloud", "fog", "night", "rain", "sun")
     for split, n in (("train", n_train), ("test", n_eval)):
         for k in range(n):
-            cond = conds[k % len(conds)]
-            m = f"MAP_{1 + k % 2}_point{k}"
-            frame = f"{k:06d}"
+            cond, m, frame = DELIVER_CONDITIONS[k % 5], f"MAP_{1 + k % 2}_point{k}", f"{k:06d}"
             s = g.scene((130, 130))
             _save(d / "depth" / cond / split / m / f"{frame}_depth_front.png", render_depth(s, s["tex"]))
             stored = np.where(s["label"] == 255, 0, raw[s["label"]].astype(np.int64) + 1).astype(np.uint8)
@@ -590,112 +525,74 @@ def _write_deliver(root: Path, g: _Gen, n_train: int, n_eval: int) -> None:
                 _save(d / "depth" / cond / split / m / f"{frame}_depth_left.png", render_depth(s, s["tex"]))
 
 
-_WRITERS = [("cityscapes", _write_cityscapes),
-            ("gta5", lambda r, g, a, b: _write_numbered(r, g, a, b, "gta5")),
-            ("synthia", lambda r, g, a, b: _write_numbered(r, g, a, b, "synthia")), ("acdc", _write_acdc),
-            ("dark_zurich", _write_dark_zurich), ("bdd100k", _write_bdd), ("mapillary", _write_mapillary),
-            ("dsec", _write_dsec), ("fmb", _write_fmb), ("deliver", _write_deliver)]
+# in this order: writer i draws from the generator (seed, i)
+_WRITERS = [_write_cityscapes, _write_gta5, _write_synthia, _write_acdc, _write_dark_zurich, _write_bdd,
+            _write_mapillary, _write_dsec, _write_fmb, _write_deliver]
 
 
-def _write_into(folder: Path, n_train: int, n_eval: int, seed: int, shift: float) -> None:
-    for index, (_, writer) in enumerate(_WRITERS):
-        writer(folder, _Gen(seed, index, shift), n_train, n_eval)
-    marker = {"generator_version": GENERATOR_VERSION, "seed": seed, "n_train": n_train, "n_eval": n_eval,
-              "shift": shift, "size_ratio": SIZE_RATIO, "raw_events": _have_h5py()}
-    (folder / "SYNTHETIC").write_text(json.dumps(marker) + "\n")  # written last: marks a complete sample
-
-
-def _swap_in(tmp: Path, root: Path) -> None:
-    """Rename a finished sample to `root`; an existing `root` is moved aside first, then removed."""
-    if root.exists():
-        old = root.with_name(f".{root.name}.old-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-        try:
-            os.rename(root, old)
-        except OSError:
-            old = None
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process won the race: keep its sample
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return
+def _h5py() -> Optional[ModuleType]:
+    """The optional h5py, or None: raw DSEC events (events.h5) are written only when it is installed."""
     try:
-        os.rename(tmp, root)
-    except OSError:  # created meanwhile by another process
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_synthetic_sample(root: str | Path = "data/synthetic", n_train: int = 8, n_eval: int = 4,
-                           seed: int = 0, shift: float = 1.0) -> Path:
-    """Write the synthetic sample of every dataset under `root` (replacing an existing one).
-
-    Args:
-        root: target folder; it receives one folder per dataset (cityscapes/, gta5/, ..., deliver/) and the
-            `SYNTHETIC` marker (JSON: generator version, seed, counts, shift, size ratio).
-        n_train, n_eval: items per train / eval split (ACDC: half of each per condition; DSEC: frames).
-        seed: everything is a deterministic function of the seed.
-        shift: 0 = every dataset in the reference style, 1 = the full per-dataset style shift.
-    Returns:
-        `Path(root)`. The sample is built in a temporary sibling folder and renamed into place, so readers
-        never see half a sample.
-    """
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    try:
-        _write_into(tmp, n_train, n_eval, seed, shift)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _swap_in(tmp, root)
-    return root
-
-
-def _have_h5py() -> bool:
-    """Raw DSEC events (events.h5) are written only when the optional h5py is installed."""
-    try:
-        import h5py  # noqa: F401
+        return importlib.import_module("h5py")
     except ImportError:
-        return False
-    return True
+        return None
 
 
 def _is_current(root: Path) -> bool:
-    """A complete sample from this generator -- and, once h5py is installed, one that has the raw events.
-
-    Why the second condition: a sample written by `--demo` before `pip install h5py` lacks events.h5; reusing
-    it would make the raw-event loader fail on a file the user was never told is missing.
-    """
+    """A complete sample of this generator, with the raw events once h5py is installed (a sample written by
+    `--demo` before `pip install h5py` lacks events.h5, which the raw-event loader would then miss)."""
     try:
         marker = json.loads((root / "SYNTHETIC").read_text())
     except (OSError, ValueError):
         return False
-    return (marker.get("generator_version") == GENERATOR_VERSION
-            and (marker.get("raw_events", False) or not _have_h5py()))
+    return marker.get("generator_version") == GENERATOR_VERSION and (marker.get("raw_events") or _h5py() is None)
 
 
-def ensure_synthetic_sample(root: str | Path = "data/synthetic") -> Path:
-    """Return `root`, writing the default sample first if it is missing or from an older generator.
-
-    Safe when several processes call it at once (tests, DDP ranks): each writes to its own temporary folder
-    and renames it into place; a process that loses the race keeps the winner's (identical) sample.
-    """
-    root = Path(root)
-    if _is_current(root):
-        return root
+def _write(root: Path, n_train: int, n_eval: int, seed: int, shift: float, keep_current: bool) -> Path:
+    """Write into a temporary sibling folder, then rename it to `root` (an existing `root` is moved aside and
+    removed): readers never see half a sample. With `keep_current`, a current sample that another process
+    finished meanwhile is kept."""
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    tmp, old = (root.with_name(f".{root.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:6]}") for kind in ("tmp", "old"))
     try:
-        _write_into(tmp, 8, 4, 0, 1.0)
+        for index, writer in enumerate(_WRITERS):
+            writer(tmp, _Gen(seed, index, shift), n_train, n_eval)
+        marker = {"generator_version": GENERATOR_VERSION, "seed": seed, "n_train": n_train, "n_eval": n_eval,
+                  "shift": shift, "size_ratio": SIZE_RATIO, "raw_events": _h5py() is not None}
+        (tmp / "SYNTHETIC").write_text(json.dumps(marker) + "\n")  # written last: marks a complete sample
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if _is_current(root):  # finished by another process while we wrote ours
+    if keep_current and _is_current(root):
         shutil.rmtree(tmp, ignore_errors=True)
         return root
-    _swap_in(tmp, root)
+    try:
+        os.rename(root, old)
+    except OSError:
+        old = None
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process won the race: keep its sample
+        shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return root
+
+
+def write_synthetic_sample(root: str | Path = "data/synthetic", n_train: int = 8, n_eval: int = 4,
+                           seed: int = 0, shift: float = 1.0) -> Path:
+    """Write the sample under `root` (one folder per dataset and the `SYNTHETIC` marker: generator version, seed,
+    counts, shift, size ratio), replacing an existing one: `n_train` / `n_eval` items per train / eval split
+    (ACDC: half of each per condition), a deterministic function of `seed`; `shift` 0 = every dataset in the
+    reference style, 1 = the full per-dataset style shift."""
+    return _write(Path(root), n_train, n_eval, seed, shift, keep_current=False)
+
+
+def ensure_synthetic_sample(root: str | Path = "data/synthetic") -> Path:
+    """`root`, after writing the default sample if it is missing or from an older generator. Safe when several
+    processes call it at once (tests, DDP ranks): the loser of the race keeps the winner's identical sample."""
+    root = Path(root)
+    return root if _is_current(root) else _write(root, 8, 4, 0, 1.0, keep_current=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

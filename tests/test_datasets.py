@@ -1,8 +1,8 @@
-"""Loaders, label maps, transforms, RCS and the one-line error messages of `common.datasets`, on the synthetic
-sample.
+"""Loaders, label maps, transforms, RCS and the one-line error messages of `common.datasets` (with
+`common.layouts`, `common.readers` and `common.sampling`), on the synthetic sample.
 
 The expected tables below are typed from their primary sources (listed in data/README.md "Class sets and label
-maps"), not computed by `common.datasets`; each label map is checked through the loader (a file with every raw
+maps"), not computed by the loaders; each label map is checked through the loader (a file with every raw
 value, read back by `build_dataset`), not only as a constant.
 """
 import json
@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 
 from common import datasets as D
+from common import layouts as L
+from common import readers as R
 from common.datasets import (CLASS_SETS, DATASETS, PALETTES, DatasetError, RareClassSampling, TrainStream,
                              build_dataset, check_pair, convert_labels, eval_input_size, resize_size)
 from common.synthetic import ensure_synthetic_sample
@@ -96,15 +98,15 @@ def test_registry_names_class_sets_palettes():
     assert PALETTES[11].shape == (11, 3) and PALETTES[9].shape == (9, 3)
     assert tuple(PALETTES[11][10]) == (250, 170, 30)  # MADM: traffic sign in the traffic-light colour
     assert tuple(PALETTES[11][0]) == (70, 130, 180) and tuple(PALETTES[9][2]) == (220, 20, 60)
-    assert D.EVAL_PROTOCOL["mapillary"][1] == "half"
-    assert D.EVAL_PROTOCOL["dsec_event"] == (("exact", (512, 512)), "input")
+    assert DATASETS["mapillary"].metric == "half"
+    assert (DATASETS["dsec_event"].eval_input, DATASETS["dsec_event"].metric) == (("exact", (512, 512)), "input")
 
 
 def test_constant_tables_match_spec():
-    assert np.array_equal(D.make_lut(D.CITYSCAPES_LABELID_TO_TRAINID), expected_lut(CS_LABELID_TO_TRAINID))
-    assert np.array_equal(D.make_lut(D.SYNTHIA_TO_TRAINID), expected_lut(SYNTHIA))
+    assert np.array_equal(R.make_lut(R.CITYSCAPES_LABELID_TO_TRAINID), expected_lut(CS_LABELID_TO_TRAINID))
+    assert np.array_equal(R.make_lut(R.SYNTHIA_TO_TRAINID), expected_lut(SYNTHIA))
     mp = {i: c for c, ids in MAPILLARY_BY_CLASS.items() for i in ids}
-    assert np.array_equal(D.make_lut(D.MAPILLARY_TO_TRAINID), expected_lut(mp))
+    assert np.array_equal(R.make_lut(R.MAPILLARY_TO_TRAINID), expected_lut(mp))
     assert sorted(set(range(66)) - set(mp)) == MAPILLARY_IGNORED
 
 
@@ -152,6 +154,10 @@ def test_unknown_dataset_name_via_cli(capsys):
     assert ex.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --tgt: unknown dataset 'cityscape'")
+    # the datasets side of the check: one function, the same line
+    with pytest.raises(DatasetError) as d:
+        D.dataset_info("cityscape", "--tgt")
+    assert str(d.value) == str(e.value)
 
 
 def test_sizes():
@@ -185,7 +191,7 @@ def test_loader_on_synthetic(sample, name):
         assert set(y.unique().tolist()) <= allowed
         assert len(set(y.unique().tolist()) - {255}) >= 2  # a real scene, not an empty map
         assert (ev.folder / it["name"]).is_file() and it["split"] == info.eval_split
-        if info.modality == "rgb":  # eval items keep the native size of the file
+        if ev.image_kind == "rgb":  # eval items keep the native size of the file
             w, h = Image.open(ev.folder / it["name"]).size
             assert tuple(x.shape[1:]) == (h, w)
         else:
@@ -207,7 +213,6 @@ def test_synthetic_split_sizes(sample):
     # ACDC: the *_ref folders are skipped; `acdc` is the union of its conditions
     per = [len(build_dataset(f"acdc_{c}", sample, "train")) for c in ("fog", "night", "rain", "snow")]
     assert sum(per) == len(build_dataset("acdc", sample, "train")) and all(n == 4 for n in per)
-    assert len(build_dataset("acdc", sample, "train", conditions="fog,snow")) == 8
     # Dark Zurich: night only, train unlabeled
     dz = build_dataset("dark_zurich", sample, "train")
     assert len(dz) == 8 and not dz.has_labels and all("/night/" in it.name for it in dz.items)
@@ -227,11 +232,12 @@ def test_root_is_data_root_or_dataset_folder(sample):
     assert a.folder == b.folder and torch.equal(a[0]["label"], b[0]["label"])
 
 
-def test_cityscapes_label_paths_identical(sample):
-    ti = build_dataset("cityscapes", sample, "train", train=False, label_format="trainIds")
-    li = build_dataset("cityscapes", sample, "train", train=False, label_format="labelIds")
+def test_cityscapes_label_paths_identical(sample, tmp_path):
+    ti = build_dataset("cityscapes", sample, "train", train=False)  # the trainIds when complete
+    d = copy_ds(sample, "cityscapes", tmp_path)
+    next(d.glob("gtFine/train/*/*_labelTrainIds.png")).unlink()  # incomplete: the labelIds of every image
+    li = build_dataset("cityscapes", d, "train", train=False)
     assert ti.label_kind == "cs_trainIds" and li.label_kind == "cs_labelIds"
-    assert build_dataset("cityscapes", sample, "train").label_kind == "cs_trainIds"  # auto prefers trainIds
     assert build_dataset("cityscapes", sample, "val").label_kind == "cs_labelIds"    # none on val: labelIds
     for i in range(len(ti)):
         assert np.array_equal(ti.load_label(i), li.load_label(i))
@@ -282,7 +288,7 @@ def test_synthia_16bit_decode_and_map(tmp_path):
     gt[0, 0, 0] = 256 + 3                             # high byte set: must not read as 3
     png16(d / "GT" / "LABELS" / "0000001.png", gt)
     Image.fromarray(np.zeros((2, 12, 3), np.uint8)).save(d / "RGB" / "0000001.png")
-    assert np.array_equal(D.read_synthia_label("synthia", d / "GT" / "LABELS" / "0000001.png"), gt[..., 0])
+    assert np.array_equal(R.read_synthia_label("synthia", d / "GT" / "LABELS" / "0000001.png"), gt[..., 0])
     # why the trick exists: Pillow's default decode keeps only the high byte
     assert np.array_equal(np.array(Image.open(d / "GT" / "LABELS" / "0000001.png"))[..., 0], gt[..., 0] >> 8)
     (tmp_path / "SYNTHETIC").write_text("{}")
@@ -367,11 +373,19 @@ def test_bdd_old_layout(sample, tmp_path):
 
 
 # ---- DSEC --------------------------------------------------------------------------------------------------
-def test_dsec_edges_and_events(sample):
+def without_edges(d: Path) -> Path:
+    """Remove MADM's edge images from a DSEC copy: the loader then renders the raw events."""
+    for e in d.glob("69mask_*_edges"):
+        shutil.rmtree(e)
+    return d
+
+
+def test_dsec_edges_and_events(sample, tmp_path):
     pytest.importorskip("h5py")
-    edges = build_dataset("dsec_event", sample, "test", dsec_input="edges")
-    events = build_dataset("dsec_event", sample, "test", dsec_input="events")
-    assert build_dataset("dsec_event", sample, "test").image_kind == "grey"  # auto: edges when present
+    edges = build_dataset("dsec_event", sample, "test")  # the edge images when present
+    d = without_edges(copy_ds(sample, "dsec", tmp_path))
+    events = build_dataset("dsec_event", d, "test")
+    assert edges.image_kind == "grey" and events.image_kind == "events"
     assert len(edges) == len(events) == 4
     for i in range(len(edges)):
         a, b = edges[i], events[i]
@@ -384,10 +398,9 @@ def test_dsec_edges_and_events(sample):
         # events exist (not all mid-grey)
         assert ((a["image"][0] * 255 - 128).abs() > 1).float().mean() > 0.05
     # frames: train even indices >= 2 (stride 2), test all >= 1
-    tr = build_dataset("dsec_event", sample, "train", dsec_input="events", scale=1 / 8, crop_size=32)
+    tr = build_dataset("dsec_event", d, "train", scale=1 / 8, crop_size=32)
     assert [Path(it.name).stem for it in tr.items] == [f"{k:06d}" for k in range(2, 17, 2)]
     assert [Path(it.name).stem for it in events.items] == [f"{k:06d}" for k in range(1, 5)]
-    assert len(build_dataset("dsec_event", sample, "train", dsec_input="events", frame_stride=4)) == 4
 
 
 def test_dsec_edge_images_use_the_frame_rule_of_the_raw_events(sample, tmp_path):
@@ -403,22 +416,17 @@ def test_dsec_edge_images_use_the_frame_rule_of_the_raw_events(sample, tmp_path)
     def frames(ds):
         return [int(Path(it.name).stem) for it in ds.items]
     kw = dict(scale=1 / 8, crop_size=32)
-    tr_edges = build_dataset("dsec_event", d, "train", dsec_input="edges", **kw)
-    tr_events = build_dataset("dsec_event", d, "train", dsec_input="events", **kw)
+    tr_edges, te_edges = build_dataset("dsec_event", d, "train", **kw), build_dataset("dsec_event", d, "test")
+    without_edges(d)
+    tr_events, te_events = build_dataset("dsec_event", d, "train", **kw), build_dataset("dsec_event", d, "test")
+    assert tr_edges.image_kind == te_edges.image_kind == "grey" and te_events.image_kind == "events"
     assert frames(tr_edges) == frames(tr_events) == list(range(2, 17, 2))  # MADM: train even frames >= 2
-    te_edges = build_dataset("dsec_event", d, "test", dsec_input="edges")
-    te_events = build_dataset("dsec_event", d, "test", dsec_input="events")
     assert frames(te_edges) == frames(te_events) == [1, 2, 3, 4]  # MADM: test frames >= 1
-    s4 = [build_dataset("dsec_event", d, "train", dsec_input=m, frame_stride=4, **kw)
-          for m in ("edges", "events")]
-    assert frames(s4[0]) == frames(s4[1]) == [4, 8, 12, 16]
-    with pytest.raises(DatasetError, match="--frame-stride: invalid value '0'"):
-        build_dataset("dsec_event", d, "test", dsec_input="edges", frame_stride="0")
 
 
 def test_dsec_label_timestamp_before_t_offset_is_an_empty_window(sample, tmp_path, monkeypatch):
     h5py = pytest.importorskip("h5py")
-    d = copy_ds(sample, "dsec", tmp_path)
+    d = without_edges(copy_ds(sample, "dsec", tmp_path))
     seq = d / "test" / "zurich_city_13_a"
     with h5py.File(seq / "events" / "left" / "events.h5", "r") as f:
         t_offset = int(f["t_offset"][()])
@@ -427,7 +435,7 @@ def test_dsec_label_timestamp_before_t_offset_is_an_empty_window(sample, tmp_pat
     ts[1] = t_offset - 1_000          # 1 ms before the event clock starts: ms index -1 would wrap around
     ts[2] = t_offset - 1_000_000_000  # 1000 s before: ms index -1e6 would be out of range
     ts_file.write_text("".join(f"{t}\n" for t in ts))
-    ds = build_dataset("dsec_event", d, "test", dsec_input="events")
+    ds = build_dataset("dsec_event", d, "test")
     assert [it.extra["t"] for it in ds.items[:2]] == ts[1:3]
     reads = []
     real_get = ds._events.get
@@ -463,18 +471,18 @@ def test_render_events_signed_and_rectified():
     x = np.array([0, 0, 0, 2, 3], np.uint16)
     y = np.array([0, 0, 0, 1, 2], np.uint16)
     p = np.array([1, 1, 0, 0, 1], np.uint8)  # uint8 polarity must become -1/+1, not wrap around
-    img = D.render_events(x, y, p, rect, (3, 4))
+    img = R.render_events(x, y, p, rect, (3, 4))
     assert img.dtype == np.uint8 and img.shape == (3, 4)
     assert img[0, 1] > 128 and img[1, 3] < 127 and img[0, 0] in (127, 128)  # shifted by the map; x'=4 dropped
 
 
 def test_dsec_timestamps_mismatch(sample, tmp_path):
     pytest.importorskip("h5py")
-    d = copy_ds(sample, "dsec", tmp_path)
+    d = without_edges(copy_ds(sample, "dsec", tmp_path))
     ts = d / "test" / "zurich_city_13_a" / "semantic" / "timestamps.txt"
     ts.write_text(ts.read_text() + "1600000000999999\n")
     with pytest.raises(DatasetError) as e:
-        build_dataset("dsec_event", d, "test", dsec_input="events")
+        build_dataset("dsec_event", d, "test")
     assert str(e.value) == ("error: dsec_event: 'zurich_city_13_a' has 6 timestamps but 5 label files; they "
                             "must match one to one.")
 
@@ -498,24 +506,24 @@ def test_dsec_missing_labels_message(sample, tmp_path):
 
 def test_dsec_h5_without_keys(sample, tmp_path):
     h5py = pytest.importorskip("h5py")
-    d = copy_ds(sample, "dsec", tmp_path)
+    d = without_edges(copy_ds(sample, "dsec", tmp_path))
     ev = d / "test" / "zurich_city_13_a" / "events" / "left" / "events.h5"
     ev.unlink()
     with h5py.File(ev, "w") as f:
         f.create_dataset("events/x", data=np.zeros(3, np.uint16))
     with pytest.raises(DatasetError) as e:
-        build_dataset("dsec_event", d, "test", dsec_input="events")
+        build_dataset("dsec_event", d, "test")
     assert str(e.value) == (f"error: dsec_event: '{ev}' lacks '/ms_to_idx' or '/t_offset'. Expected a DSEC "
                             f"events file (events/x, events/y, events/p, events/t, ms_to_idx, t_offset).")
 
 
-def test_dsec_without_h5py(sample, monkeypatch):
+def test_dsec_without_h5py(sample, tmp_path, monkeypatch):
+    d = without_edges(copy_ds(sample, "dsec", tmp_path))
     monkeypatch.setitem(sys.modules, "h5py", None)  # import h5py now raises ImportError
     with pytest.raises(DatasetError) as e:
-        build_dataset("dsec_event", sample, "test", dsec_input="events")
+        build_dataset("dsec_event", d, "test")
     assert str(e.value) == (f"error: dsec_event: raw events need the optional package h5py (pip install h5py "
-                            f"hdf5plugin), or the pre-rendered edge images in "
-                            f"'{sample / 'dsec'}/69mask_test_edges/'.")
+                            f"hdf5plugin), or the pre-rendered edge images in '{d}/69mask_test_edges/'.")
 
 
 # ---- DELIVER depth dtypes ----------------------------------------------------------------------------------
@@ -526,7 +534,7 @@ def test_deliver_depth_dtypes(sample, tmp_path, capsys):
     h, w = np.array(Image.open(p)).shape[:2]
     d16 = np.full((h, w), 40213, np.uint16)
     Image.fromarray(d16).save(p)
-    D._notes_printed.clear()
+    R._notes_printed.clear()
     x = ds[0]["image"]
     assert abs(float(x[0, 0, 0]) - 40213 / 65535) < 1e-6
     note = f"note: deliver_depth: '{p}' is uint16 (max 40213); normalising by 65535."
@@ -659,9 +667,9 @@ def _read_only_tree(folder: Path, monkeypatch) -> None:
         (folder / ".probe").unlink()
     except OSError:
         return  # really read-only
-    real = D._dir_writable
+    real = R._dir_writable
     inside = folder.resolve()
-    monkeypatch.setattr(D, "_dir_writable",
+    monkeypatch.setattr(R, "_dir_writable",
                         lambda d: not Path(d).resolve().is_relative_to(inside) and real(d))
 
 
@@ -679,23 +687,23 @@ def test_caches_fall_back_to_the_user_cache_on_a_read_only_dataset(sample, tmp_p
             raise AssertionError("decoded again instead of reading the cache")
         # the second construction reads both caches: no header read, no label decode for the statistics
         with monkeypatch.context() as m:
-            m.setattr(D, "_image_size", no_decode)
+            m.setattr(L, "image_size", no_decode)
             again = build_dataset("gta5", d, "all", scale=1 / 8, crop_size=48)
         with monkeypatch.context() as m:
             m.setattr(D.SegDataset, "load_label", no_decode)
             assert np.allclose(RareClassSampling(again).freq, rcs.freq)
-        user = D.user_cache_dir(d)
+        user = R.user_cache_dir(d)
         assert user.parent == tmp_path / "xdg" / "diffseg" and len(user.name) == 16
         assert len(list(user.glob("sizes_gta5_all_*.json"))) == 1
         assert len(list(user.glob("rcs_gta5_all_*.json"))) == 1
         # without XDG_CACHE_HOME: ~/.cache/diffseg/<hash>/
         monkeypatch.delenv("XDG_CACHE_HOME")
-        assert D.user_cache_dir(d) == tmp_path / "home" / ".cache" / "diffseg" / user.name
+        assert R.user_cache_dir(d) == tmp_path / "home" / ".cache" / "diffseg" / user.name
         build_dataset("gta5", d, "all", scale=1 / 8, crop_size=48)
-        assert list(D.user_cache_dir(d).glob("sizes_gta5_all_*.json"))
+        assert list(R.user_cache_dir(d).glob("sizes_gta5_all_*.json"))
         # an explicit cache_dir comes before the per-user folder
-        assert D._cache_candidates(d, tmp_path / "out", "x.json") == [
-            d / ".cache" / "x.json", tmp_path / "out" / "x.json", D.user_cache_dir(d) / "x.json"]
+        assert R.cache_paths(d, tmp_path / "out", "x.json") == [
+            d / ".cache" / "x.json", tmp_path / "out" / "x.json", R.user_cache_dir(d) / "x.json"]
     finally:
         for q in [d, *d.rglob("*")]:
             q.chmod(0o755 if q.is_dir() else 0o644)
@@ -775,8 +783,6 @@ def test_size_mismatch_message_and_gta_skip(sample, tmp_path):
     with pytest.warns(UserWarning, match="skipped 1 image/label pairs"):
         ds = build_dataset("gta5", g, "all")
     assert len(ds) == 11 and "images/00002.png" not in [i.name for i in ds.items]
-    with pytest.raises(DatasetError, match="is 239x132 but its label is 200x100"):
-        build_dataset("gta5", g, "all", size_mismatch="error")
 
 
 def test_out_of_range_ids_message(tmp_path):
@@ -787,8 +793,9 @@ def test_out_of_range_ids_message(tmp_path):
     with pytest.raises(DatasetError) as e:
         build_dataset("cityscapes", d, "val")
     assert str(e.value) == (f"error: cityscapes: label '{p}' has values {{19, 26, 33}} outside "
-                            f"{{0..18, 255}}. This is a labelIds map; use *_gtFine_labelTrainIds.png or "
-                            f"--label-format labelIds.")
+                            f"{{0..18, 255}}. This is a labelIds map; recreate the *_gtFine_labelTrainIds.png "
+                            f"files (cityscapesScripts createTrainIdLabelImgs.py) or remove them to read "
+                            f"*_gtFine_labelIds.png.")
 
 
 def test_rgb_label_message(sample, tmp_path):
@@ -821,10 +828,6 @@ def test_corrupt_file_message(sample, tmp_path):
 def test_test_split_without_ground_truth(sample):
     ds = build_dataset("cityscapes", sample, "test")
     assert not ds.has_labels and (ds[0]["label"] == 255).all()
-    with pytest.raises(DatasetError) as e:
-        ds.require_labels()
-    assert str(e.value) == ("error: cityscapes: split 'test' has no public ground truth; use --split val for "
-                            "a metric.")
 
 
 def test_count_warning_silenced_by_marker(sample, tmp_path):
@@ -885,8 +888,6 @@ def test_acdc_flattened_rsync_layout_pairs_labels_by_name(sample, tmp_path):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
         labels.add(a["label"].numpy().tobytes())
     assert len(labels) == len(flat)  # every label differs, so a wrong pairing could not pass
-    with pytest.raises(DatasetError, match="flattened ACDC layout, which has no condition folders"):
-        build_dataset("acdc", tmp_path, "val", conditions="fog")
     with pytest.raises(DatasetError, match="no folder 'rgb_anon/fog/val'"):
         build_dataset("acdc_fog", tmp_path, "val")
 
@@ -916,14 +917,10 @@ def test_mapillary_older_and_v2_layouts(sample, tmp_path):
         build_dataset("mapillary", d, "val")
 
 
-def test_unknown_split_and_options(sample):
+def test_unknown_split_and_name(sample):
     with pytest.raises(DatasetError, match="unknown split 'validation'"):
         build_dataset("cityscapes", sample, "validation")
-    with pytest.raises(DatasetError, match="--label-format: unknown value 'colour'"):
-        build_dataset("cityscapes", sample, "val", label_format="colour")
-    with pytest.raises(DatasetError, match="--dsec-input: unknown value 'frames'"):
-        build_dataset("dsec_event", sample, "val", dsec_input="frames")
-    with pytest.raises(DatasetError, match="unknown ACDC condition 'haze'"):
-        build_dataset("acdc", sample, "val", conditions="fog,haze")
+    with pytest.raises(DatasetError, match="^error: unknown dataset 'acdc_haze'. Choose one of: cityscapes, "):
+        build_dataset("acdc_haze", sample, "val")  # ACDC conditions are dataset names
     assert build_dataset("mapillary", sample, "validation").split == "validation"
     assert build_dataset("deliver_depth", sample, "val").split == "test"  # "val" is the eval split alias

@@ -63,7 +63,7 @@ def test_layouts_sizes_and_encodings(sample):
     # SYNTHIA: 16-bit RGB (colour type 2); no terrain (16), truck (18), train (20)
     lab = first(sample, "synthia/GT/LABELS/*.png")
     assert png_header(lab)[2:] == (16, 2)
-    from common.datasets import read_synthia_label
+    from common.readers import read_synthia_label
     for p in sorted((sample / "synthia" / "GT" / "LABELS").glob("*.png")):
         assert not set(np.unique(read_synthia_label("synthia", p))) & {16, 18, 20}
     # DELIVER: RGB label, raw + 1 in channel 0; FMB raw ids
