@@ -83,11 +83,13 @@ def _parser(args_cls: type, with_defaults: bool) -> argparse.ArgumentParser:
 
 def parse_args(args_cls: type, argv: Optional[list[str]] = None) -> Any:
     """The command line as an `args_cls` instance; `_given` records the flags typed (for `replace_defaults`)."""
-    from common.runtime import check_dataset_names  # TODO(issue 21): the datasets' single check
+    from common.datasets import dataset_info  # the one check of a dataset name
     ns = vars(_parser(args_cls, True).parse_args(argv))
     args = args_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in ns.items()})
     object.__setattr__(args, "_given", frozenset(vars(_parser(args_cls, False).parse_args(argv))))
-    check_dataset_names(args)
+    for flag in ("src", "tgt"):
+        for name in filter(None, str(getattr(args, flag, None) or "").split(",")):
+            dataset_info(name, f"--{flag}")
     return args
 
 
