@@ -325,21 +325,16 @@ def to_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 @torch.no_grad()
-def vae_encode(vae: nn.Module, x: torch.Tensor, sample: bool = False,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Image -> scaled SD latent.
+def vae_encode(vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Image -> scaled SD latent: the posterior mean (= mode of the diagonal Gaussian), no sampling.
 
     Args:
         vae: AutoencoderKL (frozen).
         x: (B, 3, H, W) in [-1, 1], H and W multiples of 8; cast to the VAE's dtype.
-        sample: False = posterior mean (= mode of the diagonal Gaussian); True = a sample drawn with
-            `generator`.
     Returns:
         (B, 4, H/8, W/8) latent × `scaling_factor` (0.18215), in the VAE's dtype.
     """
-    posterior = vae.encode(x.to(vae.dtype)).latent_dist
-    z = posterior.sample(generator=generator) if sample else posterior.mean
-    return z * vae.config.scaling_factor
+    return vae.encode(x.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
 
 
 @torch.no_grad()
@@ -364,22 +359,6 @@ def encode_prompts(tokenizer: Any, text_encoder: nn.Module, prompts: Sequence[st
     return out.pooler_output if pooled else out.last_hidden_state
 
 
-class PromptCache:
-    """`encode_prompts` with a cache per (prompt, pooled): every prompt is encoded once per run."""
-
-    def __init__(self, tokenizer: Any, text_encoder: nn.Module):
-        self.tokenizer, self.text_encoder = tokenizer, text_encoder
-        self.cache: dict[tuple[str, bool], torch.Tensor] = {}
-
-    def __call__(self, prompts: Sequence[str], pooled: bool = False) -> torch.Tensor:
-        """(N, 77, d) contexts or (N, d) pooled embeddings for `prompts`, from the cache where possible."""
-        todo = [p for p in dict.fromkeys(prompts) if (p, pooled) not in self.cache]
-        if todo:
-            for p, e in zip(todo, encode_prompts(self.tokenizer, self.text_encoder, todo, pooled)):
-                self.cache[(p, pooled)] = e
-        return torch.stack([self.cache[(p, pooled)] for p in prompts])
-
-
 def add_noise(scheduler: Any, z: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
     """Forward diffusion q(z_t | z_0): z_t = sqrt(alpha_bar_t) z + sqrt(1 - alpha_bar_t) eps
     (`scheduler.add_noise`).
@@ -395,19 +374,6 @@ def add_noise(scheduler: Any, z: torch.Tensor, eps: torch.Tensor, t: int | torch
 # ------------------------------------------------------------------------------------------------------------
 # Feature capture by forward hooks
 # ------------------------------------------------------------------------------------------------------------
-def get_module(root: nn.Module, dotted: str) -> nn.Module:
-    """`get_module(unet, "up_blocks.1.upsamplers.0")`; a clear KeyError naming the missing part."""
-    m = root
-    for part in dotted.split("."):
-        try:
-            m = (m[int(part)] if part.isdigit() and isinstance(m, (nn.ModuleList, nn.Sequential))
-                 else getattr(m, part))
-        except (AttributeError, IndexError):
-            raise KeyError(f"{type(root).__name__} has no submodule '{dotted}' "
-                           f"(stopped at '{part}')") from None
-    return m
-
-
 def _first_tensor(out: Any) -> torch.Tensor:
     if torch.is_tensor(out):
         return out
@@ -431,8 +397,8 @@ class FeatureCapture(contextlib.AbstractContextManager):
         self.root, self.names, self.pre = root, list(names), set(pre)
         self.features: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
-        for name in self.names:
-            module = get_module(root, name)
+        modules = [root.get_submodule(name) for name in self.names]  # AttributeError naming a missing part
+        for name, module in zip(self.names, modules):                 # (before any hook is installed)
             if name in self.pre:
                 self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
             else:
@@ -540,5 +506,5 @@ class AttentionStore:
 
 __all__ = ["SD", "load_sd", "sd_config", "build_random_sd", "tiny_sd_dir", "mini_sd_dir",
            "write_tiny_tokenizer",
-           "vae_encode", "vae_decode", "encode_prompts", "PromptCache", "add_noise", "get_module",
+           "vae_encode", "vae_decode", "encode_prompts", "add_noise",
            "FeatureCapture", "AttentionStore", "cache_root"]
