@@ -108,7 +108,7 @@ class Args:
     """time N training iterations and print one JSON line"""
     estimate_memory: bool = False
     """predict the peak GPU memory of one training step of this exact command without a GPU, data or weights
-    (FakeTensorMode + MemTracker); print one JSON line"""
+    (shapes only, benchmarks/measure.py); print one JSON line"""
     demo: bool = False
     """mini SD (pretrained on the synthetic world) + synthetic sample + short schedule, minutes on a CPU"""
     log_every: int = 50
@@ -681,25 +681,6 @@ def finish(out: Path, result: dict, dist: runtime.Dist) -> dict:
     return result
 
 
-# ---- --profile / --estimate-memory: one training step on random inputs of the training shapes ----
-def measure(args: Args, num_classes: int, device: torch.device, precision: runtime.Precision) -> dict:
-    """No dataset: a random image whose label holds every prompt class (one band each: the largest batch)."""
-    def build_step():
-        extractor, model, opt, scaler, gen = build(args, num_classes, device, precision)
-        B, c, ids = args.batch_size, args.crop_size, extractor.prompt_ids
-        x = torch.rand(B, 3, c, c, device=device)
-        y = torch.full((B, c, c), min(set(range(num_classes)) - set(ids)), dtype=torch.long, device=device)
-        for k, cid in enumerate(ids):
-            y[:, k * c // (len(ids) + 1): (k + 1) * c // (len(ids) + 1)] = cid
-        step = lambda: train_step(model, extractor, opt, scaler, x, y, 0, args, precision, gen)  # noqa: E731
-        return step, [extractor, model, opt]
-    amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[precision.amp_dtype]
-    return runtime.measure(args, build_step, device, {
-        "method": "diff", "crop": args.crop_size, "batch": args.batch_size, "sd_model": args.sd_model,
-        "precision": amp, "grad_checkpointing": args.grad_checkpointing, "num_steps": args.num_steps,
-        "baseline": args.baseline, "proj_dims": list(args.proj_dims)})
-
-
 def main(args: Args) -> dict:
     """Train (or only evaluate, or measure) DIFF + IPKL; returns the final metrics."""
     if args.demo:
@@ -711,13 +692,14 @@ def main(args: Args) -> dict:
     runtime.validate_args(args, crop_multiple=64)  # DIFF reshapes its features at stride 64
     inversion_schedule(args.num_steps)             # and the method's own flags, before anything is built
     class_prompts(args.prompt_classes, 19)
+    if args.profile or args.estimate_memory:  # measuring tools, not training: benchmarks/measure.py
+        from benchmarks.measure import measure
+        return measure("diff", args, globals())
     dist, precision = runtime.setup_hardware(args)
     num_classes = check_pair(args.src, args.tgt)
     if dist.is_main:
         console.log("args: " + " ".join(f"{f.name}={getattr(args, f.name)}" for f in fields(args)))
         console.log(f"device: {dist.device} | precision: {precision.reason}")
-    if args.profile or args.estimate_memory:
-        return measure(args, num_classes, dist.device, precision)
     scale = 1 / 8 if args.demo else 1.0  # datasets first: bad input fails before anything loads or is written
     src_ds = None if args.eval_only else build_dataset(
         args.src, args.data_root, "train", crop_size=args.crop_size, scale=scale, num_classes=num_classes,

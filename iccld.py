@@ -113,7 +113,7 @@ class Args:
     """time N training iterations of --stage 1 or 2, print one JSON line, write nothing"""
     estimate_memory: bool = False
     """predict the peak GPU memory of one training step of this exact command without a GPU, data or weights
-    (FakeTensorMode + MemTracker); print one JSON line"""
+    (shapes only, benchmarks/measure.py); print one JSON line"""
     demo: bool = False
     """mini SD (pretrained on the synthetic world) + synthetic sample + short schedule of both stages (CPU,
     minutes)"""
@@ -721,17 +721,6 @@ def check_args(a: Args) -> None:
             raise UserError("error: " + msg)
 
 
-def measured_step(a: Args, dist: runtime.Dist, prec: runtime.Precision):
-    """`build` for runtime.measure: one training step of --stage 1 or 2 on random tensors of the training
-    shapes (a step's cost does not depend on pixels or weights), and every module and optimizer it holds."""
-    s, b, c, dev = setup(a, dist, prec, data=False), a.batch_size, a.crop_size, dist.device
-    batch = (torch.rand(b, 3, c, c, device=dev), torch.randint(0, s.K, (b, c, c), device=dev),
-             torch.rand(b, 3, c, c, device=dev))
-    st = build_stage1(s) if a.stage == "1" else build_stage2(s, None)
-    optims = [o for o in st.optims.values() if isinstance(o, torch.optim.Optimizer)]
-    return lambda: st.step(batch, 1, a, prec), [*st.modules.values(), *st.frozen, *optims]
-
-
 def main(args: Args) -> dict:
     """Train (--stage 1, 2 or both), --eval-only, --profile or --estimate-memory; returns final metrics."""
     if args.demo:
@@ -741,14 +730,11 @@ def main(args: Args) -> dict:
     args = replace(args, out=args.out or f"runs/iccld-{tag}",
                    eval_only=args.eval_only or bool(args.predict))  # --predict: load --ckpt, no training
     check_args(args)
+    if args.profile or args.estimate_memory:  # measuring tools, not training: benchmarks/measure.py
+        from benchmarks.measure import measure
+        return measure("iccld", args, globals())
     dist, prec = runtime.setup_hardware(args)
     runtime.seed_everything(args.seed)                            # all seeding here, in one place
-    if args.profile or args.estimate_memory:                      # one stage's step, nothing written
-        amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(prec.amp_dtype, "fp32")
-        return runtime.measure(args, lambda: measured_step(args, dist, prec), dist.device, {
-            "method": "iccld", "stage": args.stage, "crop": args.crop_size, "batch": args.batch_size,
-            "sd_model": args.sd_model, "precision": amp, "source_only": args.source_only,
-            "grad_checkpointing": args.grad_checkpointing})
     resume_stage, stage1_w, offset = None, None, args.iters      # checkpoints read before --out is touched
     if args.resume:                                               # the stage from the weight names only
         with safe_open(str(runtime.resume_checkpoint(args.out) / "weights.safetensors"), "pt") as f:

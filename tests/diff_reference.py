@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import diff  # noqa: E402
-from common.runtime import count_flops  # noqa: E402
+from benchmarks.measure import count_flops  # noqa: E402
 from common.sd_backbone import FeatureCapture, build_random_sd  # noqa: E402
 
 

@@ -893,8 +893,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, data_root, capsys, argv, nee
 
 def test_profile_each_stage_writes_nothing(tmp_path, capsys, monkeypatch):
     """--profile without any dataset: random tensors of the training shapes, one JSON line, no run folder."""
-    peak = runtime.matmul_peak_gflops  # the 2048^3 peak measurement is not under test here: a small one
-    monkeypatch.setattr(runtime, "matmul_peak_gflops", lambda device: peak(device, n=256))
+    from benchmarks import measure
+    peak = measure.matmul_peak_gflops  # the 2048^3 peak measurement is not under test here: a small one
+    monkeypatch.setattr(measure, "matmul_peak_gflops", lambda device: peak(device, n=256))
     for stage, crop in (("1", 32), ("2", 64)):
         res = iccld.main(iccld.Args(sd_model="tiny", crop_size=crop, batch_size=1, profile=1, stage=stage,
                                     data_root=str(tmp_path / "no-data"), out=str(tmp_path / "o")))

@@ -699,9 +699,9 @@ def test_mixed_precision_takes_the_gpu_path_on_cpu(name):
 # --profile and --estimate-memory
 # ------------------------------------------------------------------------------------------------------------
 def test_profile_needs_no_data_and_writes_nothing(tmp_path, monkeypatch):
-    from common import runtime
-    peak = runtime.matmul_peak_gflops
-    monkeypatch.setattr(runtime, "matmul_peak_gflops", lambda device: peak(device, n=512))  # the peak, measured smaller
+    from benchmarks import measure
+    peak = measure.matmul_peak_gflops
+    monkeypatch.setattr(measure, "matmul_peak_gflops", lambda device: peak(device, n=512))  # the peak, measured smaller
     res = madm.main(madm.Args(sd_model="tiny", profile=1, crop_size=32, fusion_stride=4,
                               data_root=str(tmp_path / "no-data"), out=str(tmp_path / "out")))
     for key in ("flops_per_iter", "sec_per_iter", "peak_mem_gb", "matmul_peak_gflops", "utilization"):
