@@ -35,7 +35,7 @@ def child(name: str, seed: int, data: str, out: str, sd_model: str) -> None:
     import torch
 
     from adaptation import METHODS
-    from common import datasets, runtime
+    from common import cli, datasets
     cfg = METHODS[name]
     mod = importlib.import_module(cfg["script"][:-3])
     labels: list = []                             # target labels of the crops handed to the step, in order
@@ -58,7 +58,7 @@ def child(name: str, seed: int, data: str, out: str, sd_model: str) -> None:
     argv = ["--demo", "--src", cfg["src"], "--tgt", cfg["tgt"], "--data-root", data, "--seed", str(seed),
             "--out", out, "--sd-model", sd_model, *cfg["iters"], "--eval-every", "100000", "--ckpt-every", "0",
             "--log-every", "50"]
-    res = mod.main(runtime.parse_args(mod.Args, argv))
+    res = mod.main(cli.parse_args(mod.Args, argv))
     print("RESULT " + json.dumps({"miou": res["miou"]}))
 
 

@@ -101,7 +101,7 @@ def child_madm(argv: list, probe: bool) -> dict:
     import torch
 
     import madm
-    from common import datasets, metrics, runtime
+    from common import cli, datasets, metrics
     labels: list = []          # ground truth of the target crops handed to the step, in order
     now = {"step": -1, "t": 0}  # step and DPLG timestep of the teacher call about to happen
     steps: list = []           # one record per teacher call (micro-step)
@@ -156,11 +156,11 @@ def child_madm(argv: list, probe: bool) -> dict:
                           "confident_t": float((p_t >= threshold[0]).float().mean())})
             return out
         madm.Student.forward = probing_forward
-    args = runtime.parse_args(madm.Args, argv)
+    args = cli.parse_args(madm.Args, argv)
     run_iters, threshold = [args.iters], [madm.DEMO["pseudo_threshold"] if args.demo else args.pseudo_threshold]
     res = madm.main(args)
     out = {"miou": float(res["miou"]), "lplr_weights": list(madm.task_settings(
-        runtime.replace_defaults(args, **madm.DEMO) if args.demo else args)[2])}
+        cli.replace_defaults(args, **madm.DEMO) if args.demo else args)[2])}
     if probe:
         assert not labels, "every recorded target crop was seen by the teacher"
         quarters = []
@@ -188,7 +188,7 @@ def child_ptdiffseg(argv: list) -> dict:
     import torch
 
     import ptdiffseg
-    from common import runtime
+    from common import cli
     slide = ptdiffseg.slide_logits
     n_prompts = len(ptdiffseg.SCENE_PROMPTS)
     per_prompt = {k: {"kl": [], "changed": []} for k in range(1, n_prompts)}   # prompt k vs prompt 0
@@ -210,7 +210,7 @@ def child_ptdiffseg(argv: list) -> dict:
             compare(slide(run, x, pool[:1]), out, ttda_vs_0)
         return out
     ptdiffseg.slide_logits = probing_slide
-    args = runtime.parse_args(ptdiffseg.Args, argv)
+    args = cli.parse_args(ptdiffseg.Args, argv)
     res = ptdiffseg.main(args)
     prompts = [{"k": k, "prompt": ptdiffseg.SCENE_PROMPTS[k], "kl": mean(v["kl"]),
                 "changed": mean(v["changed"]), "images": len(v["kl"])} for k, v in per_prompt.items()]
@@ -232,7 +232,7 @@ def child_diff(argv: list) -> dict:
     import torch.nn.functional as F
 
     import diff
-    from common import datasets, metrics, runtime
+    from common import cli, datasets, metrics
     per_step: list = []
     final: dict = {}
     ipkl = diff.ipkl_loss
@@ -291,7 +291,7 @@ def child_diff(argv: list) -> dict:
                                        for c in extractor.prompt_ids]
         return r
     diff.evaluate = probing_evaluate
-    args = runtime.parse_args(diff.Args, argv)
+    args = cli.parse_args(diff.Args, argv)
     res = diff.main(args)
     n = len(per_step)
     w = max(1, n // 6)                                    # first and last sixth of training
@@ -307,8 +307,8 @@ def child_iccld(argv: list) -> dict:
     import torch
 
     import iccld
-    from common import runtime
-    args = runtime.parse_args(iccld.Args, argv)
+    from common import cli
+    args = cli.parse_args(iccld.Args, argv)
     B = args.batch_size
     per_step: list = []
     unet_ref: dict = {}

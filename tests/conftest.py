@@ -47,7 +47,7 @@ def run_two_gloo_processes(script: str, out: Path, env: dict, timeout: int = 600
 def sigterm_on_call(fn, call: int):
     """`fn`, wrapped to send SIGTERM to this process when it is called for the `call`-th time (1-based),
     before running it: a preemption arriving in the middle of a training step. Sent only while a
-    `runtime.StopOnSignal` handler is installed (otherwise it would end pytest); its absence fails the
+    `runs.StopOnSignal` handler is installed (otherwise it would end pytest); its absence fails the
     test."""
     import signal
     calls = []

@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 import madm
 import madm_reference as ref
 from common.datasets import CLASS_SETS, PALETTES, check_pair
-from common.runtime import Dist, UserError, choose_precision
+from common.cli import UserError
+from common.runs import Dist, choose_precision
 from common.sd_backbone import vae_encode
 from common.synthetic import ensure_synthetic_sample
 
@@ -864,7 +865,7 @@ def test_same_seed_runs_are_bit_identical_at_the_default_thread_count(three_runs
     """Issue 15.4: two same-seed runs with the default thread count, one building the data caches on a fresh
     sample and one reading them, hold bit-identical weights at step 2. (The reported difference, `loss_reg_s`
     2.529 vs 2.539 at step 5, could not be reproduced on this machine; the setting that addresses it is
-    oneDNN's deterministic mode, which runtime.setup_hardware switches on for every CPU run.)"""
+    oneDNN's deterministic mode, which runs.init_distributed switches on for every CPU run.)"""
     tmp, killed_step2 = three_runs
     a = _weights(tmp / "ref", 2)
     assert a.keys() == killed_step2.keys()
