@@ -64,7 +64,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -175,33 +175,30 @@ class Args:
 # depth/dump_nyu_text_embeddings.py), in their original order, each followed by "."
 TEMPLATES = tuple(f"{t}." for t in """a bad photo of a {}|a photo of many {}|a sculpture of a {}|
 a photo of the hard to see {}|a low resolution photo of the {}|a rendering of a {}|graffiti of a {}|
-a bad photo of the {}|a cropped photo of the {}|a tattoo of a {}|the embroidered {}|
-a photo of a hard to see {}|a bright photo of a {}|a photo of a clean {}|a photo of a dirty {}|
-a dark photo of the {}|a drawing of a {}|a photo of my {}|the plastic {}|a photo of the cool {}|
-a close-up photo of a {}|a black and white photo of the {}|a painting of the {}|a painting of a {}|
-a pixelated photo of the {}|a sculpture of the {}|a bright photo of the {}|a cropped photo of a {}|
-a plastic {}|a photo of the dirty {}|a jpeg corrupted photo of a {}|a blurry photo of the {}|
+a bad photo of the {}|a cropped photo of the {}|a tattoo of a {}|the embroidered {}|a photo of a hard to see {}|
+a bright photo of a {}|a photo of a clean {}|a photo of a dirty {}|a dark photo of the {}|a drawing of a {}|
+a photo of my {}|the plastic {}|a photo of the cool {}|a close-up photo of a {}|a black and white photo of the {}|
+a painting of the {}|a painting of a {}|a pixelated photo of the {}|a sculpture of the {}|a bright photo of the {}|
+a cropped photo of a {}|a plastic {}|a photo of the dirty {}|a jpeg corrupted photo of a {}|a blurry photo of the {}|
 a photo of the {}|a good photo of the {}|a rendering of the {}|a {} in a video game|a photo of one {}|
-a doodle of a {}|a close-up photo of the {}|a photo of a {}|the origami {}|the {} in a video game|
-a sketch of a {}|a doodle of the {}|a origami {}|a low resolution photo of a {}|the toy {}|
-a rendition of the {}|a photo of the clean {}|a photo of a large {}|a rendition of a {}|a photo of a nice {}|
-a photo of a weird {}|a blurry photo of a {}|a cartoon {}|art of a {}|a sketch of the {}|a embroidered {}|
-a pixelated photo of a {}|itap of the {}|a jpeg corrupted photo of the {}|a good photo of a {}|
-a plushie {}|a photo of the nice {}|a photo of the small {}|a photo of the weird {}|the cartoon {}|
-art of the {}|a drawing of the {}|a photo of the large {}|a black and white photo of a {}|the plushie {}|
-a dark photo of a {}|itap of a {}|graffiti of the {}|a toy {}|itap of my {}|a photo of a cool {}|
-a photo of a small {}|a tattoo of the {}""".replace("\n", "").split("|"))
+a doodle of a {}|a close-up photo of the {}|a photo of a {}|the origami {}|the {} in a video game|a sketch of a {}|
+a doodle of the {}|a origami {}|a low resolution photo of a {}|the toy {}|a rendition of the {}|
+a photo of the clean {}|a photo of a large {}|a rendition of a {}|a photo of a nice {}|a photo of a weird {}|
+a blurry photo of a {}|a cartoon {}|art of a {}|a sketch of the {}|a embroidered {}|a pixelated photo of a {}|
+itap of the {}|a jpeg corrupted photo of the {}|a good photo of a {}|a plushie {}|a photo of the nice {}|
+a photo of the small {}|a photo of the weird {}|the cartoon {}|art of the {}|a drawing of the {}|
+a photo of the large {}|a black and white photo of a {}|the plushie {}|a dark photo of a {}|itap of a {}|
+graffiti of the {}|a toy {}|itap of my {}|a photo of a cool {}|a photo of a small {}|
+a tattoo of the {}""".replace("\n", "").split("|"))
 
 # [our choice] The scene-prompt pool for prompt randomization. Prompt 0 is the neutral description used at
 # evaluation and as the TTDA initialisation; the others name weather, light and rendering styles so that the
 # head sees the same image under different "domain" descriptions. Prompt 11 is the empty sentence.
 _STREET = "a photo of an urban street scene"
-SCENE_PROMPTS = (
-    _STREET, *(f"{_STREET} {w}" for w in ("on a sunny day", "at night", "in heavy rain", "in dense fog",
-                                          "in snow", "at dusk")),
-    "a rendering of an urban street scene in a video game", "a photorealistic photo of an urban street scene",
-    "a dashcam photo of an urban street scene", "a painting of an urban street scene", "",
-)
+SCENE_PROMPTS = (_STREET, *(f"{_STREET} {w}" for w in ("on a sunny day", "at night", "in heavy rain", "in dense fog",
+                                                       "in snow", "at dusk")),
+                 "a rendering of an urban street scene in a video game", "a photorealistic photo of an urban street "
+                 "scene", "a dashcam photo of an urban street scene", "a painting of an urban street scene", "")
 
 
 @torch.no_grad()
@@ -226,8 +223,7 @@ def prompt_embeddings(sd_model: str, class_names: tuple[str, ...], cache_dir: Pa
     s = encode_prompts(text.tokenizer, text.text_encoder, SCENE_PROMPTS, pooled=True).float()  # (P, d)
     del text  # free the text encoder (~0.5 GB for SD 1.x): only its outputs are needed from here on
     gc.collect()  # any reference cycles go now: nothing of it lingers through training
-    if write:  # `train` passes False: it writes the cache once --out is checked (save_run_start)
-        save_prompt_cache(path, c, s)
+    save_prompt_cache(cache_dir, sd_model, class_names, c, s) if write else None  # `train`: once --out is checked
     return c, s
 
 
@@ -236,11 +232,12 @@ def prompt_cache(cache_dir: Path, sd_model: str, class_names: tuple[str, ...]) -
     return Path(cache_dir) / f"prompt_embeddings-{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
 
 
-def save_prompt_cache(path: Path, c: torch.Tensor, s: torch.Tensor) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"class": c.cpu().contiguous(), "scene": s.cpu().contiguous()}, str(path.with_suffix(".tmp")))
-    path.with_suffix(".tmp").replace(path)  # atomic: a killed run never leaves half a cache file
-    log(f"prompt embeddings: {len(c)} classes x 80 templates + scene prompts -> {path}")
+def save_prompt_cache(cache_dir: Path, sd_model: str, class_names: tuple, c: torch.Tensor, s: torch.Tensor) -> None:
+    if not (path := prompt_cache(cache_dir, sd_model, class_names)).is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"class": c.cpu().contiguous(), "scene": s.cpu().contiguous()}, str(path.with_suffix(".tmp")))
+        path.with_suffix(".tmp").replace(path)  # atomic: a killed run never leaves half a cache file
+        log(f"prompt embeddings: {len(c)} classes x 80 templates + scene prompts -> {path}")
 
 
 class TextAdapter(nn.Module):
@@ -510,7 +507,7 @@ def ttda_step(model: PTDiffSeg, sd: FrozenSD, s: nn.Parameter, s0: torch.Tensor,
     return {"loss_ttda": loss.item() if loss is not None else 0.0, "kept": kept, "stepped": float(stepped)}
 
 
-# ---- Setup (plumbing): arguments, datasets, frozen SD, prompt embeddings, model ------------------------
+# ---- Setup (plumbing): arguments, datasets, what `train` builds once (Run: evaluation and TTDA read it) ---
 def check_args(args: Args) -> int:
     """The shared checks plus PTDiffSeg's own, before anything is built or written; returns K."""
     check_common_flags(args, crop_multiple=64)  # the UNet halves the latent (crop / 8) three times
@@ -528,8 +525,7 @@ def check_args(args: Args) -> int:
 
 
 def build_data(args: Args, num_classes: int) -> dict:
-    """{"src": the source TrainStream (None for --eval-only), "eval": {target: its eval split}, "ttda":
-    {target: its train crops, labels never read} (with --ttda)}; each target is scored on its own (DG)."""
+    """{"src": the source TrainStream, "eval" / "ttda": {target: its eval split / its train crops (no labels)}}."""
     if args.demo:
         synthetic.ensure_synthetic_sample(args.data_root)
     kw = dict(crop_size=args.crop_size, scale=1 / 8 if args.demo else 1.0, num_classes=num_classes)  # demo: / 8
@@ -540,50 +536,20 @@ def build_data(args: Args, num_classes: int) -> dict:
             "ttda": {t: cd.build_dataset(t, args.data_root, train=True, **kw) for t, _ in evals if args.ttda}}
 
 
-def build_model(args: Args, num_classes: int, dist: runs.Dist, precision: runs.Precision,
-                cache_dir: Path) -> tuple[FrozenSD, PTDiffSeg]:
-    """-> (the frozen SD in the precision's frozen dtype, the trained parts with the prompt embeddings: from
-    the run folder's cache, else from SD's text encoder; `train` writes the cache once --out is checked)."""
-    sd = FrozenSD.load(args, dist.device, precision.frozen_dtype)
-    c_emb, s_emb = prompt_embeddings(args.sd_model, cd.CLASS_SETS[num_classes], cache_dir, write=False)
-    model = PTDiffSeg(c_emb, s_emb, sd.channels, args.adapter_gamma_init).to(dist.device)
-    if dist.world > 1 and dist.device.type == "cuda":  # mmseg/VPD configs use SyncBN; gloo on CPU has none
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return sd, model
-
-
-def load_weights(run: "Run", weights: dict, where: str) -> None:
+def load_weights(model: PTDiffSeg, weights: dict, where: str) -> None:
     try:
-        run.model.load_state_dict(weights)
+        model.load_state_dict(weights)
     except RuntimeError:  # e.g. trained for another class set or SD version
-        raise UserError(f"error: --ckpt: '{where}' does not fit this model ({run.num_classes} classes, "
-                        f"--sd-model {run.args.sd_model}). Expected a ptdiffseg.py checkpoint trained with the "
-                        "same class set and SD model.") from None
+        raise UserError(f"error: --ckpt: '{where}' does not fit this model ({len(model.class_emb)} classes). Expected "
+                        "a ptdiffseg.py checkpoint trained with the same class set and --sd-model.") from None
 
 
-def save_run_start(run: "Run") -> None:
-    """Once --out is checked (rank 0): the prompt cache (a later run needs no text encoder) and the args."""
-    cache = prompt_cache(run.out / "cache", run.args.sd_model, cd.CLASS_SETS[run.num_classes])
-    save_prompt_cache(cache, run.model.class_emb, run.model.scene_pool) if not cache.is_file() else None
-    metrics.write_metrics(run.out, run.args, key="args")
-
-
-@dataclass
-class Run:
-    """What `train` builds once; evaluation and TTDA read it."""
-    args: Args
-    dist: runs.Dist
-    precision: runs.Precision
-    sd: FrozenSD                      # frozen UNet + VAE (never saved)
-    model: PTDiffSeg                  # adapter + FPN + head (the checkpoint's weights), prompt embeddings
-    out: Path                         # run folder
-    num_classes: int
-    data: dict                        # build_data's {"src", "eval", "ttda"}
+Run = NamedTuple("Run", [("args", Args), ("dist", runs.Dist), ("precision", runs.Precision), ("sd", FrozenSD),
+                         ("model", PTDiffSeg), ("out", Path), ("num_classes", int), ("data", dict)])
 
 
 def measure(args: Args) -> dict:
-    """--profile / --estimate-memory: one training step on random tensors of the training shapes, one JSON
-    line through runtime.measure; nothing written, no data or text encoder needed."""
+    """One JSON line through runtime.measure; nothing written, no data or text encoder needed."""
     from common import runtime
     K = check_args(args)
     dist, precision = runtime.setup_hardware(args)
@@ -597,15 +563,14 @@ def measure(args: Args) -> dict:
         net, opt, scaler = dist.wrap(model.train()), make_optimizer(model, args), precision.make_scaler()
         x, y = torch.rand(B, 3, S, S, device=dev) * 2 - 1, torch.randint(0, K, (B, S, S), device=dev)
         idx = scene_prompt_indices(args, 0, 0)
-        held = [model, sd.unet, sd.vae, opt]
-        return lambda: train_step(net, sd, opt, scaler, x, y, idx, 0, args, precision), held
+        return lambda: train_step(net, sd, opt, scaler, x, y, idx, 0, args, precision), [model, sd.unet, sd.vae, opt]
     return runtime.measure(args, build, dev, {
         "method": "ptdiffseg", "sd_model": args.sd_model, "crop_size": S, "batch": B,
         "baseline": args.baseline, "unet_batch": B * (1 if args.baseline else args.scene_prompts_per_image),
         "precision": precision.reason, "grad_checkpointing": args.grad_checkpointing})
 
 
-# ---- Training loop: setup, data, model, resume, the loop (log, evaluate, checkpoint), TTDA, end ------------
+# ---- Training loop: setup, data, model, resume, the loop (log, evaluate, checkpoint), end; the TTDA loop -----
 def train(args: Args) -> dict:
     if args.profile or args.estimate_memory:  # measuring tools (benchmarks/measure.py): one JSON line
         return measure(args)
@@ -623,13 +588,17 @@ def train(args: Args) -> dict:
             + "; then the scene token s on the unlabeled target (TTDA)" * args.ttda)
     # Data and model (checked before anything is written: the prompt cache is written once --out is ours).
     data = build_data(args, K)
-    sd, model = build_model(args, K, dist, precision, out / "cache")
+    sd = FrozenSD.load(args, dist.device, precision.frozen_dtype)  # frozen UNet + VAE, in the half dtype on GPUs
+    class_emb, scene_emb = prompt_embeddings(args.sd_model, cd.CLASS_SETS[K], out / "cache", write=False)
+    model = PTDiffSeg(class_emb, scene_emb, sd.channels, args.adapter_gamma_init).to(dist.device)
+    if dist.world > 1 and dist.device.type == "cuda":  # mmseg/VPD configs use SyncBN; gloo on CPU has none
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     run = Run(args, dist, precision, sd, model, out, K, data)
     if args.eval_only:  # --eval-only / --predict: score (or draw) the --ckpt weights, then TTDA if asked
         weights, state = runs.load_checkpoint(args.ckpt)
-        load_weights(run, weights, args.ckpt)
+        load_weights(model, weights, args.ckpt)
         out.mkdir(parents=True, exist_ok=True)
-        save_run_start(run) if dist.is_main else None
+        metrics.write_metrics(out, args, key="args") if dist.is_main else None
         step = state.get("step", 0)
         result = evaluate(run, step)
         return finish(result, ttda(run, step, result)[0] if args.ttda else None, run, step, [])
@@ -637,14 +606,16 @@ def train(args: Args) -> dict:
     start, history = 0, []
     if args.resume:  # restores the RNG states too: nothing may draw random numbers after this
         weights, state = runs.load_checkpoint(runs.latest_checkpoint(out), "--resume")
-        load_weights(run, weights, str(out))
+        load_weights(model, weights, str(out))
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start, history = state["step"], state["train_log"]
         runs.set_rng_state(state["rng"])
         log(f"resumed at step {start}") if dist.is_main else None
     runs.prepare_out_dir(out, args.resume, args.demo, dist.is_main)
-    save_run_start(run) if dist.is_main else None
+    if dist.is_main:  # --out is ours now: the args, and the prompt cache (a later run needs no text encoder)
+        metrics.write_metrics(out, args, key="args")
+        save_prompt_cache(out / "cache", args.sd_model, cd.CLASS_SETS[K], class_emb, scene_emb)
     net = dist.wrap(model.train())  # DDP under torchrun: gradients averaged over processes
     b0 = dist.rank * args.batch_size  # this process's first image of the global batch (batch x processes)
     result, randomized, window, t_log, logged = {}, 0, {}, time.perf_counter(), start
@@ -688,11 +659,9 @@ def log_line(rec: dict, total: int, ms_per_step: float, device: torch.device) ->
 
 
 def finish(result: dict, adapted: Optional[dict], run: Run, step: int, history: list) -> dict:
-    """End of a run: the scores (mean over the targets; + mIoU16 / mIoU13 for SYNTHIA sources), after TTDA when
-    it ran (`adapted`; the source prompt's then as *_before_ttda), the `done` line, metrics.json's "final",
-    curves. Returns the summary, with the train log."""
-    targets = {t: {k: r[k] for k in ("miou", "per_class_iou", "miou16", "miou13") if k in r}
-               for t, r in result.items()}
+    """End of a run: the scores, mean over the targets (+ mIoU16 / mIoU13 for SYNTHIA sources), TTDA's when it
+    ran (the source prompt's then as *_before_ttda), the `done` line, metrics.json's "final", curves."""
+    targets = {t: {k: r[k] for k in ("miou", "per_class_iou", "miou16", "miou13") if k in r} for t, r in result.items()}
     scores = mean_scores(result)
     summary = {"step": step, "targets": targets, **scores,
                "per_class_iou": next(iter(targets.values()))["per_class_iou"], "train_log": history}
@@ -707,11 +676,10 @@ def finish(result: dict, adapted: Optional[dict], run: Run, step: int, history: 
     return summary
 
 
-# ---- Test-time adaptation: the scene token per target, the training loop's shape (log line, stop) ----------
 def ttda(run: Run, step: int, before: dict) -> tuple[dict, dict]:
     """Per target, optimise the scene token s (1, d) from prompt 0 on its train crops (all else frozen and in
-    eval mode: bit-identical), then score the learned prompt -> ({"ttda": record, "miou"}, {target: s}).
-    No checkpoint of its own: a stop names training's last one (step `step`), and TTDA starts over."""
+    eval mode: bit-identical), then score the learned prompt -> ({"ttda": record, "miou"}, {target: s}). No
+    checkpoint of its own: a stop names training's last one (at `step`) and TTDA starts over on --resume."""
     args, dist, model, was_training = run.args, run.dist, run.model, run.model.training
     model.eval().requires_grad_(False)
     learned, record = {}, {}
@@ -806,8 +774,7 @@ def evaluate(run: Run, step: int, scenes: Optional[dict] = None, tag: str = "sou
 
 
 def mean_scores(res: dict) -> dict:
-    """{"miou"} and, for SYNTHIA sources, {"miou16", "miou13"} (the papers' SYNTHIA columns), each the mean
-    over the targets of `evaluate`'s result {target: metrics}."""
+    """The means over the targets of `evaluate`'s {target: result}: "miou" (+ "miou16", "miou13" for SYNTHIA)."""
     return {k: float(np.mean([r[k] for r in res.values()])) for k in ("miou", "miou16", "miou13")
             if all(k in r for r in res.values())}
 
@@ -816,17 +783,16 @@ def mean_scores(res: dict) -> dict:
 def resolve_args(args: Args) -> Args:
     """Apply the --demo values (only where the user kept a default) and the default --out."""
     if args.demo:  # mini SD + synthetic sample, minutes on CPU; the user's own flags win
-        args = replace_defaults(
-            args, sd_model="mini", data_root="data/synthetic", crop_size=64, out="runs/ptdiffseg-demo",
-            iters=50, eval_every=50, log_every=10, ckpt_every=50, warmup_iters=5, lr=6e-3, adapter_lr=6e-4,
-            eval_stride=43, ttda=not args.baseline, ttda_steps=20, ttda_lr=1e-2, ttda_threshold=0.5)
+        args = replace_defaults(args, sd_model="mini", data_root="data/synthetic", crop_size=64, iters=50,
+                                out="runs/ptdiffseg-demo", eval_every=50, log_every=10, ckpt_every=50, warmup_iters=5,
+                                lr=6e-3, adapter_lr=6e-4, eval_stride=43, ttda=not args.baseline, ttda_steps=20,
+                                ttda_lr=1e-2, ttda_threshold=0.5)
     return replace(args, out=args.out or f"runs/ptdiffseg-{cd.run_tag(args.src)}-{cd.run_tag(args.tgt)}",
                    eval_only=args.eval_only or bool(args.predict))  # --predict: load --ckpt, no training
 
 
 def main(args: Args) -> dict:
-    """Train, then TTDA when asked (or --eval-only / --predict, --profile, --estimate-memory); returns the
-    summary: per-target and mean scores, before/after TTDA, the train log."""
+    """Train, then TTDA when asked (or --eval-only / --predict, --profile, --estimate-memory) -> finish's summary."""
     return train(resolve_args(args))
 
 

@@ -72,14 +72,14 @@ def setup(args: P.Args) -> P.Run:
     prompt embeddings, model, the run folder and its prompt cache), for the tests of evaluation and TTDA."""
     dist, _ = runs.init_distributed(args.device, args.deterministic)
     precision = runs.choose_precision(args.precision, dist.device)
-    K = P.check_args(args)
-    out = Path(args.out)
+    K, out = P.check_args(args), Path(args.out)
     data = P.build_data(args, K)
-    sd, model = P.build_model(args, K, dist, precision, out / "cache")
-    run = P.Run(args, dist, precision, sd, model, out, K, data)
+    sd = P.FrozenSD.load(args, dist.device, precision.frozen_dtype)
+    class_emb, scene_emb = P.prompt_embeddings(args.sd_model, P.cd.CLASS_SETS[K], out / "cache", write=False)
+    model = P.PTDiffSeg(class_emb, scene_emb, sd.channels, args.adapter_gamma_init).to(dist.device)
     runs.prepare_out_dir(out, args.resume, args.demo, dist.is_main)
-    P.save_run_start(run)
-    return run
+    P.save_prompt_cache(out / "cache", args.sd_model, P.cd.CLASS_SETS[K], class_emb, scene_emb)
+    return P.Run(args, dist, precision, sd, model, out, K, data)
 
 
 # ------------------------------------------------------------------------------------------------------------
