@@ -1,7 +1,8 @@
 """Everything that talks to the user's terminal: the one-line error, progress bars that stay out of log
 files, and log lines that do not break a bar.
 
-This module imports nothing from the rest of `common/`, so every other module can use it (no import cycles).
+This module imports only `common.cli` (which imports nothing of `common/` at import time), so every
+other module can use it (no import cycles).
 
 Progress bars are drawn only when both stdout and stderr are terminals: in a log file (`nohup`, `> log`,
 Colab's `!python ...`, a pipe) a carriage-return bar would run into the log lines (`RCS stats ...: 0%| |
@@ -13,13 +14,9 @@ from __future__ import annotations
 import sys
 from typing import Any, Iterable, Optional
 
-
-class UserError(Exception):
-    """Bad input: the message is one line, `error: <what>: <what is wrong>. Expected ... <how to fix>.`
-
-    The method's `__main__` guard (`runtime.run_cli`) prints it to stderr and exits with code 2 without a
-    traceback; in a notebook the exception propagates with the same message.
-    """
+# One class for bad input while this module is phased out (issue 21): common.cli.run_cli and runtime.run_cli
+# both turn a UserError raised anywhere (datasets, SD loading, flags) into one line and exit code 2.
+from common.cli import UserError  # noqa: F401
 
 
 def bars_enabled() -> bool:
