@@ -180,25 +180,25 @@ a bright photo of a {}|a photo of a clean {}|a photo of a dirty {}|a dark photo 
 a photo of my {}|the plastic {}|a photo of the cool {}|a close-up photo of a {}|a black and white photo of the {}|
 a painting of the {}|a painting of a {}|a pixelated photo of the {}|a sculpture of the {}|a bright photo of the {}|
 a cropped photo of a {}|a plastic {}|a photo of the dirty {}|a jpeg corrupted photo of a {}|a blurry photo of the {}|
-a photo of the {}|a good photo of the {}|a rendering of the {}|a {} in a video game|a photo of one {}|
-a doodle of a {}|a close-up photo of the {}|a photo of a {}|the origami {}|the {} in a video game|a sketch of a {}|
-a doodle of the {}|a origami {}|a low resolution photo of a {}|the toy {}|a rendition of the {}|
-a photo of the clean {}|a photo of a large {}|a rendition of a {}|a photo of a nice {}|a photo of a weird {}|
-a blurry photo of a {}|a cartoon {}|art of a {}|a sketch of the {}|a embroidered {}|a pixelated photo of a {}|
-itap of the {}|a jpeg corrupted photo of the {}|a good photo of a {}|a plushie {}|a photo of the nice {}|
-a photo of the small {}|a photo of the weird {}|the cartoon {}|art of the {}|a drawing of the {}|
-a photo of the large {}|a black and white photo of a {}|the plushie {}|a dark photo of a {}|itap of a {}|
-graffiti of the {}|a toy {}|itap of my {}|a photo of a cool {}|a photo of a small {}|
-a tattoo of the {}""".replace("\n", "").split("|"))
+a photo of the {}|a good photo of the {}|a rendering of the {}|a {} in a video game|a photo of one {}|a doodle of a {}|
+a close-up photo of the {}|a photo of a {}|the origami {}|the {} in a video game|a sketch of a {}|a doodle of the {}|
+a origami {}|a low resolution photo of a {}|the toy {}|a rendition of the {}|a photo of the clean {}|
+a photo of a large {}|a rendition of a {}|a photo of a nice {}|a photo of a weird {}|a blurry photo of a {}|
+a cartoon {}|art of a {}|a sketch of the {}|a embroidered {}|a pixelated photo of a {}|itap of the {}|
+a jpeg corrupted photo of the {}|a good photo of a {}|a plushie {}|a photo of the nice {}|a photo of the small {}|
+a photo of the weird {}|the cartoon {}|art of the {}|a drawing of the {}|a photo of the large {}|
+a black and white photo of a {}|the plushie {}|a dark photo of a {}|itap of a {}|graffiti of the {}|a toy {}|
+itap of my {}|a photo of a cool {}|a photo of a small {}|a tattoo of the {}""".replace("\n", "").split("|"))
 
 # [our choice] The scene-prompt pool for prompt randomization. Prompt 0 is the neutral description used at
 # evaluation and as the TTDA initialisation; the others name weather, light and rendering styles so that the
 # head sees the same image under different "domain" descriptions. Prompt 11 is the empty sentence.
 _STREET = "a photo of an urban street scene"
-SCENE_PROMPTS = (_STREET, *(f"{_STREET} {w}" for w in ("on a sunny day", "at night", "in heavy rain", "in dense fog",
-                                                       "in snow", "at dusk")),
-                 "a rendering of an urban street scene in a video game", "a photorealistic photo of an urban street "
-                 "scene", "a dashcam photo of an urban street scene", "a painting of an urban street scene", "")
+SCENE_PROMPTS = (
+    _STREET, *(f"{_STREET} {w}" for w in ("on a sunny day", "at night", "in heavy rain", "in dense fog", "in snow",
+                                          "at dusk")),
+    "a rendering of an urban street scene in a video game", "a photorealistic photo of an urban street scene",
+    "a dashcam photo of an urban street scene", "a painting of an urban street scene", "")
 
 
 @torch.no_grad()
@@ -223,7 +223,7 @@ def prompt_embeddings(sd_model: str, class_names: tuple[str, ...], cache_dir: Pa
     s = encode_prompts(text.tokenizer, text.text_encoder, SCENE_PROMPTS, pooled=True).float()  # (P, d)
     del text  # free the text encoder (~0.5 GB for SD 1.x): only its outputs are needed from here on
     gc.collect()  # any reference cycles go now: nothing of it lingers through training
-    save_prompt_cache(cache_dir, sd_model, class_names, c, s) if write else None  # `train`: once --out is checked
+    save_prompt_cache(cache_dir, sd_model, class_names, c, s) if write else None  # train(): once --out is ours
     return c, s
 
 
