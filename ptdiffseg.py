@@ -61,10 +61,10 @@ import gc
 import hashlib
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -72,9 +72,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from common import console, datasets as cd, metrics, runtime, synthetic
+from common import datasets as cd, metrics, runs, synthetic
+from common.cli import UserError, check_common_flags, log, replace_defaults, run_cli
 from common.daformer import poly_warmup_factor
-from common.console import UserError
 from common.sd_backbone import AttentionStore, FeatureCapture, encode_prompts, load_sd, to_dtype, vae_encode
 
 
@@ -175,33 +175,30 @@ class Args:
 # depth/dump_nyu_text_embeddings.py), in their original order, each followed by "."
 TEMPLATES = tuple(f"{t}." for t in """a bad photo of a {}|a photo of many {}|a sculpture of a {}|
 a photo of the hard to see {}|a low resolution photo of the {}|a rendering of a {}|graffiti of a {}|
-a bad photo of the {}|a cropped photo of the {}|a tattoo of a {}|the embroidered {}|
-a photo of a hard to see {}|a bright photo of a {}|a photo of a clean {}|a photo of a dirty {}|
-a dark photo of the {}|a drawing of a {}|a photo of my {}|the plastic {}|a photo of the cool {}|
-a close-up photo of a {}|a black and white photo of the {}|a painting of the {}|a painting of a {}|
-a pixelated photo of the {}|a sculpture of the {}|a bright photo of the {}|a cropped photo of a {}|
-a plastic {}|a photo of the dirty {}|a jpeg corrupted photo of a {}|a blurry photo of the {}|
-a photo of the {}|a good photo of the {}|a rendering of the {}|a {} in a video game|a photo of one {}|
-a doodle of a {}|a close-up photo of the {}|a photo of a {}|the origami {}|the {} in a video game|
-a sketch of a {}|a doodle of the {}|a origami {}|a low resolution photo of a {}|the toy {}|
-a rendition of the {}|a photo of the clean {}|a photo of a large {}|a rendition of a {}|a photo of a nice {}|
-a photo of a weird {}|a blurry photo of a {}|a cartoon {}|art of a {}|a sketch of the {}|a embroidered {}|
-a pixelated photo of a {}|itap of the {}|a jpeg corrupted photo of the {}|a good photo of a {}|
-a plushie {}|a photo of the nice {}|a photo of the small {}|a photo of the weird {}|the cartoon {}|
-art of the {}|a drawing of the {}|a photo of the large {}|a black and white photo of a {}|the plushie {}|
-a dark photo of a {}|itap of a {}|graffiti of the {}|a toy {}|itap of my {}|a photo of a cool {}|
-a photo of a small {}|a tattoo of the {}""".replace("\n", "").split("|"))
+a bad photo of the {}|a cropped photo of the {}|a tattoo of a {}|the embroidered {}|a photo of a hard to see {}|
+a bright photo of a {}|a photo of a clean {}|a photo of a dirty {}|a dark photo of the {}|a drawing of a {}|
+a photo of my {}|the plastic {}|a photo of the cool {}|a close-up photo of a {}|a black and white photo of the {}|
+a painting of the {}|a painting of a {}|a pixelated photo of the {}|a sculpture of the {}|a bright photo of the {}|
+a cropped photo of a {}|a plastic {}|a photo of the dirty {}|a jpeg corrupted photo of a {}|a blurry photo of the {}|
+a photo of the {}|a good photo of the {}|a rendering of the {}|a {} in a video game|a photo of one {}|a doodle of a {}|
+a close-up photo of the {}|a photo of a {}|the origami {}|the {} in a video game|a sketch of a {}|a doodle of the {}|
+a origami {}|a low resolution photo of a {}|the toy {}|a rendition of the {}|a photo of the clean {}|
+a photo of a large {}|a rendition of a {}|a photo of a nice {}|a photo of a weird {}|a blurry photo of a {}|
+a cartoon {}|art of a {}|a sketch of the {}|a embroidered {}|a pixelated photo of a {}|itap of the {}|
+a jpeg corrupted photo of the {}|a good photo of a {}|a plushie {}|a photo of the nice {}|a photo of the small {}|
+a photo of the weird {}|the cartoon {}|art of the {}|a drawing of the {}|a photo of the large {}|
+a black and white photo of a {}|the plushie {}|a dark photo of a {}|itap of a {}|graffiti of the {}|a toy {}|
+itap of my {}|a photo of a cool {}|a photo of a small {}|a tattoo of the {}""".replace("\n", "").split("|"))
 
 # [our choice] The scene-prompt pool for prompt randomization. Prompt 0 is the neutral description used at
 # evaluation and as the TTDA initialisation; the others name weather, light and rendering styles so that the
 # head sees the same image under different "domain" descriptions. Prompt 11 is the empty sentence.
 _STREET = "a photo of an urban street scene"
 SCENE_PROMPTS = (
-    _STREET, *(f"{_STREET} {w}" for w in ("on a sunny day", "at night", "in heavy rain", "in dense fog",
-                                          "in snow", "at dusk")),
+    _STREET, *(f"{_STREET} {w}" for w in ("on a sunny day", "at night", "in heavy rain", "in dense fog", "in snow",
+                                          "at dusk")),
     "a rendering of an urban street scene in a video game", "a photorealistic photo of an urban street scene",
-    "a dashcam photo of an urban street scene", "a painting of an urban street scene", "",
-)
+    "a dashcam photo of an urban street scene", "a painting of an urban street scene", "")
 
 
 @torch.no_grad()
@@ -217,22 +214,30 @@ def prompt_embeddings(sd_model: str, class_names: tuple[str, ...], cache_dir: Pa
                       write: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(class (K, d), scene (P, d)); a scene token [our choice] = its sentence's pooled EOS, no templates.
     Cached in the run folder by (model, classes, templates, pool); the text encoder loads only on a miss."""
-    key = json.dumps([sd_model, list(class_names), list(TEMPLATES), list(SCENE_PROMPTS)])
-    path = Path(cache_dir) / f"prompt_embeddings-{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
+    path = prompt_cache(cache_dir, sd_model, class_names)
     if path.is_file():  # a hit: no text encoder at all
-        console.log(f"prompt embeddings: read from cache {path}")
+        log(f"prompt embeddings: read from cache {path}")
         return tuple(load_file(str(path))[k] for k in ("class", "scene"))
     text = load_sd(sd_model, parts=("text_encoder", "tokenizer"))  # a miss: SD's own text tower
     c = class_embeddings(text.tokenizer, text.text_encoder, class_names)                   # (K, d)
     s = encode_prompts(text.tokenizer, text.text_encoder, SCENE_PROMPTS, pooled=True).float()  # (P, d)
     del text  # free the text encoder (~0.5 GB for SD 1.x): only its outputs are needed from here on
     gc.collect()  # any reference cycles go now: nothing of it lingers through training
-    if write:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"class": c.contiguous(), "scene": s.contiguous()}, str(path.with_suffix(".tmp")))
-        path.with_suffix(".tmp").replace(path)  # atomic: a killed run never leaves half a cache file
-        console.log(f"prompt embeddings: {len(class_names)} classes x 80 templates + scene prompts -> {path}")
+    save_prompt_cache(cache_dir, sd_model, class_names, c, s) if write else None  # train(): once --out is ours
     return c, s
+
+
+def prompt_cache(cache_dir: Path, sd_model: str, class_names: tuple[str, ...]) -> Path:
+    key = json.dumps([sd_model, list(class_names), list(TEMPLATES), list(SCENE_PROMPTS)])
+    return Path(cache_dir) / f"prompt_embeddings-{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
+
+
+def save_prompt_cache(cache_dir: Path, sd_model: str, class_names: tuple, c: torch.Tensor, s: torch.Tensor) -> None:
+    if not (path := prompt_cache(cache_dir, sd_model, class_names)).is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"class": c.cpu().contiguous(), "scene": s.cpu().contiguous()}, str(path.with_suffix(".tmp")))
+        path.with_suffix(".tmp").replace(path)  # atomic: a killed run never leaves half a cache file
+        log(f"prompt embeddings: {len(c)} classes x 80 templates + scene prompts -> {path}")
 
 
 class TextAdapter(nn.Module):
@@ -441,7 +446,7 @@ def make_optimizer(model: PTDiffSeg, args: Args) -> torch.optim.Optimizer:
 # ---- The METHOD STEPs: training on the source only; test-time adaptation of the scene token (abstract) ----
 def train_step(net: nn.Module, sd: FrozenSD, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                x: torch.Tensor, y: torch.Tensor, scene_idx: torch.Tensor, step: int, args: Args,
-               precision: runtime.Precision) -> dict:
+               precision: runs.Precision) -> dict:
     """One optimizer step of L = L_seg + lambda_cons * L_cons on source crops x (B, 3, H, W) in [-1, 1],
     labels y (B, H, W), scene prompts scene_idx (B, K_s); `step` 0-based. Returns losses and the head's lr."""
     pool = getattr(net, "module", net).scene_pool  # (P, d) scene tokens of the PTDiffSeg (inside DDP or not)
@@ -462,7 +467,7 @@ def train_step(net: nn.Module, sd: FrozenSD, opt: torch.optim.Optimizer, scaler:
     # With one prompt (--baseline) there is nothing to be consistent with: the term is absent, not computed.
     loss_cons = consistency_loss(logits) if Ks > 1 else torch.zeros((), device=x.device)
     loss = loss_ce + args.consistency_weight * loss_cons                                   # joint loss
-    runtime.check_finite(loss, step, args.out)  # one-line error; the last checkpoint stays
+    runs.check_finite(loss, step, args.out)  # one-line error; the last checkpoint stays
     opt.zero_grad(set_to_none=True)  # this step's gradients only
     scaler.scale(loss).backward()  # reaches the adapter through the frozen UNet's cross-attention
     scaler.step(opt)  # unscales first; skips the update if fp16 gradients overflowed
@@ -473,7 +478,7 @@ def train_step(net: nn.Module, sd: FrozenSD, opt: torch.optim.Optimizer, scaler:
 
 def ttda_step(model: PTDiffSeg, sd: FrozenSD, s: nn.Parameter, s0: torch.Tensor, opt: torch.optim.Optimizer,
               scaler: torch.amp.GradScaler, x: torch.Tensor, step: int, threshold: float,
-              precision: runtime.Precision, dist: runtime.Dist) -> dict:
+              precision: runs.Precision, dist: runs.Dist) -> dict:
     """One step on target crops x (B, 3, H, W) in [-1, 1]: CE of the logits with the learned scene token s
     (1, d) against confident pseudo labels of the frozen model with prompt 0 (s0). -> loss, kept, stepped."""
     B = x.shape[0]  # `model` is in eval mode with requires_grad off; `opt` holds s only
@@ -486,7 +491,7 @@ def ttda_step(model: PTDiffSeg, sd: FrozenSD, s: nn.Parameter, s0: torch.Tensor,
     loss, kept = ttda_loss(logits, logits_src, tuple(x.shape[-2:]), threshold)  # None: nothing kept
     opt.zero_grad()  # this step's gradient only (None: the DDP branch below makes zeros)
     if loss is not None:
-        runtime.check_finite(loss, step)
+        runs.check_finite(loss, step)
         scaler.scale(loss).backward()  # fp16: scaled as in training (a half-precision backward via the UNet)
     any_kept = torch.tensor([float(loss is not None)], device=x.device)  # did this process keep any?
     if dist.world > 1:  # s lives outside any DDP module: average its gradient over processes by hand
@@ -502,10 +507,10 @@ def ttda_step(model: PTDiffSeg, sd: FrozenSD, s: nn.Parameter, s0: torch.Tensor,
     return {"loss_ttda": loss.item() if loss is not None else 0.0, "kept": kept, "stepped": float(stepped)}
 
 
-# ---- Setup (plumbing): arguments, datasets, frozen SD, prompt embeddings, model ------------------------
+# ---- Setup (plumbing): arguments, datasets, what `train` builds once (Run: evaluation and TTDA read it) ---
 def check_args(args: Args) -> int:
     """The shared checks plus PTDiffSeg's own, before anything is built or written; returns K."""
-    runtime.validate_args(args, crop_multiple=64)  # the UNet halves the latent (crop / 8) three times
+    check_common_flags(args, crop_multiple=64)  # the UNet halves the latent (crop / 8) three times
     if not 1 <= args.scene_prompts_per_image <= len(SCENE_PROMPTS):
         raise UserError(f"error: --scene-prompts-per-image: got {args.scene_prompts_per_image}. Expected 1.."
                         f"{len(SCENE_PROMPTS)} (the pool size).")
@@ -519,115 +524,186 @@ def check_args(args: Args) -> int:
     return next(iter(ks.values()))
 
 
-def setup(args: Args) -> SimpleNamespace:
-    """Validate inputs (datasets, weights) before anything is written; then prepare --out, build the model.
-    The run: args, dist, device, precision, sd, model, out, num_classes, data {"src", "eval", "ttda"}."""
-    K = check_args(args)
-    dist, precision = runtime.setup_hardware(args)
-    kw = dict(crop_size=args.crop_size, scale=1 / 8 if args.demo else 1.0, num_classes=K)  # demo: sizes / 8
+def build_data(args: Args, num_classes: int) -> dict:
+    """{"src": the source TrainStream, "eval" / "ttda": {target: its eval split / its train crops (no labels)}}."""
+    if args.demo:
+        synthetic.ensure_synthetic_sample(args.data_root)
+    kw = dict(crop_size=args.crop_size, scale=1 / 8 if args.demo else 1.0, num_classes=num_classes)  # demo: / 8
     evals = [cd.eval_target(t, args.predict) for t in args.tgt.split(",")[: 1 if args.predict else None]]
-    data = {"src": None if args.eval_only else cd.build_dataset(args.src, args.data_root, **kw,
-                                                                cat_max_ratio=0.75),
+    src = None if args.eval_only else cd.build_dataset(args.src, args.data_root, **kw, cat_max_ratio=0.75)
+    return {"src": None if src is None else cd.TrainStream(src, args.seed, stream_id=0),
             "eval": {t: cd.build_dataset(t, args.data_root, split, train=False, **kw) for t, split in evals},
-            "ttda": {t: cd.build_dataset(t, args.data_root, train=True, **kw)  # labels never used
-                     for t, _ in (evals if args.ttda else [])}}
-    if args.resume:  # fail before anything is written to --out
-        runtime.resume_checkpoint(args.out)
-    sd = FrozenSD.load(args, dist.device, precision.frozen_dtype)
-    out = runtime.prepare_out_dir(args.out, resume=args.resume, eval_only=args.eval_only,
-                                  is_main=dist.is_main, allow_existing=args.demo)
-    c_emb, s_emb = prompt_embeddings(args.sd_model, cd.CLASS_SETS[K], out / "cache", write=dist.is_main)
-    model = PTDiffSeg(c_emb, s_emb, sd.channels, args.adapter_gamma_init).to(dist.device)
+            "ttda": {t: cd.build_dataset(t, args.data_root, train=True, **kw) for t, _ in evals if args.ttda}}
+
+
+def load_weights(model: PTDiffSeg, weights: dict, where: str) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError:  # e.g. trained for another class set or SD version
+        raise UserError(f"error: --ckpt: '{where}' does not fit this model ({len(model.class_emb)} classes). Expected "
+                        "a ptdiffseg.py checkpoint trained with the same class set and --sd-model.") from None
+
+
+Run = NamedTuple("Run", [("args", Args), ("dist", runs.Dist), ("precision", runs.Precision), ("sd", FrozenSD),
+                         ("model", PTDiffSeg), ("out", Path), ("num_classes", int), ("data", dict)])
+
+
+# ---- Training loop: setup, data, model, resume, the loop (log, evaluate, checkpoint), end; the TTDA loop -----
+def train(args: Args) -> dict:
+    if args.profile or args.estimate_memory:  # measuring tools, not training: benchmarks/measure.py
+        from benchmarks.measure import measure
+        return measure("ptdiffseg", args, globals())
+    # Processes (torchrun: one per GPU, DDP), device, precision, seed.
+    dist, repeatable = runs.init_distributed(args.device, args.deterministic)
+    precision = runs.choose_precision(args.precision, dist.device)  # bf16 / fp16 + GradScaler / fp32 on CPU
+    K = check_args(args)
+    runs.seed_everything(args.seed)  # Python, NumPy, torch; the data streams and scene draws seed per step
+    out = Path(args.out)
+    if dist.is_main:
+        log("args: " + json.dumps(asdict(args)))
+        log(f"device {dist.device} x{dist.world} | {precision.reason} | {repeatable}")
+        log("adapting: nothing (--baseline: prompt 0, no consistency loss, no TTDA)" if args.baseline
+            else f"adapting: prompt randomization (K_s = {args.scene_prompts_per_image})"
+            + "; then the scene token s on the unlabeled target (TTDA)" * args.ttda)
+    # Data and model (checked before anything is written: the prompt cache is written once --out is ours).
+    data = build_data(args, K)
+    sd = FrozenSD.load(args, dist.device, precision.frozen_dtype)  # frozen UNet + VAE, in the half dtype on GPUs
+    class_emb, scene_emb = prompt_embeddings(args.sd_model, cd.CLASS_SETS[K], out / "cache", write=False)
+    model = PTDiffSeg(class_emb, scene_emb, sd.channels, args.adapter_gamma_init).to(dist.device)
     if dist.world > 1 and dist.device.type == "cuda":  # mmseg/VPD configs use SyncBN; gloo on CPU has none
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return SimpleNamespace(args=args, dist=dist, device=dist.device, precision=precision, sd=sd, model=model,
-                           out=out, num_classes=K, data=data)
-
-
-# ---- The training loop and the TTDA loop ---------------------------------------------------------------
-def train(run: SimpleNamespace) -> tuple[dict, list]:
-    """Source-only training; evaluates every --eval-every steps and at the end -> (last evaluation, log)."""
-    a, model = run.args, run.model
-    net = run.dist.wrap(model.train())
-    opt, scaler = make_optimizer(model, a), run.precision.make_scaler()
-    stream = cd.TrainStream(run.data["src"], a.seed, stream_id=0)
-    ckpt = runtime.Checkpointer(run.out, a.ckpt_every, a.keep_ckpts, run.dist.is_main)
-    start = 0
-    if a.resume:  # last before the loop: it restores every RNG state
-        weights, state = ckpt.resume(map_location=run.device)
-        model.load_state_dict(weights)
-        opt.load_state_dict(state["optimizer"])
+    run = Run(args, dist, precision, sd, model, out, K, data)
+    if args.eval_only:  # --eval-only / --predict: score (or draw) the --ckpt weights, then TTDA if asked
+        weights, state = runs.load_checkpoint(args.ckpt)
+        load_weights(model, weights, args.ckpt)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics.write_metrics(out, args, key="args") if dist.is_main else None
+        step = state.get("step", 0)
+        result = evaluate(run, step)
+        return finish(result, ttda(run, step, result)[0] if args.ttda else None, run, step, [])
+    optimizer, scaler = make_optimizer(model, args), precision.make_scaler()
+    start, history = 0, []
+    if args.resume:  # restores the RNG states too: nothing may draw random numbers after this
+        weights, state = runs.load_checkpoint(runs.latest_checkpoint(out), "--resume")
+        load_weights(model, weights, str(out))
+        optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        start = state["step"]
-    log = runtime.TrainLog(run.out, a.iters, a.log_every, run.device, run.dist.is_main, start)
-    b0, result, randomized = run.dist.rank * a.batch_size, {}, 0  # global batch = batch_size x world
-    stop = runtime.StopOnSignal(run.dist)  # SIGTERM / SIGINT: stop after the step's checkpoint (README)
-    for step in stop.steps(start, a.iters):
-        batch = stream.batch(step, b0, a.batch_size)
-        x, y = batch["image"].to(run.device) * 2 - 1, batch["label"].to(run.device)  # [0, 1] -> SD's [-1, 1]
-        idx = scene_prompt_indices(a, step, b0)                                             # (B, K_s)
-        logs = train_step(net, run.sd, opt, scaler, x, y, idx, step, a, run.precision)
+        start, history = state["step"], state["train_log"]
+        runs.set_rng_state(state["rng"])
+        log(f"resumed at step {start}") if dist.is_main else None
+    runs.prepare_out_dir(out, args.resume, args.demo, dist.is_main)
+    if dist.is_main:  # --out is ours now: the args, and the prompt cache (a later run needs no text encoder)
+        metrics.write_metrics(out, args, key="args")
+        save_prompt_cache(out / "cache", args.sd_model, cd.CLASS_SETS[K], class_emb, scene_emb)
+    net = dist.wrap(model.train())  # DDP under torchrun: gradients averaged over processes
+    b0 = dist.rank * args.batch_size  # this process's first image of the global batch (batch x processes)
+    result, randomized, window, t_log, logged = {}, 0, {}, time.perf_counter(), start
+    stop = runs.StopOnSignal(dist)  # SIGTERM / SIGINT: stop after the step's checkpoint, exit 75
+    for i in stop.steps(start, args.iters):
+        batch = data["src"].batch(i, b0, args.batch_size)
+        x, y = batch["image"].to(dist.device) * 2 - 1, batch["label"].to(dist.device)  # [0, 1] -> SD's [-1, 1]
+        idx = scene_prompt_indices(args, i, b0)                                              # (B, K_s)
+        logs = train_step(net, sd, optimizer, scaler, x, y, idx, i, args, precision)
         randomized += int(idx.shape[1] > 1 and logs["loss_cons"] > 0)
-        log.step(step + 1, logs)
-        if (step + 1) % a.eval_every == 0 or step + 1 == a.iters:
-            result = evaluate(run, step + 1)
+        window = {k: window.get(k, 0.0) + v for k, v in logs.items()}
+        if (i + 1) % args.log_every == 0 or i + 1 == args.iters:  # means since the last line; lr the latest
+            n, now = i + 1 - logged, time.perf_counter()
+            history.append({"step": i + 1, **{k: v / n for k, v in window.items()}, "lr": logs["lr"]})
+            if dist.is_main:
+                log(log_line(history[-1], args.iters, 1000 * (now - t_log) / n, dist.device))
+                metrics.write_metrics(out, history, key="train_log")
+            window, t_log, logged = {}, now, i + 1
+        if (i + 1) % args.eval_every == 0 or i + 1 == args.iters:
+            result = evaluate(run, i + 1)
             model.train()
-        if ckpt.due(step + 1, a.iters) or stop.requested():
-            state = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), args=asdict(a))
-            ckpt.save(step + 1, model.state_dict(), state)  # + step and every RNG state
-    log.close()
-    if run.dist.is_main and a.iters > start:
-        console.log(f"adapted: {'nothing (--baseline)' if a.baseline else 'prompt randomization'}: distinct "
-                    f"scene prompts with loss_cons > 0 in {randomized} of {a.iters - start} steps")
-    return result or evaluate(run, a.iters), log.history  # resumed a finished run: score its final weights
+        if i + 1 == args.iters or (args.ckpt_every and (i + 1) % args.ckpt_every == 0) or stop.requested():
+            if dist.is_main:
+                runs.save_checkpoint(out, i + 1, model.state_dict(), dict(
+                    step=i + 1, rng=runs.get_rng_state(), optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict(), train_log=history, args=asdict(args)), args.keep_ckpts)
+            dist.barrier()
+    if dist.is_main and args.iters > start:
+        log(f"adapted: {'nothing (--baseline)' if args.baseline else 'prompt randomization'}: distinct scene "
+            f"prompts with loss_cons > 0 in {randomized} of {args.iters - start} steps")
+    result = result or evaluate(run, args.iters)  # resumed a finished run: score its final weights
+    return finish(result, ttda(run, args.iters, result)[0] if args.ttda else None, run, args.iters, history)
 
 
-def ttda(run: SimpleNamespace, step: int, before: dict) -> tuple[dict, dict]:
+def log_line(rec: dict, total: int, ms_per_step: float, device: torch.device) -> str:
+    """`step 1200/40000 | loss_ce 0.412 | loss_cons 0.010 | lr 5.0e-04 | 410 ms/step | mem 17.3 GB` (README)."""
+    values = [f"{k} {v:.1e}" if k == "lr" or 0 < abs(v) < 1e-3 else f"{k} {v:.3f}" for k, v in rec.items()
+              if k != "step"]
+    mem = metrics.peak_memory_gb(device)
+    return " | ".join([f"step {rec['step']}/{total}", *values, f"{ms_per_step:.0f} ms/step", f"mem {mem:.1f} GB"])
+
+
+def finish(result: dict, adapted: Optional[dict], run: Run, step: int, history: list) -> dict:
+    """End of a run: the scores, mean over the targets (+ mIoU16 / mIoU13 for SYNTHIA sources), TTDA's when it
+    ran (the source prompt's then as *_before_ttda), the `done` line, metrics.json's "final", curves."""
+    targets = {t: {k: r[k] for k in ("miou", "per_class_iou", "miou16", "miou13") if k in r} for t, r in result.items()}
+    scores = mean_scores(result)
+    summary = {"step": step, "targets": targets, **scores,
+               "per_class_iou": next(iter(targets.values()))["per_class_iou"], "train_log": history}
+    if adapted is not None:
+        summary.update({f"{k}_before_ttda": v for k, v in scores.items()}, **adapted)
+    if run.dist.is_main:
+        mem = metrics.peak_memory_gb(run.dist.device)
+        log(" | ".join(["done", *(f"mIoU{k[4:]} {100 * summary[k]:.2f}" for k in scores),
+                        f"peak memory {mem:.2f} GB", f"outputs in {run.out}"]))
+        metrics.write_metrics(run.out, {k: v for k, v in summary.items() if k != "train_log"}, key="final")
+        metrics.write_curves(run.out)
+    return summary
+
+
+def ttda(run: Run, step: int, before: dict) -> tuple[dict, dict]:
     """Per target, optimise the scene token s (1, d) from prompt 0 on its train crops (all else frozen and in
-    eval mode: bit-identical), then score the learned prompt -> ({"ttda": record, "miou"}, {target: s})."""
-    a, model, was_training = run.args, run.model, run.model.training
+    eval mode: bit-identical), then score the learned prompt -> ({"ttda": record, "miou"}, {target: s}). No
+    checkpoint of its own: a stop names training's last one (at `step`) and TTDA starts over on --resume."""
+    args, dist, model, was_training = run.args, run.dist, run.model, run.model.training
     model.eval().requires_grad_(False)
     learned, record = {}, {}
     for t in run.data["eval"]:
         s0 = model.scene_pool[:1].clone()                                                  # (1, d) prompt 0
         s = nn.Parameter(s0.clone())
-        opt, scaler = torch.optim.AdamW([s], lr=a.ttda_lr, weight_decay=0.0), run.precision.make_scaler()
-        stream = cd.TrainStream(run.data["ttda"][t], a.seed, stream_id=1)
-        log = runtime.TrainLog(run.out, a.ttda_steps, a.log_every, run.device, run.dist.is_main,
-                               prefix="ttda ", key=f"train_log_ttda_{t}")
-        stepped, kept = 0, 0.0
-        stop = None if a.eval_only else runtime.StopOnSignal(run.dist)  # training's checkpoint is on disk
-        for i in stop.steps(0, a.ttda_steps, step, f"TTDA on {t}") if stop else range(a.ttda_steps):
-            x = stream.batch(i, run.dist.rank * a.batch_size, a.batch_size)["image"].to(run.device) * 2 - 1
-            logs = ttda_step(model, run.sd, s, s0, opt, scaler, x, i, a.ttda_threshold, run.precision,
-                             run.dist)
+        optimizer, scaler = torch.optim.AdamW([s], lr=args.ttda_lr, weight_decay=0.0), run.precision.make_scaler()
+        stream = cd.TrainStream(run.data["ttda"][t], args.seed, stream_id=1)
+        history, window, t_log, logged, stepped, kept = [], {}, time.perf_counter(), 0, 0, 0.0
+        stop = runs.StopOnSignal(dist)  # --eval-only wrote no checkpoint: no stop (a signal ends it)
+        for i in range(args.ttda_steps) if args.eval_only else stop.steps(0, args.ttda_steps, step, f"TTDA on {t}"):
+            x = stream.batch(i, dist.rank * args.batch_size, args.batch_size)["image"].to(dist.device) * 2 - 1
+            logs = ttda_step(model, run.sd, s, s0, optimizer, scaler, x, i, args.ttda_threshold, run.precision, dist)
             stepped, kept = stepped + int(logs["stepped"]), kept + logs["kept"]
-            log.step(i + 1, {"loss_ttda": logs["loss_ttda"], "kept": logs["kept"], "lr": a.ttda_lr})
-        log.close()
+            window = {k: window.get(k, 0.0) + logs[k] for k in ("loss_ttda", "kept")}
+            if (i + 1) % args.log_every == 0 or i + 1 == args.ttda_steps:  # means since the last line
+                n, now = i + 1 - logged, time.perf_counter()
+                history.append({"step": i + 1, **{k: v / n for k, v in window.items()}, "lr": args.ttda_lr})
+                if dist.is_main:
+                    log("ttda " + log_line(history[-1], args.ttda_steps, 1000 * (now - t_log) / n, dist.device))
+                    metrics.write_metrics(run.out, history, key=f"train_log_ttda_{t}")
+                window, t_log, logged = {}, now, i + 1
         learned[t] = s.detach()
-        record[t] = {"steps": a.ttda_steps, "stepped": stepped, "mean_kept": kept / a.ttda_steps,
+        record[t] = {"steps": args.ttda_steps, "stepped": stepped, "mean_kept": kept / args.ttda_steps,
                      "s_change": float((s.detach() - s0).norm())}
     after = evaluate(run, step, learned, tag="TTDA prompt")
     model.train(was_training).requires_grad_(True)  # every PTDiffSeg parameter is a trained one
     for t, r in record.items():
         b, f = before[t]["miou"], after[t]["miou"]
         r.update(miou_before=b, miou_after=f, delta=f - b)
-        if run.dist.is_main:
+        if dist.is_main:
             scores = "" if after[t].get("no_labels") else (  # a target without labels: no mIoU to compare
                 f"\nttda {t} | source prompt mIoU {100 * b:.2f} | TTDA prompt mIoU {100 * f:.2f} | "
                 f"delta {100 * (f - b):+.2f}")
-            console.log(f"adapted: the scene token s on {t} in {r['stepped']} of {a.ttda_steps} TTDA steps "
-                        f"(pixels with p_max >= {a.ttda_threshold} kept: mean fraction {r['mean_kept']:.3f})"
-                        + scores)
+            log(f"adapted: the scene token s on {t} in {r['stepped']} of {args.ttda_steps} TTDA steps (pixels "
+                f"with p_max >= {args.ttda_threshold} kept: mean fraction {r['mean_kept']:.3f})" + scores)
             (run.out / "ttda").mkdir(exist_ok=True)  # folder:PATH -> folder-<name>_scene.safetensors
             save_file({"scene": learned[t].cpu()}, f"{run.out}/ttda/{cd.run_tag(t)}_scene.safetensors")
-            runtime.write_metrics(run.out, record, key="ttda")
+            metrics.write_metrics(run.out, record, key="ttda")
     return {"ttda": record, **mean_scores(after)}, learned
 
 
 # ---- Evaluation: sliding window over the eval-resized image, scored by common.metrics -------------------
 @torch.no_grad()
-def slide_logits(run: SimpleNamespace, x: torch.Tensor, scene: torch.Tensor) -> torch.Tensor:
+def slide_logits(run: Run, x: torch.Tensor, scene: torch.Tensor) -> torch.Tensor:
     """x (1, 3, H, W) in [0, 1] -> logits (1, K, H, W): windows of --crop-size at --eval-stride (mmseg slide),
     their logits upsampled and averaged; an image smaller than the window is zero-padded and cropped back."""
     (win, stride), (H, W) = (run.args.crop_size, run.args.eval_stride), x.shape[-2:]
@@ -647,7 +723,7 @@ def slide_logits(run: SimpleNamespace, x: torch.Tensor, scene: torch.Tensor) -> 
     return (acc / cnt)[..., :H, :W]                                                        # (1, K, H, W)
 
 
-def evaluate(run: SimpleNamespace, step: int, scenes: Optional[dict] = None, tag: str = "source prompt"):
+def evaluate(run: Run, step: int, scenes: Optional[dict] = None, tag: str = "source prompt"):
     """Score every target's eval split separately (DG protocol) with prompt 0 or its TTDA prompt (scenes:
     {target: (1, d)}); print each table and the mean; returns {target: metrics.evaluate result}."""
     scale, res, K = (1 / 8 if run.args.demo else 1.0), {}, run.num_classes
@@ -658,85 +734,46 @@ def evaluate(run: SimpleNamespace, step: int, scenes: Optional[dict] = None, tag
         # mmseg: bilinear eval resize without antialias; metric at native size (Mapillary: half, PIL nearest)
         res[target] = r = metrics.evaluate(
             lambda x, scene=scene: slide_logits(run, x, scene), ds, K, cd.CLASS_SETS[K], cd.PALETTES[K],
-            device=run.device, dist=run.dist, metric_size=ds.info.metric,
+            device=run.dist.device, dist=run.dist, metric_size=ds.info.metric,
             input_size=lambda hw, t=target: cd.eval_input_size(t, hw, scale), pictures_dir=pics,
             desc=f"{target} {ds.split} ({tag})",
             synthia=run.args.src == "synthia" and K == 19,  # mIoU16/13 belong to SYNTHIA-source runs
             **metrics.RESIZE_PROTOCOLS["mmseg"])
         if run.dist.is_main:
-            console.log(r["table"])  # without labels: the one line of what was written
+            log(r["table"])  # without labels: the one line of what was written
             if not r.get("no_labels"):
-                console.log(f"eval step {step} | {target} | {tag} | mIoU {100 * r['miou']:.2f} | "
-                            + r["resolution"].replace(", ", " | "))
-            runtime.write_metrics(run.out, {"step": step, "target": target, "prompt": tag, **{
+                log(f"eval step {step} | {target} | {tag} | mIoU {100 * r['miou']:.2f} | "
+                    + r["resolution"].replace(", ", " | "))
+            metrics.write_metrics(run.out, {"step": step, "target": target, "prompt": tag, **{
                 k: r[k] for k in ("miou", "per_class_iou", "resolution", "miou16", "miou13") if k in r}})
     if len(res) > 1 and run.dist.is_main:
-        console.log(f"eval step {step} | mean over {len(res)} targets | {tag} | mIoU "
-                    f"{100 * float(np.mean([r['miou'] for r in res.values()])):.2f}")
+        log(f"eval step {step} | mean over {len(res)} targets | {tag} | mIoU "
+            f"{100 * float(np.mean([r['miou'] for r in res.values()])):.2f}")
     return res
 
 
 def mean_scores(res: dict) -> dict:
-    """{"miou"} and, for SYNTHIA sources, {"miou16", "miou13"} (the papers' SYNTHIA columns), each the mean
-    over the targets of `evaluate`'s result {target: metrics}."""
+    """The means over the targets of `evaluate`'s {target: result}: "miou" (+ "miou16", "miou13" for SYNTHIA)."""
     return {k: float(np.mean([r[k] for r in res.values()])) for k in ("miou", "miou16", "miou13")
             if all(k in r for r in res.values())}
 
 
-# ---- main ----------------------------------------------------------------------------------------------
+# ---- main ------------------------------------------------------------------------------------------------
 def resolve_args(args: Args) -> Args:
     """Apply the --demo values (only where the user kept a default) and the default --out."""
-    if args.demo:  # mini SD + synthetic sample, seconds on CPU; the user's own flags win
-        args = runtime.replace_defaults(
-            args, sd_model="mini", data_root="data/synthetic", crop_size=64, out="runs/ptdiffseg-demo",
-            iters=50, eval_every=50, log_every=10, ckpt_every=50, warmup_iters=5, lr=6e-3, adapter_lr=6e-4,
-            eval_stride=43, ttda=not args.baseline, ttda_steps=20, ttda_lr=1e-2, ttda_threshold=0.5)
-        synthetic.ensure_synthetic_sample(args.data_root)
+    if args.demo:  # mini SD + synthetic sample, minutes on CPU; the user's own flags win
+        args = replace_defaults(args, sd_model="mini", data_root="data/synthetic", crop_size=64, iters=50,
+                                out="runs/ptdiffseg-demo", eval_every=50, log_every=10, ckpt_every=50, warmup_iters=5,
+                                lr=6e-3, adapter_lr=6e-4, eval_stride=43, ttda=not args.baseline, ttda_steps=20,
+                                ttda_lr=1e-2, ttda_threshold=0.5)
     return replace(args, out=args.out or f"runs/ptdiffseg-{cd.run_tag(args.src)}-{cd.run_tag(args.tgt)}",
                    eval_only=args.eval_only or bool(args.predict))  # --predict: load --ckpt, no training
 
 
 def main(args: Args) -> dict:
-    args = resolve_args(args)
-    if args.profile or args.estimate_memory:  # measuring tools, not training: benchmarks/measure.py
-        from benchmarks.measure import measure
-        return measure("ptdiffseg", args, globals())
-    runtime.seed_everything(args.seed)  # the one seeding block (Python, NumPy, torch); streams seed per step
-    run = setup(args)
-    if run.dist.is_main:
-        console.log("args: " + json.dumps(asdict(args)))
-        console.log(f"device {run.device} | {run.precision.reason}")
-        console.log("adapting: nothing (--baseline: prompt 0, no consistency loss, no TTDA)" if args.baseline
-                    else f"adapting: prompt randomization (K_s = {args.scene_prompts_per_image})"
-                    + "; then the scene token s on the unlabeled target (TTDA)" * args.ttda)
-        runtime.write_metrics(run.out, asdict(args), key="args")
-    step, history = args.iters, []
-    if args.eval_only:
-        weights, state = runtime.load_checkpoint(args.ckpt, map_location=run.device)
-        try:
-            run.model.load_state_dict(weights)
-        except RuntimeError:  # e.g. trained for another class set or SD version
-            raise UserError(f"error: --ckpt: '{args.ckpt}' does not fit this model ({run.num_classes} "
-                            f"classes, --sd-model {args.sd_model}). Expected a ptdiffseg.py checkpoint "
-                            "trained with the same class set and SD model.") from None
-        step = int(state.get("step", 0))
-        result = evaluate(run, step)
-    else:
-        result, history = train(run)
-    out = {t: {k: r[k] for k in ("miou", "per_class_iou", "miou16", "miou13") if k in r}
-           for t, r in result.items()}
-    scores = mean_scores(result)                                  # miou (+ miou16, miou13 for SYNTHIA)
-    summary = {"step": step, "targets": out, **scores,
-               "per_class_iou": next(iter(out.values()))["per_class_iou"], "train_log": history}
-    if args.ttda:
-        summary.update({f"{k}_before_ttda": v for k, v in scores.items()}, **ttda(run, step, result)[0])
-    if run.dist.is_main:
-        runtime.write_curves(run.out)
-        runtime.write_metrics(run.out, {k: v for k, v in summary.items() if k != "train_log"}, key="final")
-        console.log("done | " + " | ".join(f"mIoU{k[4:]} {100 * summary[k]:.2f}" for k in scores)
-                    + f" | peak memory {runtime.peak_memory_gb(run.device):.2f} GB | outputs in {run.out}")
-    return summary
+    """Train, then TTDA when asked (or --eval-only / --predict, --profile, --estimate-memory) -> finish's summary."""
+    return train(resolve_args(args))
 
 
 if __name__ == "__main__":
-    runtime.run_cli(main, Args)
+    run_cli(main, Args)

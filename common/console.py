@@ -1,7 +1,8 @@
 """Everything that talks to the user's terminal: the one-line error, progress bars that stay out of log
 files, and log lines that do not break a bar.
 
-This module imports nothing from the rest of `common/`, so every other module can use it (no import cycles).
+This module imports only `common.cli` (which imports nothing of `common/` at import time), so every
+other module can use it (no import cycles).
 
 Progress bars are drawn only when both stdout and stderr are terminals: in a log file (`nohup`, `> log`,
 Colab's `!python ...`, a pipe) a carriage-return bar would run into the log lines (`RCS stats ...: 0%| |
@@ -13,8 +14,14 @@ from __future__ import annotations
 import sys
 from typing import Any, Iterable, Optional
 
+<<<<<<< ours
 
 from common.cli import UserError  # noqa: E402,F401  (one class while runtime.py is retired)
+=======
+# One class for bad input while this module is phased out (issue 21): common.cli.run_cli and runtime.run_cli
+# both turn a UserError raised anywhere (datasets, SD loading, flags) into one line and exit code 2.
+from common.cli import UserError  # noqa: F401
+>>>>>>> theirs
 
 
 def bars_enabled() -> bool:

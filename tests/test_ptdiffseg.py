@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import ptdiffseg as P
-from common import runtime
-from common.runtime import UserError
+from common import runs
+from common.cli import Stopped, UserError, parse_args
 from common.sd_backbone import encode_prompts, load_sd
 from common.synthetic import ensure_synthetic_sample
 
@@ -36,8 +36,8 @@ NAMES = ("road", "sky", "car", "person", "vegetation")  # a small class set keep
 # model's steps tens of times slower than a single thread.
 ENV1 = dict(os.environ, OMP_NUM_THREADS="1")
 CPU = torch.device("cpu")
-FP32 = runtime.choose_precision("fp32", CPU)
-ONE = runtime.Dist(0, 1, 0, CPU)  # one process
+FP32 = runs.choose_precision("fp32", CPU)
+ONE = runs.Dist(0, 1, 0, CPU)  # one process
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -65,6 +65,21 @@ def demo_args(out, **kw) -> P.Args:
     calibrated on it; the demo itself runs on mini) with overrides (TTDA off unless asked)."""
     args = P.resolve_args(P.Args(demo=True, sd_model="tiny", data_root=str(DATA), out=str(out)))
     return dataclasses.replace(args, **{"ttda": False, **kw})
+
+
+def setup(args: P.Args) -> P.Run:
+    """What `P.train` builds before its loop, in the same order (processes, precision, checks, data, frozen SD,
+    prompt embeddings, model, the run folder and its prompt cache), for the tests of evaluation and TTDA."""
+    dist, _ = runs.init_distributed(args.device, args.deterministic)
+    precision = runs.choose_precision(args.precision, dist.device)
+    K, out = P.check_args(args), Path(args.out)
+    data = P.build_data(args, K)
+    sd = P.FrozenSD.load(args, dist.device, precision.frozen_dtype)
+    class_emb, scene_emb = P.prompt_embeddings(args.sd_model, P.cd.CLASS_SETS[K], out / "cache", write=False)
+    model = P.PTDiffSeg(class_emb, scene_emb, sd.channels, args.adapter_gamma_init).to(dist.device)
+    runs.prepare_out_dir(out, args.resume, args.demo, dist.is_main)
+    P.save_prompt_cache(out / "cache", args.sd_model, P.cd.CLASS_SETS[K], class_emb, scene_emb)
+    return P.Run(args, dist, precision, sd, model, out, K, data)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -221,7 +236,7 @@ def test_gradient_reaches_adapter_through_frozen_unet_and_checkpointing_matches(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the frozen UNet's storage on a GPU needs CUDA")
 def test_frozen_parts_half_precision_on_cuda(tmp_path):
     ensure_synthetic_sample(DATA)
-    run = P.setup(demo_args(tmp_path, device="cuda"))
+    run = setup(demo_args(tmp_path, device="cuda"))
     assert run.sd.unet.dtype in (torch.float16, torch.bfloat16) and run.sd.vae.dtype == run.sd.unet.dtype
     assert all(p.dtype == torch.float32 for p in run.model.parameters())
 
@@ -468,10 +483,10 @@ def test_ttda_step_skips_when_no_pixel_is_kept_and_averages_over_processes(tiny)
 DDP_CHILD = """
 import copy, sys, torch
 import ptdiffseg as P
-from common import runtime
+from common import runs
 from common.sd_backbone import encode_prompts, load_sd
 torch.set_num_threads(1)
-dist = runtime.init_distributed("cpu")
+dist, _ = runs.init_distributed("cpu", False)
 sd = load_sd("tiny")
 c = P.class_embeddings(sd.tokenizer, sd.text_encoder, ("road", "sky", "car", "person", "vegetation"))
 s = encode_prompts(sd.tokenizer, sd.text_encoder, list(P.SCENE_PROMPTS), pooled=True).float()
@@ -479,7 +494,7 @@ fsd = P.FrozenSD(sd.unet, sd.vae, timestep=1, latent_scale=True)
 torch.manual_seed(0)
 model = P.PTDiffSeg(c, s, fsd.channels, gamma_init=0.3).eval()   # eval: no BN batch statistics
 args = P.Args(iters=20, warmup_iters=5, crop_size=64)
-fp32 = runtime.choose_precision("fp32", torch.device("cpu"))
+fp32 = runs.choose_precision("fp32", torch.device("cpu"))
 g = torch.Generator().manual_seed(11)                               # the global batch, the same in every process
 x, y = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, torch.randint(0, 5, (2, 64, 64), generator=g)
 idx = torch.tensor([[0, 5], [3, 11]])
@@ -526,7 +541,7 @@ def test_half_precision_train_and_ttda_steps_on_cpu(tiny, name, tol, grad_tol):
     """A few steps of each loop: finite losses, the scaler state (fp16: scale kept and growth tracker counting,
     or halved after an overflow; bf16: no scaler), the head autocast to half, and the first step's loss and
     gradients close to fp32 (loss within `tol`, every gradient within `grad_tol`, both relative)."""
-    prec = runtime.choose_precision(name, CPU)
+    prec = runs.choose_precision(name, CPU)
     half = prec.frozen_dtype
     fsd_h = P.FrozenSD.load(P.Args(sd_model="tiny"), CPU, half)
     assert fsd_h.unet.dtype == fsd_h.vae.dtype == half
@@ -606,9 +621,9 @@ def test_estimate_memory_at_the_paper_setting_allocates_nothing(tmp_path):
     t = time.time()
     # the child reports its own peak RSS (RUSAGE_CHILDREN would include every earlier subprocess of the session)
     # it reports the growth over its RSS after the imports: a CUDA build of torch alone maps ~1 GB at import
-    script = ("import resource, sys, ptdiffseg\n"
+    script = ("import resource, sys, ptdiffseg\nfrom common.cli import parse_args\n"
               "rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-              "ptdiffseg.main(ptdiffseg.runtime.parse_args(ptdiffseg.Args, sys.argv[1:]))\n"
+              "ptdiffseg.main(parse_args(ptdiffseg.Args, sys.argv[1:]))\n"
               "print('RSS', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)\n")
     r = subprocess.run([sys.executable, "-c", script, "--sd-model", "random-sd15", "--estimate-memory",
                         "--data-root", str(tmp_path / "no-data"), "--out", str(tmp_path / "x")], cwd=ROOT,
@@ -642,8 +657,8 @@ def _snapshot(run):
 
 def test_ttda_changes_only_the_scene_prompt(tmp_path):
     ensure_synthetic_sample(DATA)
-    runtime.seed_everything(0)
-    run = P.setup(demo_args(tmp_path, ttda=True, ttda_steps=2, ttda_threshold=0.0, ttda_lr=1e-2))
+    runs.seed_everything(0)
+    run = setup(demo_args(tmp_path, ttda=True, ttda_steps=2, ttda_threshold=0.0, ttda_lr=1e-2))
     run.model.train()  # TTDA must switch to eval mode itself (BN statistics untouched) and restore the mode
     before = _snapshot(run)
     res, learned = P.ttda(run, 0, {"cityscapes": {"miou": 0.0}})
@@ -663,16 +678,16 @@ def test_resume_is_bit_identical_and_eval_only_ttda(tmp_path):
     exactly. Then --eval-only --ckpt --ttda on that checkpoint reports mIoU before and after."""
     ensure_synthetic_sample(DATA)
     args = demo_args(tmp_path / "run", iters=4, ckpt_every=2, keep_ckpts=0, eval_every=1000, log_every=2)
-    runtime.seed_everything(args.seed)
-    P.train(P.setup(args))
+    P.train(args)
     ck = tmp_path / "run" / "checkpoints"
     w4 = load_file(str(ck / "step_0000004" / "weights.safetensors"))
     w2 = load_file(str(ck / "step_0000002" / "weights.safetensors"))
     assert any(not torch.equal(w2[k], w4[k]) for k in w4)
     os.rename(ck / "step_0000004", tmp_path / "uninterrupted")
     args_r = dataclasses.replace(args, resume=True)
-    runtime.seed_everything(args.seed + 123)  # the resumed run must restore every RNG state from the checkpoint
-    P.train(P.setup(args_r))
+    # train seeds afresh: the resumed run must restore every RNG state from the checkpoint (without them, step
+    # 3 would draw the head's dropout masks of step 1)
+    P.train(args_r)
     w4r = load_file(str(ck / "step_0000004" / "weights.safetensors"))
     assert w4.keys() == w4r.keys()
     assert all(torch.equal(w4[k], w4r[k]) for k in w4), "resumed weights differ from the uninterrupted run"
@@ -699,12 +714,12 @@ def test_sigterm_in_training_and_in_ttda_then_resume_is_bit_identical(tmp_path, 
     full = P.main(dataclasses.replace(args, out=str(tmp_path / "full")))
     out = str(tmp_path / "cut")
     monkeypatch.setattr(P, "train_step", sigterm_on_call(P.train_step, 2))
-    with pytest.raises(runtime.Stopped, match=r"^stopped by SIGTERM at step 2: checkpoint written, continue"):
+    with pytest.raises(Stopped, match=r"^stopped by SIGTERM at step 2: checkpoint written, continue"):
         P.main(dataclasses.replace(args, out=out))
-    assert runtime.latest_checkpoint(out).name == "step_0000002"
+    assert runs.latest_checkpoint(Path(out)).name == "step_0000002"
     monkeypatch.undo()
     monkeypatch.setattr(P, "ttda_step", sigterm_on_call(P.ttda_step, 2))
-    with pytest.raises(runtime.Stopped) as e:
+    with pytest.raises(Stopped) as e:
         P.main(dataclasses.replace(args, out=out, resume=True))
     assert str(e.value) == ("stopped by SIGTERM at step 3: checkpoint written, continue with --resume "
                             "(TTDA on cityscapes starts over; it stopped after step 2 of 3)")
@@ -736,17 +751,17 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, monkeypatch):
     ensure_synthetic_sample(DATA)
     monkeypatch.setattr(P, "consistency_loss", lambda logits: torch.tensor(float("nan")))
     with pytest.raises(UserError, match="non-finite loss .* at step 0"):
-        P.train(P.setup(demo_args(tmp_path, iters=2)))
+        P.train(demo_args(tmp_path, iters=2))
 
 
 def test_miou16_13_for_synthia_source_runs_not_for_synthia_targets(tmp_path):
     """SYNTHIA's 16/13-class means belong to SYNTHIA -> Cityscapes, not to a run evaluated on SYNTHIA."""
     ensure_synthetic_sample(DATA)
     out = tmp_path / "run"  # one folder: the second setup reads the 19-class prompt cache of the first
-    res = P.evaluate(P.setup(demo_args(out, src="synthia", tgt="cityscapes")), 0)["cityscapes"]
+    res = P.evaluate(setup(demo_args(out, src="synthia", tgt="cityscapes")), 0)["cityscapes"]
     assert {"miou16", "miou13"} <= res.keys() and "mIoU16" in res["table"]
     assert "miou16" in json.loads((out / "metrics.json").read_text())["evals"][-1]
-    res = P.evaluate(P.setup(demo_args(out, src="gta5", tgt="synthia")), 0)["synthia"]
+    res = P.evaluate(setup(demo_args(out, src="gta5", tgt="synthia")), 0)["synthia"]
     assert "miou16" not in res and "mIoU16" not in res["table"]
 
 
@@ -815,7 +830,7 @@ def test_demo_learns(demo, tmp_path):
     assert len(losses) >= 3 and losses[-1] < 0.85 * losses[0], losses
     trained = [e["miou"] for e in json.loads((out / "metrics.json").read_text())["evals"]
                if e["prompt"] == "source prompt"][-1]
-    runtime.seed_everything(0)
-    run = P.setup(demo_args(tmp_path))
+    runs.seed_everything(0)
+    run = setup(demo_args(tmp_path))
     untrained = P.evaluate(run, 0)["cityscapes"]["miou"]
     assert trained > 1.5 * untrained and trained > untrained + 0.02, (trained, untrained)
