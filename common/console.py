@@ -14,14 +14,9 @@ from __future__ import annotations
 import sys
 from typing import Any, Iterable, Optional
 
-<<<<<<< ours
-
-from common.cli import UserError  # noqa: E402,F401  (one class while runtime.py is retired)
-=======
 # One class for bad input while this module is phased out (issue 21): common.cli.run_cli and runtime.run_cli
 # both turn a UserError raised anywhere (datasets, SD loading, flags) into one line and exit code 2.
 from common.cli import UserError  # noqa: F401
->>>>>>> theirs
 
 
 def bars_enabled() -> bool:

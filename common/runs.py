@@ -185,13 +185,8 @@ def check_finite(loss: torch.Tensor, step: int, out: Optional[Path] = None) -> N
     """A NaN / inf loss ends the run with one line; the last complete checkpoint stays."""
     if not bool(torch.isfinite(loss.detach()).all()):
         last = latest_checkpoint(Path(out)) if out else None
-<<<<<<< ours
-        raise UserError(f"error: training: non-finite loss ({float(loss.detach())}) at step {step}. Expected a finite "
-                        f"loss; lower --lr or use --precision fp32.{f' --resume continues from {last}.' if last else ''}")
-=======
         raise UserError(f"error: training: non-finite loss ({float(loss.detach())}) at step {step}. Expected a "
                         f"finite loss; lower --lr or use --precision fp32.{f' --resume continues from {last}.' if last else ''}")
->>>>>>> theirs
 
 
 # ---- preemption: SIGTERM / SIGINT only set a flag; the loop stops at a step boundary, after a checkpoint ----
