@@ -584,13 +584,14 @@ def train(args: Args) -> dict:
     optimizer, scaler = make_optimizer(model, args), precision.make_scaler()
     start, history = 0, []
     if args.resume:  # restores the RNG states too: nothing may draw random numbers after this
-        weights, state = runs.load_checkpoint(runs.latest_checkpoint(out), "--resume")
-        load_weights(model, weights, str(out))
+        ckpt = runs.latest_checkpoint(out) or out / "checkpoints"
+        weights, state = runs.load_checkpoint(ckpt, "--resume")
+        load_weights(model, weights, str(ckpt))
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start, history = state["step"], state["train_log"]
         runs.set_rng_state(state["rng"])
-        log(f"resumed at step {start}") if dist.is_main else None
+        log(f"resumed from {ckpt} at step {start}") if dist.is_main else None
     runs.prepare_out_dir(out, args.resume, args.demo, dist.is_main)
     if dist.is_main:  # --out is ours now: the args, and the prompt cache (a later run needs no text encoder)
         metrics.write_metrics(out, args, key="args")
