@@ -317,9 +317,9 @@ def pseudo_labels(net_ema: ICCLDNet, x_t: torch.Tensor, threshold: float, rows: 
     return y_hat, q, w_t
 
 
-def pl_rows(a: Args) -> tuple[int, int]:
+def pl_rows(args: Args) -> tuple[int, int]:
     """Cityscapes rows without pseudo weight, scaled with the crop (DAFormer's 15 / 120 are for 512 crops)."""
-    return tuple(round(r * a.crop_size / 512) for r in a.pl_crop) if a.tgt == "cityscapes" else (0, 0)
+    return tuple(round(r * args.crop_size / 512) for r in args.pl_crop) if args.tgt == "cityscapes" else (0, 0)
 
 
 @torch.no_grad()
@@ -341,7 +341,7 @@ def stage1_losses(net, x, y, z_lab, weight=None) -> tuple[torch.Tensor, torch.Te
     return ce_all_pixels(logits_img, y, weight), ce_all_pixels(logits_lab, y, weight)
 
 
-def param_groups(model: nn.Module, new: list[nn.Parameter], a: Args) -> list[dict]:
+def param_groups(model: nn.Module, new: list[nn.Parameter], args: Args) -> list[dict]:
     """AdamW groups: pretrained weights at --lr, new layers at --new-layer-lr (DAFormer's 10x head lr_mult);
     weight decay on weights and biases except normalisation layers (DAFormer's paramwise_cfg: decay_mult 0 for
     parameters named *norm*). "base" = lr before the schedule; group 0 = pretrained, decayed (lr logged)."""
@@ -350,9 +350,9 @@ def param_groups(model: nn.Module, new: list[nn.Parameter], a: Args) -> list[dic
     new_ids, groups = {id(p) for p in new}, {}
     for p in model.parameters():                                  # (is new, is norm) -> parameters
         groups.setdefault((id(p) in new_ids, id(p) in norms), []).append(p)
-    lrs = {True: a.new_layer_lr, False: a.lr}
+    lrs = {True: args.new_layer_lr, False: args.lr}
     return [{"params": ps, "lr": lrs[is_new], "base": lrs[is_new], "weight_decay": 0.0 if is_norm else
-             a.weight_decay} for (is_new, is_norm), ps in sorted(groups.items())]
+             args.weight_decay} for (is_new, is_norm), ps in sorted(groups.items())]
 
 
 # ---- Stage 2: eps_theta conditioned on the image latent + adversarial alignment (Fig. 1, bottom) -----------
@@ -448,26 +448,26 @@ def predict_diffusion(net: ICCLDNet, unet, ctx, ddim: DDIMScheduler, steps: int,
 
 
 # ---- The two training steps (one optimizer step of each stage) ---------------------------------------------
-def train_step_stage1(net, net_ema: ICCLDNet, lab: LabelLatents, opt, scaler, batch, i: int, a: Args,
+def train_step_stage1(net, net_ema: ICCLDNet, lab: LabelLatents, opt, scaler, batch, i: int, args: Args,
                       prec: runs.Precision) -> dict[str, float]:
     """Stage-1 step i (Fig. 1 top; i = steps done). net: trained (E, D), maybe DDP-wrapped; net_ema: its EMA
     copy; lab: frozen label encoder; batch = (x_s (B, 3, c, c) in [0, 1], y_s (B, c, c), x_t (B, 3, c, c)).
     ClassMix and augmentation draw from the global torch generator."""
     x_s, y_s, x_t = batch
     # ---------- METHOD STEP BEGIN ----------
-    f = poly_warmup_factor(i, a.iters, a.warmup_iters, WARMUP_RATIO, POLY_POWER)
+    f = poly_warmup_factor(i, args.iters, args.warmup_iters, WARMUP_RATIO, POLY_POWER)
     for g in opt.param_groups:                                    # each group's base lr x the schedule
         g["lr"] = g["base"] * f
     if i > 0:                                                     # student <- EMA of teacher (Fig. 1)
-        ema_update(net_ema, getattr(net, "module", net), i, a.ema_alpha)
+        ema_update(net_ema, getattr(net, "module", net), i, args.ema_alpha)
     z_ys = lab(y_s)                                               # (B, 4, c/8, c/8) label latents of the GT
     with prec.autocast():                                         # source, supervised, on both paths
         l_src_img, l_src_lab = stage1_losses(net, x_s, y_s, z_ys)
     scaler.scale(l_src_img + l_src_lab).backward()                # frees the source graph before the mix
     logs = {"loss_src_img": l_src_img, "loss_src_lab": l_src_lab}
-    if not a.source_only:
+    if not args.source_only:
         with prec.autocast():                                     # (B, c, c) argmax, scalar q, (B, c, c) w_t
-            y_hat, q, w_t = pseudo_labels(net_ema, x_t, a.pseudo_threshold, pl_rows(a))
+            y_hat, q, w_t = pseudo_labels(net_ema, x_t, args.pseudo_threshold, pl_rows(args))
         x_m, y_m, w_m = class_mix(x_s, y_s, x_t, y_hat, w_t)      # augmented x^{s+t}, y^{s+t}, pixel weights
         z_ym = lab(y_m)                                           # (B, 4, c/8, c/8)
         with prec.autocast():                                     # mixed, q-weighted, on both paths
@@ -492,7 +492,7 @@ class Frozen:
     ddim: DDIMScheduler               # the inference sampler (make_sampler)
 
 
-def train_step_stage2(unet, unet_ema, disc, fz: Frozen, opt, opt_d, scaler, batch, j: int, a: Args,
+def train_step_stage2(unet, unet_ema, disc, fz: Frozen, opt, opt_d, scaler, batch, j: int, args: Args,
                       prec: runs.Precision) -> dict[str, float]:
     """Stage-2 step j (Fig. 1 bottom): eps_theta on L_eps + lambda_adv L_adv with the discriminator frozen,
     then the discriminator on the detached x0_hat. unet, disc maybe DDP-wrapped; batch as in stage 1.
@@ -500,17 +500,17 @@ def train_step_stage2(unet, unet_ema, disc, fz: Frozen, opt, opt_d, scaler, batc
     x_s, y_s, x_t = batch
     b, T, logs = x_s.shape[0], len(fz.alpha_bars), {}
     # ---------- METHOD STEP BEGIN ----------
-    f = poly_warmup_factor(j, a.iters_stage2, a.warmup_iters, WARMUP_RATIO, POLY_POWER)
+    f = poly_warmup_factor(j, args.iters_stage2, args.warmup_iters, WARMUP_RATIO, POLY_POWER)
     for g in opt.param_groups:
         g["lr"] = g["base"] * f
     for g in opt_d.param_groups:                                  # ADVENT: poly 0.9, no warm-up
-        g["lr"] = a.disc_lr * (1 - j / a.iters_stage2) ** DISC_POLY_POWER
+        g["lr"] = args.disc_lr * (1 - j / args.iters_stage2) ** DISC_POLY_POWER
     if j > 0:                                                     # the stage-2 "student"
-        ema_update(unet_ema, getattr(unet, "module", unet), j, a.ema_alpha)
+        ema_update(unet_ema, getattr(unet, "module", unet), j, args.ema_alpha)
     with torch.no_grad():                                         # E, D, E_lab frozen: all before eps_theta
         x, y, w_pix = x_s, y_s, torch.ones_like(y_s, dtype=torch.float)   # source pixels weigh 1
-        if not a.source_only:                                     # + mixed (w_m) and target (q, row crop)
-            y_hat, q, w_t = pseudo_labels(fz.net, x_t, a.pseudo_threshold, pl_rows(a))
+        if not args.source_only:                                  # + mixed (w_m) and target (q, row crop)
+            y_hat, q, w_t = pseudo_labels(fz.net, x_t, args.pseudo_threshold, pl_rows(args))
             x_m, y_m, w_m = class_mix(x_s, y_s, x_t, y_hat, w_t)
             x, y = torch.cat([x_s, x_m, x_t]), torch.cat([y_s, y_m, y_hat])   # (3B, 3, c, c), (3B, c, c)
             w_pix, logs["q"] = torch.cat([w_pix, w_m, w_t]), q
@@ -522,25 +522,25 @@ def train_step_stage2(unet, unet_ema, disc, fz: Frozen, opt, opt_d, scaler, batc
     eps = torch.randn_like(z_y)                                   # (n, 4, h, w)
     z_t = fz.sched.add_noise(z_y, eps, t)                         # sqrt(a_t) z_y + sqrt(1 - a_t) eps
     inp, tt = torch.cat([z_t, z0], 1), t                          # (n, 8, h, w): noisy latent, then condition
-    if not a.source_only:                                         # + the sampler's last step (Fig. 2)
+    if not args.source_only:                                      # + the sampler's last step (Fig. 2)
         z_T = torch.randn_like(z_y)                               # (n, 4, h, w) pure noise, as inference
         with prec.autocast():                                     # sample_steps - 1 DDIM steps, no gradient
-            z_s, s = sample_to_last_step(getattr(unet, "module", unet), z0, fz.ctx, fz.ddim, a.sample_steps,
+            z_s, s = sample_to_last_step(getattr(unet, "module", unet), z0, fz.ctx, fz.ddim, args.sample_steps,
                                          z_T)                     # (n, 4, h, w) z_s and its timestep s
         inp, tt = torch.cat([inp, torch.cat([z_s, z0], 1)]), torch.cat([t, torch.full_like(t, int(s))])
     with prec.autocast():                                         # one UNet batch -> (n or 2n, 4, h, w)
         eps_hat = unet(inp, tt, encoder_hidden_states=fz.ctx.expand(len(tt), -1, -1)).sample.float()
     loss = logs["loss_eps"] = eps_loss(eps_hat[:n], eps, w_lat)   # L_eps = mean(w_lat (eps_hat - eps)^2)
-    if not a.source_only:
+    if not args.source_only:
         x0_T = predict_x0(z_s, eps_hat[n:], fz.alpha_bars[s])      # (n, 4, h, w) the latent D decodes
         disc.requires_grad_(False)                                # generator step: the discriminator is fixed
         with prec.autocast():                                     # mixed + target should look like source
             logs["loss_adv"] = l_adv = lsgan_g_loss(getattr(disc, "module", disc)(x0_T[b:]))
-        loss = loss + a.lambda_adv * l_adv                        # L = L_eps + lambda_adv * L_adv
+        loss = loss + args.lambda_adv * l_adv                     # L = L_eps + lambda_adv * L_adv
     scaler.scale(loss).backward()
     scaler.step(opt)
     opt.zero_grad(set_to_none=True)
-    if not a.source_only:                                         # discriminator step on detached x0_hat
+    if not args.source_only:                                      # discriminator step on detached x0_hat
         disc.requires_grad_(True)
         with prec.autocast():
             d_src, d_tgt = disc(x0_T.detach()).float().split([b, n - b])   # (B | 2B, 1, h/8, w/8)
