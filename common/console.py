@@ -13,13 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Iterable, Optional
 
-
-class UserError(Exception):
-    """Bad input: the message is one line, `error: <what>: <what is wrong>. Expected ... <how to fix>.`
-
-    The method's `__main__` guard (`runtime.run_cli`) prints it to stderr and exits with code 2 without a
-    traceback; in a notebook the exception propagates with the same message.
-    """
+from common.cli import UserError  # noqa: F401  one class for bad input, whichever run_cli catches it
 
 
 def bars_enabled() -> bool:
