@@ -776,14 +776,14 @@ def train(args: Args) -> dict:
 
 def train_stage(args: Args, run: Run, stage: Stage1 | Stage2, data: tuple, resume: Optional[tuple], offset: int,
                 miou_direct: Optional[float] = None) -> dict:
-    """The loop of one stage. `offset`: the steps before it (stage 2: stage 1's), added to the checkpoint names
-    and the data stream's step. Returns its last evaluation."""
-    dist, out, b, n = run.dist, run.out, args.batch_size, 1 if isinstance(stage, Stage1) else 2
-    (src_stream, tgt_stream, val_set), total = data, args.iters if n == 1 else args.iters_stage2
-    if n == 1:  # what a checkpoint holds, what is evaluated
+    """The loop of one stage. resume: (weights, state) of its checkpoint to continue, or None; offset: the steps
+    before it (stage 2: stage 1's), added to the checkpoint names and the data stream's step. -> last evaluation."""
+    dist, out, b, number = run.dist, run.out, args.batch_size, 1 if isinstance(stage, Stage1) else 2
+    (src_stream, tgt_stream, val_set), total = data, args.iters if number == 1 else args.iters_stage2
+    if number == 1:  # what a checkpoint holds (weights, optimizer states) and what is evaluated
         parts = nn.ModuleDict({"net": stage.net, "net_ema": stage.net_ema})
         optimizers, evaluated = {"optimizer": stage.optimizer, "scaler": stage.scaler}, (stage.net_ema, None)
-    else:  # net_ema: frozen, kept for --eval-only
+    else:  # + the frozen stage-1 model, for --eval-only
         parts = nn.ModuleDict({"unet": stage.unet, "unet_ema": stage.unet_ema, "disc": stage.disc,
                                "net_ema": stage.frozen.net})
         optimizers = {"optimizer": stage.optimizer, "optimizer_d": stage.optimizer_d, "scaler": stage.scaler}
@@ -796,12 +796,13 @@ def train_stage(args: Args, run: Run, stage: Stage1 | Stage2, data: tuple, resum
             optimizer.load_state_dict(state[key])
         offset, start, history = state["offset"], state["step"] - state["offset"], state["train_log"]
         runs.set_rng_state(state["rng"])
-        log(f"[stage {n}] resumed at step {start}") if dist.is_main else None
-    ddp = [dist.wrap(stage.net)] if n == 1 else [dist.wrap(stage.unet), dist.wrap(stage.disc)]  # DDP: mean grads
+        log(f"[stage {number}] resumed at step {start}") if dist.is_main else None
+    trained = dist.wrap(stage.net if number == 1 else stage.unet)  # DDP under torchrun: gradients averaged
+    disc = dist.wrap(stage.disc) if number == 2 else None
     if dist.is_main:
-        log(f"[stage {n}] adapting: " + (
+        log(f"[stage {number}] adapting: " + (
             "nothing (--source-only: source losses only)" if args.source_only else
-            "E and D, trained on ClassMix images with net_ema's pseudo labels" if n == 1 else
+            "E and D, trained on ClassMix images with net_ema's pseudo labels" if number == 1 else
             "eps_theta, on mixed / target pseudo-label latents and against the discriminator (source vs. "
             f"mixed + target x0_hat of the last of {args.sample_steps} DDIM steps from pure noise)"))
     result, qs, window, t_log, logged = {}, [], {}, time.perf_counter(), start
@@ -809,21 +810,21 @@ def train_stage(args: Args, run: Run, stage: Stage1 | Stage2, data: tuple, resum
     for i in stop.steps(start, total, offset=offset):
         src, tgt = (stream.batch(offset + i, dist.rank * b, b) for stream in (src_stream, tgt_stream))
         batch = (src["image"].to(dist.device), src["label"].to(dist.device), tgt["image"].to(dist.device))
-        if n == 1:
-            logs = train_step_stage1(ddp[0], stage.net_ema, stage.lab, stage.optimizer, stage.scaler, batch, i,
+        if number == 1:
+            logs = train_step_stage1(trained, stage.net_ema, stage.lab, stage.optimizer, stage.scaler, batch, i,
                                      args, run.precision)
         else:
-            logs = train_step_stage2(ddp[0], stage.unet_ema, ddp[1], stage.frozen, stage.optimizer,
+            logs = train_step_stage2(trained, stage.unet_ema, disc, stage.frozen, stage.optimizer,
                                      stage.optimizer_d, stage.scaler, batch, i, args, run.precision)
         runs.check_finite(torch.tensor(sum(v for k, v in logs.items() if "loss" in k)), offset + i + 1, out)
         qs.append(logs.get("q", 0.0))
         window = {k: window.get(k, 0.0) + v for k, v in logs.items()}
         if (i + 1) % args.log_every == 0 or i + 1 == total:  # means since the last line; lr the latest
-            steps, now = i + 1 - logged, time.perf_counter()
-            history.append({"step": i + 1, **{k: v / steps for k, v in window.items()}, "lr": logs["lr"]})
+            n, now = i + 1 - logged, time.perf_counter()
+            history.append({"step": i + 1, **{k: v / n for k, v in window.items()}, "lr": logs["lr"]})
             if dist.is_main:
-                log(f"[stage {n}] " + log_line(history[-1], total, 1000 * (now - t_log) / steps, dist.device))
-                metrics.write_metrics(out, history, key=f"train_log_stage{n}")
+                log(f"[stage {number}] " + log_line(history[-1], total, 1000 * (now - t_log) / n, dist.device))
+                metrics.write_metrics(out, history, key=f"train_log_stage{number}")
             window, t_log, logged = {}, now, i + 1
         if (i + 1) % args.eval_every == 0 or i + 1 == total:
             result = evaluate(args, *evaluated, val_set, run, i + 1, miou_direct)
@@ -831,14 +832,14 @@ def train_stage(args: Args, run: Run, stage: Stage1 | Stage2, data: tuple, resum
         if i + 1 == total or (args.ckpt_every and (i + 1) % args.ckpt_every == 0) or stop.requested():
             if dist.is_main:
                 runs.save_checkpoint(out, offset + i + 1, parts.state_dict(), dict(
-                    stage=n, offset=offset, step=offset + i + 1, rng=runs.get_rng_state(), train_log=history,
+                    stage=number, offset=offset, step=offset + i + 1, rng=runs.get_rng_state(), train_log=history,
                     args=asdict(args), **{key: o.state_dict() for key, o in optimizers.items()}), args.keep_ckpts)
-            if dist.is_main and n == 1 and i + 1 == total:  # outside the rotation: what --stage1-ckpt reads
+            if dist.is_main and number == 1 and i + 1 == total:  # outside the rotation: what --stage1-ckpt reads
                 runs.save_checkpoint(out / "stage1", i + 1, nn.ModuleDict({"net_ema": stage.net_ema}).state_dict(),
                                      dict(stage=1, step=i + 1), keep=1)
             dist.barrier()
     if dist.is_main and qs and not args.source_only:  # how often the target pseudo labels carried weight
-        log(f"[stage {n}] target side: q > 0 in {sum(q > 0 for q in qs)} of {len(qs)} steps (mean q "
+        log(f"[stage {number}] target side: q > 0 in {sum(q > 0 for q in qs)} of {len(qs)} steps (mean q "
             f"{sum(qs) / len(qs):.2f})")
     return result or evaluate(args, *evaluated, val_set, run, total, miou_direct)  # a finished stage resumed
 
