@@ -63,21 +63,26 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections import namedtuple
+import json
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from diffusers import DDIMScheduler
-from safetensors import safe_open
 
-from common import console, datasets, metrics, runtime, sd_backbone, synthetic
+from common import metrics, runs
+from common.cli import UserError, check_common_flags, log, replace_defaults, run_cli
 from common.daformer import ce_all_pixels, class_mix_masks, ema_update, poly_warmup_factor, strong_augment
-from common.console import UserError
+from common.datasets import (CLASS_SETS, PALETTES, RareClassSampling, TrainStream, build_dataset, check_pair,
+                             eval_input_size, eval_target, run_tag)
+from common.sd_backbone import encode_prompts, load_sd
+from common.synthetic import ensure_synthetic_sample
 
 
 @dataclass
@@ -178,6 +183,14 @@ DEMO = dict(sd_model="mini", data_root="data/synthetic", out="runs/iccld-demo", 
             log_every=10, eval_every=10**6, ckpt_every=10**6)
 
 
+def checkpointed(enabled: bool, fn, *xs):
+    """`fn(*xs)`; with --grad-checkpointing its activations are recomputed in backward instead of stored (same
+    values and gradients, less memory, one more forward of `fn`). Under no_grad nothing is stored anyway."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *xs, use_reentrant=False)
+    return fn(*xs)
+
+
 # ---- E: the SD VAE encoder with skip outputs (Fig. 2, left) ------------------------------------------------
 class ImageEncoder(nn.Module):
     """E(x) -> (z0, skips): the pretrained SD VAE encoder + quant_conv as an explicit loop, so the inter-coder
@@ -200,11 +213,11 @@ class ImageEncoder(nn.Module):
                 for resnet in blk.resnets:
                     h = resnet(h, temb=None)
                 return h
-            h = runtime.checkpointed(ck, run, h)                  # (B, C_i, H/2^i, W/2^i) = skip f_{2^i}
+            h = checkpointed(ck, run, h)                          # (B, C_i, H/2^i, W/2^i) = skip f_{2^i}
             skips.append(h)
             for down in blk.downsamplers or []:
                 h = down(h)                                       # stride doubles
-        h = runtime.checkpointed(ck, enc.mid_block, h)            # (B, 512, H/8, W/8)
+        h = checkpointed(ck, enc.mid_block, h)                    # (B, 512, H/8, W/8)
         moments = self.quant_conv(enc.conv_out(enc.conv_act(enc.conv_norm_out(h))))  # (B, 8, H/8, W/8)
         return moments[:, :4] * self.scaling_factor, skips        # (B, 4, H/8, W/8) posterior mean, scaled
 
@@ -236,10 +249,10 @@ class SegDecoder(nn.Module):
     def forward(self, z: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         dec, ck = self.decoder, self.grad_checkpointing
         h = dec.conv_in(self.post_quant_conv(z / self.scaling_factor))    # (B, 512, h, w)
-        h = runtime.checkpointed(ck, dec.mid_block, h)            # (B, 512, h, w)
+        h = checkpointed(ck, dec.mid_block, h)                    # (B, 512, h, w)
         for k, blk in enumerate(dec.up_blocks):
             h = h + self.skip_convs[k](skips[-1 - k])             # inter-coder connection at stride 8 / 2^k
-            h = runtime.checkpointed(ck, blk, h)                  # (B, C_k, 2h, 2w); last block: no upsample
+            h = checkpointed(ck, blk, h)                          # (B, C_k, 2h, 2w); last block: no upsample
         return dec.conv_out(dec.conv_act(dec.conv_norm_out(h)))   # (B, K, H, W) logits at full resolution
 
 
@@ -304,9 +317,9 @@ def pseudo_labels(net_ema: ICCLDNet, x_t: torch.Tensor, threshold: float, rows: 
     return y_hat, q, w_t
 
 
-def pl_rows(a: Args) -> tuple[int, int]:
+def pl_rows(args: Args) -> tuple[int, int]:
     """Cityscapes rows without pseudo weight, scaled with the crop (DAFormer's 15 / 120 are for 512 crops)."""
-    return tuple(round(r * a.crop_size / 512) for r in a.pl_crop) if a.tgt == "cityscapes" else (0, 0)
+    return tuple(round(r * args.crop_size / 512) for r in args.pl_crop) if args.tgt == "cityscapes" else (0, 0)
 
 
 @torch.no_grad()
@@ -328,7 +341,7 @@ def stage1_losses(net, x, y, z_lab, weight=None) -> tuple[torch.Tensor, torch.Te
     return ce_all_pixels(logits_img, y, weight), ce_all_pixels(logits_lab, y, weight)
 
 
-def param_groups(model: nn.Module, new: list[nn.Parameter], a: Args) -> list[dict]:
+def param_groups(model: nn.Module, new: list[nn.Parameter], args: Args) -> list[dict]:
     """AdamW groups: pretrained weights at --lr, new layers at --new-layer-lr (DAFormer's 10x head lr_mult);
     weight decay on weights and biases except normalisation layers (DAFormer's paramwise_cfg: decay_mult 0 for
     parameters named *norm*). "base" = lr before the schedule; group 0 = pretrained, decayed (lr logged)."""
@@ -337,9 +350,9 @@ def param_groups(model: nn.Module, new: list[nn.Parameter], a: Args) -> list[dic
     new_ids, groups = {id(p) for p in new}, {}
     for p in model.parameters():                                  # (is new, is norm) -> parameters
         groups.setdefault((id(p) in new_ids, id(p) in norms), []).append(p)
-    lrs = {True: a.new_layer_lr, False: a.lr}
+    lrs = {True: args.new_layer_lr, False: args.lr}
     return [{"params": ps, "lr": lrs[is_new], "base": lrs[is_new], "weight_decay": 0.0 if is_norm else
-             a.weight_decay} for (is_new, is_norm), ps in sorted(groups.items())]
+             args.weight_decay} for (is_new, is_norm), ps in sorted(groups.items())]
 
 
 # ---- Stage 2: eps_theta conditioned on the image latent + adversarial alignment (Fig. 1, bottom) -----------
@@ -435,26 +448,26 @@ def predict_diffusion(net: ICCLDNet, unet, ctx, ddim: DDIMScheduler, steps: int,
 
 
 # ---- The two training steps (one optimizer step of each stage) ---------------------------------------------
-def train_step_stage1(net, net_ema: ICCLDNet, lab: LabelLatents, opt, scaler, batch, i: int, a: Args,
-                      prec: runtime.Precision) -> dict[str, float]:
+def train_step_stage1(net, net_ema: ICCLDNet, lab: LabelLatents, opt, scaler, batch, i: int, args: Args,
+                      prec: runs.Precision) -> dict[str, float]:
     """Stage-1 step i (Fig. 1 top; i = steps done). net: trained (E, D), maybe DDP-wrapped; net_ema: its EMA
     copy; lab: frozen label encoder; batch = (x_s (B, 3, c, c) in [0, 1], y_s (B, c, c), x_t (B, 3, c, c)).
     ClassMix and augmentation draw from the global torch generator."""
     x_s, y_s, x_t = batch
     # ---------- METHOD STEP BEGIN ----------
-    f = poly_warmup_factor(i, a.iters, a.warmup_iters, WARMUP_RATIO, POLY_POWER)
+    f = poly_warmup_factor(i, args.iters, args.warmup_iters, WARMUP_RATIO, POLY_POWER)
     for g in opt.param_groups:                                    # each group's base lr x the schedule
         g["lr"] = g["base"] * f
     if i > 0:                                                     # student <- EMA of teacher (Fig. 1)
-        ema_update(net_ema, getattr(net, "module", net), i, a.ema_alpha)
+        ema_update(net_ema, getattr(net, "module", net), i, args.ema_alpha)
     z_ys = lab(y_s)                                               # (B, 4, c/8, c/8) label latents of the GT
     with prec.autocast():                                         # source, supervised, on both paths
         l_src_img, l_src_lab = stage1_losses(net, x_s, y_s, z_ys)
     scaler.scale(l_src_img + l_src_lab).backward()                # frees the source graph before the mix
     logs = {"loss_src_img": l_src_img, "loss_src_lab": l_src_lab}
-    if not a.source_only:
+    if not args.source_only:
         with prec.autocast():                                     # (B, c, c) argmax, scalar q, (B, c, c) w_t
-            y_hat, q, w_t = pseudo_labels(net_ema, x_t, a.pseudo_threshold, pl_rows(a))
+            y_hat, q, w_t = pseudo_labels(net_ema, x_t, args.pseudo_threshold, pl_rows(args))
         x_m, y_m, w_m = class_mix(x_s, y_s, x_t, y_hat, w_t)      # augmented x^{s+t}, y^{s+t}, pixel weights
         z_ym = lab(y_m)                                           # (B, 4, c/8, c/8)
         with prec.autocast():                                     # mixed, q-weighted, on both paths
@@ -468,30 +481,36 @@ def train_step_stage1(net, net_ema: ICCLDNet, lab: LabelLatents, opt, scaler, ba
     return {**{k: v.item() for k, v in logs.items()}, "lr": opt.param_groups[0]["lr"]}
 
 
-# What stage 2 reads but never trains: stage 1's net_ema (E, D), the label encoder, the "" context (1, 77, d),
-# the noise schedule with alpha_bar_t = prod(1 - beta_s), (T_train,) on the device, and the inference sampler.
-Frozen = namedtuple("Frozen", "net lab ctx sched alpha_bars ddim")
+@dataclass
+class Frozen:
+    """What stage 2 reads but never trains (`fz` in its step)."""
+    net: ICCLDNet                     # stage 1's net_ema (E, D): image latents, skips, pseudo labels
+    lab: LabelLatents                 # the label encoder
+    ctx: torch.Tensor                 # (1, 77, d) CLIP embedding of "", on the device
+    sched: Any                        # the training noise schedule (add_noise)
+    alpha_bars: torch.Tensor          # (T_train,) alpha_bar_t = prod(1 - beta_s), on the device
+    ddim: DDIMScheduler               # the inference sampler (make_sampler)
 
 
-def train_step_stage2(unet, unet_ema, disc, fz: Frozen, opt, opt_d, scaler, batch, j: int, a: Args,
-                      prec: runtime.Precision) -> dict[str, float]:
+def train_step_stage2(unet, unet_ema, disc, fz: Frozen, opt, opt_d, scaler, batch, j: int, args: Args,
+                      prec: runs.Precision) -> dict[str, float]:
     """Stage-2 step j (Fig. 1 bottom): eps_theta on L_eps + lambda_adv L_adv with the discriminator frozen,
     then the discriminator on the detached x0_hat. unet, disc maybe DDP-wrapped; batch as in stage 1.
     ClassMix, timesteps and noise draw from the global torch generator."""
     x_s, y_s, x_t = batch
     b, T, logs = x_s.shape[0], len(fz.alpha_bars), {}
     # ---------- METHOD STEP BEGIN ----------
-    f = poly_warmup_factor(j, a.iters_stage2, a.warmup_iters, WARMUP_RATIO, POLY_POWER)
+    f = poly_warmup_factor(j, args.iters_stage2, args.warmup_iters, WARMUP_RATIO, POLY_POWER)
     for g in opt.param_groups:
         g["lr"] = g["base"] * f
     for g in opt_d.param_groups:                                  # ADVENT: poly 0.9, no warm-up
-        g["lr"] = a.disc_lr * (1 - j / a.iters_stage2) ** DISC_POLY_POWER
+        g["lr"] = args.disc_lr * (1 - j / args.iters_stage2) ** DISC_POLY_POWER
     if j > 0:                                                     # the stage-2 "student"
-        ema_update(unet_ema, getattr(unet, "module", unet), j, a.ema_alpha)
+        ema_update(unet_ema, getattr(unet, "module", unet), j, args.ema_alpha)
     with torch.no_grad():                                         # E, D, E_lab frozen: all before eps_theta
         x, y, w_pix = x_s, y_s, torch.ones_like(y_s, dtype=torch.float)   # source pixels weigh 1
-        if not a.source_only:                                     # + mixed (w_m) and target (q, row crop)
-            y_hat, q, w_t = pseudo_labels(fz.net, x_t, a.pseudo_threshold, pl_rows(a))
+        if not args.source_only:                                  # + mixed (w_m) and target (q, row crop)
+            y_hat, q, w_t = pseudo_labels(fz.net, x_t, args.pseudo_threshold, pl_rows(args))
             x_m, y_m, w_m = class_mix(x_s, y_s, x_t, y_hat, w_t)
             x, y = torch.cat([x_s, x_m, x_t]), torch.cat([y_s, y_m, y_hat])   # (3B, 3, c, c), (3B, c, c)
             w_pix, logs["q"] = torch.cat([w_pix, w_m, w_t]), q
@@ -503,25 +522,25 @@ def train_step_stage2(unet, unet_ema, disc, fz: Frozen, opt, opt_d, scaler, batc
     eps = torch.randn_like(z_y)                                   # (n, 4, h, w)
     z_t = fz.sched.add_noise(z_y, eps, t)                         # sqrt(a_t) z_y + sqrt(1 - a_t) eps
     inp, tt = torch.cat([z_t, z0], 1), t                          # (n, 8, h, w): noisy latent, then condition
-    if not a.source_only:                                         # + the sampler's last step (Fig. 2)
+    if not args.source_only:                                      # + the sampler's last step (Fig. 2)
         z_T = torch.randn_like(z_y)                               # (n, 4, h, w) pure noise, as inference
         with prec.autocast():                                     # sample_steps - 1 DDIM steps, no gradient
-            z_s, s = sample_to_last_step(getattr(unet, "module", unet), z0, fz.ctx, fz.ddim, a.sample_steps,
+            z_s, s = sample_to_last_step(getattr(unet, "module", unet), z0, fz.ctx, fz.ddim, args.sample_steps,
                                          z_T)                     # (n, 4, h, w) z_s and its timestep s
         inp, tt = torch.cat([inp, torch.cat([z_s, z0], 1)]), torch.cat([t, torch.full_like(t, int(s))])
     with prec.autocast():                                         # one UNet batch -> (n or 2n, 4, h, w)
         eps_hat = unet(inp, tt, encoder_hidden_states=fz.ctx.expand(len(tt), -1, -1)).sample.float()
     loss = logs["loss_eps"] = eps_loss(eps_hat[:n], eps, w_lat)   # L_eps = mean(w_lat (eps_hat - eps)^2)
-    if not a.source_only:
+    if not args.source_only:
         x0_T = predict_x0(z_s, eps_hat[n:], fz.alpha_bars[s])      # (n, 4, h, w) the latent D decodes
         disc.requires_grad_(False)                                # generator step: the discriminator is fixed
         with prec.autocast():                                     # mixed + target should look like source
             logs["loss_adv"] = l_adv = lsgan_g_loss(getattr(disc, "module", disc)(x0_T[b:]))
-        loss = loss + a.lambda_adv * l_adv                        # L = L_eps + lambda_adv * L_adv
+        loss = loss + args.lambda_adv * l_adv                     # L = L_eps + lambda_adv * L_adv
     scaler.scale(loss).backward()
     scaler.step(opt)
     opt.zero_grad(set_to_none=True)
-    if not a.source_only:                                         # discriminator step on detached x0_hat
+    if not args.source_only:                                      # discriminator step on detached x0_hat
         disc.requires_grad_(True)
         with prec.autocast():
             d_src, d_tgt = disc(x0_T.detach()).float().split([b, n - b])   # (B | 2B, 1, h/8, w/8)
@@ -535,75 +554,125 @@ def train_step_stage2(unet, unet_ema, disc, fz: Frozen, opt, opt_d, scaler, batc
     return {**{k: v.item() for k, v in logs.items()}, "lr": opt.param_groups[0]["lr"]}
 
 
-# ---- Plumbing: data, the parts of each stage, checkpoints --------------------------------------------------
-# What both stages share, built before anything is written: Args, runtime.Dist and Precision, K classes,
-# the SD parts (on the CPU), the "" embedding (1, 77, d) for stage 2, source / target TrainStreams, eval set,
-# the run folder.
-Setup = namedtuple("Setup", "args dist prec K sd ctx streams eval_set out", defaults=(None, (), None, None))
+# ---- The two stages' parts: what each trains, its EMA copy, what it reads frozen, its optimizers ------------
+@dataclass
+class Run:
+    """What `train` derives once from Args and the hardware; the stage loop and `evaluate` read it."""
+    dist: runs.Dist
+    precision: runs.Precision
+    num_classes: int                  # K of the target class set
+    sd: Any                           # SD parts on the CPU: vae; for stage 2 and evaluation also unet, scheduler
+    ctx: Optional[torch.Tensor]       # (1, 77, d) CLIP embedding of "": eps_theta's context (stage 2)
+    out: Optional[Path] = None        # run folder (named by the non-finite-loss error; evaluation output)
+
+    def freeze(self, module: nn.Module) -> nn.Module:
+        """No gradients, eval mode, the precision's half dtype (inference only: fp32 not needed)."""
+        return module.requires_grad_(False).eval().to(self.dist.device, self.precision.frozen_dtype)
 
 
-def frozen(module: nn.Module, s: Setup) -> nn.Module:
-    """Frozen parts: no gradients, eval mode, the precision's half dtype (inference only: fp32 not needed)."""
-    return module.requires_grad_(False).eval().to(s.dist.device, s.prec.frozen_dtype)
+@dataclass
+class Stage1:
+    """Stage 1 (Fig. 1, top): E and D trained in fp32 (autocast does the rest), their EMA copy, the frozen
+    label encoder, AdamW and the GradScaler."""
+    net: ICCLDNet                     # (E, D), trained
+    net_ema: ICCLDNet                 # its EMA copy: pseudo labels, evaluated, what stage 2 starts from
+    lab: LabelLatents                 # labels -> label latents (the frozen pretrained VAE encoder)
+    optimizer: torch.optim.AdamW
+    scaler: torch.amp.GradScaler
 
 
-def setup(a: Args, dist: runtime.Dist, prec: runtime.Precision, data: bool = True) -> Setup:
-    """Datasets (checked first), then the SD parts: the VAE, and for stage 2 the UNet and the "" context."""
-    K, streams = datasets.check_pair(a.src, a.tgt), ()
-    build = functools.partial(datasets.build_dataset, root=a.data_root, scale=1 / 8 if a.demo else 1.0,
-                              num_classes=K)
-    if data and not a.eval_only:
-        src, tgt = (build(name, split="train", crop_size=a.crop_size, **kw)
-                    for name, kw in ((a.src, {"cat_max_ratio": 0.75}), (a.tgt, {})))
-        rcs = (datasets.RareClassSampling(src, temperature=a.rcs_temperature) if a.rcs_temperature > 0
-               else None)
-        streams = (datasets.TrainStream(src, a.seed, rcs, stream_id=0),
-                   datasets.TrainStream(tgt, a.seed, None, stream_id=1))
-    stage2 = a.stage != "1" or a.eval_only
-    sd = sd_backbone.load_sd(a.sd_model, ("vae", "unet", "text_encoder", "tokenizer") if stage2 else ("vae",))
-    ctx = sd_backbone.encode_prompts(sd.tokenizer, sd.text_encoder, [""]).float() if stage2 else None
-    sd.text_encoder = None                                        # "" embedded once, then freed
-    name, split = datasets.eval_target(a.tgt, a.predict)  # --predict: every image of its folder, no labels
-    return Setup(a, dist, prec, K, sd, ctx, streams, build(name, split=split) if data else None)
-
-
-# A stage as its loop sees it: step(batch, i, args, prec) = train_step_stage1/2 with its parts bound; the
-# modules and optimizer states a checkpoint stores, by name; the evaluated (net, unet); the frozen parts.
-Stage = namedtuple("Stage", "step modules optims evaluated frozen")
-
-
-def build_stage1(s: Setup) -> Stage:
-    """E, D trained in fp32 (autocast does the rest), their EMA copy, the label encoder, AdamW, the scaler."""
-    net = ICCLDNet(s.sd.vae, s.K).to(s.dist.device).requires_grad_(True).train()   # load_sd froze the VAE
-    net.E.grad_checkpointing = net.D.grad_checkpointing = s.args.grad_checkpointing
+def build_stage1(args: Args, run: Run) -> Stage1:
+    net = ICCLDNet(run.sd.vae, run.num_classes).to(run.dist.device).requires_grad_(True).train()  # VAE frozen
+    net.E.grad_checkpointing = net.D.grad_checkpointing = args.grad_checkpointing
     net_ema = copy.deepcopy(net).requires_grad_(False).eval()     # fp32 (header, item 8)
-    lab = frozen(LabelLatents(s.sd.vae, datasets.PALETTES[s.K]), s)
-    opt = torch.optim.AdamW(param_groups(net, net.new_parameters(), s.args), betas=(0.9, 0.999))
-    scaler = s.prec.make_scaler()
-    step = functools.partial(train_step_stage1, s.dist.wrap(net), net_ema, lab, opt, scaler)
-    return Stage(step, {"net": net, "net_ema": net_ema}, {"opt": opt, "scaler": scaler}, (net_ema, None),
-                 [lab])
+    lab = run.freeze(LabelLatents(run.sd.vae, PALETTES[run.num_classes]))
+    optimizer = torch.optim.AdamW(param_groups(net, net.new_parameters(), args), betas=(0.9, 0.999))
+    return Stage1(net, net_ema, lab, optimizer, run.precision.make_scaler())
 
 
-def build_stage2(s: Setup, net_w: Optional[dict]) -> Stage:
-    """eps_theta (widened conv_in), its EMA copy, the discriminator, the frozen stage-1 model (net_w)."""
-    a, sched, dev = s.args, s.sd.scheduler, s.dist.device
-    net = ICCLDNet(s.sd.vae, s.K)
-    if net_w is not None:
-        net.load_state_dict(net_w)
-    lab = LabelLatents(s.sd.vae, datasets.PALETTES[s.K])
-    fz = Frozen(frozen(net, s), frozen(lab, s), s.ctx.to(dev), sched, sched.alphas_cumprod.to(dev),
+@dataclass
+class Stage2:
+    """Stage 2 (Fig. 1, bottom): eps_theta (the SD UNet, conv_in widened) trained, its EMA copy (evaluated), the
+    discriminator, what stays frozen, AdamW, the discriminator's Adam and the GradScaler."""
+    unet: nn.Module
+    unet_ema: nn.Module
+    disc: nn.Sequential
+    frozen: Frozen
+    optimizer: torch.optim.AdamW
+    optimizer_d: torch.optim.Adam
+    scaler: torch.amp.GradScaler
+
+
+def build_stage2(args: Args, run: Run, net_weights: Optional[dict]) -> Stage2:
+    """net_weights: stage 1's net_ema (None: random, for --profile / --estimate-memory, or loaded on resume)."""
+    sched, dev = run.sd.scheduler, run.dist.device
+    net = ICCLDNet(run.sd.vae, run.num_classes)
+    if net_weights is not None:
+        net.load_state_dict(net_weights)
+    lab = LabelLatents(run.sd.vae, PALETTES[run.num_classes])
+    fz = Frozen(run.freeze(net), run.freeze(lab), run.ctx.to(dev), sched, sched.alphas_cumprod.to(dev),
                 make_sampler(sched))
-    unet = widen_conv_in(s.sd.unet).to(dev).requires_grad_(True).train()
-    if a.grad_checkpointing:
+    unet = widen_conv_in(run.sd.unet).to(dev).requires_grad_(True).train()
+    if args.grad_checkpointing:
         unet.enable_gradient_checkpointing()
     unet_ema, disc = copy.deepcopy(unet).requires_grad_(False).eval(), discriminator().to(dev)
-    opt = torch.optim.AdamW(param_groups(unet, list(unet.conv_in.parameters()), a), betas=(0.9, 0.999))
-    opt_d, scaler = torch.optim.Adam(disc.parameters(), lr=a.disc_lr, betas=DISC_BETAS), s.prec.make_scaler()
-    step = functools.partial(train_step_stage2, s.dist.wrap(unet), unet_ema, s.dist.wrap(disc), fz, opt,
-                             opt_d, scaler)
-    return Stage(step, {"unet": unet, "unet_ema": unet_ema, "disc": disc, "net_ema": fz.net},
-                 {"opt": opt, "opt_d": opt_d, "scaler": scaler}, (fz.net, unet_ema), [fz.lab])
+    optimizer = torch.optim.AdamW(param_groups(unet, list(unet.conv_in.parameters()), args), betas=(0.9, 0.999))
+    optimizer_d = torch.optim.Adam(disc.parameters(), lr=args.disc_lr, betas=DISC_BETAS)
+    return Stage2(unet, unet_ema, disc, fz, optimizer, optimizer_d, run.precision.make_scaler())
+
+
+# ---- Setup: checks, data, SD, stage-1 weights, --profile / --estimate-memory --------------------------------
+def check_args(args: Args) -> None:
+    """ICCLD's own checks after the shared ones, before anything is built or written."""
+    check_common_flags(args, crop_multiple=8)
+    measuring = args.profile or args.estimate_memory
+    for bad, msg in (
+            (args.stage not in ("1", "2", "both"), f"--stage: unknown value '{args.stage}'. Expected 1, 2, both."),
+            (args.iters_stage2 < 1, f"--iters-stage2: got {args.iters_stage2}. Expected an integer >= 1."),
+            (not 1 <= args.sample_steps <= 50, f"--sample-steps {args.sample_steps}: expected 1..50."),
+            (args.stage != "1" and not (args.source_only or args.eval_only) and args.crop_size < 64, f"--crop-size "
+             f"{args.crop_size}: stage 2's discriminator needs >= 64 (three stride-2 convs on the latent). "
+             "Expected >= 64."),
+            (measuring and args.stage == "both", "--profile / --estimate-memory: one stage at a time. Add "
+             "--stage 1 or --stage 2."),
+            (args.stage == "2" and not (args.resume or args.eval_only or args.stage1_ckpt or measuring),
+             "--stage 2: no stage-1 checkpoint. Expected --stage1-ckpt <out>/stage1/checkpoints/step_XXXXXXX "
+             "(written by --stage 1 or --stage both), or run --stage both.")):
+        if bad:
+            raise UserError("error: " + msg)
+
+
+def build_data(args: Args, num_classes: int):
+    """Source/target training streams (source with rare-class sampling, DAFormer) and the evaluation set."""
+    if args.demo:
+        ensure_synthetic_sample(args.data_root)
+    kw = dict(scale=1 / 8 if args.demo else 1.0, num_classes=num_classes)
+    name, split = eval_target(args.tgt, args.predict)  # --predict: every image of its folder, no labels
+    if args.eval_only:
+        return None, None, build_dataset(name, args.data_root, split, **kw)
+    src = build_dataset(args.src, args.data_root, "train", crop_size=args.crop_size, cat_max_ratio=0.75, **kw)
+    tgt = build_dataset(args.tgt, args.data_root, "train", crop_size=args.crop_size, **kw)
+    rcs = RareClassSampling(src, temperature=args.rcs_temperature) if args.rcs_temperature > 0 else None
+    return (TrainStream(src, args.seed, rcs, stream_id=0), TrainStream(tgt, args.seed, None, stream_id=1),
+            build_dataset(name, args.data_root, split, **kw))
+
+
+def load_backbone(args: Args) -> tuple[Any, Optional[torch.Tensor]]:
+    """The SD parts on the CPU: the VAE; for stage 2 and evaluation the UNet and the "" context (1, 77, d)."""
+    stage2 = args.stage != "1" or args.eval_only
+    sd = load_sd(args.sd_model, ("vae", "unet", "text_encoder", "tokenizer") if stage2 else ("vae",))
+    ctx = encode_prompts(sd.tokenizer, sd.text_encoder, [""]).float() if stage2 else None
+    sd.text_encoder = None                                        # "" embedded once, then freed
+    return sd, ctx
+
+
+def load_weights(module: nn.Module, weights: dict, prefix: str, where: str) -> None:
+    """The checkpoint tensors named `prefix` + key into `module`; one-line error when they do not fit."""
+    try:
+        module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    except RuntimeError as e:
+        raise UserError(f"error: --ckpt: '{where}' does not fit this model ({str(e).splitlines()[0]}). Expected "
+                        "a checkpoint of iccld.py with the same --sd-model and --tgt class set.") from None
 
 
 def load_stage1_weights(path: str) -> tuple[dict, int]:
@@ -613,155 +682,197 @@ def load_stage1_weights(path: str) -> tuple[dict, int]:
     if not p.exists():
         raise UserError(f"error: --stage1-ckpt: '{path}' not found. {fix}")
     if p.is_dir() and not (p / "weights.safetensors").exists():
-        p = runtime.latest_checkpoint(p / "stage1") or runtime.latest_checkpoint(p) or p
-    weights, state = runtime.load_checkpoint(p)
-    if not (net_w := runtime.weights_of(weights, "net_ema")):
+        p = runs.latest_checkpoint(p / "stage1") or runs.latest_checkpoint(p) or p
+    weights, state = runs.load_checkpoint(p, "--stage1-ckpt")
+    if not (net_weights := {k[8:]: v for k, v in weights.items() if k.startswith("net_ema.")}):
         raise UserError(f"error: --stage1-ckpt: '{path}' holds no net_ema weights. {fix}")
-    return net_w, state["step"] if state.get("stage") == 1 else state.get("offset", 0)
+    return net_weights, state["step"] if state.get("stage") == 1 else state.get("offset", 0)
 
 
-# ---- Training: stage 1, then stage 2, each one loop over its steps ----------------------------------------
-def train(s: Setup, resume_stage: Optional[int], stage1_w: Optional[dict], offset: int) -> dict:
-    """--stage 1, 2 or both; a resumed run continues in its checkpoint's stage. Returns the last evaluation.
-    Checkpoint names and stage 2's data stream continue after stage 1's steps (`offset`)."""
-    a, b, dev, res = s.args, s.args.batch_size, s.dist.device, {}
-    for stage in [k for k in (1, 2) if a.stage in (str(k), "both") and (k, resume_stage) != (1, 2)]:
-        total, off, start = (a.iters, 0, 0) if stage == 1 else (a.iters_stage2, offset, 0)
-        if stage == 2 and resume_stage != 2:  # stage 2 draws from its own seeded stream, so --stage 2
-            runtime.seed_everything(a.seed + 1)   # --stage1-ckpt X reproduces the second half of --stage both
-        st = build_stage1(s) if stage == 1 else build_stage2(s, stage1_w)
-        ckpt = runtime.Checkpointer(s.out, a.ckpt_every, a.keep_ckpts, s.dist.is_main)
-        if resume_stage == stage:                                 # last before the loop: restores the RNGs
-            state = ckpt.resume_parts(st.modules, st.optims)
-            off, start = state["offset"], state["step"] - state["offset"]
-        log = runtime.TrainLog(s.out, total, a.log_every, dev, s.dist.is_main, start, f"[stage {stage}] ",
-                               f"train_log_stage{stage}")
-        if s.dist.is_main:
-            console.log(f"[stage {stage}] adapting: " + (
-                "nothing (--source-only: source losses only)" if a.source_only else
-                "E and D, trained on ClassMix images with net_ema's pseudo labels" if stage == 1 else
-                "eps_theta, on mixed / target pseudo-label latents and against the discriminator (source vs. "
-                f"mixed + target x0_hat of the last of {a.sample_steps} DDIM steps from pure noise)"))
-        qs, stop = [], runtime.StopOnSignal(s.dist)   # SIGTERM / SIGINT: stop after the step's checkpoint
-        for i in stop.steps(start, total, offset=off):
-            # this rank's slice of the global batch
-            src, tgt = (stream.batch(off + i, s.dist.rank * b, b) for stream in s.streams)
-            logs = st.step((src["image"].to(dev), src["label"].to(dev), tgt["image"].to(dev)), i, a, s.prec)
-            step, loss = i + 1, sum(v for k, v in logs.items() if "loss" in k)
-            runtime.check_finite(torch.tensor(loss), off + step, s.out)
-            log.step(step, logs)
-            qs.append(logs.get("q", 0.0))
-            if step % a.eval_every == 0 or step == total:
-                res = evaluate(s, *st.evaluated, step, res.get("miou_direct"))
-            if ckpt.due(step, total) or stop.requested():
-                ckpt.save_parts(off + step, st.modules, st.optims, {"stage": stage, "offset": off,
-                                                                    "args": asdict(a)})
-            if stage == 1 and step == total and s.dist.is_main:   # outside the rotation: what --stage 2 reads
-                runtime.save_checkpoint(s.out / "stage1", step, runtime.named_weights(
-                    {"net_ema": st.modules["net_ema"]}), {"stage": 1, "step": step}, keep=1)
-        log.close()
-        if s.dist.is_main and qs and not a.source_only:
-            console.log(f"[stage {stage}] target side: q > 0 in {sum(q > 0 for q in qs)} of {len(qs)} steps "
-                        f"(mean q {sum(qs) / len(qs):.2f})")
-        if start >= total:                                        # a finished stage resumed: score it
-            res = evaluate(s, *st.evaluated, total, res.get("miou_direct"))
-        if stage == 1:
-            stage1_w = {k: v.detach().float().cpu() for k, v in st.modules["net_ema"].state_dict().items()}
-        del st                                                    # frees this stage's models and optimizers
+# ---- Training: setup, stage 1 then stage 2 through one loop (log line, evaluation, checkpoint), end ----------
+def train(args: Args) -> dict:
+    if args.profile or args.estimate_memory:  # measuring tools, not training: benchmarks/measure.py
+        from benchmarks.measure import measure
+        return measure("iccld", args, globals())
+    # Processes (torchrun: one per GPU, DDP), device, precision, seed.
+    dist, repeatable = runs.init_distributed(args.device, args.deterministic)
+    precision = runs.choose_precision(args.precision, dist.device)  # bf16 / fp16 + GradScaler / fp32 on CPU
+    check_args(args)
+    runs.seed_everything(args.seed)
+    K = check_pair(args.src, args.tgt)
+    out = Path(args.out or f"runs/iccld-{run_tag(args.src)}-{run_tag(args.tgt)}")
+    if dist.is_main:
+        log("args: " + json.dumps(asdict(args)))
+        log(f"device {dist.device} x{dist.world} | {precision.reason} | {repeatable}")
+    # Data and SD (the data are checked before anything is written).
+    data = build_data(args, K)
+    run = Run(dist, precision, K, *load_backbone(args), out)
+    if args.eval_only:  # --eval-only / --predict: a stage-2 checkpoint scores both paths, a stage-1 one D(E(x))
+        weights, state = runs.load_checkpoint(args.ckpt)
+        net, unet = ICCLDNet(run.sd.vae, K), None
+        load_weights(net, weights, "net_ema.", args.ckpt)
+        if any(k.startswith("unet_ema.") for k in weights):  # a fresh copy, as training's unet_ema: on CPU
+            unet = copy.deepcopy(widen_conv_in(run.sd.unet))   # from_pretrained's memory-mapped tensors are not
+            load_weights(unet, weights, "unet_ema.", args.ckpt)  # 64-byte aligned: other SIMD paths, 1e-6 apart
+        out.mkdir(parents=True, exist_ok=True)
+        result = evaluate(args, run.freeze(net), unet and run.freeze(unet), data[2], run, state.get("step", 0))
+        return finish(result, run, "done: --eval-only")
+    # Checkpoints in: --resume continues in the stage its checkpoint records; --stage 2 reads stage 1's net_ema.
+    resume = runs.load_checkpoint(runs.latest_checkpoint(out), "--resume") if args.resume else None
+    resume_stage = resume[1]["stage"] if resume else None
+    if args.stage == "2" and resume_stage == 1:
+        raise UserError(f"error: --resume: the latest checkpoint in '{out}' is from stage 1. Resume with "
+                        "--stage both (or --stage 1).")
+    stage1_weights, offset = None, args.iters  # stage 2's checkpoint names and data continue after stage 1's
+    if args.stage == "2" and not args.resume:
+        stage1_weights, offset = load_stage1_weights(args.stage1_ckpt)
+    runs.prepare_out_dir(out, args.resume, args.demo, dist.is_main)
+    if dist.is_main and not args.resume:
+        metrics.write_metrics(out, args, key="args")
+    result = {}
+    if args.stage in ("1", "both") and resume_stage != 2:  # stage 1: E and D by DACS self-training
+        stage1 = build_stage1(args, run)
+        result = train_stage(args, run, stage1, data, resume if resume_stage == 1 else None, 0)
+        stage1_weights = {k: v.detach().float().cpu() for k, v in stage1.net_ema.state_dict().items()}
+        del stage1                                                # frees its models and optimizer states
+    if args.stage in ("2", "both"):  # stage 2: eps_theta, against the discriminator; E and D frozen
+        if resume_stage != 2:  # its own seeded stream: --stage 2 --stage1-ckpt X = the second half of --stage both
+            runs.seed_everything(args.seed + 1)
+        stage2 = build_stage2(args, run, stage1_weights)
+        result = train_stage(args, run, stage2, data, resume if resume_stage == 2 else None, offset,
+                             result.get("miou_direct"))
+    steps = {"1": f"{args.iters}", "2": f"{args.iters_stage2}"}.get(args.stage, f"{args.iters} + {args.iters_stage2}")
+    mem = metrics.peak_memory_gb(dist.device)
+    return dict(finish(result, run, f"done: {steps} steps | peak memory {mem:.1f} GB | out {out}"), out=str(out))
+
+
+def train_stage(args: Args, run: Run, stage: Stage1 | Stage2, data: tuple, resume: Optional[tuple], offset: int,
+                miou_direct: Optional[float] = None) -> dict:
+    """The loop of one stage. resume: (weights, state) of its checkpoint to continue, or None; offset: the steps
+    before it (stage 2: stage 1's), added to the checkpoint names and the data stream's step. -> last evaluation."""
+    dist, out, b, number = run.dist, run.out, args.batch_size, 1 if isinstance(stage, Stage1) else 2
+    (src_stream, tgt_stream, val_set), total = data, args.iters if number == 1 else args.iters_stage2
+    if number == 1:  # what a checkpoint holds (weights, optimizer states) and what is evaluated
+        parts = nn.ModuleDict({"net": stage.net, "net_ema": stage.net_ema})
+        optimizers, evaluated = {"optimizer": stage.optimizer, "scaler": stage.scaler}, (stage.net_ema, None)
+    else:  # + the frozen stage-1 model, for --eval-only
+        parts = nn.ModuleDict({"unet": stage.unet, "unet_ema": stage.unet_ema, "disc": stage.disc,
+                               "net_ema": stage.frozen.net})
+        optimizers = {"optimizer": stage.optimizer, "optimizer_d": stage.optimizer_d, "scaler": stage.scaler}
+        evaluated = (stage.frozen.net, stage.unet_ema)
+    start, history = 0, []
+    if resume:  # restores the RNG states too: nothing may draw random numbers after this
+        weights, state = resume
+        load_weights(parts, weights, "", str(out))
+        for key, optimizer in optimizers.items():                # AdamW (+ the discriminator's Adam), scaler
+            optimizer.load_state_dict(state[key])
+        offset, start, history = state["offset"], state["step"] - state["offset"], state["train_log"]
+        runs.set_rng_state(state["rng"])
+        log(f"[stage {number}] resumed at step {start}") if dist.is_main else None
+    trained = dist.wrap(stage.net if number == 1 else stage.unet)  # DDP under torchrun: gradients averaged
+    disc = dist.wrap(stage.disc) if number == 2 else None
+    if dist.is_main:
+        log(f"[stage {number}] adapting: " + (
+            "nothing (--source-only: source losses only)" if args.source_only else
+            "E and D, trained on ClassMix images with net_ema's pseudo labels" if number == 1 else
+            "eps_theta, on mixed / target pseudo-label latents and against the discriminator (source vs. "
+            f"mixed + target x0_hat of the last of {args.sample_steps} DDIM steps from pure noise)"))
+    result, qs, window, t_log, logged = {}, [], {}, time.perf_counter(), start
+    stop = runs.StopOnSignal(dist)  # SIGTERM / SIGINT: stop after the step's checkpoint, exit 75
+    for i in stop.steps(start, total, offset=offset):
+        src, tgt = (stream.batch(offset + i, dist.rank * b, b) for stream in (src_stream, tgt_stream))
+        batch = (src["image"].to(dist.device), src["label"].to(dist.device), tgt["image"].to(dist.device))
+        if number == 1:
+            logs = train_step_stage1(trained, stage.net_ema, stage.lab, stage.optimizer, stage.scaler, batch, i,
+                                     args, run.precision)
+        else:
+            logs = train_step_stage2(trained, stage.unet_ema, disc, stage.frozen, stage.optimizer,
+                                     stage.optimizer_d, stage.scaler, batch, i, args, run.precision)
+        runs.check_finite(torch.tensor(sum(v for k, v in logs.items() if "loss" in k)), offset + i + 1, out)
+        qs.append(logs.get("q", 0.0))
+        window = {k: window.get(k, 0.0) + v for k, v in logs.items()}
+        if (i + 1) % args.log_every == 0 or i + 1 == total:  # means since the last line; lr the latest
+            n, now = i + 1 - logged, time.perf_counter()
+            history.append({"step": i + 1, **{k: v / n for k, v in window.items()}, "lr": logs["lr"]})
+            if dist.is_main:
+                log(f"[stage {number}] " + log_line(history[-1], total, 1000 * (now - t_log) / n, dist.device))
+                metrics.write_metrics(out, history, key=f"train_log_stage{number}")
+            window, t_log, logged = {}, now, i + 1
+        if (i + 1) % args.eval_every == 0 or i + 1 == total:
+            result = evaluate(args, *evaluated, val_set, run, i + 1, miou_direct)
+            miou_direct = result["miou_direct"]  # stage 2: E and D are frozen, their direct path is scored once
+        if i + 1 == total or (args.ckpt_every and (i + 1) % args.ckpt_every == 0) or stop.requested():
+            if dist.is_main:
+                runs.save_checkpoint(out, offset + i + 1, parts.state_dict(), dict(
+                    stage=number, offset=offset, step=offset + i + 1, rng=runs.get_rng_state(), train_log=history,
+                    args=asdict(args), **{key: o.state_dict() for key, o in optimizers.items()}), args.keep_ckpts)
+            if dist.is_main and number == 1 and i + 1 == total:  # outside the rotation: what --stage1-ckpt reads
+                runs.save_checkpoint(out / "stage1", i + 1, nn.ModuleDict({"net_ema": stage.net_ema}).state_dict(),
+                                     dict(stage=1, step=i + 1), keep=1)
+            dist.barrier()
+    if dist.is_main and qs and not args.source_only:  # how often the target pseudo labels carried weight
+        log(f"[stage {number}] target side: q > 0 in {sum(q > 0 for q in qs)} of {len(qs)} steps (mean q "
+            f"{sum(qs) / len(qs):.2f})")
+    return result or evaluate(args, *evaluated, val_set, run, total, miou_direct)  # a finished stage resumed
+
+
+def log_line(rec: dict, total: int, ms_per_step: float, device: torch.device) -> str:
+    """`step 1200/10000 | loss_src 0.412 | q 0.710 | lr 5.0e-06 | 410 ms/step | mem 17.3 GB` (README)."""
+    values = [f"{k} {v:.1e}" if k == "lr" or 0 < abs(v) < 1e-3 else f"{k} {v:.3f}" for k, v in rec.items()
+              if k != "step"]
+    mem = metrics.peak_memory_gb(device)
+    return " | ".join([f"step {rec['step']}/{total}", *values, f"{ms_per_step:.0f} ms/step", f"mem {mem:.1f} GB"])
+
+
+def finish(res: dict, run: Run, head: str) -> dict:
+    """End of a run: `head | mIoU ..` (+ mIoU16 / mIoU13 for SYNTHIA sources), metrics.json's "final", curves."""
+    if run.dist.is_main:
+        log(" | ".join([head, *(f"mIoU{k[4:]} {100 * res[k]:.2f}" for k in ("miou", "miou16", "miou13") if k in res)]))
+        metrics.write_metrics(run.out, {k: v for k, v in res.items() if k not in ("table", "confusion")}, "final")
+        metrics.write_curves(run.out)
     return res
 
 
 # ---- Evaluation: one path for training-time evaluation and --eval-only ------------------------------------
-def evaluate(s: Setup, net: ICCLDNet, unet, step: int, miou_direct: Optional[float] = None) -> dict:
+def evaluate(args: Args, net: ICCLDNet, unet, dataset, run: Run, step: int, miou_direct: Optional[float] = None):
     """Stage 1 (unet None): net_ema's direct path D(E(x)). Stage 2: unet_ema's diffusion path (headline) and
     the direct path once (E, D are frozen in stage 2: pass its miou_direct). Returns the final metrics."""
-    a, info, scale = s.args, s.eval_set.info, 1 / 8 if s.args.demo else 1.0
+    info, dist, K = dataset.info, run.dist, run.num_classes
 
-    def score(predict_fn, tag: str, pictures: bool = True) -> dict:
-        res = metrics.evaluate(predict_fn, s.eval_set, s.K, datasets.CLASS_SETS[s.K], datasets.PALETTES[s.K],
-                               device=s.dist.device, dist=s.dist, metric_size=info.metric,
-                               input_size=lambda hw: datasets.eval_input_size(info.name, hw, scale),
-                               desc=f"{info.name} {s.eval_set.split} [{tag}]", pad_to=8,
-                               pictures_dir=s.out / "predictions" if pictures and s.out else None,
-                               synthia=a.src == "synthia" and s.K == 19, **metrics.RESIZE_PROTOCOLS["mmseg"])
-        return runtime.log_eval(s.out, res, step, {"path": tag}, s.dist.is_main)
-    with s.prec.autocast():
+    def score(predict_fn, tag: str, pictures: bool = True) -> dict:  # + the table and the `eval step` line
+        res = metrics.evaluate(predict_fn, dataset, K, CLASS_SETS[K], PALETTES[K], device=dist.device, dist=dist,
+                               metric_size=info.metric, desc=f"{info.name} {dataset.split} [{tag}]", pad_to=8,
+                               input_size=lambda hw: eval_input_size(info.name, hw, 1 / 8 if args.demo else 1.0),
+                               pictures_dir=run.out / "predictions" if pictures else None,
+                               synthia=args.src == "synthia" and K == 19, **metrics.RESIZE_PROTOCOLS["mmseg"])
+        scores = [f"mIoU{k[4:]} {100 * res[k]:.2f}" for k in ("miou", "miou16", "miou13") if k in res]
+        if dist.is_main:  # without labels the table is one line saying what was written
+            log(res["table"] if res.get("no_labels") else "\n".join([res["table"], " | ".join([
+                f"eval step {step}", *scores, res["resolution"].replace(", metric at ", " | metric "), tag])]))
+            metrics.write_metrics(run.out, {"step": step, "path": tag, **{k: v for k, v in res.items()
+                                                                         if k not in ("table", "confusion")}})
+        return res
+    with run.precision.autocast():
         if unet is None:
             res = score(net.direct, "stage1 direct")
             miou_direct = res["miou"]
         else:
-            gen, ddim = torch.Generator().manual_seed(a.seed), make_sampler(s.sd.scheduler)
-            ctx = s.ctx.to(s.dist.device)
-            res = score(lambda x: predict_diffusion(net, unet, ctx, ddim, a.sample_steps, gen, x),
-                        f"stage2 diffusion T={a.sample_steps} (unet_ema)")
-            if miou_direct is None and s.eval_set.has_labels:
+            gen, ddim = torch.Generator().manual_seed(args.seed), make_sampler(run.sd.scheduler)
+            ctx = run.ctx.to(dist.device)
+            res = score(lambda x: predict_diffusion(net, unet, ctx, ddim, args.sample_steps, gen, x),
+                        f"stage2 diffusion T={args.sample_steps} (unet_ema)")
+            if miou_direct is None and dataset.has_labels:
                 miou_direct = score(net.direct, "stage1 direct", pictures=False)["miou"]
     final = {k: res[k] for k in ("miou", "per_class_iou", "miou16", "miou13") if k in res}
     return {**final, "miou_direct": miou_direct, "step": step, "stage": 1 if unet is None else 2}
 
 
-# ---- main: check the inputs, then train / evaluate / measure -----------------------------------------------
-def check_args(a: Args) -> None:
-    """ICCLD's own checks after the shared ones, before anything is built or written."""
-    runtime.validate_args(a, crop_multiple=8)
-    measuring = a.profile or a.estimate_memory
-    for bad, msg in (
-            (a.stage not in ("1", "2", "both"), f"--stage: unknown value '{a.stage}'. Expected 1, 2, both."),
-            (a.iters_stage2 < 1, f"--iters-stage2: got {a.iters_stage2}. Expected an integer >= 1."),
-            (not 1 <= a.sample_steps <= 50, f"--sample-steps {a.sample_steps}: expected 1..50."),
-            (a.stage != "1" and not (a.source_only or a.eval_only) and a.crop_size < 64, f"--crop-size "
-             f"{a.crop_size}: stage 2's discriminator needs >= 64 (three stride-2 convs on the latent). "
-             "Expected >= 64."),
-            (measuring and a.stage == "both", "--profile / --estimate-memory: one stage at a time. Add "
-             "--stage 1 or --stage 2."),
-            (a.stage == "2" and not (a.resume or a.eval_only or a.stage1_ckpt or measuring),
-             "--stage 2: no stage-1 checkpoint. Expected --stage1-ckpt <out>/stage1/checkpoints/step_XXXXXXX "
-             "(written by --stage 1 or --stage both), or run --stage both.")):
-        if bad:
-            raise UserError("error: " + msg)
-
-
 def main(args: Args) -> dict:
-    """Train (--stage 1, 2 or both), --eval-only, --profile or --estimate-memory; returns final metrics."""
+    """Train (--stage 1, 2 or both), or --eval-only, --predict, --profile, --estimate-memory; returns the metrics."""
     if args.demo:
-        args = runtime.replace_defaults(args, **DEMO)
-        synthetic.ensure_synthetic_sample(args.data_root)
-    tag = f"{datasets.run_tag(args.src)}-{datasets.run_tag(args.tgt)}"
-    args = replace(args, out=args.out or f"runs/iccld-{tag}",
-                   eval_only=args.eval_only or bool(args.predict))  # --predict: load --ckpt, no training
-    check_args(args)
-    if args.profile or args.estimate_memory:  # measuring tools, not training: benchmarks/measure.py
-        from benchmarks.measure import measure
-        return measure("iccld", args, globals())
-    dist, prec = runtime.setup_hardware(args)
-    runtime.seed_everything(args.seed)                            # all seeding here, in one place
-    resume_stage, stage1_w, offset = None, None, args.iters      # checkpoints read before --out is touched
-    if args.resume:                                               # the stage from the weight names only
-        with safe_open(str(runtime.resume_checkpoint(args.out) / "weights.safetensors"), "pt") as f:
-            resume_stage = 2 if any(k.startswith("unet.") for k in f.keys()) else 1
-        if args.stage == "2" and resume_stage == 1:
-            raise UserError(f"error: --resume: the latest checkpoint in '{args.out}' is from stage 1. "
-                            "Resume with --stage both (or --stage 1).")
-    elif args.stage == "2" and not args.eval_only:
-        stage1_w, offset = load_stage1_weights(args.stage1_ckpt)
-    s = setup(args, dist, prec)                                   # data and SD, before anything is written
-    s = s._replace(out=runtime.prepare_out_dir(args.out, resume=args.resume, eval_only=args.eval_only,
-                                               is_main=dist.is_main, allow_existing=args.demo))
-    runtime.log_args(s.out, args, dist, prec)
-    timer = runtime.RunTimer()
-    if args.eval_only:              # a stage-2 checkpoint scores both paths, a stage-1 one the direct path
-        weights, unet = runtime.load_checkpoint(args.ckpt)[0], None
-        net = ICCLDNet(s.sd.vae, s.K)
-        net.load_state_dict(runtime.weights_of(weights, "net_ema"))
-        if unet_w := runtime.weights_of(weights, "unet_ema"):  # a fresh copy, as training's unet_ema: on CPU
-            unet = copy.deepcopy(widen_conv_in(s.sd.unet))   # from_pretrained's memory-mapped tensors are not
-            unet.load_state_dict(unet_w)                      # 64-byte aligned: other SIMD paths, 1e-6 apart
-        result = evaluate(s, frozen(net, s), unet and frozen(unet, s), 0)
-    else:
-        result = train(s, resume_stage, stage1_w, offset)
-    runtime.finish_run(s.out, result, dist, timer)
-    return result
+        args = replace_defaults(args, **DEMO)
+    return train(replace(args, eval_only=args.eval_only or bool(args.predict)))  # --predict: load --ckpt
 
 
 if __name__ == "__main__":
-    runtime.run_cli(main, Args)
+    run_cli(main, Args)

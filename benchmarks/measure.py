@@ -110,14 +110,23 @@ def _madm(m: Any, args: Any, dist: runs.Dist, precision: runs.Precision) -> tupl
 def _iccld(m: Any, args: Any, dist: runs.Dist, precision: runs.Precision) -> tuple[Build, dict]:
     """ICCLD: one step of `--stage 1` or `--stage 2` (`check_args` refuses `both` when measuring); stage 2's
     frozen stage-1 model keeps its random initialisation."""
+    m.check_args(args)
+    K, b, c, dev = check_pair(args.src, args.tgt), args.batch_size, args.crop_size, dist.device
+
     def build():
-        s, dev = m.setup(args, dist, precision, data=False), dist.device
-        b, c = args.batch_size, args.crop_size
-        batch = (torch.rand(b, 3, c, c, device=dev), torch.randint(0, s.K, (b, c, c), device=dev),
+        run = m.Run(dist, precision, K, *m.load_backbone(args))
+        batch = (torch.rand(b, 3, c, c, device=dev), torch.randint(0, K, (b, c, c), device=dev),
                  torch.rand(b, 3, c, c, device=dev))
-        st = m.build_stage1(s) if args.stage == "1" else m.build_stage2(s, None)
-        optims = [o for o in st.optims.values() if isinstance(o, torch.optim.Optimizer)]
-        return lambda: st.step(batch, 1, args, precision), [*st.modules.values(), *st.frozen, *optims]
+        if args.stage == "1":
+            s = m.build_stage1(args, run)
+            net = dist.wrap(s.net)
+            return (lambda: m.train_step_stage1(net, s.net_ema, s.lab, s.optimizer, s.scaler, batch, 1, args,
+                                                precision), [s.net, s.net_ema, s.lab, s.optimizer])
+        s = m.build_stage2(args, run, None)
+        unet, disc = dist.wrap(s.unet), dist.wrap(s.disc)
+        return (lambda: m.train_step_stage2(unet, s.unet_ema, disc, s.frozen, s.optimizer, s.optimizer_d,
+                                            s.scaler, batch, 1, args, precision),
+                [s.unet, s.unet_ema, s.disc, s.frozen.net, s.frozen.lab, s.optimizer, s.optimizer_d])
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(precision.amp_dtype, "fp32")
     return build, {"method": "iccld", "stage": args.stage, "crop": args.crop_size, "batch": args.batch_size,
                    "sd_model": args.sd_model, "precision": amp, "source_only": args.source_only,

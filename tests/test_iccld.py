@@ -9,6 +9,7 @@ both METHOD STEP blocks was deleted or replaced by a plausible wrong alternative
 of these tests red (`python tests/mutations.py iccld` runs that check).
 """
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,7 +27,8 @@ from conftest import run_two_gloo_processes, sigterm_on_call
 import torch
 
 import iccld
-from common import runtime, sd_backbone, synthetic
+from common import runs, sd_backbone, synthetic
+from common.cli import Stopped, run_cli
 from common.datasets import PALETTES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,9 +101,23 @@ def _pool8(w):
 
 
 def _setup(sd, prec="fp32", **kw):
+    """The Args and the Run a stage is built from (prec: its Precision, as the step functions take it)."""
     a = iccld.Args(**{**dict(sd_model="tiny", crop_size=32, iters=20, iters_stage2=20, warmup_iters=10), **kw})
-    return iccld.Setup(a, runtime.Dist(0, 1, 0, CPU), runtime.choose_precision(prec, CPU), 19, copy.deepcopy(sd),
-                       _ctx(sd, 1).float())
+    run = iccld.Run(runs.Dist(0, 1, 0, CPU), runs.choose_precision(prec, CPU), 19, copy.deepcopy(sd),
+                    _ctx(sd, 1).float())
+    return SimpleNamespace(args=a, run=run, prec=run.precision)
+
+
+def _build(s, stage):
+    return iccld.build_stage1(s.args, s.run) if stage == 1 else iccld.build_stage2(s.args, s.run, None)
+
+
+def _step(st, batch, i, a, prec):
+    """One optimizer step of a built stage, its trained modules passed as the loop passes them (unwrapped)."""
+    if isinstance(st, iccld.Stage1):
+        return iccld.train_step_stage1(st.net, st.net_ema, st.lab, st.optimizer, st.scaler, batch, i, a, prec)
+    return iccld.train_step_stage2(st.unet, st.unet_ema, st.disc, st.frozen, st.optimizer, st.optimizer_d, st.scaler,
+                                   batch, i, a, prec)
 
 
 def _batch(c, seed=0, b=2):
@@ -343,12 +360,12 @@ def test_param_groups_lr_and_weight_decay_follow_daformer(sd, stage):
     0 exactly on the parameters DAFormer's `norm=dict(decay_mult=0.0)` matches (names containing "norm"),
     --weight-decay on every other weight and bias; the discriminator's Adam has no decay (ADVENT)."""
     s = _setup(sd, crop_size=64)
-    st = iccld.build_stage1(s) if stage == 1 else iccld.build_stage2(s, None)
-    model = st.modules["net" if stage == 1 else "unet"]
+    st = _build(s, stage)
+    model = st.net if stage == 1 else st.unet
     names = {id(p): n for n, p in model.named_parameters()}
     new = ({n for n in names.values() if n.startswith(("D.skip_convs.", "D.decoder.conv_out."))} if stage == 1
            else {"conv_in.weight", "conv_in.bias"})
-    opt = st.optims["opt"]
+    opt = st.optimizer
     seen = [names[id(p)] for g in opt.param_groups for p in g["params"]]
     assert sorted(seen) == sorted(names.values())  # every parameter exactly once
     for g in opt.param_groups:
@@ -360,7 +377,7 @@ def test_param_groups_lr_and_weight_decay_follow_daformer(sd, stage):
                                                              for n in names.values())
     assert opt.param_groups[0]["base"] == s.args.lr and opt.param_groups[0]["weight_decay"] > 0  # lr logged
     if stage == 2:
-        assert all(g["weight_decay"] == 0 for g in st.optims["opt_d"].param_groups)
+        assert all(g["weight_decay"] == 0 for g in st.optimizer_d.param_groups)
 
 
 # ---- stage 1 step against the equations -----------------------------------------------------------------------
@@ -369,8 +386,8 @@ def _stage1(sd, monkeypatch, source_only=False):
     net and net_ema made different and the skips opened. Returns everything the tests compare."""
     s = _setup(sd, tgt="cityscapes", source_only=source_only)
     torch.manual_seed(0)
-    st = iccld.build_stage1(s)
-    net, net_ema, lab, opt, scaler = st.step.args
+    st = iccld.build_stage1(s.args, s.run)
+    net, net_ema, lab, opt, scaler = st.net, st.net_ema, st.lab, st.optimizer, st.scaler
     with torch.no_grad():
         for conv in net.D.skip_convs:
             conv.weight.normal_(std=0.05)
@@ -459,8 +476,9 @@ def _stage2(sd, monkeypatch, source_only=False, lab_offset=0.0):
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    st = iccld.build_stage2(s, net.state_dict())
-    unet, unet_ema, disc, fz, opt, opt_d, scaler = st.step.args
+    st = iccld.build_stage2(s.args, s.run, net.state_dict())
+    unet, unet_ema, disc, fz, opt, opt_d, scaler = (st.unet, st.unet_ema, st.disc, st.frozen, st.optimizer,
+                                                    st.optimizer_d, st.scaler)
     with torch.no_grad():
         unet.conv_in.weight[:, 4:].normal_(std=0.1)
         unet_ema.load_state_dict(unet.state_dict())
@@ -468,7 +486,7 @@ def _stage2(sd, monkeypatch, source_only=False, lab_offset=0.0):
             p.add_(torch.randn_like(p) * 0.01)
     if lab_offset:
         lab = fz.lab
-        fz = fz._replace(lab=lambda y: lab(y) + lab_offset)
+        fz = dataclasses.replace(fz, lab=lambda y: lab(y) + lab_offset)
     x_s, y_s, x_t = _batch(64)
     with torch.no_grad():
         s.args.pseudo_threshold = float(net.direct(x_t).softmax(1).max(1)[0].median())
@@ -637,15 +655,16 @@ def test_mixed_precision_steps_of_both_stages(sd, prec):
         for name in ("fp32", prec):
             s = _setup(sd, name, crop_size=crop, pseudo_threshold=0.1)
             torch.manual_seed(0)
-            st = iccld.build_stage1(s) if stage == 1 else iccld.build_stage2(s, None)
-            scaler = st.optims["scaler"]
+            st = _build(s, stage)
+            scaler = st.scaler
             if name != "fp32":
-                assert next(st.frozen[0].E_lab.parameters()).dtype == s.prec.frozen_dtype != torch.float32
+                lab = st.lab if stage == 1 else st.frozen.lab
+                assert next(lab.E_lab.parameters()).dtype == s.prec.frozen_dtype != torch.float32
             steps, tracker = [], 0
             for i in range(2):
                 torch.manual_seed(10 + i)
                 scale = scaler.get_scale() if scaler.is_enabled() else None
-                steps.append(st.step(_batch(crop, seed=i, b=1), i + 1, s.args, s.prec))
+                steps.append(_step(st, _batch(crop, seed=i, b=1), i + 1, s.args, s.prec))
                 assert all(math.isfinite(v) for v in steps[-1].values()), steps[-1]
                 if name == "fp16":  # a finite step counts, an overflowing one halves the scale and restarts
                     now = scaler.state_dict()["_growth_tracker"]
@@ -721,9 +740,9 @@ DDP_CHILD = """
 import copy, sys, torch
 sys.path.insert(0, "tests")
 import iccld, test_iccld as T
-from common import runtime, sd_backbone
+from common import runs, sd_backbone
 torch.set_num_threads(1)
-cpu, dist = torch.device("cpu"), runtime.init_distributed("cpu")
+cpu, dist = torch.device("cpu"), runs.init_distributed("cpu", False)[0]
 sd = sd_backbone.load_sd("tiny")
 a = iccld.Args(sd_model="tiny", crop_size=64, iters=20, iters_stage2=20, warmup_iters=10, lambda_adv=0.5,
                pseudo_threshold=0.0)                                # every target pixel weighs: all terms act
@@ -731,23 +750,28 @@ batch = T._batch(64, seed=dist.rank, b=1)                           # each proce
 out = {}
 for stage, trained in (("1", ("net",)), ("1 source-only", ("net",)), ("2", ("unet", "disc"))):
     a.source_only = stage.endswith("source-only")                   # then the source pass is the only one
-    for run, d in (("alone", runtime.Dist(0, 1, 0, cpu)), ("ddp", dist)):
+    for run, d in (("alone", runs.Dist(0, 1, 0, cpu)), ("ddp", dist)):
         torch.manual_seed(0)                                        # the same initial weights everywhere
-        s = iccld.Setup(a, d, runtime.choose_precision("fp32", cpu), 19, copy.deepcopy(sd), T._ctx(sd, 1).float())
-        st = iccld.build_stage1(s) if stage[0] == "1" else iccld.build_stage2(s, None)
+        r = iccld.Run(d, runs.choose_precision("fp32", cpu), 19, copy.deepcopy(sd), T._ctx(sd, 1).float())
+        st = iccld.build_stage1(a, r) if stage[0] == "1" else iccld.build_stage2(a, r, None)
         if stage == "2":                                            # open the condition channels (zero-initialised):
             with torch.no_grad():                                   # else x0_hat, the discriminator's input, is
-                st.modules["unet"].conv_in.weight[:, 4:].normal_(std=0.1)   # the same on both processes
+                st.unet.conv_in.weight[:, 4:].normal_(std=0.1)      # the same on both processes
         seen = {}
-        for m, o in zip(trained, ("opt", "opt_d")):                 # the gradients each optimizer steps on
-            named = list(st.modules[m].named_parameters())
-            st.optims[o].register_step_pre_hook(lambda *_, m=m, named=named: seen.update(
+        for m, o in zip(trained, ("optimizer", "optimizer_d")):     # the gradients each optimizer steps on
+            named = list(getattr(st, m).named_parameters())
+            getattr(st, o).register_step_pre_hook(lambda *_, m=m, named=named: seen.update(
                 {f"{m}.{n}": p.grad.clone() for n, p in named if p.grad is not None}))
         torch.manual_seed(5)                                        # the same ClassMix / noise draws in both runs
-        st.step(batch, 3, a, s.prec)
+        if stage[0] == "1":                                         # the trained modules wrapped as train_stage does
+            iccld.train_step_stage1(d.wrap(st.net), st.net_ema, st.lab, st.optimizer, st.scaler, batch, 3, a,
+                                    r.precision)
+        else:
+            iccld.train_step_stage2(d.wrap(st.unet), st.unet_ema, d.wrap(st.disc), st.frozen, st.optimizer,
+                                    st.optimizer_d, st.scaler, batch, 3, a, r.precision)
         out[(stage, run)] = seen
         out[(stage, run, "weights")] = {f"{m}.{n}": p.detach().clone() for m in trained
-                                        for n, p in st.modules[m].named_parameters()}
+                                        for n, p in getattr(st, m).named_parameters()}
 torch.save(out, sys.argv[1] + f"/rank{dist.rank}.pt")
 """
 
@@ -797,7 +821,19 @@ def full_run(tmp_path_factory, data_root):
 
 
 def _final_weights(out):
-    return runtime.load_checkpoint(runtime.latest_checkpoint(out))[0]
+    return runs.load_checkpoint(runs.latest_checkpoint(Path(out)))[0]
+
+
+def _record_wraps(monkeypatch):
+    """What `Dist.wrap` wrapped (in one process it returns the module itself) and the trained modules each step
+    function was handed (stage 1: net; stage 2: unet, disc): the loop must hand the steps its DDP-wrapped
+    modules (the 2-process test checks that a wrapped module averages the gradients)."""
+    wrapped, handed, wrap = [], [], runs.Dist.wrap
+    monkeypatch.setattr(runs.Dist, "wrap", lambda self, m: wrapped.append(m) or wrap(self, m))
+    for name, where in (("train_step_stage1", (0,)), ("train_step_stage2", (0, 2))):
+        monkeypatch.setattr(iccld, name, lambda *a, fn=getattr(iccld, name), where=where, **k: (
+            handed.append([a[j] for j in where]), fn(*a, **k))[1])
+    return wrapped, handed
 
 
 def _assert_bit_identical(a, b):
@@ -809,31 +845,34 @@ def _assert_bit_identical(a, b):
 def test_resume_inside_stage_2_is_bit_identical(tmp_path, data_root, full_run, monkeypatch):
     """A run interrupted right after its stage-2 step-1 checkpoint, then resumed, ends with the same weights
     (trained UNet, its EMA, discriminator, frozen E/D) bit for bit as the uninterrupted run."""
-    save = runtime.save_checkpoint
+    save = runs.save_checkpoint
 
     def save_then_die(out, step, *a, **k):
         path = save(out, step, *a, **k)
         if step == 3:  # stage-1 iters 2 + stage-2 step 1
             raise KeyboardInterrupt
         return path
-    monkeypatch.setattr(iccld.runtime, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(iccld.runs, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         iccld.main(_args(tmp_path, data_root, out=str(tmp_path / "cut"), **KW))
-    monkeypatch.setattr(iccld.runtime, "save_checkpoint", save)
-    assert runtime.latest_checkpoint(tmp_path / "cut").name == "step_0000003"
+    monkeypatch.setattr(iccld.runs, "save_checkpoint", save)
+    assert runs.latest_checkpoint(tmp_path / "cut").name == "step_0000003"
     iccld.main(_args(tmp_path, data_root, out=str(tmp_path / "cut"), resume=True, **KW))
     full = _final_weights(full_run[0])
     assert any(k.startswith("unet_ema.") for k in full)
     _assert_bit_identical(full, _final_weights(tmp_path / "cut"))
 
 
-def test_resume_inside_stage_1_is_bit_identical(tmp_path, data_root, full_run):
+def test_resume_inside_stage_1_is_bit_identical(tmp_path, data_root, full_run, monkeypatch):
     """Resuming from the stage-1 step-1 checkpoint reaches the uninterrupted stage-1 weights (net and
-    net_ema), optimizer and RNG states included."""
+    net_ema), optimizer and RNG states included; the step gets the DDP-wrapped net."""
     (tmp_path / "s1" / "checkpoints").mkdir(parents=True)
     shutil.copytree(full_run[0] / "checkpoints" / "step_0000001", tmp_path / "s1" / "checkpoints" / "step_0000001")
+    wrapped, handed = _record_wraps(monkeypatch)
     iccld.main(_args(tmp_path, data_root, out=str(tmp_path / "s1"), resume=True, **{**KW, "stage": "1"}))
-    ref = runtime.load_checkpoint(full_run[0] / "checkpoints" / "step_0000002")[0]
+    assert len(handed) == 1 and [type(m).__name__ for m in handed[0]] == ["ICCLDNet"]
+    assert all(any(m is w for w in wrapped) for m in handed[0])
+    ref = runs.load_checkpoint(full_run[0] / "checkpoints" / "step_0000002")[0]
     _assert_bit_identical(ref, _final_weights(tmp_path / "s1"))
 
 
@@ -846,25 +885,29 @@ def test_sigterm_in_each_stage_writes_its_step_and_resume_is_bit_identical(tmp_p
     for stage, resume, step in ((1, False, 1), (2, True, 3)):
         name = f"train_step_stage{stage}"
         monkeypatch.setattr(iccld, name, sigterm_on_call(getattr(iccld, name), 1))
-        with pytest.raises(runtime.Stopped, match=rf"^stopped by SIGTERM at step {step}: checkpoint written"):
+        with pytest.raises(Stopped, match=rf"^stopped by SIGTERM at step {step}: checkpoint written"):
             iccld.main(_args(tmp_path, data_root, out=out, resume=resume, **kw))
         monkeypatch.undo()
-        assert runtime.latest_checkpoint(out).name == f"step_{step:07d}"
+        assert runs.latest_checkpoint(Path(out)).name == f"step_{step:07d}"
     iccld.main(_args(tmp_path, data_root, out=out, resume=True, **kw))
     _assert_bit_identical(_final_weights(full_run[0]), _final_weights(out))
 
 
-def test_stage_2_from_the_stage_1_checkpoint_reproduces_both(tmp_path, data_root, full_run):
-    """--stage 2 --stage1-ckpt <run> starts from the saved net_ema and gives the second half of --stage both."""
+def test_stage_2_from_the_stage_1_checkpoint_reproduces_both(tmp_path, data_root, full_run, monkeypatch):
+    """--stage 2 --stage1-ckpt <run> starts from the saved net_ema and gives the second half of --stage both; the
+    step gets the DDP-wrapped UNet and discriminator."""
+    wrapped, handed = _record_wraps(monkeypatch)
     res = iccld.main(_args(tmp_path, data_root, out=str(tmp_path / "s2"), stage1_ckpt=str(full_run[0]),
                            **{**KW, "stage": "2"}))
+    assert len(handed) == 2 and [type(m).__name__ for m in handed[0]] == ["UNet2DConditionModel", "Sequential"]
+    assert all(any(m is w for w in wrapped) for ms in handed for m in ms)
     _assert_bit_identical(_final_weights(full_run[0]), _final_weights(tmp_path / "s2"))
     assert res["miou"] == full_run[1]["miou"] and res["miou_direct"] == full_run[1]["miou_direct"]
 
 
 def test_eval_only_reproduces_the_final_evaluation(tmp_path, data_root, full_run):
     """--eval-only --ckpt <stage-2 checkpoint>: same z_T seed, same numbers for both paths as the run's own."""
-    ck = runtime.latest_checkpoint(full_run[0])
+    ck = runs.latest_checkpoint(full_run[0])
     res = iccld.main(_args(tmp_path, data_root, out=str(tmp_path / "ev"), eval_only=True, ckpt=str(ck)))
     assert res["miou"] == full_run[1]["miou"] and res["miou_direct"] == full_run[1]["miou_direct"]
     assert not (tmp_path / "ev" / "checkpoints").exists()
@@ -885,7 +928,7 @@ def test_eval_only_reproduces_the_final_evaluation(tmp_path, data_root, full_run
 def test_bad_input_is_one_line_and_exit_2(tmp_path, data_root, capsys, argv, needle):
     base = ["--sd-model", "tiny", "--data-root", data_root, "--crop-size", "64", "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as e:
-        runtime.run_cli(iccld.main, iccld.Args, base + argv)
+        run_cli(iccld.main, iccld.Args, base + argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and needle in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
@@ -910,7 +953,7 @@ def test_synthia_run_ends_with_miou16_13_in_the_line_the_result_and_metrics_json
     the `done` line, main's result and metrics.json's "final" record, equal to the last (stage-2) evaluation."""
     res = iccld.main(iccld.Args(demo=True, src="synthia", data_root=data_root, iters=1, iters_stage2=1,
                                 out=str(tmp_path / "run")))
-    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done in ")]
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done: ")]
     assert len(done) == 1 and re.search(r"\| mIoU [\d.]+ \| mIoU16 [\d.]+ \| mIoU13 [\d.]+$", done[0]), done
     data = json.loads((tmp_path / "run" / "metrics.json").read_text())
     last = [e for e in data["evals"] if e["path"].startswith("stage2 diffusion")][-1]
@@ -934,7 +977,7 @@ def test_demo_end_to_end_and_learns(tmp_path):
     evals = {e["path"].split()[0]: e for e in data["evals"]}
     assert set(evals) == {"stage1", "stage2"}
     assert list((out / "predictions").glob("*.png"))
-    assert runtime.latest_checkpoint(out / "stage1") is not None
+    assert runs.latest_checkpoint(out / "stage1") is not None
     assert "eval step" in proc.stdout and "| mIoU " in proc.stdout
     # learning: the first logged step against the last three
     src, eps = _logged(proc.stdout, "loss_src_img"), _logged(proc.stdout, "loss_eps")
