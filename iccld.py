@@ -718,7 +718,7 @@ def train(args: Args) -> dict:
         result = evaluate(args, run.freeze(net), unet and run.freeze(unet), data[2], run, state.get("step", 0))
         return finish(result, run, "done: --eval-only")
     # Checkpoints in: --resume continues in the stage its checkpoint records; --stage 2 reads stage 1's net_ema.
-    resume = runs.load_checkpoint(runs.latest_checkpoint(out), "--resume") if args.resume else None
+    resume = runs.load_checkpoint(runs.latest_checkpoint(out) or out / "checkpoints", "--resume") if args.resume else None
     resume_stage = resume[1]["stage"] if resume else None
     if args.stage == "2" and resume_stage == 1:
         raise UserError(f"error: --resume: the latest checkpoint in '{out}' is from stage 1. Resume with "

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import console
+from common import cli
 
 # SYNTHIA shares 16 of the 19 Cityscapes classes (terrain, truck, train never occur); mIoU13 also drops wall,
 # fence, pole. Both are the usual SYNTHIA -> Cityscapes numbers, computed from the per-class IoUs.
@@ -150,7 +150,7 @@ RESIZE_PROTOCOLS: dict[str, dict[str, str]] = {
 
 def _check_option(flag: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
-        raise console.UserError(f"error: {flag}: unknown value '{value}'. Expected {' or '.join(allowed)}.")
+        raise cli.UserError(f"error: {flag}: unknown value '{value}'. Expected {' or '.join(allowed)}.")
 
 
 def pil_nearest_index(n_in: int, n_out: int) -> np.ndarray:
@@ -270,7 +270,7 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.
             native size.
         num_classes, class_names, palette: the model's class set (the target's).
         device: where predict_fn runs.
-        dist: a `common.runtime.Dist` (None = one process).
+        dist: a `common.runs.Dist` (None = one process).
         input_size: (W, H) to which every image is resized before predict_fn; or a function (H, W) of the
             image -> (W, H) (keep-ratio targets: `lambda hw: eval_input_size(name, hw, scale)`); None keeps
             the native size.
@@ -310,7 +310,7 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.
     n_pictures = 0
     it = indices
     if progress and rank == 0:
-        it = console.progress(indices, desc=f"eval {desc}".strip(), leave=False)
+        it = cli.progress(indices, desc=f"eval {desc}".strip(), leave=False)
     for i in it:
         item = dataset[i]
         image, label = item["image"], np.asarray(item["label"])
@@ -465,7 +465,7 @@ def write_curves(out_dir: str | Path) -> Optional[Path]:
     try:  # a bare Figure, not pyplot: no global backend switch in the user's notebook
         from matplotlib.figure import Figure
     except ImportError:
-        console.log("curves.png skipped: matplotlib is not installed (pip install matplotlib to get the training "
+        cli.log("curves.png skipped: matplotlib is not installed (pip install matplotlib to get the training "
             "curves)")
         return None
     data = json.loads(path.read_text())

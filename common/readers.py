@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from common.console import UserError, progress
+from common.cli import UserError, progress
 
 IGNORE = 255
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from common.console import UserError
+from common.cli import UserError
 
 ALL_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
 
