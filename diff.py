@@ -636,7 +636,7 @@ def train(args: Args) -> dict:
     optimizer, scaler = make_optimizer(model, args), precision.make_scaler()
     start, history = 0, []
     if args.resume:  # restores the RNG states too: nothing may draw random numbers after this
-        ckpt = runs.latest_checkpoint(out)
+        ckpt = runs.latest_checkpoint(out) or out / "checkpoints"
         weights, state = runs.load_checkpoint(ckpt, "--resume")
         load_weights(model, weights, str(ckpt))
         optimizer.load_state_dict(state["optimizer"])
