@@ -6,9 +6,10 @@ Not collected by pytest (seconds to a minute per mutation). Run from the reposit
     OMP_NUM_THREADS=1 python tests/mutations.py madm              # every MADM mutation; a Markdown table at the end
     OMP_NUM_THREADS=1 python tests/mutations.py iccld 3 17        # only ICCLD's mutations 3 and 17
 The mutations of each method are listed in tests/<method>_mutations.py (MUTATIONS, and TESTS, the `-k` selection
-of its step tests). Each one runs in a temporary copy of the method files and tests (common/, data/ and benchmarks/ linked),
-so the working tree is never modified. A mutation whose text is no longer found exactly once is reported as
-NOT APPLIED, and any mutation that is not caught makes the exit code 1.
+of its step tests). Each one runs in a temporary copy of the method files and tests (common/, data/ and
+benchmarks/ linked), so the working tree is never modified. A mutation whose text is no longer found exactly once
+is reported as NOT APPLIED, a run that checked nothing (e.g. a collection error) as NOT RUN, and any mutation that
+is not caught makes the exit code 1.
 """
 import importlib
 import os
