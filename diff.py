@@ -38,7 +38,7 @@ Deviations from the official code (and the paper), every one deliberate [our cho
       official test config: their evaluation resize, padded right/bottom to a multiple of 64 with 0 in the
       normalised [-1, 1] space (as mmseg), logits cropped back. SYNTHIA sources add mIoU16 / mIoU13.
     - `--baseline` = the paper's baseline row: the unconditional branch alone, L = CE_uncond.
-    - `--demo`: 1/8 size, tiny SD, the authors' 5-step schedule, the official config's narrowest commented
+    - `--demo`: 1/8 size, mini SD, the authors' 5-step schedule, the official config's narrowest commented
       widths (128 320 512 64), lr 3e-4 (warm-up 5), 40 steps; prompt classes in every crop (IPKL acts).
     - Kept (official quirks): SD 2.1 predicts v, yet its raw output is used as epsilon; CA outputs summed over
       prompt passes; weight decay on every parameter; CE averaged over all pixels, ignored ones included; two
@@ -53,8 +53,10 @@ Commands
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -64,12 +66,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from common import console, metrics, runtime
+from common import metrics, runs
+from common.cli import UserError, check_common_flags, log, replace_defaults, run_cli
 from common.daformer import DAFormerHead, ce_all_pixels, photometric_distortion, poly_warmup_factor
-from common.console import UserError
 from common.datasets import (CLASS_SETS, PALETTES, RareClassSampling, TrainStream, build_dataset, check_pair,
                              eval_input_size, eval_target, run_tag)
-from common.runtime import Checkpointer, TrainLog, check_finite, replace_defaults, write_metrics
 from common.sd_backbone import FeatureCapture, encode_prompts, load_sd
 from common.synthetic import ensure_synthetic_sample
 
@@ -172,6 +173,9 @@ class Args:
     """global L2 gradient clip (official: mmseg/models/uda/dacs.py train_step)"""
 
 
+# --demo (header): the mini SD pretrained on the synthetic world, 1/8-size synthetic data, 5-step schedule.
+DEMO = dict(sd_model="mini", data_root="data/synthetic", num_steps=5, crop_size=64, iters=40,
+            proj_dims=(128, 320, 512, 64), lr=3e-4, warmup_iters=5, log_every=5, eval_every=40, ckpt_every=40)
 # Timestep lists and saved loop indices of the official `diff_config.yaml` (37 = reported; 5 = the authors'
 # speed option, all five steps saved; 1 = one step at t = 100).
 OFFICIAL_SCHEDULES = {
@@ -518,7 +522,7 @@ def make_optimizer(model: nn.Module, args: Args) -> torch.optim.AdamW:
 
 def train_step(model: nn.Module, extractor: DiffusionExtractor, opt: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, x: torch.Tensor, y: torch.Tensor, step: int, args: Args,
-               precision: runtime.Precision, generator: torch.Generator, out: Optional[Path] = None) -> dict:
+               precision: runs.Precision, generator: torch.Generator, out: Optional[Path] = None) -> dict:
     """One optimizer step of DIFF + IPKL (official `encoder_decoder.py` forward_train, `dacs.py` train_step).
 
     model: the trained part (DDP-wrapped or not); extractor: the frozen SD trajectory, whose every draw comes
@@ -542,7 +546,7 @@ def train_step(model: nn.Module, extractor: DiffusionExtractor, opt: torch.optim
         logs = {"loss_ce_uncond": loss.item()}
     else:  # IPKL (Fig. 1 (b)): L = CE_cond + CE_uncond + w MSE(logits_cond, logits_uncond), no stop-gradient
         loss, logs = ipkl_loss(logits[1], logits[0], y, args.consistency_weight)
-    check_finite(loss, step + 1, out)
+    runs.check_finite(loss, step + 1, out)
     scaler.scale(loss).backward()
     scaler.unscale_(opt)  # clip the true gradients, not the fp16 loss-scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # official dacs.py
@@ -555,11 +559,32 @@ def train_step(model: nn.Module, extractor: DiffusionExtractor, opt: torch.optim
     return {**logs, "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm)}
 
 
-# ---- Training loop (official exp 50: GTA5 source-only, RCS, AdamW + poly10warm, batch 1, 40k steps) ----
-def build(args: Args, num_classes: int, device: torch.device, precision: runtime.Precision) -> tuple:
-    """Everything a step needs: (extractor, model, optimizer, scaler, the extractor's generator)."""
-    # ---- seeding: Python, NumPy, torch here, the extractor's generator below; the data stream is stateless
-    runtime.seed_everything(args.seed)
+# ---- Setup: checks, data, model ----
+def check_args(args: Args) -> None:
+    """Bad flag values as one-line UserErrors, before anything is built or written."""
+    check_common_flags(args, crop_multiple=64)  # DIFF reshapes its features at stride 64
+    inversion_schedule(args.num_steps)          # and the method's own flags
+    class_prompts(args.prompt_classes, 19)
+
+
+def build_data(args: Args, num_classes: int, out: Path) -> tuple:
+    """The source training stream (rare-class sampling) and the target evaluation sets (--tgt a,b: several)."""
+    if args.demo:
+        ensure_synthetic_sample(args.data_root)
+    scale = 1 / 8 if args.demo else 1.0
+    src = None if args.eval_only else build_dataset(args.src, args.data_root, "train", crop_size=args.crop_size,
+                                                    scale=scale, num_classes=num_classes,
+                                                    cat_max_ratio=args.cat_max_ratio)
+    evals = [eval_target(t, args.predict) for t in args.tgt.split(",")[: 1 if args.predict else None]]
+    tgt_sets = [build_dataset(t, args.data_root, split, scale=scale, num_classes=num_classes) for t, split in evals]
+    if src is None:
+        return None, tgt_sets
+    rcs = RareClassSampling(src, args.rcs_temperature, args.rcs_min_pixels, cache_dir=out / "cache")
+    return TrainStream(src, args.seed, rcs, stream_id=0), tgt_sets
+
+
+def build_model(args: Args, num_classes: int, device: torch.device, precision: runs.Precision) -> tuple:
+    """Load SD, encode the prompts once, free the text encoder -> (extractor, model, the extractor's generator)."""
     sd = load_sd(args.sd_model, device=device)
     prompts, prompt_ids = class_prompts(args.prompt_classes, num_classes)
     emb = encode_prompts(sd.tokenizer, sd.text_encoder, [""] + prompts)              # (1 + P, 77, d)
@@ -570,66 +595,122 @@ def build(args: Args, num_classes: int, device: torch.device, precision: runtime
     extractor = DiffusionExtractor(sd.unet, sd.vae, sd.scheduler, emb, prompt_ids, args.num_steps,
                                    args.guidance_scale, args.eta, args.eta_t_range)
     model = DIFFSegmentor(extractor.in_channels, num_classes, args.proj_dims, args.grad_checkpointing)
-    model.to(device)
     generator = torch.Generator(device).manual_seed(args.seed)               # every extractor draw
-    return extractor, model, make_optimizer(model, args), precision.make_scaler(), generator
+    return extractor, model.to(device), generator
 
 
-def train(args: Args, src_ds, tgt_sets: list, out: Path, dist: runtime.Dist, precision: runtime.Precision,
-          num_classes: int) -> dict:
-    """Train on the source, evaluate the targets every --eval-every steps; returns the last evaluation."""
-    device = dist.device
-    extractor, model, opt, scaler, gen = build(args, num_classes, device, precision)
-    ckpt, start = Checkpointer(out, args.ckpt_every, args.keep_ckpts, dist.is_main), 0
-    if args.resume:  # restores the RNG states; nothing below draws from them before the loop
-        weights, state = ckpt.resume()
+def load_weights(model: nn.Module, weights: dict, where: str) -> None:
+    try:
         model.load_state_dict(weights)
-        opt.load_state_dict(state["optimizer"])
+    except RuntimeError as e:
+        why = str(e).splitlines()[0]
+        raise UserError(f"error: --ckpt: '{where}' does not fit this model ({why}). Expected a checkpoint of "
+                        "diff.py with the same --sd-model, --proj-dims and --tgt class set.") from None
+
+
+# ---- Training loop (official exp 50: GTA5 source-only, RCS, AdamW + poly10warm, batch 1, 40k steps) ----
+def train(args: Args) -> dict:
+    if args.profile or args.estimate_memory:  # measuring tools, not training: benchmarks/measure.py
+        from benchmarks.measure import measure
+        return measure("diff", args, globals())
+    # Processes (torchrun: one per GPU, DDP), device, precision, seed.
+    dist, repeatable = runs.init_distributed(args.device, args.deterministic)
+    precision = runs.choose_precision(args.precision, dist.device)  # bf16 / fp16 + GradScaler / fp32 on CPU
+    check_args(args)
+    runs.seed_everything(args.seed)  # Python, NumPy, torch; the extractor has its own generator, the data none
+    K = check_pair(args.src, args.tgt)
+    out = Path(args.out or f"runs/diff-{run_tag(args.src)}-{run_tag(args.tgt)}")
+    if dist.is_main:
+        log("args: " + json.dumps(asdict(args)))
+        log(f"device {dist.device} x{dist.world} | {precision.reason} | {repeatable}")
+    # Data and model (the data are checked before anything is written).
+    src_stream, tgt_sets = build_data(args, K, out)
+    extractor, model, generator = build_model(args, K, dist.device, precision)
+    if args.eval_only:  # --eval-only / --predict: score (or draw) the --ckpt weights
+        weights, state = runs.load_checkpoint(args.ckpt)
+        load_weights(model, weights, args.ckpt)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics.write_metrics(out, args, key="args") if dist.is_main else None
+        result = evaluate(model, extractor, tgt_sets, args, dist, precision, state.get("step", 0), out)
+        return finish(result, out, dist, "done: --eval-only")
+    optimizer, scaler = make_optimizer(model, args), precision.make_scaler()
+    start, history = 0, []
+    if args.resume:  # restores the RNG states too: nothing may draw random numbers after this
+        ckpt = runs.latest_checkpoint(out) or out / "checkpoints"
+        weights, state = runs.load_checkpoint(ckpt, "--resume")
+        load_weights(model, weights, str(ckpt))
+        optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        gen.set_state(state["generator"])
-        start = state["step"]
+        generator.set_state(state["generator"])  # the extractor's draws: VAE samples, inversion noise
+        start, history = state["step"], state["train_log"]
+        runs.set_rng_state(state["rng"])
+        log(f"resumed from {ckpt} at step {start}") if dist.is_main else None
+    runs.prepare_out_dir(out, args.resume, args.demo, dist.is_main)
+    if dist.is_main and not args.resume:
+        metrics.write_metrics(out, args, key="args")
+    ddp = dist.wrap(model)  # DDP under torchrun: gradients averaged over processes
     if dist.is_main:
-        write_metrics(out, asdict(args), key="args")
-        names = [CLASS_SETS[num_classes][c] for c in extractor.prompt_ids]
-        console.log("adapting: nothing (--baseline: unconditional branch only)" if args.baseline else
-                    f"adapting: the conditional IPKL branch: prompts of the GT classes {names} steer the "
-                    "inversion inside their masks; its logits teach the unconditional branch (MSE)")
-    rcs = RareClassSampling(src_ds, args.rcs_temperature, args.rcs_min_pixels, cache_dir=out / "cache")
-    stream = TrainStream(src_ds, args.seed, rcs, stream_id=0)
-    ddp_model, log = dist.wrap(model), TrainLog(out, args.iters, args.log_every, device, dist.is_main, start)
-    result, prompted = {}, 0  # result stays {} when resuming a finished run: scored at the end
-    stop = runtime.StopOnSignal(dist)  # SIGTERM / SIGINT: stop after the step's checkpoint (README)
-    for step in stop.steps(start, args.iters):
-        model.train()
+        log("adapting: nothing (--baseline: unconditional branch only)" if args.baseline else "adapting: the "
+            f"conditional IPKL branch: prompts of the GT classes {[CLASS_SETS[K][c] for c in extractor.prompt_ids]}"
+            " steer the inversion inside their masks; its logits teach the unconditional branch (MSE)")
+    result, prompted, window, t_log, logged = {}, 0, {}, time.perf_counter(), start
+    stop = runs.StopOnSignal(dist)  # SIGTERM / SIGINT: stop after the step's checkpoint, exit 75
+    for i in stop.steps(start, args.iters):
         b0 = dist.rank * args.batch_size  # this rank's slice; the stream is a pure function of (step, index)
-        batch = stream.batch(step, b0, args.batch_size)
-        x, y = batch["image"], batch["label"].to(device)                  # (B, 3, c, c) in [0, 1], (B, c, c)
+        batch = src_stream.batch(i, b0, args.batch_size)
+        x, y = batch["image"], batch["label"].to(dist.device)                # (B, 3, c, c) in [0, 1], (B, c, c)
         if args.photometric:  # own seeded stream (id 2): resuming at any step reproduces the same distortion
-            x = torch.stack([photometric_distortion(img, np.random.default_rng([args.seed, 2, step, b0 + j]))
+            x = torch.stack([photometric_distortion(img, np.random.default_rng([args.seed, 2, i, b0 + j]))
                              for j, img in enumerate(x)])
-        logs = train_step(ddp_model, extractor, opt, scaler, x.to(device), y, step, args, precision, gen, out)
-        log.step(step + 1, logs)
+        logs = train_step(ddp, extractor, optimizer, scaler, x.to(dist.device), y, i, args, precision, generator, out)
         prompted += logs.get("n_prompts", 0) > 0
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.iters:
-            result = evaluate(model, extractor, tgt_sets, args, dist, precision, step + 1, out)
-        if ckpt.due(step + 1, args.iters) or stop.requested():
-            ckpt.save(step + 1, model.state_dict(), {"optimizer": opt.state_dict(), "args": asdict(args),
-                                                     "scaler": scaler.state_dict(),
-                                                     "generator": gen.get_state()})
-    log.close()
-    stream.close()
+        window = {k: window.get(k, 0.0) + v for k, v in logs.items()}
+        if (i + 1) % args.log_every == 0 or i + 1 == args.iters:  # means since the last line; lr the latest
+            n, now = i + 1 - logged, time.perf_counter()
+            history.append({"step": i + 1, **{k: v / n for k, v in window.items()}, "lr": logs["lr"]})
+            if dist.is_main:
+                log(log_line(history[-1], args.iters, 1000 * (now - t_log) / n, dist.device))
+                metrics.write_metrics(out, history, key="train_log")
+            window, t_log, logged = {}, now, i + 1
+        if (i + 1) % args.eval_every == 0 or i + 1 == args.iters:
+            result = evaluate(model, extractor, tgt_sets, args, dist, precision, i + 1, out)
+        if i + 1 == args.iters or (args.ckpt_every and (i + 1) % args.ckpt_every == 0) or stop.requested():
+            if dist.is_main:
+                runs.save_checkpoint(out, i + 1, model.state_dict(), dict(
+                    step=i + 1, rng=runs.get_rng_state(), optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict(), generator=generator.get_state(), train_log=history,
+                    args=asdict(args)), args.keep_ckpts)
+            dist.barrier()
+    src_stream.close()
+    if dist.is_main and not args.baseline:
+        log(f"conditional IPKL branch: prompt classes present in {prompted} of {args.iters - start} steps")
+    # a finished run resumed has no evaluation yet: score it
+    result = result or evaluate(model, extractor, tgt_sets, args, dist, precision, args.iters, out)
+    mem = metrics.peak_memory_gb(dist.device)
+    return dict(finish(result, out, dist, f"done: {args.iters} steps | peak memory {mem:.1f} GB | out {out}"),
+                train_log=history, out=str(out))
+
+
+def log_line(rec: dict, total: int, ms_per_step: float, device: torch.device) -> str:
+    """`step 1200/40000 | loss_ce_cond 0.412 | lr 6.0e-05 | 410 ms/step | mem 17.3 GB` (README)."""
+    values = [f"{k} {v:.1e}" if k == "lr" or 0 < abs(v) < 1e-3 else f"{k} {v:.3f}" for k, v in rec.items()
+              if k != "step"]
+    mem = metrics.peak_memory_gb(device)
+    return " | ".join([f"step {rec['step']}/{total}", *values, f"{ms_per_step:.0f} ms/step", f"mem {mem:.1f} GB"])
+
+
+def finish(res: dict, out: Path, dist: runs.Dist, head: str) -> dict:
+    """End of a run: `head | mIoU ..` (+ mIoU16 / mIoU13 for SYNTHIA sources), metrics.json's "final", curves."""
     if dist.is_main:
-        if not args.baseline:
-            console.log(f"conditional IPKL branch: prompt classes present in {prompted} of "
-                        f"{args.iters - start} steps")
-        console.log(f"peak memory {runtime.peak_memory_gb(device):.2f} GB")
-        runtime.write_curves(out)
-    return result or evaluate(model, extractor, tgt_sets, args, dist, precision, args.iters, out)
+        log(" | ".join([head, *(f"mIoU{k[4:]} {100 * res[k]:.2f}" for k in ("miou", "miou16", "miou13") if k in res)]))
+        metrics.write_metrics(out, res, key="final")
+        metrics.write_curves(out)
+    return res
 
 
 # ---- Evaluation: unconditional branch only, whole image (official encoder_decoder.py whole inference) ----
 def evaluate(model: DIFFSegmentor, extractor: DiffusionExtractor, datasets: list, args: Args,
-             dist: runtime.Dist, precision: runtime.Precision, step: int, out: Path) -> dict:
+             dist: runs.Dist, precision: runs.Precision, step: int, out: Path) -> dict:
     """Score every target; print the per-class table and the `eval step` line; append to metrics.json."""
     model.eval()
     num_classes, scale, results = model.head.conv_seg.out_channels, (1 / 8 if args.demo else 1.0), {}
@@ -654,75 +735,29 @@ def evaluate(model: DIFFSegmentor, extractor: DiffusionExtractor, datasets: list
                              progress=dist.is_main, **metrics.RESIZE_PROTOCOLS["mmseg"])
         extra = {k: r[k] for k in ("miou16", "miou13") if k in r}
         if dist.is_main:
-            console.log(r["table"])  # without labels: the one line of what was written
+            log(r["table"])  # without labels: the one line of what was written
         if dist.is_main and not r.get("no_labels"):
-            console.log(" | ".join([f"eval step {step}", ds.name, f"mIoU {100 * r['miou']:.2f}",
-                                    *(f"{k} {100 * v:.2f}" for k, v in extra.items()), r["resolution"]]))
-            write_metrics(out, {"step": step, "target": ds.name, "miou": r["miou"], **extra,
-                                "per_class_iou": r["per_class_iou"], "resolution": r["resolution"]})
+            log(" | ".join([f"eval step {step}", ds.name, f"mIoU {100 * r['miou']:.2f}",
+                            *(f"{k} {100 * v:.2f}" for k, v in extra.items()), r["resolution"]]))
+            metrics.write_metrics(Path(out), {"step": step, "target": ds.name, "miou": r["miou"], **extra,
+                                              "per_class_iou": r["per_class_iou"], "resolution": r["resolution"]})
         results[ds.name] = r
     # means over the targets: mIoU, and for SYNTHIA sources mIoU16 / mIoU13 (the papers' SYNTHIA columns)
     means = {k: float(np.mean([r[k] for r in results.values()])) for k in ("miou", "miou16", "miou13")
              if all(k in r for r in results.values())}
     if dist.is_main and len(results) > 1:
-        console.log(f"eval step {step} | mean mIoU over {len(results)} targets {100 * means['miou']:.2f}")
+        log(f"eval step {step} | mean mIoU over {len(results)} targets {100 * means['miou']:.2f}")
     model.train()
     return {**means, "per_class_iou": next(iter(results.values()))["per_class_iou"], "step": step,
             "targets": {k: v["miou"] for k, v in results.items()}}
 
 
-def finish(out: Path, result: dict, dist: runtime.Dist) -> dict:
-    """End of a run: the `done | mIoU ..` line (+ mIoU16 / mIoU13 for SYNTHIA sources) and metrics.json's
-    "final" record."""
-    if dist.is_main:
-        write_metrics(out, result, key="final")
-        console.log("done | " + " | ".join(f"mIoU{k[4:]} {100 * result[k]:.2f}"
-                                           for k in ("miou", "miou16", "miou13") if k in result))
-    return result
-
-
 def main(args: Args) -> dict:
-    """Train (or only evaluate, or measure) DIFF + IPKL; returns the final metrics."""
+    """Train (or --eval-only, --predict, --profile, --estimate-memory) DIFF + IPKL; returns the final metrics."""
     if args.demo:
-        root = ensure_synthetic_sample("data/synthetic" if args.data_root == "data" else args.data_root)
-        args = replace_defaults(args, sd_model="mini", data_root=str(root), num_steps=5, crop_size=64,
-                                iters=40, proj_dims=(128, 320, 512, 64), lr=3e-4, warmup_iters=5, log_every=5,
-                                eval_every=40, ckpt_every=40, out="runs/diff-demo")
-    args = replace(args, eval_only=args.eval_only or bool(args.predict))  # --predict: --ckpt, no training
-    runtime.validate_args(args, crop_multiple=64)  # DIFF reshapes its features at stride 64
-    inversion_schedule(args.num_steps)             # and the method's own flags, before anything is built
-    class_prompts(args.prompt_classes, 19)
-    if args.profile or args.estimate_memory:  # measuring tools, not training: benchmarks/measure.py
-        from benchmarks.measure import measure
-        return measure("diff", args, globals())
-    dist, precision = runtime.setup_hardware(args)
-    num_classes = check_pair(args.src, args.tgt)
-    if dist.is_main:
-        console.log("args: " + " ".join(f"{f.name}={getattr(args, f.name)}" for f in fields(args)))
-        console.log(f"device: {dist.device} | precision: {precision.reason}")
-    scale = 1 / 8 if args.demo else 1.0  # datasets first: bad input fails before anything loads or is written
-    src_ds = None if args.eval_only else build_dataset(
-        args.src, args.data_root, "train", crop_size=args.crop_size, scale=scale, num_classes=num_classes,
-        cat_max_ratio=args.cat_max_ratio)
-    evals = [eval_target(t, args.predict) for t in args.tgt.split(",")[: 1 if args.predict else None]]
-    tgt_sets = [build_dataset(t, args.data_root, split, scale=scale, num_classes=num_classes)
-                for t, split in evals]
-    out = runtime.prepare_out_dir(args.out or f"runs/diff-{run_tag(args.src)}-{run_tag(args.tgt)}",
-                                  args.resume, args.eval_only, dist.is_main, allow_existing=args.demo)
-    if args.resume:
-        runtime.resume_checkpoint(out)  # the one-line "no checkpoint" error, before anything is written
-    if not args.eval_only:
-        return finish(out, train(args, src_ds, tgt_sets, out, dist, precision, num_classes), dist)
-    extractor, model, *_ = build(args, num_classes, dist.device, precision)
-    weights, state = runtime.load_checkpoint(args.ckpt)
-    model.load_state_dict(weights)
-    if dist.is_main:
-        write_metrics(out, asdict(args), key="args")
-    result = evaluate(model, extractor, tgt_sets, args, dist, precision, state.get("step", 0), out)
-    if dist.is_main:
-        runtime.write_curves(out)
-    return finish(out, result, dist)
+        args = replace_defaults(args, out="runs/diff-demo", **DEMO)
+    return train(replace(args, eval_only=args.eval_only or bool(args.predict)))  # --predict: load --ckpt
 
 
 if __name__ == "__main__":
-    runtime.run_cli(main, Args)
+    run_cli(main, Args)

@@ -155,10 +155,12 @@ def _ptdiffseg(m: Any, args: Any, dist: runs.Dist, precision: runs.Precision) ->
 
 def _diff(m: Any, args: Any, dist: runs.Dist, precision: runs.Precision) -> tuple[Build, dict]:
     """DIFF: a random image whose label holds every prompt class (one band each: the largest batch)."""
+    m.check_args(args)
     K, dev = check_pair(args.src, args.tgt), dist.device
 
     def build():
-        extractor, model, opt, scaler, gen = m.build(args, K, dev, precision)
+        extractor, model, gen = m.build_model(args, K, dev, precision)
+        opt, scaler = m.make_optimizer(model, args), precision.make_scaler()
         B, c, ids = args.batch_size, args.crop_size, extractor.prompt_ids
         x = torch.rand(B, 3, c, c, device=dev)
         y = torch.full((B, c, c), min(set(range(K)) - set(ids)), dtype=torch.long, device=dev)

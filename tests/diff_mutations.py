@@ -77,7 +77,7 @@ MUTATIONS = [
      "ipkl_loss(logits[1], logits[0], y, args.consistency_weight)",
      "ipkl_loss(logits[1], logits[0], y.flip(-1), args.consistency_weight)"),
     ("check_finite deleted",
-     "    check_finite(loss, step + 1, out)\n",
+     "    runs.check_finite(loss, step + 1, out)\n",
      ""),
     ("backward without the loss scale",
      "    scaler.scale(loss).backward()\n",

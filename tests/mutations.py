@@ -6,9 +6,10 @@ Not collected by pytest (seconds to a minute per mutation). Run from the reposit
     OMP_NUM_THREADS=1 python tests/mutations.py madm              # every MADM mutation; a Markdown table at the end
     OMP_NUM_THREADS=1 python tests/mutations.py iccld 3 17        # only ICCLD's mutations 3 and 17
 The mutations of each method are listed in tests/<method>_mutations.py (MUTATIONS, and TESTS, the `-k` selection
-of its step tests). Each one runs in a temporary copy of the method files and tests (common/ and data/ linked),
-so the working tree is never modified. A mutation whose text is no longer found exactly once is reported as
-NOT APPLIED, and any mutation that is not caught makes the exit code 1.
+of its step tests). Each one runs in a temporary copy of the method files and tests (common/, data/ and
+benchmarks/ linked), so the working tree is never modified. A mutation whose text is no longer found exactly once
+is reported as NOT APPLIED, a run that checked nothing (e.g. a collection error) as NOT RUN, and any mutation that
+is not caught makes the exit code 1.
 """
 import importlib
 import os
@@ -35,6 +36,8 @@ def run_one(method: str, table, k: int, work: Path) -> tuple[str, str]:
                            table.TEST_FILE, "-k", table.TESTS], cwd=work, capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
     failed = re.findall(r"^(?:FAILED|ERROR) \S+::(\S+)", proc.stdout, re.M)
+    if not failed and proc.returncode != 0:  # a collection error or no test selected: nothing was checked
+        return str(line), f"NOT RUN (pytest exit code {proc.returncode})"
     return str(line), (failed[0] if failed else "SURVIVED (all step tests passed)")
 
 
@@ -52,11 +55,11 @@ def main() -> int:
         shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
         for name in (*[f"{m}.py" for m in METHODS], "pytest.ini"):
             shutil.copy(ROOT / name, work / name)
-        for name in ("common", "data"):
+        for name in ("common", "data", "benchmarks"):  # benchmarks: tests/diff_reference.py counts FLOPs with it
             (work / name).symlink_to(ROOT / name)
         for k in picks:
             line, verdict = run_one(method, table, k, work)
-            caught += not verdict.startswith(("NOT APPLIED", "SURVIVED"))
+            caught += not verdict.startswith(("NOT APPLIED", "SURVIVED", "NOT RUN"))
             rows.append(f"| {k} | {line} | {table.MUTATIONS[k][0]} | {verdict} |")
             print(rows[-1], flush=True)
     print(f"\n{method}.py: {caught} of {len(rows)} mutations caught\n\n| # | line | mutation | failing test |\n"

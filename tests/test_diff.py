@@ -25,9 +25,10 @@ import torch.nn.functional as F
 
 import diff
 import diff_reference as ref
-from common import runtime
+from common import runs
+from common.cli import Stopped, UserError
 from common.datasets import build_dataset
-from common.runtime import UserError, latest_checkpoint, load_checkpoint
+from common.runs import latest_checkpoint, load_checkpoint
 from common.sd_backbone import FeatureCapture, build_random_sd, encode_prompts, load_sd
 from common.synthetic import ensure_synthetic_sample
 
@@ -40,7 +41,7 @@ torch.set_num_threads(1)
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 DEMO_DIMS = (128, 320, 512, 64)
 CPU = torch.device("cpu")
-FP32 = runtime.choose_precision("fp32", CPU)
+FP32 = runs.choose_precision("fp32", CPU)
 
 # The official table (diff_config.yaml, diffusion.py generalized_steps), written out by hand: the UNet is
 # evaluated at seq_next[i] = 0, 1, ..., 22, 23, 26, 30, 34, 40, 45, 52, 60, 69, 80, 91, 105, 121, 139.
@@ -521,16 +522,16 @@ DDP_CHILD = """
 import copy, sys, torch
 sys.path.insert(0, "tests")
 import diff, test_diff as T
-from common import runtime
+from common import runs
 from common.sd_backbone import encode_prompts, load_sd
 torch.set_num_threads(1)
-dist = runtime.init_distributed("cpu")
+dist, _ = runs.init_distributed("cpu", False)
 torch.manual_seed(0)
 sd = load_sd("tiny")
 prompts, sd.prompt_ids = diff.class_prompts(diff.Args.prompt_classes, 19)
 sd.emb = encode_prompts(sd.tokenizer, sd.text_encoder, [""] + prompts)
 ext, args = T.make_extractor(sd, 5), T.step_args(grad_clip=1e9)   # no clipping: gradients average linearly
-fp32 = runtime.choose_precision("fp32", torch.device("cpu"))
+fp32 = runs.choose_precision("fp32", torch.device("cpu"))
 torch.manual_seed(0)
 model = diff.DIFFSegmentor(ext.in_channels, 19, T.DEMO_DIMS)
 x, y = T.image_and_label(prompted=True, seed=dist.rank)            # each process its own image
@@ -560,11 +561,14 @@ def test_ddp_averages_the_two_processes_gradients_and_keeps_the_replicas_equal(t
 
 
 def half_run(name, steps=2, scale=None):
-    """`steps` real train_steps through `build` (the frozen SD as the run stores it) under `name`; `scale`
-    sets an absurd loss scale before the last step, so that its fp16 gradients overflow."""
+    """`steps` real train_steps through `build_model` (the frozen SD as the run stores it) under `name`, seeded
+    as `train` seeds it; `scale` sets an absurd loss scale before the last step, so that its fp16 gradients
+    overflow."""
     args = step_args(precision=name, grad_clip=5.0)
-    prec = runtime.choose_precision(name, CPU)
-    ext, model, opt, scaler, gen = diff.build(args, 19, CPU, prec)
+    prec = runs.choose_precision(name, CPU)
+    runs.seed_everything(args.seed)
+    ext, model, gen = diff.build_model(args, 19, CPU, prec)
+    opt, scaler = diff.make_optimizer(model, args), prec.make_scaler()
     x01, y = (image_and_label()[0] + 1) / 2, image_and_label()[1]
     dtypes, seen, logs, scales = [], [], [], []
     model.head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
@@ -666,7 +670,7 @@ def test_evaluation_pads_with_zero_in_normalised_space_and_crops_the_logits(sd, 
     ds = SimpleNamespace(name="bdd100k", split="val", num_classes=19,
                          info=SimpleNamespace(eval_input=("exact", (1280, 720)), metric="native"))
     args = diff.Args(demo=True, src="gta5")
-    diff.evaluate(model, ext, [ds], args, runtime.Dist(0, 1, 0, CPU), FP32, 1, tmp_path)
+    diff.evaluate(model, ext, [ds], args, runs.Dist(0, 1, 0, CPU), FP32, 1, tmp_path)
     x = ext.calls[0]["x"]
     assert x.shape == (1, 3, 64, 128) and ext.calls[0]["branches"] == ("uncond",)
     assert not x[..., 40:, :].any() and not x[..., :, 72:].any()
@@ -693,7 +697,7 @@ def test_miou16_belongs_to_synthia_source_runs(sd, tmp_path, monkeypatch, src, t
                          info=SimpleNamespace(eval_input=("exact", (1024, 512)), metric="native"))
     ext = make_extractor(sd, 1)
     diff.evaluate(diff.DIFFSegmentor(ext.in_channels, 19, DEMO_DIMS), ext, [ds], diff.Args(src=src, tgt=tgt),
-                  runtime.Dist(0, 1, 0, CPU), FP32, 7, tmp_path)
+                  runs.Dist(0, 1, 0, CPU), FP32, 7, tmp_path)
     assert seen["synthia"] is expected
     record = json.loads((tmp_path / "metrics.json").read_text())["evals"][-1]
     assert ("miou16" in record and "miou13" in record) is expected
@@ -768,8 +772,9 @@ def test_synthia_run_ends_with_miou16_13_in_the_line_the_result_and_metrics_json
     line, main's result and metrics.json's "final" record, equal to the last evaluation's."""
     res = diff.main(diff.Args(demo=True, src="synthia", iters=2, eval_every=2, ckpt_every=2, num_steps=1,
                               out=str(tmp_path / "run")))
-    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done | ")]
-    assert len(done) == 1 and re.search(r"^done \| mIoU [\d.]+ \| mIoU16 [\d.]+ \| mIoU13 [\d.]+$", done[0])
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done")]
+    assert len(done) == 1 and re.search(r"^done: 2 steps \| peak memory [\d.]+ GB \| out \S+ \| mIoU [\d.]+ \| "
+                                        r"mIoU16 [\d.]+ \| mIoU13 [\d.]+$", done[0])
     data = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for key in ("miou", "miou16", "miou13"):
         assert res[key] == data["final"][key] == data["evals"][-1][key]
@@ -808,11 +813,12 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
 
 def test_sigterm_writes_the_step_and_resume_is_bit_identical(tmp_path, monkeypatch):
     """SIGTERM in the middle of step 2 of 3 (no periodic checkpoint): the step finishes, its checkpoint is
-    written, Stopped carries the line; --resume ends with the uninterrupted run's weights and generator."""
+    written, Stopped carries the line; --resume ends with the uninterrupted run's weights, generator and train
+    log."""
     args = diff.Args(demo=True, num_steps=1, iters=3, ckpt_every=1000, eval_every=1000, log_every=1)
     diff.main(dataclasses.replace(args, out=str(tmp_path / "full")))
     monkeypatch.setattr(diff, "train_step", sigterm_on_call(diff.train_step, 2))
-    with pytest.raises(runtime.Stopped, match=r"^stopped by SIGTERM at step 2: checkpoint written, continue"):
+    with pytest.raises(Stopped, match=r"^stopped by SIGTERM at step 2: checkpoint written, continue"):
         diff.main(dataclasses.replace(args, out=str(tmp_path / "cut")))
     assert latest_checkpoint(tmp_path / "cut").name == "step_0000002"
     monkeypatch.undo()
@@ -822,6 +828,9 @@ def test_sigterm_writes_the_step_and_resume_is_bit_identical(tmp_path, monkeypat
     assert s_full["step"] == s_res["step"] == 3 and w_full.keys() == w_res.keys()
     assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
     assert torch.equal(s_full["generator"], s_res["generator"])
+    # the train log travels in the checkpoint: the resumed run's metrics.json holds every step's line, equal
+    (m_full, m_res) = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("full", "cut"))
+    assert [r["step"] for r in m_res["train_log"]] == [1, 2, 3] and m_res["train_log"] == m_full["train_log"]
 
 
 def test_profile_cli_needs_no_data(capsys):
