@@ -1,7 +1,8 @@
-"""Shared plumbing for the four method scripts: nothing here is any paper's contribution.
+"""What the four method scripts share; nothing here is any paper's contribution.
 
-`sd_backbone` loads Stable Diffusion parts and captures features, `datasets` reads the ten datasets in their
-official layouts, `metrics` scores predictions, `synthetic` writes a tiny sample of every dataset, `daformer`
-holds the parts of DAFormer's recipe the methods borrow, `runtime` holds seeding, precision, DDP, checkpoints,
-logging, profiling and memory prediction, `console` the one-line error and the terminal output.
+`sd_backbone` loads Stable Diffusion parts and captures features; `datasets` (with `layouts`, `readers`,
+`sampling`) reads the datasets in their official layouts; `synthetic` writes a small sample of every dataset;
+`metrics` scores predictions and writes the run records; `daformer` holds what the methods borrow from DAFormer's
+recipe; `cli` the command line and the terminal; `runs` processes, precision, seeding, checkpoints and the stop on
+SIGTERM. `mini_sd` pretrains the mini SD (off the learning path).
 """

@@ -138,7 +138,7 @@ def test_check_pair_and_class_set_message():
 def test_unknown_dataset_name_via_cli(capsys):
     from dataclasses import dataclass
 
-    from common.runtime import UserError, parse_args, run_cli
+    from common.cli import UserError, parse_args, run_cli
 
     @dataclass
     class Args:

@@ -996,3 +996,23 @@ def test_demo_end_to_end_and_learns(tmp_path):
         assert n_q > steps // 2 and f"of {steps} steps" in line, line
     assert len(data["train_log_stage1"]) == 10 and len(data["train_log_stage2"]) == 5
     assert (out / "curves.png").exists()
+
+
+def test_checkpointed_recomputes_in_backward_with_the_same_gradients():
+    w, calls = torch.nn.Parameter(torch.randn(4)), []
+
+    def fn(x):
+        calls.append(1)
+        return (x * w).sin()
+    x, grads = torch.randn(4), []
+    for enabled in (False, True):
+        calls.clear()
+        w.grad = None
+        iccld.checkpointed(enabled, fn, x).sum().backward()
+        grads.append(w.grad.clone())
+        assert len(calls) == (2 if enabled else 1)                  # checkpointed: fn runs again in backward
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    calls.clear()
+    with torch.no_grad():
+        iccld.checkpointed(True, fn, x)
+    assert len(calls) == 1

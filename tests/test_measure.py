@@ -12,7 +12,7 @@ import torch
 
 from benchmarks import measure
 from common import runs, sd_backbone
-from common.console import UserError
+from common.cli import UserError
 
 
 # ----------------------------------------------------------------------------------------------------------------

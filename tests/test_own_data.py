@@ -15,7 +15,8 @@ from PIL import Image
 
 from common import metrics
 from common.datasets import CLASS_SETS, PALETTES, build_dataset, check_pair, eval_input_size, eval_target, run_tag
-from common.runtime import colorize, run_cli
+from common.cli import run_cli
+from common.metrics import colorize
 from common.synthetic import ensure_synthetic_sample
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from common.runtime import UserError
+from common.cli import UserError
 from common.sd_backbone import (AttentionStore, FeatureCapture, add_noise, build_random_sd, encode_prompts, load_sd,
                                 sd_config, tiny_sd_dir, to_dtype, vae_decode, vae_encode)
 
