@@ -126,7 +126,7 @@ class Args:
     """mini SD (pretrained on the synthetic world) + synthetic data + short schedule: minutes on a CPU"""
     # ---- data
     batch_size: int = 2
-    """global batch (source + target pairs per optimizer step); official --bs 2 on 2 GPUs"""
+    """global batch (source + target pairs per optimizer step); official batch 2 on 2 GPUs (its bs flag)"""
     micro_batch_size: int = 1
     """pairs per forward pass; accumulation = batch / (micro * world); official 1 per GPU"""
     crop_size: int = 512

@@ -63,7 +63,7 @@ def _field_docs(args_cls: type) -> dict[str, str]:
 
 
 def _parser(args_cls: type, with_defaults: bool) -> argparse.ArgumentParser:
-    """One flag per field: bool -> --x / --no-x, tuple[...] -> several values, Optional[X] -> X or None."""
+    """One flag per field: a bool also gets its "no-" form, tuple[...] takes several values, Optional[X] X or None."""
     hints, docs = typing.get_type_hints(args_cls), _field_docs(args_cls)
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(args_cls):
