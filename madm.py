@@ -594,8 +594,7 @@ def train(args: Args) -> dict:
     runs.seed_everything(args.seed)
     K = check_pair(args.src, args.tgt)
     t0_lo, end_frac, lplr_w = task_settings(args)
-    out = Path(args.out or f"runs/madm-{run_tag(args.src)}-{run_tag(args.tgt)}")
-    t_end = round(end_frac * args.iters)
+    out, t_end = Path(args.out or f"runs/madm-{run_tag(args.src)}-{run_tag(args.tgt)}"), round(end_frac * args.iters)
     run = Run(dist, precision, PALETTES[K], CLASS_SETS[K], t0_lo, t_end, lplr_w, out)
     m, accum = args.micro_batch_size, args.batch_size // (args.micro_batch_size * dist.world)
     if dist.is_main:
