@@ -236,6 +236,23 @@ def _metric_size(metric_size: str | tuple[int, int], label_hw: tuple[int, int],
 
 
 @torch.no_grad()
+# Resizing follows the reference whose numbers a method is compared with [our choice of defaults]:
+#
+# - MADM (`XiaRho/MADM` `data/dataset/cross_modality_dataset.py`, `test_resize_h_w`): Pillow resizes the
+#   test image to 512x512 with BILINEAR (antialiased when shrinking: DELIVER 1042->512, DSEC 640x440->512,
+#   FMB 800x600->512) and the label with NEAREST; metric at 512x512. Pass `image_resize="pil-bilinear"`,
+#   `label_resize="pil-nearest"`, `metric_size="input"` (= `**RESIZE_PROTOCOLS["madm"]`).
+# - mmseg-based protocols (DAFormer, DIFF, ICCLD, PTDiffSeg; Cityscapes 2048x1024 -> 1024x512 and every
+#   keep-ratio resize): mmcv `imresize` = OpenCV bilinear without antialiasing -> `image_resize="bilinear"`
+#   (the default). The metric is at the native label size, so no label is resized, except Mapillary's half
+#   size [ref: Rein `tools/convert_datasets/mapillary_resize.py`], where labels are halved with Pillow
+#   NEAREST -> `label_resize="pil-nearest"` (the default; `**RESIZE_PROTOCOLS["mmseg"]`). Rein also
+#   halves the Mapillary *image* offline (Pillow BICUBIC, re-saved as JPEG) before mmseg's resize; that
+#   chain is not replicated: the image is resized once, native -> eval input.
+#
+# Every reference that resizes labels uses Pillow's NEAREST, hence the default "pil-nearest"; torch's legacy
+# "nearest" picks other source pixels (all columns differ when halving a 640-wide label, every other one
+# for 640 -> 512) and is kept only for comparison.
 def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.utils.data.Dataset,
              num_classes: int, class_names: Sequence[str], palette: np.ndarray, *, device: torch.device,
              dist=None,
@@ -246,54 +263,19 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.
              label_resize: str = "pil-nearest") -> dict:
     """Score `predict_fn` on every item of `dataset` (each process a disjoint shard; matrices summed).
 
-    Resizing follows the reference whose numbers a method is compared with [our choice of defaults]:
-
-    - MADM (`XiaRho/MADM` `data/dataset/cross_modality_dataset.py`, `test_resize_h_w`): Pillow resizes the
-      test image to 512x512 with BILINEAR (antialiased when shrinking: DELIVER 1042->512, DSEC 640x440->512,
-      FMB 800x600->512) and the label with NEAREST; metric at 512x512. Pass `image_resize="pil-bilinear"`,
-      `label_resize="pil-nearest"`, `metric_size="input"` (= `**RESIZE_PROTOCOLS["madm"]`).
-    - mmseg-based protocols (DAFormer, DIFF, ICCLD, PTDiffSeg; Cityscapes 2048x1024 -> 1024x512 and every
-      keep-ratio resize): mmcv `imresize` = OpenCV bilinear without antialiasing -> `image_resize="bilinear"`
-      (the default). The metric is at the native label size, so no label is resized, except Mapillary's half
-      size [ref: Rein `tools/convert_datasets/mapillary_resize.py`], where labels are halved with Pillow
-      NEAREST -> `label_resize="pil-nearest"` (the default; `**RESIZE_PROTOCOLS["mmseg"]`). Rein also
-      halves the Mapillary *image* offline (Pillow BICUBIC, re-saved as JPEG) before mmseg's resize; that
-      chain is not replicated: the image is resized once, native -> eval input.
-
-    Every reference that resizes labels uses Pillow's NEAREST, hence the default "pil-nearest"; torch's legacy
-    "nearest" picks other source pixels (all columns differ when halving a 640-wide label, every other one
-    for 640 -> 512) and is kept only for comparison.
-
-    Args:
-        predict_fn: image (1, 3, h, w) float in [0, 1] on `device` -> logits (1, K, h', w') (any stride).
-        dataset: evaluation dataset; items {"image" (3, H, W) in [0, 1], "label" int64 (H, W), "name"} at
-            native size.
-        num_classes, class_names, palette: the model's class set (the target's).
-        device: where predict_fn runs.
-        dist: a `common.runs.Dist` (None = one process).
-        input_size: (W, H) to which every image is resized before predict_fn; or a function (H, W) of the
-            image -> (W, H) (keep-ratio targets: `lambda hw: eval_input_size(name, hw, scale)`); None keeps
-            the native size.
-        metric_size: "native" (label size), "half" (half the label size, label resized by `label_resize`;
-            Mapillary), "input" (the input size, label resized by `label_resize`; MADM) or (W, H). Logits are
-            upsampled bilinearly to it; an argmax is never upsampled.
-        desc: dataset description for the table header, e.g. "cityscapes val".
-        pictures_dir: where side-by-side PNGs of the first `num_pictures` items go (rank 0 only); None = none.
-            A dataset without labels (`has_labels` False) is not scored: only these pictures are written. A
-            "predict" split (`folder:PATH`) writes `<pictures_dir>/<relative stem>_color.png` and
-            `_trainId.png` for every image at its own size (logits upsampled to it) instead.
-        synthia: also report mIoU16 / mIoU13.
-        pad_to: pad the input right/bottom with zeros to a multiple of this and crop the logits back (DIFF:
-            64).
-        image_resize: "bilinear" (mmseg / OpenCV) or "pil-bilinear" (Pillow, MADM); see `resize_image`.
-        label_resize: "pil-nearest" (Pillow, bit-exact), "nearest-exact" or "nearest" (torch); see
-            `resize_label`.
-    Returns:
-        `summarize(...)` plus "resolution" (the string printed in the header), "num_images", "table",
-        "image_resize" and "label_resize"; without labels or for "predict", mIoU NaN, "no_labels" True and
-        "table" the one line saying what was written.
-    Raises:
-        UserError: an unknown `image_resize` / `label_resize` value.
+    Args: predict_fn: image (1, 3, h, w) in [0, 1] on `device` -> logits (1, K, h', w') (any stride);
+    dataset: items {"image" (3, H, W) in [0, 1], "label" int64 (H, W), "name"} at native size; num_classes,
+    class_names, palette: the target's class set; dist: a `common.runs.Dist` (None = one process);
+    input_size: (W, H) every image is resized to, or a function (H, W) -> (W, H) (keep-ratio targets), None =
+    native; metric_size: "native" (label size), "half" (Mapillary), "input" (MADM) or (W, H): logits are
+    upsampled bilinearly to it (never an argmax), labels resized by `label_resize`; desc: the table header's
+    dataset, e.g. "cityscapes val"; pictures_dir: side-by-side PNGs of the first `num_pictures` items (rank 0);
+    a dataset without labels is not scored (only these pictures), a "predict" split (`folder:PATH`) writes
+    `<pictures_dir>/<relative stem>_color.png` and `_trainId.png` for every image at its own size; synthia:
+    also mIoU16 / mIoU13; pad_to: zero-pad right/bottom to a multiple (DIFF: 64), logits cropped back;
+    image_resize / label_resize: see `resize_image` / `resize_label` (an unknown value is a UserError).
+    Returns `summarize(...)` + "resolution", "num_images", "table", "image_resize", "label_resize"; without
+    labels or for "predict": mIoU NaN, "no_labels" True, "table" the one line saying what was written.
     """
     _check_option("image_resize", image_resize, IMAGE_RESIZE)
     _check_option("label_resize", label_resize, LABEL_RESIZE)
@@ -306,11 +288,8 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.
         n_max = len(dataset) if mode == "predict" else min(num_pictures, len(dataset))
         indices = list(range(n_max)) if rank == 0 and pictures_dir is not None else []
     conf = np.zeros((num_classes, num_classes), np.int64)
-    in_str = "native"
-    n_pictures = 0
-    it = indices
-    if progress and rank == 0:
-        it = cli.progress(indices, desc=f"eval {desc}".strip(), leave=False)
+    in_str, n_pictures = "native", 0
+    it = cli.progress(indices, desc=f"eval {desc}".strip(), leave=False) if progress and rank == 0 else indices
     for i in it:
         item = dataset[i]
         image, label = item["image"], np.asarray(item["label"])
@@ -332,11 +311,8 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.
         logits = F.interpolate(logits, size=(mh, mw), mode="bilinear", align_corners=False)
         pred = logits.argmax(1)[0].cpu().numpy()
         if mode == "predict":  # at the image's own size: colour and trainId PNGs, the folder structure kept
-            n_pictures += 1
-            stem = Path(pictures_dir) / Path(str(item["name"])).with_suffix("")
-            stem.parent.mkdir(parents=True, exist_ok=True)
-            colorize(pred, palette).save(f"{stem}_color.png")
-            Image.fromarray(pred.astype(np.uint8)).save(f"{stem}_trainId.png")
+            n_pictures += _write_prediction(pred, Path(pictures_dir) / Path(str(item["name"])).with_suffix(""),
+                                            palette)
             continue
         if (mh, mw) != label.shape:
             label = resize_label(label, (mw, mh), label_resize)
@@ -354,6 +330,20 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.
                 f"to {pictures_dir}")
         return dict(out, no_labels=True, resolution=f"input {in_str}", num_images=n_pictures, table=line,
                     image_resize=image_resize, label_resize=label_resize)
+    return _scores(conf, dist, device, class_names, len(dataset), in_str, metric_size, desc, synthia,
+                   image_resize, label_resize)
+
+
+def _write_prediction(pred: np.ndarray, stem: Path, palette: np.ndarray) -> int:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    colorize(pred, palette).save(f"{stem}_color.png")
+    Image.fromarray(pred.astype(np.uint8)).save(f"{stem}_trainId.png")
+    return 1
+
+
+def _scores(conf: np.ndarray, dist, device: torch.device, class_names: Sequence[str], n: int, in_str: str,
+            metric_size, desc: str, synthia: bool, image_resize: str, label_resize: str) -> dict:
+    """`evaluate`'s result from this process's confusion matrix: summed over the processes, then summarized."""
     conf_t = torch.from_numpy(conf).to(device if (dist is not None and dist.world > 1
                                                   and device.type == "cuda") else "cpu")
     if dist is not None:
@@ -364,9 +354,9 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.
     metric_str = metric_names.get(metric_size, f"{metric_size}")  # type: ignore[call-overload]
     resolution = f"input {in_str}, metric at {metric_str}"
     resize_str = f"image {image_resize}" + (f", label {label_resize}" if metric_size != "native" else "")
-    header = f"per-class results — {desc}, {len(dataset)} images, {resolution} ({resize_str})"
+    header = f"per-class results — {desc}, {n} images, {resolution} ({resize_str})"
     out = summarize(conf, class_names, synthia)
-    out.update(resolution=resolution, num_images=len(dataset), image_resize=image_resize,
+    out.update(resolution=resolution, num_images=n, image_resize=image_resize,
                label_resize=label_resize, table=format_table(conf, class_names, header, synthia))
     return out
 

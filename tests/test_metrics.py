@@ -216,7 +216,7 @@ def test_evaluate_resizes_like_madm_and_like_mmseg():
 
 
 def test_unknown_resize_option_is_a_one_line_error():
-    from common.console import UserError
+    from common.cli import UserError
     ds = _ListDataset([{"image": torch.zeros(3, 4, 4), "label": np.zeros((4, 4), np.int64)}])
     with pytest.raises(UserError) as e:
         evaluate(lambda x: x[:, :2], ds, 2, ["a", "b"], PAL2, device=torch.device("cpu"), progress=False,

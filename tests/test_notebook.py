@@ -120,7 +120,7 @@ def test_main_imported_from_a_module_never_reads_sys_argv(name, monkeypatch):
     """`from madm import Args, main` in a kernel: building Args and main's argument handling never look at the
     kernel's argv (--eval-only without --ckpt is refused from Args, not from the command line)."""
     import importlib
-    from common.console import UserError
+    from common.cli import UserError
     monkeypatch.setattr(sys, "argv", KERNEL_ARGV)
     mod = importlib.import_module(name[:-3])
     with pytest.raises(UserError, match="--ckpt"):
