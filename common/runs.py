@@ -154,7 +154,11 @@ def save_checkpoint(out: Path, step: int, weights: dict[str, torch.Tensor], stat
             os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)  # the same step saved twice (e.g. a stop at a periodic save)
     os.rename(tmp, final)
-    for old in sorted(p for p in root.iterdir() if p.name[5:].isdigit())[:-keep] if keep > 0 else []:
+    fd = os.open(root, os.O_RDONLY)  # the rename itself survives a power loss
+    os.fsync(fd), os.close(fd)
+    done = sorted(p for p in root.iterdir() if p.name[5:].isdigit())
+    stale = [p for p in root.glob("step_*.tmp-*") if p != tmp]  # left by a process killed mid-write
+    for old in (done[:-keep] if keep > 0 else []) + stale:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -80,6 +80,10 @@ def test_checkpoint_round_trip_rotation_and_latest(tmp_path):
     assert s["step"] == 4 and torch.equal(w["w"], torch.full((2,), 4.0))
     w2, _ = load_checkpoint(latest_checkpoint(tmp_path) / "weights.safetensors")
     assert torch.equal(w2["w"], w["w"])
+    stale = tmp_path / "checkpoints" / "step_0000005.tmp-99999"    # left by a process killed mid-write
+    stale.mkdir()
+    save_checkpoint(tmp_path, 5, {"w": torch.ones(1)}, {"step": 5}, keep=2)
+    assert not stale.exists() and latest_checkpoint(tmp_path).name == "step_0000005"
 
 
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
