@@ -665,7 +665,7 @@ def train(args: Args) -> dict:
         logs = train_step(ddp, extractor, optimizer, scaler, x.to(dist.device), y, i, args, precision, generator, out)
         prompted += logs.get("n_prompts", 0) > 0
         window = {k: window.get(k, 0.0) + v for k, v in logs.items()}
-        if (i + 1) % args.log_every == 0 or i + 1 == args.iters:  # means since the last line; lr the latest
+        if (i + 1) % args.log_every == 0 or i + 1 == args.iters:  # Same as madm.py: means since the last line
             n, now = i + 1 - logged, time.perf_counter()
             history.append({"step": i + 1, **{k: v / n for k, v in window.items()}, "lr": logs["lr"]})
             if dist.is_main:

@@ -718,7 +718,8 @@ def train(args: Args) -> dict:
         result = evaluate(args, run.freeze(net), unet and run.freeze(unet), data[2], run, state.get("step", 0))
         return finish(result, run, "done: --eval-only")
     # Checkpoints in: --resume continues in the stage its checkpoint records; --stage 2 reads stage 1's net_ema.
-    resume = runs.load_checkpoint(runs.latest_checkpoint(out) or out / "checkpoints", "--resume") if args.resume else None
+    ckpt = runs.latest_checkpoint(out) or out / "checkpoints"
+    resume = runs.load_checkpoint(ckpt, "--resume") if args.resume else None
     resume_stage = resume[1]["stage"] if resume else None
     if args.stage == "2" and resume_stage == 1:
         raise UserError(f"error: --resume: the latest checkpoint in '{out}' is from stage 1. Resume with "
@@ -816,7 +817,7 @@ def train_stage(args: Args, run: Run, stage: Stage1 | Stage2, data: tuple, resum
     return result or evaluate(args, *evaluated, val_set, run, total, miou_direct)  # a finished stage resumed
 
 
-def log_line(rec: dict, total: int, ms_per_step: float, device: torch.device) -> str:
+def log_line(rec: dict, total: int, ms_per_step: float, device: torch.device) -> str:  # Same as madm.py
     """`step 1200/10000 | loss_src 0.412 | q 0.710 | lr 5.0e-06 | 410 ms/step | mem 17.3 GB` (README)."""
     values = [f"{k} {v:.1e}" if k == "lr" or 0 < abs(v) < 1e-3 else f"{k} {v:.3f}" for k, v in rec.items()
               if k != "step"]
