@@ -53,7 +53,10 @@ Commands
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import random
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -522,7 +525,7 @@ def make_optimizer(model: nn.Module, args: Args) -> torch.optim.AdamW:
 
 def train_step(model: nn.Module, extractor: DiffusionExtractor, opt: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, x: torch.Tensor, y: torch.Tensor, step: int, args: Args,
-               precision: runs.Precision, generator: torch.Generator, out: Optional[Path] = None) -> dict:
+               precision: Precision, generator: torch.Generator, out: Optional[Path] = None) -> dict:
     """One optimizer step of DIFF + IPKL (official `encoder_decoder.py` forward_train, `dacs.py` train_step).
 
     model: the trained part (DDP-wrapped or not); extractor: the frozen SD trajectory, whose every draw comes
@@ -583,7 +586,7 @@ def build_data(args: Args, num_classes: int, out: Path) -> tuple:
     return TrainStream(src, args.seed, rcs, stream_id=0), tgt_sets
 
 
-def build_model(args: Args, num_classes: int, device: torch.device, precision: runs.Precision) -> tuple:
+def build_model(args: Args, num_classes: int, device: torch.device, precision: Precision) -> tuple:
     """Load SD, encode the prompts once, free the text encoder -> (extractor, model, the extractor's generator)."""
     sd = load_sd(args.sd_model, device=device)
     prompts, prompt_ids = class_prompts(args.prompt_classes, num_classes)
@@ -608,16 +611,108 @@ def load_weights(model: nn.Module, weights: dict, where: str) -> None:
                         "diff.py with the same --sd-model, --proj-dims and --tgt class set.") from None
 
 
+# ---- Processes, device, precision, seeds (nanoGPT's train.py; the same block in all four scripts) ----------
+@dataclass
+class Dist:
+    """The processes init_distributed found: torchrun starts one per GPU; without it, one."""
+    rank: int
+    world: int
+    device: torch.device
+
+    is_main = property(lambda self: self.rank == 0)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:  # in place, over the processes
+        return torch.distributed.all_reduce(t) or t if self.world > 1 else t
+
+    def barrier(self) -> None:
+        torch.distributed.barrier() if self.world > 1 else None
+
+    def wrap(self, module: nn.Module) -> nn.Module:  # DDP: gradients averaged over the processes
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids) if self.world > 1 else module
+
+
+def init_distributed(device: str, deterministic: bool) -> tuple[Dist, str]:
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (one process per GPU, NCCL; gloo between CPU processes); one
+    process without it. -> (dist, what same-seed runs guarantee)."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if device not in ("auto", "cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise UserError(f"error: --device {device}: not available here. Expected auto, cpu or cuda (with a GPU).")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    torch.backends.mkldnn.deterministic = True  # CPU: some oneDNN backward kernels reduce in thread order otherwise
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # CPU: MKL's GEMMs otherwise vary with memory alignment
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, deterministic
+    if cuda and deterministic:  # deterministic cuBLAS / cuDNN kernels (slower)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return Dist(rank, world, dev), (
+        "CPU: same seed and thread count -> bit-identical runs and resume" if not cuda else
+        "CUDA --deterministic: bit-identical on the same GPU model" if deterministic else
+        "CUDA: equal up to float rounding (--deterministic: bit-identical)")
+
+
+@dataclass
+class Precision:
+    """What choose_precision picked, as autocast and a GradScaler."""
+    name: str                  # fp32 | bf16 | fp16: autocast dtype of the trained parts, storage of the frozen ones
+    device_type: str           # cuda | cpu
+    reason: str = ""           # the log line's words
+
+    amp_dtype = property(lambda self: {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name))
+    frozen_dtype = property(lambda self: self.amp_dtype or torch.float32)
+    use_scaler = property(lambda self: self.name == "fp16")  # fp16 gradients underflow without loss scaling
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device_type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+
+    def make_scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device_type, enabled=self.use_scaler)
+
+
+def choose_precision(name: str, device: torch.device) -> Precision:
+    """--precision auto: bf16 autocast on a GPU that has it, else fp16 + GradScaler; fp32 on a CPU. The frozen SD
+    parts are stored in the autocast dtype. bf16 / fp16 on a CPU take the GPU's code path (slow; a check)."""
+    cuda = device.type == "cuda"
+    if name not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"error: --precision: unknown value '{name}'. Expected auto, fp32, bf16 or fp16.")
+    if name == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UserError("error: --precision bf16: this GPU has no bf16. Expected --precision fp16 or auto.")
+    if name == "auto":
+        name = "fp32" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    why = "fp32" if name == "fp32" else f"{name} autocast{' + GradScaler' * (name == 'fp16')}, frozen parts in {name}"
+    return Precision(name, device.type, why + ("" if cuda or name == "fp32" else " (CPU: a check, slow)"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed), np.random.seed(seed % 2**32), torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict:  # in every checkpoint: a resumed run draws the same numbers as an unbroken one
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(), cuda=cuda)
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"]), np.random.set_state(s["numpy"]), torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
 # ---- Training loop (official exp 50: GTA5 source-only, RCS, AdamW + poly10warm, batch 1, 40k steps) ----
 def train(args: Args) -> dict:
     if args.profile or args.estimate_memory:  # measuring tools, not training: benchmarks/measure.py
         from benchmarks.measure import measure
         return measure("diff", args, globals())
     # Processes (torchrun: one per GPU, DDP), device, precision, seed.
-    dist, repeatable = runs.init_distributed(args.device, args.deterministic)
-    precision = runs.choose_precision(args.precision, dist.device)  # bf16 / fp16 + GradScaler / fp32 on CPU
+    dist, repeatable = init_distributed(args.device, args.deterministic)
+    precision = choose_precision(args.precision, dist.device)  # bf16 / fp16 + GradScaler / fp32 on CPU
     check_args(args)
-    runs.seed_everything(args.seed)  # Python, NumPy, torch; the extractor has its own generator, the data none
+    seed_everything(args.seed)  # Python, NumPy, torch; the extractor has its own generator, the data none
     K = check_pair(args.src, args.tgt)
     out = Path(args.out or f"runs/diff-{run_tag(args.src)}-{run_tag(args.tgt)}")
     if dist.is_main:
@@ -643,7 +738,7 @@ def train(args: Args) -> dict:
         scaler.load_state_dict(state["scaler"])
         generator.set_state(state["generator"])  # the extractor's draws: VAE samples, inversion noise
         start, history = state["step"], state["train_log"]
-        runs.set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         log(f"resumed from {ckpt} at step {start}") if dist.is_main else None
     runs.prepare_out_dir(out, args.resume, args.demo, dist.is_main)
     if dist.is_main and not args.resume:
@@ -677,7 +772,7 @@ def train(args: Args) -> dict:
         if i + 1 == args.iters or (args.ckpt_every and (i + 1) % args.ckpt_every == 0) or stop.requested():
             if dist.is_main:
                 runs.save_checkpoint(out, i + 1, model.state_dict(), dict(
-                    step=i + 1, rng=runs.get_rng_state(), optimizer=optimizer.state_dict(),
+                    step=i + 1, rng=get_rng_state(), optimizer=optimizer.state_dict(),
                     scaler=scaler.state_dict(), generator=generator.get_state(), train_log=history,
                     args=asdict(args)), args.keep_ckpts)
             dist.barrier()
@@ -699,7 +794,7 @@ def log_line(rec: dict, total: int, ms_per_step: float, device: torch.device) ->
     return " | ".join([f"step {rec['step']}/{total}", *values, f"{ms_per_step:.0f} ms/step", f"mem {mem:.1f} GB"])
 
 
-def finish(res: dict, out: Path, dist: runs.Dist, head: str) -> dict:
+def finish(res: dict, out: Path, dist: Dist, head: str) -> dict:
     """End of a run: `head | mIoU ..` (+ mIoU16 / mIoU13 for SYNTHIA sources), metrics.json's "final", curves."""
     if dist.is_main:
         log(" | ".join([head, *(f"mIoU{k[4:]} {100 * res[k]:.2f}" for k in ("miou", "miou16", "miou13") if k in res)]))
@@ -710,7 +805,7 @@ def finish(res: dict, out: Path, dist: runs.Dist, head: str) -> dict:
 
 # ---- Evaluation: unconditional branch only, whole image (official encoder_decoder.py whole inference) ----
 def evaluate(model: DIFFSegmentor, extractor: DiffusionExtractor, datasets: list, args: Args,
-             dist: runs.Dist, precision: runs.Precision, step: int, out: Path) -> dict:
+             dist: Dist, precision: Precision, step: int, out: Path) -> dict:
     """Score every target; print the per-class table and the `eval step` line; append to metrics.json."""
     model.eval()
     num_classes, scale, results = model.head.conv_seg.out_channels, (1 / 8 if args.demo else 1.0), {}

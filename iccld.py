@@ -61,9 +61,12 @@ Commands (memory: --estimate-memory's predicted peak, bf16, batch 2, crop 512)
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
+import os
+import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -449,7 +452,7 @@ def predict_diffusion(net: ICCLDNet, unet, ctx, ddim: DDIMScheduler, steps: int,
 
 # ---- The two training steps (one optimizer step of each stage) ---------------------------------------------
 def train_step_stage1(net, net_ema: ICCLDNet, lab: LabelLatents, opt, scaler, batch, i: int, args: Args,
-                      prec: runs.Precision) -> dict[str, float]:
+                      prec: Precision) -> dict[str, float]:
     """Stage-1 step i (Fig. 1 top; i = steps done). net: trained (E, D), maybe DDP-wrapped; net_ema: its EMA
     copy; lab: frozen label encoder; batch = (x_s (B, 3, c, c) in [0, 1], y_s (B, c, c), x_t (B, 3, c, c)).
     ClassMix and augmentation draw from the global torch generator."""
@@ -493,7 +496,7 @@ class Frozen:
 
 
 def train_step_stage2(unet, unet_ema, disc, fz: Frozen, opt, opt_d, scaler, batch, j: int, args: Args,
-                      prec: runs.Precision) -> dict[str, float]:
+                      prec: Precision) -> dict[str, float]:
     """Stage-2 step j (Fig. 1 bottom): eps_theta on L_eps + lambda_adv L_adv with the discriminator frozen,
     then the discriminator on the detached x0_hat. unet, disc maybe DDP-wrapped; batch as in stage 1.
     ClassMix, timesteps and noise draw from the global torch generator."""
@@ -558,8 +561,8 @@ def train_step_stage2(unet, unet_ema, disc, fz: Frozen, opt, opt_d, scaler, batc
 @dataclass
 class Run:
     """What `train` derives once from Args and the hardware; the stage loop and `evaluate` read it."""
-    dist: runs.Dist
-    precision: runs.Precision
+    dist: Dist
+    precision: Precision
     num_classes: int                  # K of the target class set
     sd: Any                           # SD parts on the CPU: vae; for stage 2 and evaluation also unet, scheduler
     ctx: Optional[torch.Tensor]       # (1, 77, d) CLIP embedding of "": eps_theta's context (stage 2)
@@ -689,16 +692,108 @@ def load_stage1_weights(path: str) -> tuple[dict, int]:
     return net_weights, state["step"] if state.get("stage") == 1 else state.get("offset", 0)
 
 
+# ---- Processes, device, precision, seeds (nanoGPT's train.py; the same block in all four scripts) ----------
+@dataclass
+class Dist:
+    """The processes init_distributed found: torchrun starts one per GPU; without it, one."""
+    rank: int
+    world: int
+    device: torch.device
+
+    is_main = property(lambda self: self.rank == 0)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:  # in place, over the processes
+        return torch.distributed.all_reduce(t) or t if self.world > 1 else t
+
+    def barrier(self) -> None:
+        torch.distributed.barrier() if self.world > 1 else None
+
+    def wrap(self, module: nn.Module) -> nn.Module:  # DDP: gradients averaged over the processes
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids) if self.world > 1 else module
+
+
+def init_distributed(device: str, deterministic: bool) -> tuple[Dist, str]:
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (one process per GPU, NCCL; gloo between CPU processes); one
+    process without it. -> (dist, what same-seed runs guarantee)."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if device not in ("auto", "cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise UserError(f"error: --device {device}: not available here. Expected auto, cpu or cuda (with a GPU).")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    torch.backends.mkldnn.deterministic = True  # CPU: some oneDNN backward kernels reduce in thread order otherwise
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # CPU: MKL's GEMMs otherwise vary with memory alignment
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, deterministic
+    if cuda and deterministic:  # deterministic cuBLAS / cuDNN kernels (slower)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return Dist(rank, world, dev), (
+        "CPU: same seed and thread count -> bit-identical runs and resume" if not cuda else
+        "CUDA --deterministic: bit-identical on the same GPU model" if deterministic else
+        "CUDA: equal up to float rounding (--deterministic: bit-identical)")
+
+
+@dataclass
+class Precision:
+    """What choose_precision picked, as autocast and a GradScaler."""
+    name: str                  # fp32 | bf16 | fp16: autocast dtype of the trained parts, storage of the frozen ones
+    device_type: str           # cuda | cpu
+    reason: str = ""           # the log line's words
+
+    amp_dtype = property(lambda self: {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name))
+    frozen_dtype = property(lambda self: self.amp_dtype or torch.float32)
+    use_scaler = property(lambda self: self.name == "fp16")  # fp16 gradients underflow without loss scaling
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device_type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+
+    def make_scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device_type, enabled=self.use_scaler)
+
+
+def choose_precision(name: str, device: torch.device) -> Precision:
+    """--precision auto: bf16 autocast on a GPU that has it, else fp16 + GradScaler; fp32 on a CPU. The frozen SD
+    parts are stored in the autocast dtype. bf16 / fp16 on a CPU take the GPU's code path (slow; a check)."""
+    cuda = device.type == "cuda"
+    if name not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"error: --precision: unknown value '{name}'. Expected auto, fp32, bf16 or fp16.")
+    if name == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UserError("error: --precision bf16: this GPU has no bf16. Expected --precision fp16 or auto.")
+    if name == "auto":
+        name = "fp32" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    why = "fp32" if name == "fp32" else f"{name} autocast{' + GradScaler' * (name == 'fp16')}, frozen parts in {name}"
+    return Precision(name, device.type, why + ("" if cuda or name == "fp32" else " (CPU: a check, slow)"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed), np.random.seed(seed % 2**32), torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict:  # in every checkpoint: a resumed run draws the same numbers as an unbroken one
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(), cuda=cuda)
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"]), np.random.set_state(s["numpy"]), torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
 # ---- Training: setup, stage 1 then stage 2 through one loop (log line, evaluation, checkpoint), end ----------
 def train(args: Args) -> dict:
     if args.profile or args.estimate_memory:  # measuring tools, not training: benchmarks/measure.py
         from benchmarks.measure import measure
         return measure("iccld", args, globals())
     # Processes (torchrun: one per GPU, DDP), device, precision, seed.
-    dist, repeatable = runs.init_distributed(args.device, args.deterministic)
-    precision = runs.choose_precision(args.precision, dist.device)  # bf16 / fp16 + GradScaler / fp32 on CPU
+    dist, repeatable = init_distributed(args.device, args.deterministic)
+    precision = choose_precision(args.precision, dist.device)  # bf16 / fp16 + GradScaler / fp32 on CPU
     check_args(args)
-    runs.seed_everything(args.seed)
+    seed_everything(args.seed)
     K = check_pair(args.src, args.tgt)
     out = Path(args.out or f"runs/iccld-{run_tag(args.src)}-{run_tag(args.tgt)}")
     if dist.is_main:
@@ -738,7 +833,7 @@ def train(args: Args) -> dict:
         del stage1                                                # frees its models and optimizer states
     if args.stage in ("2", "both"):  # stage 2: eps_theta, against the discriminator; E and D frozen
         if resume_stage != 2:  # its own seeded stream: --stage 2 --stage1-ckpt X = the second half of --stage both
-            runs.seed_everything(args.seed + 1)
+            seed_everything(args.seed + 1)
         stage2 = build_stage2(args, run, stage1_weights)
         result = train_stage(args, run, stage2, data, resume if resume_stage == 2 else None, offset,
                              result.get("miou_direct"))
@@ -768,7 +863,7 @@ def train_stage(args: Args, run: Run, stage: Stage1 | Stage2, data: tuple, resum
         for key, optimizer in optimizers.items():                # AdamW (+ the discriminator's Adam), scaler
             optimizer.load_state_dict(state[key])
         offset, start, history = state["offset"], state["step"] - state["offset"], state["train_log"]
-        runs.set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         log(f"[stage {number}] resumed at step {start}") if dist.is_main else None
     trained = dist.wrap(stage.net if number == 1 else stage.unet)  # DDP under torchrun: gradients averaged
     disc = dist.wrap(stage.disc) if number == 2 else None
@@ -805,7 +900,7 @@ def train_stage(args: Args, run: Run, stage: Stage1 | Stage2, data: tuple, resum
         if i + 1 == total or (args.ckpt_every and (i + 1) % args.ckpt_every == 0) or stop.requested():
             if dist.is_main:
                 runs.save_checkpoint(out, offset + i + 1, parts.state_dict(), dict(
-                    stage=number, offset=offset, step=offset + i + 1, rng=runs.get_rng_state(), train_log=history,
+                    stage=number, offset=offset, step=offset + i + 1, rng=get_rng_state(), train_log=history,
                     args=asdict(args), **{key: o.state_dict() for key, o in optimizers.items()}), args.keep_ckpts)
             if dist.is_main and number == 1 and i + 1 == total:  # outside the rotation: what --stage1-ckpt reads
                 runs.save_checkpoint(out / "stage1", i + 1, nn.ModuleDict({"net_ema": stage.net_ema}).state_dict(),

@@ -54,12 +54,12 @@ def measure(method: str, args: Any, script: dict) -> dict:
         the dict printed: `profile_training`'s or `estimate_memory`'s keys, then the method's setting.
     """
     if args.estimate_memory:
-        dist, precision = gpu_precision_on_cpu(args)
+        dist, precision = gpu_precision_on_cpu(args, script)
     else:
-        dist, _ = runs.init_distributed(args.device, args.deterministic)
-        precision = runs.choose_precision(args.precision, dist.device)
+        dist, _ = script["init_distributed"](args.device, args.deterministic)
+        precision = script["choose_precision"](args.precision, dist.device)
     build, extra = ADAPTERS[method](SimpleNamespace(**script), args, dist, precision)
-    runs.seed_everything(args.seed)
+    script["seed_everything"](args.seed)
     if args.estimate_memory:
         result = estimate_memory(build, extra=extra, namespaces=[script])
     else:
@@ -70,21 +70,21 @@ def measure(method: str, args: Any, script: dict) -> dict:
     return result
 
 
-def gpu_precision_on_cpu(args: Any) -> tuple[runs.Dist, runs.Precision]:
+def gpu_precision_on_cpu(args: Any, script: dict) -> tuple[Any, Any]:
     """Hardware of `--estimate-memory`: one CPU process, and the precision a GPU would run: `--precision auto`
     resolves to what a bf16-capable GPU uses (bf16 autocast, frozen parts in bf16); fp16 / fp32 as asked."""
     cpu = torch.device("cpu")
     name = "bf16" if args.precision == "auto" else args.precision
-    precision = runs.choose_precision(name, cpu)
+    precision = script["choose_precision"](name, cpu)
     precision.reason = f"{name} as a GPU would run it (--estimate-memory: shapes only, nothing computed)"
-    return runs.Dist(0, 1, 0, cpu), precision
+    return script["Dist"](0, 1, cpu), precision
 
 
 # ------------------------------------------------------------------------------------------------------------
 # One adapter per method: (script namespace, args, dist, precision) -> (build, extra JSON keys). Each drives
 # the script's own top-level functions; `build()` runs later (under FakeTensorMode for --estimate-memory).
 # ------------------------------------------------------------------------------------------------------------
-def _madm(m: Any, args: Any, dist: runs.Dist, precision: runs.Precision) -> tuple[Build, dict]:
+def _madm(m: Any, args: Any, dist: Any, precision: Any) -> tuple[Build, dict]:
     """MADM: `accum` micro-batches of (x_s, y_s, x_t) per optimizer step, as `train` splits the batch."""
     m.check_args(args, dist.world)
     K = check_pair(args.src, args.tgt)
@@ -107,7 +107,7 @@ def _madm(m: Any, args: Any, dist: runs.Dist, precision: runs.Precision) -> tupl
     return build, {**extra, **{k: getattr(args, k) for k in keys}}
 
 
-def _iccld(m: Any, args: Any, dist: runs.Dist, precision: runs.Precision) -> tuple[Build, dict]:
+def _iccld(m: Any, args: Any, dist: Any, precision: Any) -> tuple[Build, dict]:
     """ICCLD: one step of `--stage 1` or `--stage 2` (`check_args` refuses `both` when measuring); stage 2's
     frozen stage-1 model keeps its random initialisation."""
     m.check_args(args)
@@ -133,7 +133,7 @@ def _iccld(m: Any, args: Any, dist: runs.Dist, precision: runs.Precision) -> tup
                    "grad_checkpointing": args.grad_checkpointing}
 
 
-def _ptdiffseg(m: Any, args: Any, dist: runs.Dist, precision: runs.Precision) -> tuple[Build, dict]:
+def _ptdiffseg(m: Any, args: Any, dist: Any, precision: Any) -> tuple[Build, dict]:
     """PTDiffSeg: random class and scene embeddings stand in for the text encoder's (same shapes)."""
     K = m.check_args(args)
     dev, B, S = dist.device, args.batch_size, args.crop_size
@@ -153,7 +153,7 @@ def _ptdiffseg(m: Any, args: Any, dist: runs.Dist, precision: runs.Precision) ->
         "precision": precision.reason, "grad_checkpointing": args.grad_checkpointing}
 
 
-def _diff(m: Any, args: Any, dist: runs.Dist, precision: runs.Precision) -> tuple[Build, dict]:
+def _diff(m: Any, args: Any, dist: Any, precision: Any) -> tuple[Build, dict]:
     """DIFF: a random image whose label holds every prompt class (one band each: the largest batch)."""
     m.check_args(args)
     K, dev = check_pair(args.src, args.tgt), dist.device

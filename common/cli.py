@@ -1,9 +1,7 @@
-"""The command line of every script, generated from its `Args` dataclass (CleanRL style), and its terminal.
+"""The command line of every script, made from its `Args` dataclass (CleanRL style), and its terminal output.
 
-`python madm.py --help` lists every field with the docstring written under it. Bad input ends with one line on
-stderr and exit code 2 (`UserError`); a run stopped by SIGTERM / SIGINT after its checkpoint exits 75
-(`Stopped`, sysexits.h EX_TEMPFAIL: "try again", i.e. `--resume`). Progress bars are drawn only when stdout and
-stderr are terminals: in a log file a carriage-return bar would run into the log lines.
+Bad input ends with one line on stderr and exit code 2 (`UserError`); a run stopped by SIGTERM / SIGINT after its
+checkpoint exits 75 (`Stopped`; sysexits.h EX_TEMPFAIL: try again, with --resume).
 """
 from __future__ import annotations
 
@@ -25,35 +23,24 @@ class UserError(Exception):
 
 
 class Stopped(Exception):
-    """A training loop stopped by SIGTERM / SIGINT after writing its checkpoint; the message is the line it
-    printed. `run_cli` exits with EXIT_STOPPED; in a notebook the exception propagates."""
-
-
-def bars_enabled() -> bool:
-    try:
-        return sys.stdout.isatty() and sys.stderr.isatty()
-    except (AttributeError, ValueError):  # replaced or closed streams (notebooks, pytest capture)
-        return False
+    """A loop stopped by SIGTERM / SIGINT after its checkpoint (the message: the line it printed)."""
 
 
 def progress(iterable: Any = None, **kwargs: Any):
-    """`tqdm(iterable, **kwargs)`, a silent iterator unless both streams are terminals."""
+    """A tqdm bar, drawn only when stdout and stderr are terminals: in a log file it would run into the lines."""
     from tqdm import tqdm
-    return tqdm(iterable, disable=not bars_enabled(), dynamic_ncols=True, **kwargs)
+    tty = all(getattr(f, "isatty", lambda: False)() for f in (sys.stdout, sys.stderr))
+    return tqdm(iterable, disable=not tty, dynamic_ncols=True, **kwargs)
 
 
 def log(line: str) -> None:
-    """One log line on stdout (flushed), without breaking a progress bar being drawn."""
-    if not bars_enabled():
-        print(line, flush=True)
-        return
+    """One line on stdout, at once, without breaking a progress bar being drawn."""
     from tqdm import tqdm
-    tqdm.write(line, file=sys.stdout)
-    sys.stdout.flush()
+    tqdm.write(line, file=sys.stdout), sys.stdout.flush()
 
 
 def _field_docs(args_cls: type) -> dict[str, str]:
-    """{field: the string literal written on the line after it}; {} when the source is unavailable."""
+    """{field: the string literal written on the line under it}; {} when the source is unavailable."""
     try:
         body = ast.parse(textwrap.dedent(inspect.getsource(args_cls))).body[0].body
     except (OSError, TypeError):
@@ -63,20 +50,17 @@ def _field_docs(args_cls: type) -> dict[str, str]:
 
 
 def _parser(args_cls: type, with_defaults: bool) -> argparse.ArgumentParser:
-    """One flag per field: a bool also gets its "no-" form, tuple[...] takes several values, Optional[X] X or None."""
+    """One flag per field, its help the string under it; bool: also --no-x; tuple[X, ...]: several values."""
     hints, docs = typing.get_type_hints(args_cls), _field_docs(args_cls)
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(args_cls):
         tp, inner = hints[f.name], typing.get_args(hints[f.name])
         tp = inner[0] if type(None) in inner else tp  # Optional[X] -> X
-        kw: dict[str, Any] = dict(default=f.default if with_defaults else argparse.SUPPRESS,
-                                  help=docs.get(f.name, ""))
+        kw: dict[str, Any] = dict(default=f.default if with_defaults else argparse.SUPPRESS, help=docs.get(f.name, ""))
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) is tuple:
-            kw.update(type=typing.get_args(tp)[0], nargs="+")
         else:
-            kw["type"] = tp
+            kw.update(type=typing.get_args(tp)[0], nargs="+") if typing.get_origin(tp) is tuple else kw.update(type=tp)
         parser.add_argument("--" + f.name.replace("_", "-"), **kw)
     return parser
 
@@ -96,19 +80,17 @@ def parse_args(args_cls: type, argv: Optional[list[str]] = None) -> Any:
 def replace_defaults(args: Any, **values: Any) -> Any:
     """`args` with `values` for the fields the user left at their default: `--demo --iters 5` keeps the 5."""
     given = getattr(args, "_given", frozenset())
-    return dataclasses.replace(args, **{f.name: values[f.name] for f in dataclasses.fields(args)
-                                        if f.name in values and f.name not in given
-                                        and getattr(args, f.name) == f.default})
+    return dataclasses.replace(args, **{f.name: values[f.name] for f in dataclasses.fields(args) if f.name in values
+                                        and f.name not in given and getattr(args, f.name) == f.default})
 
 
 def run_cli(main: Callable[[Any], Any], args_cls: type, argv: Optional[list[str]] = None) -> None:
-    """Parse the command line (`argv`, default sys.argv) and run `main(args)`. Pasted into a notebook cell (where `__main__` is true too) it parses
-    nothing: the kernel's `-f kernel.json` would make argparse exit; it says how to call `main` instead."""
+    """Run `main(parse_args(...))`: exit 2 on a UserError (one line), 75 when stopped. Pasted into a notebook cell
+    (`__main__` there too) it parses nothing (the kernel's `-f kernel.json` would fail) and says what to call."""
     if argv is None and Path(sys.argv[0] if sys.argv else "").name.endswith("kernel_launcher.py"):
         name = args_cls.__name__
-        print(f"{name} and main are defined; run main({name}(demo=True)) for the demo, or "
-              f"main({name}(src=..., tgt=..., ...)) (the kernel's command line is not parsed).")
-        return
+        return print(f"{name} and main are defined; run main({name}(demo=True)) for the demo, or "
+                     f"main({name}(src=..., tgt=..., ...)) (the kernel's command line is not parsed).")
     try:
         main(parse_args(args_cls, argv))
     except UserError as e:
@@ -126,15 +108,14 @@ def check_common_flags(args: Any, crop_multiple: int) -> None:
     if (args.eval_only or args.predict) and not args.ckpt:
         raise UserError(f"error: --{'predict' if args.predict else 'eval-only'}: no --ckpt given. Expected --ckpt "
                         "<out>/checkpoints/step_XXXXXXX (a checkpoint folder written by training).")
-    bad = [(f"--{k.replace('_', '-')}", getattr(args, k), lo) for k, lo in
-           (("iters", 1), ("log_every", 1), ("eval_every", 1), ("batch_size", 1), ("ckpt_every", 0), ("profile", 0))
-           if getattr(args, k) < lo]
-    if bad:
-        raise UserError(f"error: {bad[0][0]}: got {bad[0][1]}. Expected an integer >= {bad[0][2]}.")
-    if args.eval_only and args.resume:
-        raise UserError("error: --resume: cannot be combined with --eval-only. Expected one of them.")
-    if args.profile and args.estimate_memory:
-        raise UserError("error: --estimate-memory: cannot be combined with --profile. Expected one of them.")
+    for k, lo in (("iters", 1), ("log_every", 1), ("eval_every", 1), ("batch_size", 1), ("ckpt_every", 0),
+                  ("profile", 0)):
+        if getattr(args, k) < lo:
+            raise UserError(f"error: --{k.replace('_', '-')}: got {getattr(args, k)}. Expected an integer >= {lo}.")
+    for a, b in (("eval_only", "resume"), ("profile", "estimate_memory")):
+        if getattr(args, a) and getattr(args, b):
+            raise UserError(f"error: --{b.replace('_', '-')}: cannot be combined with --{a.replace('_', '-')}. "
+                            "Expected one of them.")
     if args.crop_size < crop_multiple or args.crop_size % crop_multiple:
         raise UserError(f"error: --crop-size: got {args.crop_size}. Expected a positive multiple of "
                         f"{crop_multiple} (e.g. 512).")

@@ -265,7 +265,7 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch.
 
     Args: predict_fn: image (1, 3, h, w) in [0, 1] on `device` -> logits (1, K, h', w') (any stride);
     dataset: items {"image" (3, H, W) in [0, 1], "label" int64 (H, W), "name"} at native size; num_classes,
-    class_names, palette: the target's class set; dist: a `common.runs.Dist` (None = one process);
+    class_names, palette: the target's class set; dist: a script's `Dist` (None = one process);
     input_size: (W, H) every image is resized to, or a function (H, W) -> (W, H) (keep-ratio targets), None =
     native; metric_size: "native" (label size), "half" (Mapillary), "input" (MADM) or (W, H): logits are
     upsampled bilinearly to it (never an argmax), labels resized by `label_resize`; desc: the table header's

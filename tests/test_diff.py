@@ -41,7 +41,7 @@ torch.set_num_threads(1)
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 DEMO_DIMS = (128, 320, 512, 64)
 CPU = torch.device("cpu")
-FP32 = runs.choose_precision("fp32", CPU)
+FP32 = diff.choose_precision("fp32", CPU)
 
 # The official table (diff_config.yaml, diffusion.py generalized_steps), written out by hand: the UNet is
 # evaluated at seq_next[i] = 0, 1, ..., 22, 23, 26, 30, 34, 40, 45, 52, 60, 69, 80, 91, 105, 121, 139.
@@ -525,13 +525,13 @@ import diff, test_diff as T
 from common import runs
 from common.sd_backbone import encode_prompts, load_sd
 torch.set_num_threads(1)
-dist, _ = runs.init_distributed("cpu", False)
+dist, _ = diff.init_distributed("cpu", False)
 torch.manual_seed(0)
 sd = load_sd("tiny")
 prompts, sd.prompt_ids = diff.class_prompts(diff.Args.prompt_classes, 19)
 sd.emb = encode_prompts(sd.tokenizer, sd.text_encoder, [""] + prompts)
 ext, args = T.make_extractor(sd, 5), T.step_args(grad_clip=1e9)   # no clipping: gradients average linearly
-fp32 = runs.choose_precision("fp32", torch.device("cpu"))
+fp32 = diff.choose_precision("fp32", torch.device("cpu"))
 torch.manual_seed(0)
 model = diff.DIFFSegmentor(ext.in_channels, 19, T.DEMO_DIMS)
 x, y = T.image_and_label(prompted=True, seed=dist.rank)            # each process its own image
@@ -565,8 +565,8 @@ def half_run(name, steps=2, scale=None):
     as `train` seeds it; `scale` sets an absurd loss scale before the last step, so that its fp16 gradients
     overflow."""
     args = step_args(precision=name, grad_clip=5.0)
-    prec = runs.choose_precision(name, CPU)
-    runs.seed_everything(args.seed)
+    prec = diff.choose_precision(name, CPU)
+    diff.seed_everything(args.seed)
     ext, model, gen = diff.build_model(args, 19, CPU, prec)
     opt, scaler = diff.make_optimizer(model, args), prec.make_scaler()
     x01, y = (image_and_label()[0] + 1) / 2, image_and_label()[1]
@@ -670,7 +670,7 @@ def test_evaluation_pads_with_zero_in_normalised_space_and_crops_the_logits(sd, 
     ds = SimpleNamespace(name="bdd100k", split="val", num_classes=19,
                          info=SimpleNamespace(eval_input=("exact", (1280, 720)), metric="native"))
     args = diff.Args(demo=True, src="gta5")
-    diff.evaluate(model, ext, [ds], args, runs.Dist(0, 1, 0, CPU), FP32, 1, tmp_path)
+    diff.evaluate(model, ext, [ds], args, diff.Dist(0, 1, CPU), FP32, 1, tmp_path)
     x = ext.calls[0]["x"]
     assert x.shape == (1, 3, 64, 128) and ext.calls[0]["branches"] == ("uncond",)
     assert not x[..., 40:, :].any() and not x[..., :, 72:].any()
@@ -697,7 +697,7 @@ def test_miou16_belongs_to_synthia_source_runs(sd, tmp_path, monkeypatch, src, t
                          info=SimpleNamespace(eval_input=("exact", (1024, 512)), metric="native"))
     ext = make_extractor(sd, 1)
     diff.evaluate(diff.DIFFSegmentor(ext.in_channels, 19, DEMO_DIMS), ext, [ds], diff.Args(src=src, tgt=tgt),
-                  runs.Dist(0, 1, 0, CPU), FP32, 7, tmp_path)
+                  diff.Dist(0, 1, CPU), FP32, 7, tmp_path)
     assert seen["synthia"] is expected
     record = json.loads((tmp_path / "metrics.json").read_text())["evals"][-1]
     assert ("miou16" in record and "miou13" in record) is expected

@@ -103,7 +103,7 @@ def _pool8(w):
 def _setup(sd, prec="fp32", **kw):
     """The Args and the Run a stage is built from (prec: its Precision, as the step functions take it)."""
     a = iccld.Args(**{**dict(sd_model="tiny", crop_size=32, iters=20, iters_stage2=20, warmup_iters=10), **kw})
-    run = iccld.Run(runs.Dist(0, 1, 0, CPU), runs.choose_precision(prec, CPU), 19, copy.deepcopy(sd),
+    run = iccld.Run(iccld.Dist(0, 1, CPU), iccld.choose_precision(prec, CPU), 19, copy.deepcopy(sd),
                     _ctx(sd, 1).float())
     return SimpleNamespace(args=a, run=run, prec=run.precision)
 
@@ -742,7 +742,7 @@ sys.path.insert(0, "tests")
 import iccld, test_iccld as T
 from common import runs, sd_backbone
 torch.set_num_threads(1)
-cpu, dist = torch.device("cpu"), runs.init_distributed("cpu", False)[0]
+cpu, dist = torch.device("cpu"), iccld.init_distributed("cpu", False)[0]
 sd = sd_backbone.load_sd("tiny")
 a = iccld.Args(sd_model="tiny", crop_size=64, iters=20, iters_stage2=20, warmup_iters=10, lambda_adv=0.5,
                pseudo_threshold=0.0)                                # every target pixel weighs: all terms act
@@ -750,9 +750,9 @@ batch = T._batch(64, seed=dist.rank, b=1)                           # each proce
 out = {}
 for stage, trained in (("1", ("net",)), ("1 source-only", ("net",)), ("2", ("unet", "disc"))):
     a.source_only = stage.endswith("source-only")                   # then the source pass is the only one
-    for run, d in (("alone", runs.Dist(0, 1, 0, cpu)), ("ddp", dist)):
+    for run, d in (("alone", iccld.Dist(0, 1, cpu)), ("ddp", dist)):
         torch.manual_seed(0)                                        # the same initial weights everywhere
-        r = iccld.Run(d, runs.choose_precision("fp32", cpu), 19, copy.deepcopy(sd), T._ctx(sd, 1).float())
+        r = iccld.Run(d, iccld.choose_precision("fp32", cpu), 19, copy.deepcopy(sd), T._ctx(sd, 1).float())
         st = iccld.build_stage1(a, r) if stage[0] == "1" else iccld.build_stage2(a, r, None)
         if stage == "2":                                            # open the condition channels (zero-initialised):
             with torch.no_grad():                                   # else x0_hat, the discriminator's input, is
@@ -828,8 +828,8 @@ def _record_wraps(monkeypatch):
     """What `Dist.wrap` wrapped (in one process it returns the module itself) and the trained modules each step
     function was handed (stage 1: net; stage 2: unet, disc): the loop must hand the steps its DDP-wrapped
     modules (the 2-process test checks that a wrapped module averages the gradients)."""
-    wrapped, handed, wrap = [], [], runs.Dist.wrap
-    monkeypatch.setattr(runs.Dist, "wrap", lambda self, m: wrapped.append(m) or wrap(self, m))
+    wrapped, handed, wrap = [], [], iccld.Dist.wrap
+    monkeypatch.setattr(iccld.Dist, "wrap", lambda self, m: wrapped.append(m) or wrap(self, m))
     for name, where in (("train_step_stage1", (0,)), ("train_step_stage2", (0, 2))):
         monkeypatch.setattr(iccld, name, lambda *a, fn=getattr(iccld, name), where=where, **k: (
             handed.append([a[j] for j in where]), fn(*a, **k))[1])

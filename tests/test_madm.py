@@ -30,7 +30,7 @@ import madm
 import madm_reference as ref
 from common.datasets import CLASS_SETS, PALETTES, check_pair
 from common.cli import UserError
-from common.runs import Dist, choose_precision
+from madm import Dist, choose_precision
 from common.sd_backbone import vae_encode
 from common.synthetic import ensure_synthetic_sample
 
@@ -386,7 +386,7 @@ def step_setup(tgt="fmb_infrared", lplr=(3.0, 0.5), precision="fp32", crop=32, r
         for p in student.seg.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
     t0, frac, w = madm.task_settings(args)
-    run = madm.Run(Dist(rank, 2 if rank else 1, rank, CPU), prec, PALETTES[K], CLASS_SETS[K], t0,
+    run = madm.Run(Dist(rank, 2 if rank else 1, CPU), prec, PALETTES[K], CLASS_SETS[K], t0,
                    int(round(frac * args.iters)), w)
     return args, run, student, ema_seg, madm.make_optimizer(student, args), prec.make_scaler()
 
@@ -865,7 +865,7 @@ def test_same_seed_runs_are_bit_identical_at_the_default_thread_count(three_runs
     """Issue 15.4: two same-seed runs with the default thread count, one building the data caches on a fresh
     sample and one reading them, hold bit-identical weights at step 2. (The reported difference, `loss_reg_s`
     2.529 vs 2.539 at step 5, could not be reproduced on this machine; the setting that addresses it is
-    oneDNN's deterministic mode, which runs.init_distributed switches on for every CPU run.)"""
+    oneDNN's deterministic mode, which init_distributed switches on for every CPU run.)"""
     tmp, killed_step2 = three_runs
     a = _weights(tmp / "ref", 2)
     assert a.keys() == killed_step2.keys()

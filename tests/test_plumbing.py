@@ -16,6 +16,10 @@ import torch
 
 from pathlib import Path
 
+import diff  # noqa: E402
+import iccld  # noqa: E402
+import madm  # noqa: E402
+import ptdiffseg  # noqa: E402
 from common import cli, metrics, runs  # noqa: E402
 from common.cli import UserError, parse_args, replace_defaults
 from common.metrics import write_metrics
@@ -63,10 +67,10 @@ def test_replace_defaults_keeps_what_the_user_set():
 
 
 def test_rng_state_round_trip():
-    runs.seed_everything(3)
-    state = runs.get_rng_state()
+    madm.seed_everything(3)
+    state = madm.get_rng_state()
     first = (torch.rand(3), np.random.rand(3), __import__("random").random())
-    runs.set_rng_state(state)
+    madm.set_rng_state(state)
     second = (torch.rand(3), np.random.rand(3), __import__("random").random())
     assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2] == second[2]
 
@@ -141,7 +145,6 @@ def test_metrics_json_append_and_nan_to_null(tmp_path):
 
 
 def test_log_line_format():
-    import madm
     line = madm.log_line({"step": 1200, "loss_src": 0.4123, "q": 0.71, "lr": 5e-6}, 10000, 410.2, torch.device("cpu"))
     assert line.startswith("step 1200/10000 | loss_src 0.412 | q 0.710 | lr 5.0e-06 | 410 ms/step | mem ")
 
@@ -155,11 +158,24 @@ def test_check_finite(tmp_path):
         runs.check_finite(torch.tensor(float("inf")), 7, tmp_path)
 
 
-def test_precision_on_cpu():
-    p = runs.choose_precision("auto", torch.device("cpu"))
-    assert p.amp_dtype is None and not p.use_scaler and p.frozen_dtype == torch.float32
+SCRIPTS = (madm, iccld, ptdiffseg, diff)
+
+
+def test_the_four_scripts_set_up_processes_and_precision_with_the_same_block():
+    """The setup block (processes, device, precision, seeds) is written out in every script, the same text so
+    that each file stands alone: a change to one copy must be made to all four."""
+    import inspect
+    for fn in ("Dist", "init_distributed", "Precision", "choose_precision", "seed_everything", "get_rng_state",
+               "set_rng_state"):
+        assert len({inspect.getsource(getattr(m, fn)) for m in SCRIPTS}) == 1, fn
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
+def test_precision_on_cpu(script):
+    p = script.choose_precision("auto", torch.device("cpu"))
+    assert p.amp_dtype is None and not p.use_scaler and p.frozen_dtype == torch.float32 and p.reason == "fp32"
     with pytest.raises(UserError, match="^error: --precision: unknown value 'fp8'"):
-        runs.choose_precision("fp8", torch.device("cpu"))
+        script.choose_precision("fp8", torch.device("cpu"))
 
 
 def test_run_cli_prints_one_line_and_exits_2(tmp_path):
@@ -190,7 +206,7 @@ def test_half_precision_on_cpu_takes_the_gpu_code_path():
     """bf16 / fp16 on the CPU: half-precision autocast, frozen parts stored in half, a live GradScaler for fp16
     only; fp32 means fp32 everywhere (frozen parts too)."""
     cpu = torch.device("cpu")
-    bf, fp, f32 = (runs.choose_precision(n, cpu) for n in ("bf16", "fp16", "fp32"))
+    bf, fp, f32 = (madm.choose_precision(n, cpu) for n in ("bf16", "fp16", "fp32"))
     assert (bf.amp_dtype, bf.frozen_dtype, bf.use_scaler) == (torch.bfloat16, torch.bfloat16, False)
     assert (fp.amp_dtype, fp.frozen_dtype, fp.use_scaler) == (torch.float16, torch.float16, True)
     assert (f32.amp_dtype, f32.frozen_dtype, f32.use_scaler) == (None, torch.float32, False)
@@ -214,13 +230,18 @@ def test_half_precision_on_cpu_takes_the_gpu_code_path():
 
 
 def test_init_distributed_makes_the_cpu_deterministic_and_checks_the_device():
+    """oneDNN's deterministic mode, and MKL's strict reproducibility (without it a 3x3 convolution's backward on a
+    1x1 map, as the tiny UNet's innermost block has at crop 32, differed between same-seed 2-thread runs: MKL's
+    GEMM path depends on memory alignment); --device is checked."""
     torch.backends.mkldnn.deterministic = False
-    dist, repeatable = runs.init_distributed("cpu", deterministic=False)
+    os.environ.pop("MKL_CBWR", None)  # MKL's conditional numerical reproducibility: read at its first call
+    dist, repeatable = madm.init_distributed("cpu", deterministic=False)
+    assert os.environ["MKL_CBWR"] == "AUTO,STRICT"
     assert (dist.world, dist.rank, dist.device.type, dist.is_main) == (1, 0, "cpu", True)
     assert torch.backends.mkldnn.deterministic and "bit-identical" in repeatable
     assert dist.wrap(torch.nn.Linear(2, 2)).__class__ is torch.nn.Linear   # one process: no DDP
     with pytest.raises(UserError, match="^error: --device tpu"):
-        runs.init_distributed("tpu", deterministic=False)
+        madm.init_distributed("tpu", deterministic=False)
 
 
 @pytest.mark.parametrize("change, flag", [(dict(eval_only=True), "--eval-only"), (dict(predict="x"), "--predict"),
@@ -364,7 +385,7 @@ def test_curves_png_with_matplotlib_and_one_line_without(tmp_path, capsys, monke
 # ----------------------------------------------------------------------------------------------------------------
 # Preemption: SIGTERM / SIGINT stop the loop at the next step boundary, after a checkpoint
 # ----------------------------------------------------------------------------------------------------------------
-ONE = runs.Dist(0, 1, 0, torch.device("cpu"))
+ONE = madm.Dist(0, 1, torch.device("cpu"))
 
 
 def _handlers():
@@ -430,13 +451,14 @@ def test_run_cli_exits_75_after_a_stop(tmp_path):
         import os, signal, sys, torch
         sys.path.insert(0, {ROOT!r})
         from dataclasses import dataclass
+        import madm
         from common import cli, runs
         @dataclass
         class Args:
             x: int = 1
             \"\"\"a number\"\"\"
         def main(args):
-            stop = runs.StopOnSignal(runs.Dist(0, 1, 0, torch.device("cpu")))
+            stop = runs.StopOnSignal(madm.Dist(0, 1, torch.device("cpu")))
             for i in stop.steps(0, 10):
                 if i == 1:
                     os.kill(os.getpid(), signal.SIGINT)

@@ -36,8 +36,8 @@ NAMES = ("road", "sky", "car", "person", "vegetation")  # a small class set keep
 # model's steps tens of times slower than a single thread.
 ENV1 = dict(os.environ, OMP_NUM_THREADS="1")
 CPU = torch.device("cpu")
-FP32 = runs.choose_precision("fp32", CPU)
-ONE = runs.Dist(0, 1, 0, CPU)  # one process
+FP32 = P.choose_precision("fp32", CPU)
+ONE = P.Dist(0, 1, CPU)  # one process
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -70,8 +70,8 @@ def demo_args(out, **kw) -> P.Args:
 def setup(args: P.Args) -> P.Run:
     """What `P.train` builds before its loop, in the same order (processes, precision, checks, data, frozen SD,
     prompt embeddings, model, the run folder and its prompt cache), for the tests of evaluation and TTDA."""
-    dist, _ = runs.init_distributed(args.device, args.deterministic)
-    precision = runs.choose_precision(args.precision, dist.device)
+    dist, _ = P.init_distributed(args.device, args.deterministic)
+    precision = P.choose_precision(args.precision, dist.device)
     K, out = P.check_args(args), Path(args.out)
     data = P.build_data(args, K)
     sd = P.FrozenSD.load(args, dist.device, precision.frozen_dtype)
@@ -486,7 +486,7 @@ import ptdiffseg as P
 from common import runs
 from common.sd_backbone import encode_prompts, load_sd
 torch.set_num_threads(1)
-dist, _ = runs.init_distributed("cpu", False)
+dist, _ = P.init_distributed("cpu", False)
 sd = load_sd("tiny")
 c = P.class_embeddings(sd.tokenizer, sd.text_encoder, ("road", "sky", "car", "person", "vegetation"))
 s = encode_prompts(sd.tokenizer, sd.text_encoder, list(P.SCENE_PROMPTS), pooled=True).float()
@@ -494,7 +494,7 @@ fsd = P.FrozenSD(sd.unet, sd.vae, timestep=1, latent_scale=True)
 torch.manual_seed(0)
 model = P.PTDiffSeg(c, s, fsd.channels, gamma_init=0.3).eval()   # eval: no BN batch statistics
 args = P.Args(iters=20, warmup_iters=5, crop_size=64)
-fp32 = runs.choose_precision("fp32", torch.device("cpu"))
+fp32 = P.choose_precision("fp32", torch.device("cpu"))
 g = torch.Generator().manual_seed(11)                               # the global batch, the same in every process
 x, y = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, torch.randint(0, 5, (2, 64, 64), generator=g)
 idx = torch.tensor([[0, 5], [3, 11]])
@@ -541,7 +541,7 @@ def test_half_precision_train_and_ttda_steps_on_cpu(tiny, name, tol, grad_tol):
     """A few steps of each loop: finite losses, the scaler state (fp16: scale kept and growth tracker counting,
     or halved after an overflow; bf16: no scaler), the head autocast to half, and the first step's loss and
     gradients close to fp32 (loss within `tol`, every gradient within `grad_tol`, both relative)."""
-    prec = runs.choose_precision(name, CPU)
+    prec = P.choose_precision(name, CPU)
     half = prec.frozen_dtype
     fsd_h = P.FrozenSD.load(P.Args(sd_model="tiny"), CPU, half)
     assert fsd_h.unet.dtype == fsd_h.vae.dtype == half
@@ -657,7 +657,7 @@ def _snapshot(run):
 
 def test_ttda_changes_only_the_scene_prompt(tmp_path):
     ensure_synthetic_sample(DATA)
-    runs.seed_everything(0)
+    P.seed_everything(0)
     run = setup(demo_args(tmp_path, ttda=True, ttda_steps=2, ttda_threshold=0.0, ttda_lr=1e-2))
     run.model.train()  # TTDA must switch to eval mode itself (BN statistics untouched) and restore the mode
     before = _snapshot(run)
@@ -830,7 +830,7 @@ def test_demo_learns(demo, tmp_path):
     assert len(losses) >= 3 and losses[-1] < 0.85 * losses[0], losses
     trained = [e["miou"] for e in json.loads((out / "metrics.json").read_text())["evals"]
                if e["prompt"] == "source prompt"][-1]
-    runs.seed_everything(0)
+    P.seed_everything(0)
     run = setup(demo_args(tmp_path))
     untrained = P.evaluate(run, 0)["cityscapes"]["miou"]
     assert trained > 1.5 * untrained and trained > untrained + 0.02, (trained, untrained)
