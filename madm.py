@@ -21,36 +21,32 @@ Paper (Fig. 2) -> code [official files]
   One optimizer step, all of it assembled .... train_step
 
 Deviations from the paper and the official code's active path
-  * Plain PyTorch + diffusers + transformers (no detectron2 / mmcv / ODISE / kornia); hooks on the stock UNet
-    forward; CLIPTextModel embeds "" once and is freed; kornia's colour jitter by hand (common/daformer.py).
+  * Plain PyTorch + diffusers + transformers (no detectron2 / mmcv / ODISE / kornia): hooks on the stock UNet;
+    "" embedded once, the text encoder freed; kornia's colour jitter by hand (common/daformer.py).
   * Backward after each student pass (source, then mixed): the same summed gradient, half the activations.
   * Global batch 2 = 2 micro-steps of (1 source + 1 target) with accumulation (official: 2 GPUs, torchrun);
     each reseeds torch from (seed, step, global micro index): the GPU / accumulation split changes nothing.
   * `--precision auto`: bf16 autocast where supported, else fp16 + GradScaler (official), fp32 on CPU; the
     frozen VAE in the precision's half dtype, fp32 under fp32 (official fp16: `--vae-dtype fp16` under bf16).
-  * Evaluation scores the full test list (the official 2-GPU evaluation scores only the first half: its gather
-    is commented out; `miou_first_half` in metrics.json). `--resume` restores the step (official: restarts).
-  * Data: source (rare-class sampling) and target crops drawn with replacement as a pure function of (seed,
-    step, index) (`TrainStream`), so resume and any GPU count see the same batches; paths by flags.
+  * Evaluation scores the full test list (official 2-GPU evaluation: only the first half, its gather commented
+    out; `miou_first_half` in metrics.json). `--resume` restores the step (official: restarts).
+  * Crops drawn with replacement as a pure function of (seed, step, index) (`TrainStream`, source with rare-class
+    sampling): resume and any GPU count see the same batches.
   * Not official: `--source-only` (the paper's baseline row: source CE + source LPLR; no teacher, no mix),
     `--fusion-stride 4` (fuse at 1/4: less memory, changes results), `--eval-label-size native`,
     `--grad-checkpointing`, `--deterministic`, any source/target pair (other targets: `TASKS["other"]`).
-  * `--demo`: the mini SD pretrained on the synthetic world (common/mini_sd.py), 1/8-size synthetic data
-    (crop, eval 64), 40 steps, lr 3e-3, fusion stride 4; the paper's pseudo-label threshold 0.968 (on mini the
-    teacher passes it: q > 0 in 27 of the demo's 40 steps; the random `tiny` SD never does).
+  * `--demo`: the mini SD (common/mini_sd.py), 1/8-size synthetic data (crop, eval 64), 40 steps, lr 3e-3,
+    fusion stride 4, the paper's threshold 0.968 (mini's teacher passes it: q > 0 in 27 of 40 steps).
   Kept on purpose (official quirks): the teacher shares the student's UNet (only conditioning, projections and
   head are EMA'd) and runs its head in train mode; one fixed seed-42 noise pattern, added even at t = 0; s0
   decoded without gradient; conv_norm_out / conv_out frozen; CE averaged over all pixels; ClassMix may paste
   255; q also weights the source-pasted pixels of the mixed LPLR mask; metric at 512x512 on resized labels.
 
-Commands
-  python madm.py --src cityscapes --tgt dsec_event   # paper setting (or fmb_infrared, deliver_depth): 23.4 GB
-  torchrun --nproc_per_node 2 madm.py --src cityscapes --tgt fmb_infrared    # the official 2-GPU layout
-  python madm.py --src cityscapes --tgt dsec_event --source-only            # baseline: the source-only row
+Commands (more in README.md; memory: --estimate-memory's bf16 peak, official README: GPUs > 40 GB)
+  python madm.py --src cityscapes --tgt dsec_event [--source-only]   # paper setting / baseline row: 23.4 GB
   python madm.py --src cityscapes --tgt dsec_event --grad-checkpointing --fusion-stride 4  # on 24 GB: 16.8 GB
-  python madm.py --sd-model random-sd15 --estimate-memory [flags]   # peak GPU memory, no GPU (above: bf16;
-      official README: GPUs > 40 GB); 16 GB is too small: fp32 UNet weights, grads, AdamW states take 14.1 GB
-  python madm.py --demo                                      # CPU, minutes: mini SD + synthetic data
+  torchrun --nproc_per_node 2 madm.py --src cityscapes --tgt fmb_infrared    # the official 2-GPU layout
+  python madm.py --demo                                                       # CPU, minutes: mini SD, synthetic data
 """
 from __future__ import annotations
 
@@ -85,8 +81,7 @@ class Args:
     src: str = "cityscapes"
     """source dataset (labelled RGB); official configs: Cityscapes"""
     tgt: str = "dsec_event"
-    """target dataset (unlabelled modality): dsec_event, fmb_infrared, deliver_depth, any registry name or
-    folder:PATH (your own images, data/README.md)"""
+    """target (unlabelled modality): dsec_event, fmb_infrared, deliver_depth, any dataset or folder:PATH"""
     data_root: str = "data"
     """folder holding the datasets in their official layouts (data/README.md)"""
     out: Optional[str] = None
@@ -122,8 +117,7 @@ class Args:
     profile: int = 0
     """time N training iterations (FLOPs, s/iter, memory, utilization), print one JSON line, write nothing"""
     estimate_memory: bool = False
-    """predict the peak GPU memory of one training step of this exact command without a GPU, data or weights
-    (shapes only, benchmarks/measure.py); print one JSON line"""
+    """predict the peak GPU memory of this command's training step without GPU, data or weights; one JSON line"""
     demo: bool = False
     """mini SD (pretrained on the synthetic world) + synthetic data + short schedule: minutes on a CPU"""
     # ---- data
@@ -137,8 +131,7 @@ class Args:
     """rare-class sampling temperature on the source; official dataset (DAFormer RCS)"""
     # ---- backbone
     sd_model: str = "CompVis/stable-diffusion-v1-4"
-    """hub id or folder (mini: pretrained miniature; tiny, random-sd15: random weights); official
-    models/mtmadise_multi_lora.py"""
+    """hub id or folder (mini: pretrained miniature; tiny, random-sd15: random); official mtmadise_multi_lora.py"""
     vae_dtype: str = "auto"
     """frozen VAE dtype: auto = precision's (fp16 under fp16 = official; bf16; fp32) | fp16 | bf16 | fp32"""
     noise_seed: int = 42
@@ -186,8 +179,7 @@ class Conditioning(nn.Module):
     context c = tanh(a_u) * E("") + tanh(a_c) * P                       (1, 77, d)
     time emb  = time_embedding(time_proj(t)) + tanh(a_t) * T            (1, d_t)
     E("") is the frozen text-encoder output of the empty prompt (a buffer, not trained). a_t starts at zero,
-    so the time offset is exactly 0 at initialisation; a_u, a_c ~ U(0, 1); P, T trunc-normal(0.02) (official).
-    """
+    so the time offset is exactly 0 at initialisation; a_u, a_c ~ U(0, 1); P, T trunc-normal(0.02) (official)."""
 
     def __init__(self, e_empty: torch.Tensor, time_dim: int):
         super().__init__()
@@ -224,11 +216,6 @@ class TimeOffsetHook:
 F32, F16, F8 = "up_blocks.1.upsamplers.0", "up_blocks.2.upsamplers.0", "up_blocks.3"
 
 
-def feature_channels(unet: nn.Module) -> tuple[int, int, int]:
-    """(C_f8, C_f16, C_f32) = (320, 640, 1280) for SD 1.x; smaller for the tiny SD."""
-    return tuple(unet.config.block_out_channels[:3])  # = the widths out of up_blocks[3], [2], [1]
-
-
 def _no_autocast(kind: str) -> contextlib.AbstractContextManager:
     """Leave the trained parts' autocast: the frozen VAE runs in its storage dtype (also on meta tensors)."""
     return torch.autocast(kind, enabled=False) if kind in ("cuda", "cpu") else contextlib.nullcontext()
@@ -246,28 +233,25 @@ class Frozen:
 
     def noise(self, z: torch.Tensor) -> torch.Tensor:
         """eps_fix at the latent size of z (bicubic when not 64x64), broadcast over the batch (official)."""
-        eps = self.eps_fix                                                   # fp32, on z's device
+        eps = self.eps_fix                                                   # (1, 4, 64, 64) fp32
         if eps.shape[-2:] != z.shape[-2:]:
             eps = F.interpolate(eps, size=z.shape[-2:], mode="bicubic", align_corners=False)
         return eps.expand(z.shape[0], -1, -1, -1).to(z.dtype)                   # (B, 4, h, w)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Image (B, 3, H, W) in [0, 1] -> clean latent z = posterior mean x 0.18215 (B, 4, H/8, W/8), fp32.
-        Grey modalities arrive replicated to 3 channels and are fed as if RGB: x * 2 - 1 in [-1, 1]."""
+        """(B, 3, H, W) in [0, 1] (grey modalities replicated, fed as RGB) -> z = posterior mean x 0.18215, fp32."""
         with _no_autocast(x.device.type):
             return vae_encode(self.vae, x * 2 - 1).float()
 
-    def decode(self, o: torch.Tensor) -> torch.Tensor:
-        """Scaled latent (B, 4, h, w) -> image (B, 3, 8h, 8w), not clipped, fp32; no gradient flows back."""
+    def decode(self, o: torch.Tensor) -> torch.Tensor:  # (B, 4, h, w) -> (B, 3, 8h, 8w), not clipped; no gradient
         with _no_autocast(o.device.type):
             return vae_decode(self.vae, o.detach()).float()
 
 
 # ---- Projections and the DAFormer head (official detectron2 BottleneckBlock, daformer_head.py) ----
 class Bottleneck(nn.Module):
-    """detectron2 BottleneckBlock (1 block, stride 1, GN(32)): 1x1 C->128, 3x3 128->128, 1x1 128->C_out, GN
-    after each conv, ReLU after the first two; shortcut 1x1 C->C_out + GN; add; ReLU. Bias-free convs, Kaiming
-    normal (fan_out, relu) as detectron2's c2_msra_fill."""
+    """detectron2 BottleneckBlock (stride 1, GN(32)): 1x1 C->128, 3x3 128->128, 1x1 128->C_out, GN after each,
+    ReLU after the first two; shortcut 1x1 C->C_out + GN; add; ReLU. Bias-free convs (c2_msra_fill init)."""
 
     def __init__(self, c_in: int, c_out: int, c_mid: int = 128):
         super().__init__()
@@ -313,9 +297,7 @@ class SegHead(nn.Module):
 def madm_forward(unet: nn.Module, seg: SegHead, frozen: Frozen, z0: torch.Tensor,
                  t: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One MADM pass: noised latent -> UNet (one call) -> features, o -> s0 = decode(o) -> head -> logits.
-    z0 (B, 4, h, w) clean VAE latent, t the timestep (0 for student/eval, the DPLG t for the teacher).
-    Returns logits (B, K, 8h, 8w) and the UNet output o (B, 4, h, w) that LPLR regresses.
-    """
+    z0 (B, 4, h, w) clean latent, t (0: student / eval; DPLG t: teacher) -> logits (B, K, 8h, 8w), o (B, 4, h, w)."""
     z_t = add_noise(frozen.scheduler, z0, frozen.noise(z0), t)  # z_t = sqrt(ab_t) z0 + sqrt(1 - ab_t) eps_fix
     frozen.time_hook.delta = seg.cond.time_delta()               # (1, d_t) time offset of this conditioning
     o = unet(z_t, t, encoder_hidden_states=seg.cond.context(z0.shape[0])).sample   # (B, 4, h, w)
@@ -357,9 +339,8 @@ def palette_latent(frozen: Frozen, y: torch.Tensor, palette: np.ndarray) -> torc
 
 def loss_lplr(o: torch.Tensor, z_pal: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """LPLR latent regression L_reg = sum(|o - z_pal| * m) / numel(o) (official: numel counts masked ones).
-    o, z_pal (B, 4, h, w); mask (B, H, W) float pixel weights (valid 1, ignore 0; times q for the mixed
-    image), nearest-downsampled to the latent size and repeated over the 4 channels.
-    """
+    o, z_pal (B, 4, h, w); mask (B, H, W) pixel weights (valid 1, ignore 0; x q for the mixed image), nearest-
+    downsampled to the latent size and repeated over the 4 channels."""
     m = F.interpolate(mask[:, None].float(), size=o.shape[-2:], mode="nearest").expand_as(o)  # (B, 4, h, w)
     return ((o.float() - z_pal).abs() * m).sum() / o.numel()
 
@@ -395,16 +376,12 @@ def class_mix(M: torch.Tensor, x_s: torch.Tensor, x_t: torch.Tensor, y_s: torch.
 def lr_factor(i: int, total: int) -> float:
     """detectron2 WarmupParamScheduler(MultiStepParamScheduler) as configured in config_files/common/optim.py.
     U = 2N - 1, e(i) = int((i/N + 1e-6) U); factor 1 before int(0.88888 U), 0.1 before int(0.96296 U), then
-    0.01; linear warm-up from 0.067 while i/N < 500/184375 (about 27 of 10000 steps).
-    """
+    0.01; linear warm-up from 0.067 while i/N < 500/184375 (about 27 of 10000 steps)."""
     U = 2 * total - 1
     e = int((i / total + 1e-6) * U)
     f = 1.0 if e < int(0.88888 * U) else 0.1 if e < int(0.96296 * U) else 0.01
-    warm = 500 / 184375
-    if i / total < warm:
-        a = (i / total) / warm
-        f *= 0.067 * (1 - a) + a
-    return f
+    a = min(i / total / (500 / 184375), 1.0)                     # warm-up progress, 1 after it
+    return f * (0.067 * (1 - a) + a)
 
 
 def make_optimizer(model: nn.Module, args: Args) -> torch.optim.AdamW:
@@ -449,8 +426,7 @@ def train_step(student: nn.Module, ema_seg: SegHead, optimizer: torch.optim.Opti
     student: the `Student` (or DistributedDataParallel around it); ema_seg: the teacher's EMA SegHead; batch:
     this process's A micro-batches (x_s (b, 3, H, W) in [0, 1], y_s (b, H, W) int64 255 = ignore, x_t as x_s).
     Every draw (t0, ClassMix, augmentation, dropout) comes from the torch generator reseeded per micro-step.
-    Returns plain floats, the losses and q averaged over the micro-steps.
-    """
+    Returns plain floats, the losses and q averaged over the micro-steps."""
     model = getattr(student, "module", student)                   # the Student itself under DDP
     A, fz, prec, w = len(batch), model.frozen, run.precision, run.lplr_w
     logs = dict.fromkeys(("loss_src", "loss_mix", "loss_reg_s", "loss_reg_t", "q", "t_dplg"), 0.0)
@@ -553,7 +529,8 @@ def build_model(args: Args, num_classes: int, device: torch.device, precision: P
                     TimeOffsetHook(unet), torch.randn(1, 4, 64, 64, generator=g).to(device))
     torch.manual_seed(args.seed)                                              # head / conditioning init
     cond = Conditioning(e_empty, unet.time_embedding.linear_2.out_features)   # d_t = 1280 in SD 1.x
-    seg = SegHead(cond, feature_channels(unet), num_classes, args.fusion_stride).to(device)
+    c_feats = tuple(unet.config.block_out_channels[:3])  # (C_f8, C_f16, C_f32) = (320, 640, 1280) in SD 1.x
+    seg = SegHead(cond, c_feats, num_classes, args.fusion_stride).to(device)
     ema_seg = copy.deepcopy(seg).requires_grad_(False)                        # teacher: EMA of SegHead only
     ema_seg.train()  # the teacher head runs in train mode (dropout, BN batch statistics), as official
     return Student(unet, seg, frozen), ema_seg
@@ -563,9 +540,8 @@ def load_weights(parts: nn.ModuleDict, weights: dict, where: str) -> None:
     try:
         parts.load_state_dict(weights)
     except RuntimeError as e:
-        why = str(e).splitlines()[0]
-        raise UserError(f"error: --ckpt: '{where}' does not fit this model ({why}). Expected a checkpoint of "
-                        "madm.py with the same --sd-model and --tgt class set.") from None
+        raise UserError(f"error: --ckpt: '{where}' does not fit this model ({str(e).splitlines()[0]}). Expected a "
+                        "checkpoint of madm.py with the same --sd-model and --tgt class set.") from None
 
 
 def build_data(args: Args, num_classes: int):
@@ -798,18 +774,16 @@ def evaluate(args: Args, student: Student, dataset, run: Run, step: int) -> dict
             log(parts[0]["table"])
         return dict(parts[0], step=step)
     conf, where = sum(np.asarray(p["confusion"], np.int64) for p in parts), parts[0]["resolution"]
-    title = f"per-class results — {args.tgt} test, {n} images, {where}"
     synthia = args.src == "synthia" and len(names) == 19  # + mIoU16 / mIoU13: the SYNTHIA-source columns
     res = dict(metrics.summarize(conf, names, synthia), step=step, resolution=where, num_images=n,
-               miou_first_half=parts[0]["miou"], table=metrics.format_table(conf, names, title, synthia))
+               miou_first_half=parts[0]["miou"], table=metrics.format_table(
+                   conf, names, f"per-class results — {args.tgt} test, {n} images, {where}", synthia))
     in_res = where.split(",")[0].replace("input ", "")
     if dist.is_main:
         log(res["table"])
-        log(f"eval step {step} | mIoU {100 * res['miou']:.2f} | "
-                    + "".join(f"mIoU{k[4:]} {100 * res[k]:.2f} | " for k in ("miou16", "miou13") if k in res)
-                    + f"input {in_res} | metric "
-                    f"{'native' if args.eval_label_size == 'native' else in_res} | first half mIoU "
-                    f"{100 * res['miou_first_half']:.2f}")
+        log(" | ".join([f"eval step {step}", *(f"mIoU{k[4:]} {100 * res[k]:.2f}" for k in ("miou", "miou16", "miou13")
+                                              if k in res), f"input {in_res}", "metric " + ("native" if
+            args.eval_label_size == "native" else in_res), f"first half mIoU {100 * res['miou_first_half']:.2f}"]))
         if run.out.is_dir():
             metrics.write_metrics(run.out, {k: v for k, v in res.items() if k not in ("table", "confusion")})
     return res
