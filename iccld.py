@@ -1,73 +1,56 @@
 """ICCLD: Inter-Coder Connected Latent Diffusion for unsupervised domain-adaptive semantic segmentation.
 
-Yu, Sun, Chi, Yang, Luo, "Adversarially Domain-adaptive Latent Diffusion for Unsupervised Semantic
-Segmentation", CVPR 2025 Workshops, https://arxiv.org/abs/2412.16859 (v1 names the model CICLD). No code is
-public: this is the first implementation. The abstracts and figure captions fix the method; the rest is ours
-or a named public recipe.
+Yu, Sun, Chi, Yang, Luo, "Adversarially Domain-adaptive Latent Diffusion for Unsupervised Semantic Segmentation", CVPR
+2025 Workshops, https://arxiv.org/abs/2412.16859 (v1 names the model CICLD). No code is public: this is the first
+implementation. The abstracts and figure captions fix the method; the rest is ours or a named public recipe.
 
-Idea. The SD VAE encoder E maps the image to a latent z0; a denoising UNet eps_theta generates a *label*
-latent conditioned on z0; a decoder D with the VAE decoder's architecture turns it into class logits, helped
-by "inter-coder connections" (encoder -> decoder skips) that carry context and detail (Fig. 2). Synthetic
-source -> real target in two stages (Fig. 1): stage 1 adapts E and D by ClassMix self-training with an EMA
-copy; stage 2 freezes them and trains eps_theta with an adversarial term aligning the latents it predicts for
-source, mixed and target images (v1 abstract). Reported: 74.4 mIoU GTA5 -> Cityscapes, 67.2 Synthia ->
-Cityscapes. Fig. 1 calls the trained model "teacher" and its EMA copy "student" (DAFormer says the reverse);
-the code says `net` and `net_ema` (makes the pseudo labels, is evaluated), `unet` and `unet_ema` in stage 2.
+Idea. The SD VAE encoder E maps the image to a latent z0; a denoising UNet eps_theta generates a *label* latent
+conditioned on z0; a decoder D with the VAE decoder's architecture turns it into class logits, helped by "inter-coder
+connections" (encoder -> decoder skips) that carry context and detail (Fig. 2). Synthetic source -> real target in two
+stages (Fig. 1): stage 1 adapts E and D by ClassMix self-training with an EMA copy; stage 2 freezes them and trains
+eps_theta with an adversarial term aligning the latents it predicts for source, mixed and target images (v1 abstract).
+Reported: 74.4 mIoU GTA5 -> Cityscapes, 67.2 Synthia -> Cityscapes. Fig. 1's "teacher" and EMA "student" (DAFormer says
+the reverse) are `net`, `net_ema` (`unet`, `unet_ema` in stage 2); the EMA makes the pseudo labels, is evaluated.
 
-Paper -> code: Fig. 2 E, D, inter-coder connections: ImageEncoder, SegDecoder, ICCLDNet; the latent space
-eps_theta generates in: LabelLatents; Fig. 1 stage 1: pseudo_labels, class_mix, stage1_losses,
-train_step_stage1; Fig. 1 stage 2: widen_conv_in, discriminator, eps_loss, lsgan_*, train_step_stage2;
-Fig. 2 inference: make_sampler, sample_to_last_step (also in stage 2), predict_diffusion. DAFormer's recipe
-parts (EMA, ClassMix masks, strong augmentation, CE over all pixels, poly LR) are borrowed from
-common/daformer.py.
+Paper -> code: Fig. 2 E, D, inter-coder connections: ImageEncoder, SegDecoder, ICCLDNet; the space eps_theta generates
+in: LabelLatents; Fig. 1 stage 1: pseudo_labels, class_mix, stage1_losses, train_step_stage1; stage 2: widen_conv_in,
+discriminator, eps_loss, lsgan_*, train_step_stage2; Fig. 2 inference: make_sampler, sample_to_last_step (also stage 2),
+predict_diffusion. From DAFormer (common/daformer.py): EMA, ClassMix masks, strong augmentation, CE, poly LR.
 
 Deviations and choices (ours unless a source is named)
- 1. E = VAE encoder + quant_conv, z0 = posterior mean x 0.18215, skips = down_blocks[i].resnets[-1] outputs;
-    D = post_quant_conv + VAE decoder, conv_out -> K; a zero-init 1x1 conv per skip at each up block's input.
+ 1. E = VAE encoder + quant_conv, z0 = posterior mean x 0.18215, skips = down_blocks[i].resnets[-1] outputs; D =
+    post_quant_conv + VAE decoder, conv_out -> K; a zero-init 1x1 conv per skip at each up block's input.
  2. Label latents: the frozen pretrained VAE encoder on the palette-coloured label (MADM's idea).
- 3. Stage 1 = DAFormer's DACS: EMA ramp to 0.999 (also eps_theta), pseudo labels on the clean target crop,
-    one quality scalar at 0.968, Cityscapes rows 15 / 120 ignored, ClassMix classes from the whole batch,
-    jitter when u > 0.2 and blur when u > 0.5, CE over all pixels; a backward per pass (same gradient).
- 4. Stage 2: conv_in widened 4 -> 8 with zero weights (InstructPix2Pix); eps loss on source GT, mixed and
-    target pseudo-label latents, pixel weights pooled 8x8; pseudo labels from the frozen D(E(x)).
- 5. The discriminator (LSGAN, ADVENT: BCE; lambda 1e-3, ADVENT) judges source vs. mixed + target x0_hat of
-    the sampler's last step, the latent inference decodes (Fig. 2: D decodes after T denoising steps): the
-    first T - 1 DDIM steps from z_T ~ N(0, I) without gradient (sample_to_last_step, shared with inference),
-    the last one with gradient in the eps-loss UNet call. Cost: T - 1 no-grad UNet passes over the 3B latents
-    per step, no extra activation memory; backpropagating through all T calls would hold T UNet graphs (our
-    choice). No label latent enters this chain (at the eps loss's small t, x0_hat is nearly the label latent,
-    whose black ignore pixels, source only, would reveal the domain).
- 6. Inference: DDIM, eta 0, "trailing" timesteps (T = 3: 999, 666, 332), z_T reseeded at each evaluation;
-    unet_ema evaluated, plus D(E(x)) of net_ema (ablation row); mmseg resizing, native-size metric.
- 7. AdamW wd 0.01, 0 on norm layers (DAFormer's paramwise_cfg); lr 6e-5, new layers 6e-4; warm-up 1500,
-    poly 1 (DAFormer); discriminator Adam 1e-4, (0.9, 0.99), poly 0.9 (ADVENT). 40000 + 20000 iterations.
+ 3. Stage 1 = DAFormer's DACS: EMA ramp to 0.999 (also eps_theta), pseudo labels on the clean target crop, one quality
+    scalar at 0.968, Cityscapes rows 15 / 120 ignored, ClassMix classes from the whole batch, jitter when u > 0.2 and
+    blur when u > 0.5, CE over all pixels; a backward per pass (same gradient).
+ 4. Stage 2: conv_in widened 4 -> 8 with zero weights (InstructPix2Pix); eps loss on source GT, mixed and target
+    pseudo-label latents, pixel weights pooled 8x8; pseudo labels from the frozen D(E(x)).
+ 5. The discriminator (LSGAN, ADVENT: BCE; lambda 1e-3, ADVENT) judges source vs. mixed + target x0_hat of the sampler's
+    last step, what inference decodes (Fig. 2): T - 1 no-grad DDIM steps from z_T ~ N(0, I) (sample_to_last_step), the
+    last with gradient in the eps-loss UNet call (all T with gradient: T UNet graphs held). No label latent enters this
+    chain: at the eps loss's small t, x0_hat ~ the label latent, whose black (source-only) ignore pixels reveal domains.
+ 6. Inference: DDIM, eta 0, "trailing" timesteps (T = 3: 999, 666, 332), z_T reseeded at each evaluation; unet_ema
+    evaluated, plus D(E(x)) of net_ema (ablation row); mmseg resizing, native-size metric.
+ 7. AdamW wd 0.01, 0 on norm layers (DAFormer's paramwise_cfg); lr 6e-5, new layers 6e-4; warm-up 1500, poly 1
+    (DAFormer); discriminator Adam 1e-4, (0.9, 0.99), poly 0.9 (ADVENT). 40000 + 20000 iterations.
  8. Frozen parts in the precision's half dtype; EMA copies fp32 (a 0.001 EMA step vanishes in half precision).
- 9. --source-only, the baseline row: source losses only (no pseudo labels, mix, target latent, discriminator);
-    the EMA copies are still the evaluated models.
-10. Stage 1 adds a second CE on D(z_y, skips(x)), the label latent decoded with the image's skips (our choice,
-    not in the paper): D must decode eps_theta's label latents from stage 2 on (Fig. 2), which E never made.
-11. eps_theta is conditioned on the empty prompt's CLIP embedding (our choice: the paper names no text
-    condition; SD's UNet needs a cross-attention context, and "" is SD's unconditional one).
+ 9. --source-only (baseline): source losses only (no pseudo labels, mix, target latents, discriminator); EMAs evaluated.
+10. Stage 1 adds a second CE on D(z_y, skips(x)), the label latent decoded with the image's skips (our choice, not in
+    the paper): D must decode eps_theta's label latents from stage 2 on (Fig. 2), which E never made.
+11. eps_theta's context: the empty prompt's CLIP embedding (ours: the paper names no text; "" is SD's unconditional).
 
-Commands (memory: --estimate-memory's predicted peak, bf16, batch 2, crop 512)
-  full run (stage 1 18 GB, stage 2 27 GB: a 32 GB+ GPU):  python iccld.py --src gta5 --tgt cityscapes
-  24 GB GPU (stage 1 9 GB, stage 2 19 GB):  add --grad-checkpointing (same maths). On 16 GB only stage 1
-      fits: stage 2 holds the fp32 UNet, its EMA copy and AdamW's moments (17 GB) before any activation.
-  baseline (source only):  python iccld.py --src gta5 --tgt cityscapes --source-only
-  memory without a GPU:    python iccld.py --sd-model random-sd15 --estimate-memory --stage 1   (or 2)
-  CPU demo:                python iccld.py --demo   (mini SD, synthetic data at 1/8, crop 64, 100 + 50 steps,
-                           larger LRs, pseudo-label threshold 0.3: at 0.968 mini's teacher is confident on
-                           too few target pixels, mean q 0.00 in both stages: the target side would not act)
+Run: python iccld.py --src gta5 --tgt cityscapes (bf16: 18 / 27 GB; 24 GB: --grad-checkpointing) or --demo (CPU).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import json
 import os
 import random
 import time
+from collections import namedtuple
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -87,126 +70,77 @@ from common.datasets import (CLASS_SETS, PALETTES, RareClassSampling, TrainStrea
 from common.sd_backbone import encode_prompts, load_sd
 from common.synthetic import ensure_synthetic_sample
 
-
 @dataclass
 class Args:
     # ---- experiment / infrastructure ----
-    src: str = "gta5"
-    """source dataset (labelled); paper benchmarks: gta5, synthia"""
-    tgt: str = "cityscapes"
-    """target dataset (labels unused in training); paper: cityscapes; or folder:PATH (your own images)"""
-    data_root: str = "data"
-    """folder holding the datasets in their official layouts (data/README.md)"""
-    out: Optional[str] = None
-    """run folder; default runs/iccld-<src>-<tgt> (runs/iccld-demo for --demo)"""
-    seed: int = 0
-    """seed of every random number generator; our choice"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
-    precision: str = "auto"
-    """auto (bf16 / fp16 + GradScaler on GPU, fp32 on CPU) | fp32 | bf16 | fp16; our choice"""
-    deterministic: bool = False
-    """CUDA: deterministic cuDNN/cuBLAS, same-seed runs bit-identical on one GPU model (slower)"""
-    grad_checkpointing: bool = False
-    """recompute activations in backward: E/D in stage 1, the UNet in stage 2 (memory knob)"""
-    resume: bool = False
-    """continue from the latest checkpoint in --out"""
-    eval_only: bool = False
-    """only evaluate --ckpt"""
-    ckpt: Optional[str] = None
-    """checkpoint folder for --eval-only / --predict"""
-    predict: Optional[str] = None
-    """folder of images: write <out>/predictions/<stem>_color.png and _trainId.png for each (needs --ckpt)"""
-    profile: int = 0
-    """time N training iterations of --stage 1 or 2, print one JSON line, write nothing"""
-    estimate_memory: bool = False
-    """predict the peak GPU memory of one training step of this exact command without a GPU, data or weights
-    (shapes only, benchmarks/measure.py); print one JSON line"""
-    demo: bool = False
-    """mini SD (pretrained on the synthetic world) + synthetic sample + short schedule of both stages (CPU,
-    minutes)"""
-    log_every: int = 50
-    """log line cadence in steps (DAFormer: 50)"""
-    eval_every: int = 4000
-    """evaluation cadence in steps of each stage (DAFormer: 4000)"""
-    ckpt_every: int = 4000
-    """checkpoint cadence in steps of each stage (0 = only at the end); our choice"""
-    keep_ckpts: int = 3
-    """how many periodic checkpoints to keep; our choice"""
+    src: str = "gta5"; """source dataset (labelled); paper benchmarks: gta5, synthia"""
+    tgt: str = "cityscapes"; """target dataset (labels unused in training); paper: cityscapes; or folder:PATH"""
+    data_root: str = "data"; """folder holding the datasets in their official layouts (data/README.md)"""
+    out: Optional[str] = None; """run folder; default runs/iccld-<src>-<tgt> (runs/iccld-demo for --demo)"""
+    seed: int = 0; """seed of every random number generator; our choice"""
+    device: str = "auto"; """auto | cpu | cuda"""
+    precision: str = "auto"; """auto (bf16 / fp16 + GradScaler on GPU, fp32 on CPU) | fp32 | bf16 | fp16; our choice"""
+    deterministic: bool = False; """CUDA: deterministic kernels, same-seed runs bit-identical per GPU model (slower)"""
+    grad_checkpointing: bool = False; """recompute activations in backward (E/D in stage 1, UNet in stage 2)"""
+    resume: bool = False; """continue from the latest checkpoint in --out"""
+    eval_only: bool = False; """only evaluate --ckpt"""
+    ckpt: Optional[str] = None; """checkpoint folder for --eval-only / --predict"""
+    predict: Optional[str] = None; """image folder -> <out>/predictions/<stem>_color.png, _trainId.png (needs --ckpt)"""
+    profile: int = 0; """time N training iterations of --stage 1 or 2, print one JSON line, write nothing"""
+    estimate_memory: bool = False; """one JSON line: peak GPU memory of a training step, predicted from shapes alone"""
+    demo: bool = False; """mini SD (pretrained on the synthetic world), synthetic sample, short run of both stages"""
+    log_every: int = 50; """log line cadence in steps (DAFormer: 50)"""
+    eval_every: int = 4000; """evaluation cadence in steps of each stage (DAFormer: 4000)"""
+    ckpt_every: int = 4000; """checkpoint cadence in steps of each stage (0 = only at the end); our choice"""
+    keep_ckpts: int = 3; """how many periodic checkpoints to keep; our choice"""
     # ---- data ----
-    batch_size: int = 2
-    """source images per step (+ as many target images); DAFormer"""
-    crop_size: int = 512
-    """training crop side, a multiple of 8 (VAE stride); DAFormer"""
-    rcs_temperature: float = 0.01
-    """rare-class sampling temperature on the source, <= 0 disables it; DAFormer"""
+    batch_size: int = 2; """source images per step (+ as many target images); DAFormer"""
+    crop_size: int = 512; """training crop side, a multiple of 8 (VAE stride); DAFormer"""
+    rcs_temperature: float = 0.01; """rare-class sampling temperature on the source, <= 0 disables it; DAFormer"""
     # ---- backbone ----
     sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """hub id or local folder of SD v1-5 (VAE, UNet, text encoder); mini = pretrained miniature; tiny /
-    random-sd15 build random weights"""
+    """SD v1-5 hub id or folder (VAE, UNet, text encoder); mini = pretrained miniature; tiny / random-sd15: random"""
     # ---- method ----
-    stage: str = "both"
-    """1 (adapt E, D) | 2 (adversarial latent diffusion) | both; our choice"""
-    stage1_ckpt: Optional[str] = None
-    """stage-1 checkpoint (or run folder) that --stage 2 starts from; --stage both uses its own"""
-    source_only: bool = False
-    """baseline row: source losses only (no pseudo labels, mix, target latents or discriminator); our flag"""
-    ema_alpha: float = 0.999
-    """cap of the EMA ramp min(1 - 1/(i+1), alpha); DAFormer config a999"""
-    pseudo_threshold: float = 0.968
-    """confidence threshold of the pseudo-label quality weight; DAFormer configs/_base_/uda/dacs.py"""
-    pl_crop: tuple[int, ...] = (15, 120)
-    """top / bottom rows of a 512 Cityscapes crop with pseudo weight 0 (ego car, rectification); DAFormer"""
-    lambda_adv: float = 1e-3
-    """weight of the LSGAN generator term; ADVENT LAMBDA_ADV_MAIN"""
-    sample_steps: int = 3
-    """DDIM steps T at inference (1..50); our choice, the paper does not state T"""
+    stage: str = "both"; """1 (adapt E, D) | 2 (adversarial latent diffusion) | both; our choice"""
+    stage1_ckpt: Optional[str] = None; """stage-1 checkpoint or run folder for --stage 2 (both: its own)"""
+    source_only: bool = False; """baseline row: source losses only (no pseudo labels, mix, target, disc.); ours"""
+    ema_alpha: float = 0.999; """cap of the EMA ramp min(1 - 1/(i+1), alpha); DAFormer config a999"""
+    pseudo_threshold: float = 0.968; """confidence threshold of the pseudo-label quality weight; DAFormer uda/dacs.py"""
+    pl_crop: tuple[int, ...] = (15, 120); """top/bottom rows of 512 Cityscapes crops without pseudo weight; DAFormer"""
+    lambda_adv: float = 1e-3; """weight of the LSGAN generator term; ADVENT LAMBDA_ADV_MAIN"""
+    sample_steps: int = 3; """DDIM steps T at inference (1..50); our choice, the paper does not state T"""
     # ---- optimisation ----
-    iters: int = 40000
-    """stage-1 iterations; DAFormer"""
-    iters_stage2: int = 20000
-    """stage-2 iterations; our choice"""
-    lr: float = 6e-5
-    """AdamW lr of pretrained weights (E, D, eps_theta); DAFormer"""
-    new_layer_lr: float = 6e-4
-    """lr of new layers (skip convs, conv_out, widened conv_in); DAFormer's 10x head convention"""
-    weight_decay: float = 0.01
-    """AdamW weight decay, 0 on normalisation layers; DAFormer adamw.py + paramwise_cfg"""
-    warmup_iters: int = 1500
-    """linear LR warm-up steps (from ratio 1e-6) before poly decay 1.0; DAFormer poly10warm.py"""
-    disc_lr: float = 1e-4
-    """discriminator Adam lr, betas (0.9, 0.99), poly 0.9; ADVENT"""
-
+    iters: int = 40000; """stage-1 iterations; DAFormer"""
+    iters_stage2: int = 20000; """stage-2 iterations; our choice"""
+    lr: float = 6e-5; """AdamW lr of pretrained weights (E, D, eps_theta); DAFormer"""
+    new_layer_lr: float = 6e-4; """lr of new layers (skip convs, conv_out, widened conv_in); DAFormer's 10x head lr"""
+    weight_decay: float = 0.01; """AdamW weight decay, 0 on normalisation layers; DAFormer adamw.py + paramwise_cfg"""
+    warmup_iters: int = 1500; """linear LR warm-up steps (from ratio 1e-6) before poly 1.0; DAFormer poly10warm.py"""
+    disc_lr: float = 1e-4; """discriminator Adam lr, betas (0.9, 0.99), poly 0.9; ADVENT"""
 
 WARMUP_RATIO, POLY_POWER = 1e-6, 1.0     # DAFormer poly10warm.py
 DISC_BETAS, DISC_POLY_POWER = (0.9, 0.99), 0.9  # ADVENT advent/domain_adaptation/config.py
-# --demo: a miniature SD pretrained in an hour, nothing precious to protect: larger LRs show learning quickly
+# --demo: a mini SD pretrained in an hour, nothing precious: larger LRs learn quickly; pseudo threshold 0.3: at 0.968
+# mini's teacher is confident on too few target pixels (mean q 0.00 in both stages: the target side would not act)
 DEMO = dict(sd_model="mini", data_root="data/synthetic", out="runs/iccld-demo", iters=100, iters_stage2=50,
             crop_size=64, warmup_iters=10, lr=2e-3, new_layer_lr=1e-2, disc_lr=1e-3, pseudo_threshold=0.3,
             log_every=10, eval_every=10**6, ckpt_every=10**6)
 
-
 def checkpointed(enabled: bool, fn, *xs):
-    """`fn(*xs)`; with --grad-checkpointing its activations are recomputed in backward instead of stored (same
-    values and gradients, less memory, one more forward of `fn`). Under no_grad nothing is stored anyway."""
-    if enabled and torch.is_grad_enabled():
+    """`fn(*xs)`; with --grad-checkpointing its activations are recomputed in backward, not stored (same values)."""
+    if enabled and torch.is_grad_enabled():  # under no_grad nothing is stored anyway
         return torch.utils.checkpoint.checkpoint(fn, *xs, use_reentrant=False)
     return fn(*xs)
 
-
 # ---- E: the SD VAE encoder with skip outputs (Fig. 2, left) ------------------------------------------------
 class ImageEncoder(nn.Module):
-    """E(x) -> (z0, skips): the pretrained SD VAE encoder + quant_conv as an explicit loop, so the inter-coder
-    skips can be taken from inside it. x (B, 3, H, W) in [-1, 1] -> z0 (B, 4, H/8, W/8) = posterior mean x
-    scaling_factor (SD's latent space; segmentation wants the mode, not a sample), skips [f1, f2, f4, f8] =
-    outputs of down_blocks[i].resnets[-1] before the downsampler (128, 256, 512, 512 channels for SD)."""
-
+    """E(x) -> (z0, skips) (header, item 1), an explicit loop to take the skips: x (B, 3, H, W) in [-1, 1] -> z0 (B, 4,
+    H/8, W/8), the scaled posterior mean (the mode: no sampling noise), skips [f1, f2, f4, f8] (128 to 512 channels)."""
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.encoder = copy.deepcopy(vae.encoder)
         self.quant_conv = copy.deepcopy(vae.quant_conv) if vae.quant_conv is not None else nn.Identity()
-        self.scaling_factor = float(vae.config.scaling_factor)  # 0.18215 for SD 1.x
-        self.grad_checkpointing = False
+        self.scaling_factor, self.grad_checkpointing = float(vae.config.scaling_factor), False  # 0.18215 for SD 1.x
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         enc, skips, ck = self.encoder, [], self.grad_checkpointing
@@ -224,30 +158,21 @@ class ImageEncoder(nn.Module):
         moments = self.quant_conv(enc.conv_out(enc.conv_act(enc.conv_norm_out(h))))  # (B, 8, H/8, W/8)
         return moments[:, :4] * self.scaling_factor, skips        # (B, 4, H/8, W/8) posterior mean, scaled
 
-
 # ---- D: segmentation decoder with inter-coder connections (Fig. 2, right) ----------------------------------
 class SegDecoder(nn.Module):
-    """D(z, skips) -> logits: post_quant_conv + the pretrained SD VAE decoder, conv_out replaced by K classes.
-    Inter-coder connection k: a 1x1 conv, weight and bias zero-initialised, added to the *input* of decoder
-    up_blocks[k], fed by the encoder skip of the same stride (f8 -> up 0, f4 -> 1, f2 -> 2, f1 -> 3). Zero
-    init: D starts as exactly the pretrained decoder (tested) and the skips open up as they learn
-    (ControlNet's "zero convolution": no random signal disturbs the pretrained path at first).
-    z (B, 4, h, w) in SD's *scaled* latent space (D divides by scaling_factor) -> logits (B, K, 8h, 8w)."""
-
+    """D(z, skips) -> logits (header, item 1): z (B, 4, h, w) scaled latent -> (B, K, 8h, 8w). Connection k, a 1x1
+    conv with zero weight and bias, adds the encoder skip of up_blocks[k]'s stride (f8 -> 0, ..., f1 -> 3) to that
+    block's *input*: D starts as exactly the pretrained decoder (tested; ControlNet's "zero convolution")."""
     def __init__(self, vae: nn.Module, num_classes: int, skip_channels: list[int]):
         super().__init__()
-        pqc = vae.post_quant_conv                                 # None in VAEs without one
-        self.post_quant_conv = copy.deepcopy(pqc) if pqc is not None else nn.Identity()
+        self.post_quant_conv = copy.deepcopy(vae.post_quant_conv) if vae.post_quant_conv is not None else nn.Identity()
         self.decoder = copy.deepcopy(vae.decoder)
-        c_last = self.decoder.conv_out.in_channels                # 128 for SD
-        self.decoder.conv_out = nn.Conv2d(c_last, num_classes, 3, padding=1)  # new, PyTorch default init
-        self.scaling_factor = float(vae.config.scaling_factor)
-        # up_blocks[k] runs at stride 8 / 2^k and takes the encoder skip of that stride: skips[-1 - k]
+        self.decoder.conv_out = nn.Conv2d(self.decoder.conv_out.in_channels, num_classes, 3, padding=1)  # new: 128 -> K
         self.skip_convs = nn.ModuleList(nn.Conv2d(skip_channels[-1 - k], blk.resnets[0].in_channels, 1)
                                         for k, blk in enumerate(self.decoder.up_blocks))
         for p in self.skip_convs.parameters():
             nn.init.zeros_(p)
-        self.grad_checkpointing = False
+        self.scaling_factor, self.grad_checkpointing = float(vae.config.scaling_factor), False
 
     def forward(self, z: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         dec, ck = self.decoder, self.grad_checkpointing
@@ -258,24 +183,18 @@ class SegDecoder(nn.Module):
             h = checkpointed(ck, blk, h)                          # (B, C_k, 2h, 2w); last block: no upsample
         return dec.conv_out(dec.conv_act(dec.conv_norm_out(h)))   # (B, K, H, W) logits at full resolution
 
-
 class ICCLDNet(nn.Module):
-    """(E, D) as one module, so DDP and the EMA see one parameter list. forward(x, z_lab) runs E once and D on
-    the image latent and on the label latent with the *same* skips (how D is used at inference: generated
-    latent + the image's skips), in one D batch of 2B. x (B, 3, H, W) in [0, 1], z_lab (B, 4, H/8, W/8) ->
-    (logits_img, logits_lab), each (B, K, H, W)."""
-
+    """(E, D) as one module: one parameter list for DDP and the EMA. forward(x, z_lab): E once, then D on the image
+    latent and on the label latent with the *same* skips (as at inference: generated latent + the image's skips) in
+    one D batch of 2B; x (B, 3, H, W) in [0, 1], z_lab (B, 4, H/8, W/8) -> logits_img, logits_lab (B, K, H, W)."""
     def __init__(self, vae: nn.Module, num_classes: int):
         super().__init__()
         self.E = ImageEncoder(vae)
         self.D = SegDecoder(vae, num_classes, [b.resnets[-1].out_channels for b in vae.encoder.down_blocks])
 
-    def new_parameters(self) -> list[nn.Parameter]:
-        """Layers that do not exist in the pretrained VAE (trained at new_layer_lr)."""
+    def new_parameters(self) -> list[nn.Parameter]:  # not in the pretrained VAE: trained at new_layer_lr
         return list(self.D.skip_convs.parameters()) + list(self.D.decoder.conv_out.parameters())
-
-    def direct(self, x: torch.Tensor) -> torch.Tensor:
-        """The direct path D(E(x)): x (B, 3, H, W) in [0, 1] -> logits (B, K, H, W)."""
+    def direct(self, x: torch.Tensor) -> torch.Tensor:  # D(E(x)): x (B, 3, H, W) in [0, 1] -> logits (B, K, H, W)
         return self.D(*self.E((x * 2 - 1).to(next(self.parameters()).dtype)))
 
     def forward(self, x: torch.Tensor, z_lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,14 +202,10 @@ class ICCLDNet(nn.Module):
         z = torch.cat([z0, z_lab.to(z0.dtype)])                   # (2B, 4, H/8, W/8)
         return self.D(z, [torch.cat([f, f]) for f in skips]).chunk(2)     # 2 x (B, K, H, W)
 
-
 # ---- Label latents: the space eps_theta generates in (MADM's palette idea) ---------------------------------
 class LabelLatents(nn.Module):
-    """z_y = E_lab(pal(y)): the label painted with the target class set's palette (ignore -> black), /255 ->
-    [-1, 1], encoded by a frozen copy of the *pretrained* VAE encoder (never fine-tuned, so the space the UNet
-    learns in stage 2 is the one D was taught to decode in stage 1).
-    y (B, H, W) int64, 255 = ignore -> z_y (B, 4, H/8, W/8) float32 in SD's scaled latent space."""
-
+    """z_y = E_lab(pal(y)) (header, item 2), ignore -> black; E_lab is never fine-tuned: stage 2's UNet learns the
+    space D learnt to decode in stage 1. y (B, H, W) int64, 255 = ignore -> z_y (B, 4, H/8, W/8) float32, scaled."""
     def __init__(self, vae: nn.Module, palette: np.ndarray):
         super().__init__()
         self.E_lab = ImageEncoder(vae).requires_grad_(False).eval()
@@ -301,17 +216,13 @@ class LabelLatents(nn.Module):
     @torch.no_grad()
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         pal = self.lut[y].permute(0, 3, 1, 2).float() / 255       # (B, 3, H, W) in [0, 1]
-        dtype = next(self.E_lab.parameters()).dtype
-        return self.E_lab((pal * 2 - 1).to(dtype))[0].float()    # (B, 4, H/8, W/8)
-
+        return self.E_lab((pal * 2 - 1).to(next(self.E_lab.parameters()).dtype))[0].float()  # (B, 4, H/8, W/8)
 
 # ---- Stage 1: DACS self-training of E and D (Fig. 1, top; DAFormer recipe) ---------------------------------
 @torch.no_grad()
 def pseudo_labels(net_ema: ICCLDNet, x_t: torch.Tensor, threshold: float, rows: tuple[int, int]):
-    """Pseudo labels from net_ema's direct path on the clean target crop (DAFormer `dacs.py`).
-    x_t (B, 3, H, W) in [0, 1] -> y_hat (B, H, W) argmax, q scalar = mean(p_max >= threshold) over the batch
-    (one scalar per batch, not a per-pixel mask: DAFormer's choice, kept), w_t (B, H, W) = q except the
-    `rows` = (top, bottom) rows set to 0 (Cityscapes ego car / borders)."""
+    """net_ema's D(E(x)) pseudo labels on the clean target crop (DAFormer `dacs.py`): x_t (B, 3, H, W) in [0, 1] ->
+    y_hat (B, H, W), q = mean(p_max >= threshold) (one scalar), w_t (B, H, W) = q, 0 in the (top, bottom) `rows`."""
     p_max, y_hat = net_ema.direct(x_t).float().softmax(1).max(1)  # (B, H, W) each
     q = (p_max >= threshold).float().mean()
     w_t = torch.full_like(p_max, float(q))
@@ -319,37 +230,29 @@ def pseudo_labels(net_ema: ICCLDNet, x_t: torch.Tensor, threshold: float, rows: 
     w_t[:, w_t.shape[1] - rows[1]:] = 0
     return y_hat, q, w_t
 
-
 def pl_rows(args: Args) -> tuple[int, int]:
-    """Cityscapes rows without pseudo weight, scaled with the crop (DAFormer's 15 / 120 are for 512 crops)."""
+    """Cityscapes rows without pseudo weight (ego car, borders), scaled with the crop (DAFormer's: 512 crops)."""
     return tuple(round(r * args.crop_size / 512) for r in args.pl_crop) if args.tgt == "cityscapes" else (0, 0)
-
 
 @torch.no_grad()
 def class_mix(x_s, y_s, x_t, y_hat, w_t):
-    """ClassMix of source into target (Fig. 1: x^{s+t}, y^{s+t}): image, label and pixel weight mixed with the
-    same mask, then the strong augmentation on the mixed image only (DAFormer `dacs.py`).
-    -> x_m (B, 3, H, W) in [0, 1], y_m (B, H, W), w_m (B, H, W): source pixels weigh 1, target pixels w_t."""
+    """ClassMix of source into target (Fig. 1: x^{s+t}, y^{s+t}; DAFormer `dacs.py`), one mask for image, label and
+    pixel weight, then strong augmentation -> x_m (B, 3, H, W) in [0, 1], y_m, w_m (B, H, W) (source 1, target w_t)."""
     M = class_mix_masks(y_s)                                      # (B, 1, H, W), 1 = source pixel
     m = M[:, 0].bool()
     x_m = strong_augment(M * x_s + (1 - M) * x_t)                 # x^{s+t}, augmented
     return x_m, torch.where(m, y_s, y_hat), torch.where(m, torch.ones_like(w_t), w_t)
 
-
 def stage1_losses(net, x, y, z_lab, weight=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """L = CE(D(E(x)), y; w) + CE(D(z_y(y), skips(x)), y; w), both CE over all pixels (DAFormer convention).
-    The first term trains the direct path, the second teaches D to decode *label* latents with the image's own
-    skips, as D is used after stage 2's UNet generates a label latent. Returns (L_img, L_lab)."""
+    """(L_img, L_lab) = (CE(D(E(x)), y; w), CE(D(z_y(y), skips(x)), y; w)), CE over all pixels (DAFormer). L_lab
+    teaches D to decode *label* latents with the image's own skips, as after stage 2's UNet (header, item 10)."""
     logits_img, logits_lab = net(x, z_lab)                        # (B, K, H, W) each
     return ce_all_pixels(logits_img, y, weight), ce_all_pixels(logits_lab, y, weight)
 
-
 def param_groups(model: nn.Module, new: list[nn.Parameter], args: Args) -> list[dict]:
-    """AdamW groups: pretrained weights at --lr, new layers at --new-layer-lr (DAFormer's 10x head lr_mult);
-    weight decay on weights and biases except normalisation layers (DAFormer's paramwise_cfg: decay_mult 0 for
-    parameters named *norm*). "base" = lr before the schedule; group 0 = pretrained, decayed (lr logged)."""
-    norms = {id(p) for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))
-             for p in m.parameters()}
+    """AdamW groups (header, item 7): pretrained at --lr, `new` at --new-layer-lr; no weight decay on norm layers.
+    "base" = lr before the schedule; group 0 = pretrained, decayed (its lr is logged)."""
+    norms = {id(p) for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) for p in m.parameters()}
     new_ids, groups = {id(p) for p in new}, {}
     for p in model.parameters():                                  # (is new, is norm) -> parameters
         groups.setdefault((id(p) in new_ids, id(p) in norms), []).append(p)
@@ -357,70 +260,55 @@ def param_groups(model: nn.Module, new: list[nn.Parameter], args: Args) -> list[
     return [{"params": ps, "lr": lrs[is_new], "base": lrs[is_new], "weight_decay": 0.0 if is_norm else
              args.weight_decay} for (is_new, is_norm), ps in sorted(groups.items())]
 
-
 # ---- Stage 2: eps_theta conditioned on the image latent + adversarial alignment (Fig. 1, bottom) -----------
 def widen_conv_in(unet: nn.Module, extra: int = 4) -> nn.Module:
-    """conv_in 4 -> 4 + extra input channels; new weight[:, :4] = pretrained, weight[:, 4:] = 0, bias kept
-    (InstructPix2Pix): the output is unchanged at initialisation whatever the condition holds (tested), so
-    stage 2 starts from the pretrained denoiser and learns to use the image latent."""
+    """conv_in 4 -> 4 + extra input channels: weight[:, :4] pretrained, weight[:, 4:] = 0, bias kept (InstructPix2Pix):
+    the output is unchanged at first whatever the condition holds (tested); stage 2 learns to use the image latent."""
     old = unet.conv_in
     new = nn.Conv2d(old.in_channels + extra, old.out_channels, old.kernel_size, old.stride, old.padding)
-    with torch.no_grad():
-        new.weight.copy_(F.pad(old.weight, (0, 0, 0, 0, 0, extra)))
-        new.bias.copy_(old.bias)
+    with torch.no_grad():                                         # weight[:, 4:] = 0 (padding), bias kept
+        new.weight.copy_(F.pad(old.weight, (0, 0, 0, 0, 0, extra))), new.bias.copy_(old.bias)
     unet.conv_in = new.to(old.weight.device, old.weight.dtype)
     unet.register_to_config(in_channels=old.in_channels + extra)
     return unet
 
-
 def discriminator(c_in: int = 4, ch: int = 64) -> nn.Sequential:
-    """ADVENT-style fully convolutional discriminator on predicted clean latents x0_hat: (B, 4, h, w) -> patch
-    logits (B, 1, h/8, w/8). ADVENT has five 4x4 stride-2 convs on softmax maps at full resolution; on a 64x64
-    latent that would leave 2x2, so our last two are 3x3 stride 1."""
-    act = functools.partial(nn.LeakyReLU, 0.2, inplace=True)
-    return nn.Sequential(nn.Conv2d(c_in, ch, 4, 2, 1), act(),     # (B, 64, h/2, w/2)
-                         nn.Conv2d(ch, ch * 2, 4, 2, 1), act(),   # (B, 128, h/4, w/4)
-                         nn.Conv2d(ch * 2, ch * 4, 4, 2, 1), act(),       # (B, 256, h/8, w/8)
-                         nn.Conv2d(ch * 4, ch * 8, 3, 1, 1), act(),       # (B, 512, h/8, w/8)
-                         nn.Conv2d(ch * 8, 1, 3, 1, 1))           # (B, 1, h/8, w/8)
-
+    """ADVENT-style discriminator on x0_hat: (B, 4, h, w) -> patch logits (B, 1, h/8, w/8). ADVENT's five 4x4 stride-2
+    convs (on full-size softmax maps) would leave 2x2 of a 64x64 latent: our last two are 3x3 stride 1."""
+    return nn.Sequential(nn.Conv2d(c_in, ch, 4, 2, 1), nn.LeakyReLU(0.2, True),           # (B, 64, h/2, w/2)
+                         nn.Conv2d(ch, ch * 2, 4, 2, 1), nn.LeakyReLU(0.2, True),         # (B, 128, h/4, w/4)
+                         nn.Conv2d(ch * 2, ch * 4, 4, 2, 1), nn.LeakyReLU(0.2, True),     # (B, 256, h/8, w/8)
+                         nn.Conv2d(ch * 4, ch * 8, 3, 1, 1), nn.LeakyReLU(0.2, True),     # (B, 512, h/8, w/8)
+                         nn.Conv2d(ch * 8, 1, 3, 1, 1))                                   # (B, 1, h/8, w/8)
 
 def predict_x0(z_t: torch.Tensor, eps_hat: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """x0_hat = (z_t - sqrt(1 - alpha_bar_t) * eps_hat) / sqrt(alpha_bar_t) (DDPM Eq. 15); alpha_bar (B,)."""
     a = alpha_bar.reshape(-1, 1, 1, 1)
     return (z_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
 
-
 def eps_loss(eps_hat: torch.Tensor, eps: torch.Tensor, w_lat: torch.Tensor) -> torch.Tensor:
     """L_eps = mean(w_lat * (eps_hat - eps)^2) over (B, 4, h, w); w_lat (B, 1, h, w) pooled pixel weights."""
     return (w_lat * (eps_hat.float() - eps) ** 2).mean()
-
 
 def lsgan_d_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
     """L_dis = 1/2 [mean((Dis(x0_src) - 1)^2) + mean(Dis(x0_mix,tgt)^2)]  (LSGAN, Mao et al. 2017)."""
     return 0.5 * (((d_real.float() - 1) ** 2).mean() + (d_fake.float() ** 2).mean())
 
-
 def lsgan_g_loss(d_fake: torch.Tensor) -> torch.Tensor:
     """L_adv = mean((Dis(x0_mix,tgt) - 1)^2): eps_theta makes mixed/target latents look like source ones."""
     return ((d_fake.float() - 1) ** 2).mean()
 
-
 # ---- Inference: noise -> T DDIM steps conditioned on E(x) -> D (Fig. 2) ------------------------------------
 def make_sampler(scheduler) -> DDIMScheduler:
-    """DDIM (eta 0, epsilon, no clipping) on the training schedule with "trailing" timesteps: sampling from
-    pure noise starts at t = T_train - 1 for any T (SD's "leading" + steps_offset 1 runs T = 1 at t = 1, where
-    the predicted x0 is the starting noise itself, whatever the image)."""
+    """DDIM (eta 0, epsilon, no clipping), "trailing" timesteps: sampling from pure noise starts at t = T_train - 1
+    for any T (SD's "leading" + steps_offset 1 runs T = 1 at t = 1, where x0_hat is the starting noise itself)."""
     return DDIMScheduler.from_config(scheduler.config, prediction_type="epsilon", clip_sample=False,
                                      timestep_spacing="trailing")
 
-
 @torch.no_grad()
 def sample_to_last_step(unet, z0: torch.Tensor, ctx, ddim: DDIMScheduler, steps: int, z_T: torch.Tensor):
-    """The first `steps` - 1 DDIM steps (eta 0) from z_T conditioned on z0, without gradient -> (z_s, s): the
-    last step's input latent and timestep (z_T, 999 for T = 1; z_333 and 332 for T = 3: diffusers' step lands
-    on t - 1000 // T). One code path for inference and stage 2, so the discriminator judges the latent that
-    inference decodes. z0, z_T (B, 4, h, w); ctx (1, 77, d)."""
+    """The first `steps` - 1 DDIM steps (eta 0) from z_T (B, 4, h, w) given z0, no gradient (header, item 5) -> the
+    last step's input and timestep (z_T, 999 for T = 1; z_333, 332 for T = 3: diffusers steps to t - 1000 // T)."""
     ddim.set_timesteps(steps, device=z0.device)
     *first, s = ddim.timesteps                                    # trailing: 999, ..., s
     dtype, z = next(unet.parameters()).dtype, z_T.float()
@@ -430,32 +318,25 @@ def sample_to_last_step(unet, z0: torch.Tensor, ctx, ddim: DDIMScheduler, steps:
         z = ddim.step(eps_hat.float(), t, z, eta=0.0).prev_sample  # sqrt(a') x0_hat + sqrt(1 - a') eps_hat
     return z, s
 
-
 @torch.no_grad()
 def predict_diffusion(net: ICCLDNet, unet, ctx, ddim: DDIMScheduler, steps: int, generator, x: torch.Tensor,
                       z_T: Optional[torch.Tensor] = None):
-    """The ICCLD prediction (Fig. 2): x (B, 3, H, W) in [0, 1] -> z0, skips = E(x); z_T ~ N(0, I) (on the CPU
-    generator: the same z_T on any device; or the given z_T); `steps` DDIM steps with eps_hat =
-    eps_theta(cat(z_t, z0), t, ctx); the last step's predicted x0 = z0_bar (DDPM Eq. 15, as stage 2 computes
-    the discriminator's input); logits (B, K, H, W) = D(z0_bar, skips)."""
-    dtype = next(net.parameters()).dtype
+    """ICCLD's prediction (Fig. 2), x (B, 3, H, W) in [0, 1]: z0, skips = E(x); z_T ~ N(0, I) from the CPU generator
+    (same on any device) unless given; `steps` DDIM steps; the last x0_hat z0_bar (DDPM Eq. 15) -> D(z0_bar, skips)."""
+    dtype, u_dtype = next(net.parameters()).dtype, next(unet.parameters()).dtype
     z0, skips = net.E((x * 2 - 1).to(dtype))                      # (B, 4, H/8, W/8), skips
-    if z_T is None:
-        z_T = torch.randn(z0.shape, generator=generator)          # (B, 4, H/8, W/8)
+    z_T = torch.randn(z0.shape, generator=generator) if z_T is None else z_T     # (B, 4, H/8, W/8)
     z, s = sample_to_last_step(unet, z0, ctx, ddim, steps, z_T.to(z0.device))   # z_s, s: the last step
-    u_dtype = next(unet.parameters()).dtype
     eps_hat = unet(torch.cat([z, z0.float()], 1).to(u_dtype), s,
                    encoder_hidden_states=ctx.expand(len(z), -1, -1).to(u_dtype)).sample.float()
     z0_bar = predict_x0(z, eps_hat, ddim.alphas_cumprod[int(s)].to(z.device))  # (B, 4, h, w)
-    return net.D(z0_bar.to(dtype), skips)
-
+    return net.D(z0_bar.to(dtype), skips)                         # (B, K, H, W)
 
 # ---- The two training steps (one optimizer step of each stage) ---------------------------------------------
 def train_step_stage1(net, net_ema: ICCLDNet, lab: LabelLatents, opt, scaler, batch, i: int, args: Args,
                       prec: Precision) -> dict[str, float]:
-    """Stage-1 step i (Fig. 1 top; i = steps done). net: trained (E, D), maybe DDP-wrapped; net_ema: its EMA
-    copy; lab: frozen label encoder; batch = (x_s (B, 3, c, c) in [0, 1], y_s (B, c, c), x_t (B, 3, c, c)).
-    ClassMix and augmentation draw from the global torch generator."""
+    """Stage-1 step i (Fig. 1 top; i = steps done): net (E, D) trained, maybe DDP-wrapped; lab the frozen label
+    encoder; batch = (x_s (B, 3, c, c) in [0, 1], y_s (B, c, c), x_t (B, 3, c, c)). Random draws: torch's global."""
     x_s, y_s, x_t = batch
     # ---------- METHOD STEP BEGIN ----------
     f = poly_warmup_factor(i, args.iters, args.warmup_iters, WARMUP_RATIO, POLY_POWER)
@@ -483,10 +364,8 @@ def train_step_stage1(net, net_ema: ICCLDNet, lab: LabelLatents, opt, scaler, ba
     # ---------- METHOD STEP END ----------
     return {**{k: v.item() for k, v in logs.items()}, "lr": opt.param_groups[0]["lr"]}
 
-
 @dataclass
-class Frozen:
-    """What stage 2 reads but never trains (`fz` in its step)."""
+class Frozen:  # what stage 2 reads but never trains (`fz` in its step)
     net: ICCLDNet                     # stage 1's net_ema (E, D): image latents, skips, pseudo labels
     lab: LabelLatents                 # the label encoder
     ctx: torch.Tensor                 # (1, 77, d) CLIP embedding of "", on the device
@@ -494,12 +373,10 @@ class Frozen:
     alpha_bars: torch.Tensor          # (T_train,) alpha_bar_t = prod(1 - beta_s), on the device
     ddim: DDIMScheduler               # the inference sampler (make_sampler)
 
-
 def train_step_stage2(unet, unet_ema, disc, fz: Frozen, opt, opt_d, scaler, batch, j: int, args: Args,
                       prec: Precision) -> dict[str, float]:
-    """Stage-2 step j (Fig. 1 bottom): eps_theta on L_eps + lambda_adv L_adv with the discriminator frozen,
-    then the discriminator on the detached x0_hat. unet, disc maybe DDP-wrapped; batch as in stage 1.
-    ClassMix, timesteps and noise draw from the global torch generator."""
+    """Stage-2 step j (Fig. 1 bottom): eps_theta on L_eps + lambda_adv L_adv with the discriminator frozen, then the
+    discriminator on the detached x0_hat. unet, disc maybe DDP-wrapped; batch as in stage 1; random draws: global."""
     x_s, y_s, x_t = batch
     b, T, logs = x_s.shape[0], len(fz.alpha_bars), {}
     # ---------- METHOD STEP BEGIN ----------
@@ -559,8 +436,7 @@ def train_step_stage2(unet, unet_ema, disc, fz: Frozen, opt, opt_d, scaler, batc
 
 # ---- The two stages' parts: what each trains, its EMA copy, what it reads frozen, its optimizers ------------
 @dataclass
-class Run:
-    """What `train` derives once from Args and the hardware; the stage loop and `evaluate` read it."""
+class Run:  # what `train` derives once from Args and the hardware; the stage loop and `evaluate` read it
     dist: Dist
     precision: Precision
     num_classes: int                  # K of the target class set
@@ -568,61 +444,34 @@ class Run:
     ctx: Optional[torch.Tensor]       # (1, 77, d) CLIP embedding of "": eps_theta's context (stage 2)
     out: Optional[Path] = None        # run folder (named by the non-finite-loss error; evaluation output)
 
-    def freeze(self, module: nn.Module) -> nn.Module:
-        """No gradients, eval mode, the precision's half dtype (inference only: fp32 not needed)."""
+    def freeze(self, module: nn.Module) -> nn.Module:  # no gradients, eval mode, half dtype (header, item 8)
         return module.requires_grad_(False).eval().to(self.dist.device, self.precision.frozen_dtype)
 
-
-@dataclass
-class Stage1:
-    """Stage 1 (Fig. 1, top): E and D trained in fp32 (autocast does the rest), their EMA copy, the frozen
-    label encoder, AdamW and the GradScaler."""
-    net: ICCLDNet                     # (E, D), trained
-    net_ema: ICCLDNet                 # its EMA copy: pseudo labels, evaluated, what stage 2 starts from
-    lab: LabelLatents                 # labels -> label latents (the frozen pretrained VAE encoder)
-    optimizer: torch.optim.AdamW
-    scaler: torch.amp.GradScaler
-
+# Stage1 (Fig. 1, top): net = (E, D) trained in fp32, net_ema its EMA copy (pseudo labels, evaluated, stage 2's
+# start), lab the label encoder; Stage2 (Fig. 1, bottom): unet = eps_theta, unet_ema (evaluated), disc, frozen.
+Stage1 = namedtuple("Stage1", "net net_ema lab optimizer scaler")
+Stage2 = namedtuple("Stage2", "unet unet_ema disc frozen optimizer optimizer_d scaler")
 
 def build_stage1(args: Args, run: Run) -> Stage1:
     net = ICCLDNet(run.sd.vae, run.num_classes).to(run.dist.device).requires_grad_(True).train()  # VAE frozen
     net.E.grad_checkpointing = net.D.grad_checkpointing = args.grad_checkpointing
-    net_ema = copy.deepcopy(net).requires_grad_(False).eval()     # fp32 (header, item 8)
+    net_ema = copy.deepcopy(net).requires_grad_(False).eval()     # EMA copy in fp32 (header, item 8)
     lab = run.freeze(LabelLatents(run.sd.vae, PALETTES[run.num_classes]))
     optimizer = torch.optim.AdamW(param_groups(net, net.new_parameters(), args), betas=(0.9, 0.999))
     return Stage1(net, net_ema, lab, optimizer, run.precision.make_scaler())
 
-
-@dataclass
-class Stage2:
-    """Stage 2 (Fig. 1, bottom): eps_theta (the SD UNet, conv_in widened) trained, its EMA copy (evaluated), the
-    discriminator, what stays frozen, AdamW, the discriminator's Adam and the GradScaler."""
-    unet: nn.Module
-    unet_ema: nn.Module
-    disc: nn.Sequential
-    frozen: Frozen
-    optimizer: torch.optim.AdamW
-    optimizer_d: torch.optim.Adam
-    scaler: torch.amp.GradScaler
-
-
 def build_stage2(args: Args, run: Run, net_weights: Optional[dict]) -> Stage2:
     """net_weights: stage 1's net_ema (None: random, for --profile / --estimate-memory, or loaded on resume)."""
-    sched, dev = run.sd.scheduler, run.dist.device
-    net = ICCLDNet(run.sd.vae, run.num_classes)
-    if net_weights is not None:
-        net.load_state_dict(net_weights)
-    lab = LabelLatents(run.sd.vae, PALETTES[run.num_classes])
-    fz = Frozen(run.freeze(net), run.freeze(lab), run.ctx.to(dev), sched, sched.alphas_cumprod.to(dev),
-                make_sampler(sched))
+    sched, dev, net = run.sd.scheduler, run.dist.device, ICCLDNet(run.sd.vae, run.num_classes)
+    net.load_state_dict(net_weights) if net_weights is not None else None
+    fz = Frozen(run.freeze(net), run.freeze(LabelLatents(run.sd.vae, PALETTES[run.num_classes])), run.ctx.to(dev),
+                sched, sched.alphas_cumprod.to(dev), make_sampler(sched))
     unet = widen_conv_in(run.sd.unet).to(dev).requires_grad_(True).train()
-    if args.grad_checkpointing:
-        unet.enable_gradient_checkpointing()
+    unet.enable_gradient_checkpointing() if args.grad_checkpointing else None
     unet_ema, disc = copy.deepcopy(unet).requires_grad_(False).eval(), discriminator().to(dev)
     optimizer = torch.optim.AdamW(param_groups(unet, list(unet.conv_in.parameters()), args), betas=(0.9, 0.999))
     optimizer_d = torch.optim.Adam(disc.parameters(), lr=args.disc_lr, betas=DISC_BETAS)
     return Stage2(unet, unet_ema, disc, fz, optimizer, optimizer_d, run.precision.make_scaler())
-
 
 # ---- Setup: checks, data, SD, stage-1 weights, --profile / --estimate-memory --------------------------------
 def check_args(args: Args) -> None:
@@ -630,20 +479,19 @@ def check_args(args: Args) -> None:
     check_common_flags(args, crop_multiple=8)
     measuring = args.profile or args.estimate_memory
     for bad, msg in (
-            (args.stage not in ("1", "2", "both"), f"--stage: unknown value '{args.stage}'. Expected 1, 2, both."),
-            (args.iters_stage2 < 1, f"--iters-stage2: got {args.iters_stage2}. Expected an integer >= 1."),
-            (not 1 <= args.sample_steps <= 50, f"--sample-steps {args.sample_steps}: expected 1..50."),
-            (args.stage != "1" and not (args.source_only or args.eval_only) and args.crop_size < 64, f"--crop-size "
-             f"{args.crop_size}: stage 2's discriminator needs >= 64 (three stride-2 convs on the latent). "
-             "Expected >= 64."),
-            (measuring and args.stage == "both", "--profile / --estimate-memory: one stage at a time. Add "
-             "--stage 1 or --stage 2."),
-            (args.stage == "2" and not (args.resume or args.eval_only or args.stage1_ckpt or measuring),
-             "--stage 2: no stage-1 checkpoint. Expected --stage1-ckpt <out>/stage1/checkpoints/step_XXXXXXX "
-             "(written by --stage 1 or --stage both), or run --stage both.")):
+        (args.stage not in ("1", "2", "both"), f"--stage: unknown value '{args.stage}'. Expected 1, 2, both."),
+        (args.iters_stage2 < 1, f"--iters-stage2: got {args.iters_stage2}. Expected an integer >= 1."),
+        (not 1 <= args.sample_steps <= 50, f"--sample-steps {args.sample_steps}: expected 1..50."),
+        (args.stage != "1" and not (args.source_only or args.eval_only) and args.crop_size < 64, f"--crop-size "
+         f"{args.crop_size}: stage 2's discriminator needs >= 64 (three stride-2 convs on the latent). "
+         "Expected >= 64."),
+        (measuring and args.stage == "both", "--profile / --estimate-memory: one stage at a time. Add "
+         "--stage 1 or --stage 2."),
+        (args.stage == "2" and not (args.resume or args.eval_only or args.stage1_ckpt or measuring),
+         "--stage 2: no stage-1 checkpoint. Expected --stage1-ckpt <out>/stage1/checkpoints/step_XXXXXXX "
+         "(written by --stage 1 or --stage both), or run --stage both.")):
         if bad:
             raise UserError("error: " + msg)
-
 
 def build_data(args: Args, num_classes: int):
     """Source/target training streams (source with rare-class sampling, DAFormer) and the evaluation set."""
@@ -659,7 +507,6 @@ def build_data(args: Args, num_classes: int):
     return (TrainStream(src, args.seed, rcs, stream_id=0), TrainStream(tgt, args.seed, None, stream_id=1),
             build_dataset(name, args.data_root, split, **kw))
 
-
 def load_backbone(args: Args) -> tuple[Any, Optional[torch.Tensor]]:
     """The SD parts on the CPU: the VAE; for stage 2 and evaluation the UNet and the "" context (1, 77, d)."""
     stage2 = args.stage != "1" or args.eval_only
@@ -668,7 +515,6 @@ def load_backbone(args: Args) -> tuple[Any, Optional[torch.Tensor]]:
     sd.text_encoder = None                                        # "" embedded once, then freed
     return sd, ctx
 
-
 def load_weights(module: nn.Module, weights: dict, prefix: str, where: str) -> None:
     """The checkpoint tensors named `prefix` + key into `module`; one-line error when they do not fit."""
     try:
@@ -676,7 +522,6 @@ def load_weights(module: nn.Module, weights: dict, prefix: str, where: str) -> N
     except RuntimeError as e:
         raise UserError(f"error: --ckpt: '{where}' does not fit this model ({str(e).splitlines()[0]}). Expected "
                         "a checkpoint of iccld.py with the same --sd-model and --tgt class set.") from None
-
 
 def load_stage1_weights(path: str) -> tuple[dict, int]:
     """(net_ema weights, stage-1 step) of a stage-1 checkpoint folder, its weights file or a run folder."""
@@ -690,7 +535,6 @@ def load_stage1_weights(path: str) -> tuple[dict, int]:
     if not (net_weights := {k[8:]: v for k, v in weights.items() if k.startswith("net_ema.")}):
         raise UserError(f"error: --stage1-ckpt: '{path}' holds no net_ema weights. {fix}")
     return net_weights, state["step"] if state.get("stage") == 1 else state.get("offset", 0)
-
 
 # ---- Processes, device, precision, seeds (nanoGPT's train.py; the same block in all four scripts) ----------
 @dataclass
@@ -783,24 +627,19 @@ def set_rng_state(s: dict) -> None:
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
-
 # ---- Training: setup, stage 1 then stage 2 through one loop (log line, evaluation, checkpoint), end ----------
 def train(args: Args) -> dict:
     if args.profile or args.estimate_memory:  # measuring tools, not training: benchmarks/measure.py
         from benchmarks.measure import measure
         return measure("iccld", args, globals())
-    # Processes (torchrun: one per GPU, DDP), device, precision, seed.
-    dist, repeatable = init_distributed(args.device, args.deterministic)
-    precision = choose_precision(args.precision, dist.device)  # bf16 / fp16 + GradScaler / fp32 on CPU
-    check_args(args)
-    seed_everything(args.seed)
-    K = check_pair(args.src, args.tgt)
-    out = Path(args.out or f"runs/iccld-{run_tag(args.src)}-{run_tag(args.tgt)}")
+    dist, repeatable = init_distributed(args.device, args.deterministic)  # torchrun: one process per GPU, DDP
+    precision = choose_precision(args.precision, dist.device)
+    check_args(args), seed_everything(args.seed)
+    K, out = check_pair(args.src, args.tgt), Path(args.out or f"runs/iccld-{run_tag(args.src)}-{run_tag(args.tgt)}")
     if dist.is_main:
         log("args: " + json.dumps(asdict(args)))
         log(f"device {dist.device} x{dist.world} | {precision.reason} | {repeatable}")
-    # Data and SD (the data are checked before anything is written).
-    data = build_data(args, K)
+    data = build_data(args, K)                                    # checked before anything is written
     run = Run(dist, precision, K, *load_backbone(args), out)
     if args.eval_only:  # --eval-only / --predict: a stage-2 checkpoint scores both paths, a stage-1 one D(E(x))
         weights, state = runs.load_checkpoint(args.ckpt)
@@ -812,78 +651,64 @@ def train(args: Args) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         result = evaluate(args, run.freeze(net), unet and run.freeze(unet), data[2], run, state.get("step", 0))
         return finish(result, run, "done: --eval-only")
-    # Checkpoints in: --resume continues in the stage its checkpoint records; --stage 2 reads stage 1's net_ema.
-    ckpt = runs.latest_checkpoint(out) or out / "checkpoints"
-    resume = runs.load_checkpoint(ckpt, "--resume") if args.resume else None
+    # --resume continues in the stage its checkpoint records; --stage 2 reads stage 1's net_ema, counts on from its step
+    resume = args.resume and runs.load_checkpoint(runs.latest_checkpoint(out) or out / "checkpoints", "--resume")
     resume_stage = resume[1]["stage"] if resume else None
     if args.stage == "2" and resume_stage == 1:
         raise UserError(f"error: --resume: the latest checkpoint in '{out}' is from stage 1. Resume with "
                         "--stage both (or --stage 1).")
-    stage1_weights, offset = None, args.iters  # stage 2's checkpoint names and data continue after stage 1's
-    if args.stage == "2" and not args.resume:
-        stage1_weights, offset = load_stage1_weights(args.stage1_ckpt)
+    stage1_weights, offset = (load_stage1_weights(args.stage1_ckpt) if args.stage == "2" and not args.resume
+                              else (None, args.iters))
     runs.prepare_out_dir(out, args.resume, args.demo, dist.is_main)
-    if dist.is_main and not args.resume:
-        metrics.write_metrics(out, args, key="args")
+    metrics.write_metrics(out, args, key="args") if dist.is_main and not args.resume else None
     result = {}
-    if args.stage in ("1", "both") and resume_stage != 2:  # stage 1: E and D by DACS self-training
+    if args.stage in ("1", "both") and resume_stage != 2:
         stage1 = build_stage1(args, run)
         result = train_stage(args, run, stage1, data, resume if resume_stage == 1 else None, 0)
         stage1_weights = {k: v.detach().float().cpu() for k, v in stage1.net_ema.state_dict().items()}
         del stage1                                                # frees its models and optimizer states
-    if args.stage in ("2", "both"):  # stage 2: eps_theta, against the discriminator; E and D frozen
-        if resume_stage != 2:  # its own seeded stream: --stage 2 --stage1-ckpt X = the second half of --stage both
-            seed_everything(args.seed + 1)
-        stage2 = build_stage2(args, run, stage1_weights)
-        result = train_stage(args, run, stage2, data, resume if resume_stage == 2 else None, offset,
-                             result.get("miou_direct"))
+    if args.stage in ("2", "both"):  # its own seeded stream: --stage 2 --stage1-ckpt X = the second half of both
+        seed_everything(args.seed + 1) if resume_stage != 2 else None
+        result = train_stage(args, run, build_stage2(args, run, stage1_weights), data,
+                             resume if resume_stage == 2 else None, offset, result.get("miou_direct"))
     steps = {"1": f"{args.iters}", "2": f"{args.iters_stage2}"}.get(args.stage, f"{args.iters} + {args.iters_stage2}")
     mem = metrics.peak_memory_gb(dist.device)
     return dict(finish(result, run, f"done: {steps} steps | peak memory {mem:.1f} GB | out {out}"), out=str(out))
 
-
 def train_stage(args: Args, run: Run, stage: Stage1 | Stage2, data: tuple, resume: Optional[tuple], offset: int,
                 miou_direct: Optional[float] = None) -> dict:
-    """The loop of one stage. resume: (weights, state) of its checkpoint to continue, or None; offset: the steps
-    before it (stage 2: stage 1's), added to the checkpoint names and the data stream's step. -> last evaluation."""
+    """The loop of one stage. resume: (weights, state) of its checkpoint, or None; offset: the steps before it
+    (stage 2: stage 1's), added to the checkpoint names and the data stream's step. -> the last evaluation."""
     dist, out, b, number = run.dist, run.out, args.batch_size, 1 if isinstance(stage, Stage1) else 2
     (src_stream, tgt_stream, val_set), total = data, args.iters if number == 1 else args.iters_stage2
-    if number == 1:  # what a checkpoint holds (weights, optimizer states) and what is evaluated
-        parts = nn.ModuleDict({"net": stage.net, "net_ema": stage.net_ema})
-        optimizers, evaluated = {"optimizer": stage.optimizer, "scaler": stage.scaler}, (stage.net_ema, None)
-    else:  # + the frozen stage-1 model, for --eval-only
-        parts = nn.ModuleDict({"unet": stage.unet, "unet_ema": stage.unet_ema, "disc": stage.disc,
-                               "net_ema": stage.frozen.net})
-        optimizers = {"optimizer": stage.optimizer, "optimizer_d": stage.optimizer_d, "scaler": stage.scaler}
-        evaluated = (stage.frozen.net, stage.unet_ema)
-    start, history = 0, []
+    # what a checkpoint holds (stage 2: + the frozen stage-1 model, for --eval-only), what is evaluated
+    parts = nn.ModuleDict(dict(net=stage.net, net_ema=stage.net_ema) if number == 1 else dict(
+        unet=stage.unet, unet_ema=stage.unet_ema, disc=stage.disc, net_ema=stage.frozen.net))
+    optimizers = {k: v for k, v in stage._asdict().items() if k.startswith(("optimizer", "scaler"))}  # AdamW (+ Adam)
+    evaluated, start, history = (stage.net_ema, None) if number == 1 else (stage.frozen.net, stage.unet_ema), 0, []
     if resume:  # restores the RNG states too: nothing may draw random numbers after this
         weights, state = resume
         load_weights(parts, weights, "", str(out))
-        for key, optimizer in optimizers.items():                # AdamW (+ the discriminator's Adam), scaler
+        for key, optimizer in optimizers.items():
             optimizer.load_state_dict(state[key])
         offset, start, history = state["offset"], state["step"] - state["offset"], state["train_log"]
         set_rng_state(state["rng"])
         log(f"[stage {number}] resumed at step {start}") if dist.is_main else None
-    trained = dist.wrap(stage.net if number == 1 else stage.unet)  # DDP under torchrun: gradients averaged
-    disc = dist.wrap(stage.disc) if number == 2 else None
-    if dist.is_main:
-        log(f"[stage {number}] adapting: " + (
-            "nothing (--source-only: source losses only)" if args.source_only else
-            "E and D, trained on ClassMix images with net_ema's pseudo labels" if number == 1 else
-            "eps_theta, on mixed / target pseudo-label latents and against the discriminator (source vs. "
-            f"mixed + target x0_hat of the last of {args.sample_steps} DDIM steps from pure noise)"))
+    trained, disc = (dist.wrap(stage.net), None) if number == 1 else (dist.wrap(stage.unet), dist.wrap(stage.disc))
+    log(f"[stage {number}] adapting: " + (
+        "nothing (--source-only: source losses only)" if args.source_only else
+        "E and D, trained on ClassMix images with net_ema's pseudo labels" if number == 1 else
+        "eps_theta, on mixed / target pseudo-label latents and against the discriminator (source vs. mixed + target "
+        f"x0_hat of the last of {args.sample_steps} DDIM steps from pure noise)")) if dist.is_main else None
     result, qs, window, t_log, logged = {}, [], {}, time.perf_counter(), start
     stop = runs.StopOnSignal(dist)  # SIGTERM / SIGINT: stop after the step's checkpoint, exit 75
     for i in stop.steps(start, total, offset=offset):
         src, tgt = (stream.batch(offset + i, dist.rank * b, b) for stream in (src_stream, tgt_stream))
         batch = (src["image"].to(dist.device), src["label"].to(dist.device), tgt["image"].to(dist.device))
-        if number == 1:
-            logs = train_step_stage1(trained, stage.net_ema, stage.lab, stage.optimizer, stage.scaler, batch, i,
-                                     args, run.precision)
-        else:
-            logs = train_step_stage2(trained, stage.unet_ema, disc, stage.frozen, stage.optimizer,
-                                     stage.optimizer_d, stage.scaler, batch, i, args, run.precision)
+        logs = (train_step_stage1(trained, stage.net_ema, stage.lab, stage.optimizer, stage.scaler, batch, i, args,
+                                  run.precision) if number == 1 else
+                train_step_stage2(trained, stage.unet_ema, disc, stage.frozen, stage.optimizer, stage.optimizer_d,
+                                  stage.scaler, batch, i, args, run.precision))
         runs.check_finite(torch.tensor(sum(v for k, v in logs.items() if "loss" in k)), offset + i + 1, out)
         qs.append(logs.get("q", 0.0))
         window = {k: window.get(k, 0.0) + v for k, v in logs.items()}
@@ -911,14 +736,12 @@ def train_stage(args: Args, run: Run, stage: Stage1 | Stage2, data: tuple, resum
             f"{sum(qs) / len(qs):.2f})")
     return result or evaluate(args, *evaluated, val_set, run, total, miou_direct)  # a finished stage resumed
 
-
 def log_line(rec: dict, total: int, ms_per_step: float, device: torch.device) -> str:  # Same as madm.py
     """`step 1200/10000 | loss_src 0.412 | q 0.710 | lr 5.0e-06 | 410 ms/step | mem 17.3 GB` (README)."""
     values = [f"{k} {v:.1e}" if k == "lr" or 0 < abs(v) < 1e-3 else f"{k} {v:.3f}" for k, v in rec.items()
               if k != "step"]
     mem = metrics.peak_memory_gb(device)
     return " | ".join([f"step {rec['step']}/{total}", *values, f"{ms_per_step:.0f} ms/step", f"mem {mem:.1f} GB"])
-
 
 def finish(res: dict, run: Run, head: str) -> dict:
     """End of a run: `head | mIoU ..` (+ mIoU16 / mIoU13 for SYNTHIA sources), metrics.json's "final", curves."""
@@ -928,13 +751,10 @@ def finish(res: dict, run: Run, head: str) -> dict:
         metrics.write_curves(run.out)
     return res
 
-
 # ---- Evaluation: one path for training-time evaluation and --eval-only ------------------------------------
 def evaluate(args: Args, net: ICCLDNet, unet, dataset, run: Run, step: int, miou_direct: Optional[float] = None):
-    """Stage 1 (unet None): net_ema's direct path D(E(x)). Stage 2: unet_ema's diffusion path (headline) and
-    the direct path once (E, D are frozen in stage 2: pass its miou_direct). Returns the final metrics."""
+    """Stage 1 (unet None): D(E(x)); stage 2: unet_ema's diffusion path and, once (E, D frozen), D(E(x)) -> metrics."""
     info, dist, K = dataset.info, run.dist, run.num_classes
-
     def score(predict_fn, tag: str, pictures: bool = True) -> dict:  # + the table and the `eval step` line
         res = metrics.evaluate(predict_fn, dataset, K, CLASS_SETS[K], PALETTES[K], device=dist.device, dist=dist,
                                metric_size=info.metric, desc=f"{info.name} {dataset.split} [{tag}]", pad_to=8,
@@ -950,8 +770,7 @@ def evaluate(args: Args, net: ICCLDNet, unet, dataset, run: Run, step: int, miou
         return res
     with run.precision.autocast():
         if unet is None:
-            res = score(net.direct, "stage1 direct")
-            miou_direct = res["miou"]
+            miou_direct = (res := score(net.direct, "stage1 direct"))["miou"]
         else:
             gen, ddim = torch.Generator().manual_seed(args.seed), make_sampler(run.sd.scheduler)
             ctx = run.ctx.to(dist.device)
@@ -962,13 +781,10 @@ def evaluate(args: Args, net: ICCLDNet, unet, dataset, run: Run, step: int, miou
     final = {k: res[k] for k in ("miou", "per_class_iou", "miou16", "miou13") if k in res}
     return {**final, "miou_direct": miou_direct, "step": step, "stage": 1 if unet is None else 2}
 
-
 def main(args: Args) -> dict:
     """Train (--stage 1, 2 or both), or --eval-only, --predict, --profile, --estimate-memory; returns the metrics."""
-    if args.demo:
-        args = replace_defaults(args, **DEMO)
+    args = replace_defaults(args, **DEMO) if args.demo else args
     return train(replace(args, eval_only=args.eval_only or bool(args.predict)))  # --predict: load --ckpt
-
 
 if __name__ == "__main__":
     run_cli(main, Args)
