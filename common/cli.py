@@ -6,11 +6,12 @@ checkpoint exits 75 (`Stopped`; sysexits.h EX_TEMPFAIL: try again, with --resume
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import inspect
+import io
 import sys
 import textwrap
+import tokenize
 import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -40,17 +41,25 @@ def log(line: str) -> None:
 
 
 def _field_docs(args_cls: type) -> dict[str, str]:
-    """{field: the string literal written on the line under it}; {} when the source is unavailable."""
+    """{field: its help}: the comment after `name: type = default`, plus the comment lines right under it."""
     try:
-        body = ast.parse(textwrap.dedent(inspect.getsource(args_cls))).body[0].body
-    except (OSError, TypeError):
+        src = textwrap.dedent(inspect.getsource(args_cls))
+    except (OSError, TypeError):  # no source (e.g. exec'd): --help without texts
         return {}
-    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    docs, field, prev = {}, None, None
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.string == ":" and prev and prev.type == tokenize.NAME and prev.start[1] == 4:  # `name:` in the body
+            field = prev.string
+        elif tok.type == tokenize.COMMENT and field and tok.string.startswith("# ----"):  # a section banner
+            field = None
+        elif tok.type == tokenize.COMMENT and field:
+            docs[field] = (docs.get(field, "") + " " + tok.string[1:].strip()).strip()
+        prev = tok
+    return docs
 
 
 def _parser(args_cls: type, with_defaults: bool) -> argparse.ArgumentParser:
-    """One flag per field, its help the string under it; bool: also --no-x; tuple[X, ...]: several values."""
+    """One flag per field, its help the string under it; bool: also its negation; tuple[X, ...]: several values."""
     hints, docs = typing.get_type_hints(args_cls), _field_docs(args_cls)
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(args_cls):

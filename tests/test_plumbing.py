@@ -30,25 +30,22 @@ ROOT = str(Path(__file__).resolve().parents[1])
 
 @dataclass
 class _Args:
-    src: str = "cityscapes"
-    """source dataset name"""
-    iters: int = 10
-    """optimizer steps"""
-    lr: float = 5e-6
-    """learning rate"""
-    demo: bool = False
-    """tiny everything"""
-    ckpt: Optional[str] = None
-    """checkpoint to load"""
-    sizes: tuple[int, ...] = (1, 2)
-    """several numbers"""
+    # ---- a section banner is no field's help
+    src: str = "cityscapes"  # source dataset name
+    iters: int = 10  # optimizer steps
+    lr: float = 5e-6  # learning
+                      # rate
+    demo: bool = False  # tiny everything
+    ckpt: Optional[str] = None  # checkpoint to load
+    sizes: tuple[int, ...] = (1, 2)  # several numbers
 
 
 def test_parse_args_types_docs_and_bools():
     a = parse_args(_Args, ["--iters", "3", "--lr", "1e-4", "--demo", "--ckpt", "x", "--sizes", "4", "5", "6"])
     assert a == _Args(iters=3, lr=1e-4, demo=True, ckpt="x", sizes=(4, 5, 6))
     assert parse_args(_Args, []) == _Args()
-    assert cli._field_docs(_Args)["lr"] == "learning rate"
+    docs = cli._field_docs(_Args)  # --help: the comment after each field, continued on the lines under it
+    assert docs["lr"] == "learning rate" and docs["src"] == "source dataset name" and len(docs) == 6
 
 
 def test_unknown_dataset_is_a_user_error_with_the_list():
