@@ -1,17 +1,15 @@
 """PTDiffSeg: prompting a frozen diffusion backbone for cross-domain semantic segmentation.
 
-R. Gong, M. Danelljan, H. Sun, J. Delgado Mangas, L. Van Gool, "Prompting Diffusion Representations for
-Cross-Domain Semantic Segmentation", BMVC 2024. https://arxiv.org/abs/2307.02138. No official code is
-public: this is the first implementation. [paper] = the abstract; [TADP] = Kondapaneni et al., arXiv
-2310.00031 (§2.3, §3, §4.1, Table 4), which describes PTDiffSeg; [VPD code] = wl-zhao/VPD, which it builds
-on.
+R. Gong, M. Danelljan, H. Sun, J. Delgado Mangas, L. Van Gool, "Prompting Diffusion Representations for Cross-Domain
+Semantic Segmentation", BMVC 2024. https://arxiv.org/abs/2307.02138. No official code is public: this is the first
+implementation. [paper] = the abstract; [TADP] = Kondapaneni et al., arXiv 2310.00031 (§2.3, §3, §4.1, Table 4), which
+describes PTDiffSeg; [VPD code] = wl-zhao/VPD, which it builds on.
 
-Idea. A frozen Stable Diffusion UNet, run once per image at t = 1 on the clean latent (VPD), is a feature
-extractor that generalises across domains [paper]. Its cross-attention context is a *prompt*: one token per
-class (template-averaged text embeddings, refined by a small TextAdapter) and a *scene token* ("an urban
-street scene at night"). Only the adapter and a semantic-FPN head are trained, on the source alone; prompt
-randomization draws K_s = 2 scene prompts per image and a KL consistency loss asks for the same prediction
-under each [paper, TADP]. At test time (TTDA) only the scene token is tuned, on confident pseudo labels.
+Idea. A frozen Stable Diffusion UNet, run once at t = 1 on the clean latent (VPD), is a domain-general feature extractor
+[paper]. Its cross-attention context is a *prompt*: a token per class (text embeddings refined by a TextAdapter) and a
+*scene token* ("an urban street scene at night"). Only the adapter and a semantic-FPN head are trained, on the source;
+prompt randomization draws K_s = 2 scene prompts per image and a KL consistency loss asks for the same prediction under
+each [paper, TADP]. At test time (TTDA) only the scene token is tuned, on confident pseudo labels.
 
 Paper -> code
     frozen diffusion backbone, VPD-style (TADP §2.3; VPD code) .... FrozenSD (latent, UNet at t = 1, hooks)
@@ -24,35 +22,27 @@ Paper -> code
     test-time domain adaptation of the scene prompt (abstract) ..... ttda_loss, ttda_step, ttda
 
 Deviations ([our choice] unless marked; the paper gives no code, the VPD code is what we build on)
-    - Class tokens from SD's own text encoder (pooled EOS, 80 CLIP ImageNet templates averaged, not
-      normalised; VPD: CLIP ViT-L/14, projected): the token space SD's cross-attention knows. Context =
-      [scene token, K class tokens]. Latent = VAE posterior mode x 0.18215 (VPD omits it but fine-tunes its
-      UNet; TADP §4.1); `--no-latent-scale` = VPD. [VPD code, kept] t = 1, no noise (VPD issues #27, #28).
-    - 12 scene sentences (token = pooled EOS); K_s = 2 distinct per image and step; prompt 0 at evaluation
-      and as the TTDA start. Consistency = mean_k KL(p_k || sg(mean_k p_k)) at stride 8, weight 1.
-    - Attention maps of every attn2 in down_blocks 1, 2 and up_blocks 1, 2, head- and layer-averaged per
-      stride 16 / 32 (VPD: maps with <= 32^2 queries at 512). FPN + semantic-FPN head written out (no mmseg).
-    - DAFormer DG schedule on one GPU: AdamW, head lr 6e-4, adapter 6e-5, 1500 warm-up steps, poly 1.0, 40k
-      steps, batch 2, crop 512 (VPD: lr 8e-5, 80k, batch 16 on 8 GPUs); GTA5 crops with cat_max_ratio 0.75.
-    - wd 0.01 on weights, biases and gamma (DAFormer's AdamW: no bias multiplier); wd 0 on the head's
-      BatchNorm is our choice (the usual practice for norm layers): DAFormer adds `norm=dict(decay_mult=0.0)`
-      only for MiT backbones, and mmcv matches parameter names, where a ConvModule's BatchNorm is `bn`, so
-      DAFormer's rule would keep the decay on this head.
-    - CE averaged over the valid pixels (our choice: the loss scale does not depend on how much of a crop is
-      ignore); mmseg / VPD average over all pixels, ignored ones counting 0 (`ce_all_pixels` in common/).
+    - Class tokens from SD's own text encoder, tokens its cross-attention knows (VPD: CLIP ViT-L/14, projected): 80 CLIP
+      templates averaged, pooled EOS; context = [scene, K class tokens]. Latent = VAE mode x 0.18215 (TADP §4.1; VPD
+      omits it, fine-tuning its UNet: `--no-latent-scale`); [VPD code] t = 1, no noise (VPD issues #27, #28).
+    - 12 scene sentences (token = pooled EOS); K_s = 2 distinct per image and step; prompt 0 at evaluation and as the
+      TTDA start. Consistency = mean_k KL(p_k || sg(mean_k p_k)) at stride 8, weight 1.
+    - Attention maps of every attn2 in down_blocks 1, 2 and up_blocks 1, 2, head- and layer-averaged per stride 16 / 32
+      (VPD: maps with <= 32^2 queries at 512). FPN + semantic-FPN head written out (no mmseg).
+    - DAFormer DG schedule on one GPU: AdamW, head lr 6e-4, adapter 6e-5, 1500 warm-up steps, poly 1.0, 40k steps,
+      batch 2, crop 512 (VPD: lr 8e-5, 80k, batch 16 on 8 GPUs); GTA5 crops with cat_max_ratio 0.75.
+    - wd 0.01 on weights, biases, gamma (DAFormer's AdamW: no bias multiplier); wd 0 on the head's BatchNorm, usual for
+      norms (DAFormer's `norm=dict(decay_mult=0.0)` is for MiT only and, by mmcv name matching, misses ConvModule `bn`).
+    - CE averaged over valid pixels (scale independent of the ignored share); mmseg / VPD: all pixels (`ce_all_pixels`).
     - Evaluation: mmseg-style sliding window (--crop-size, stride 341) over the eval-resized image.
-    - TTDA: target train crops (labels never read); pseudo labels of the frozen prompt-0 model where p_max >=
-      0.9; CE on kept pixels; AdamW lr 1e-3, wd 0, 1000 steps; offline, no entropy term, not resumable.
+    - TTDA: target train crops (labels never read); pseudo labels of the frozen prompt-0 model where p_max >= 0.9; CE
+      on kept pixels; AdamW lr 1e-3, wd 0, 1000 steps; offline, no entropy term, not resumable.
     - Autograd runs through the frozen UNet (the adapter's gradient path); an image's K_s prompts share z.
-    - `--baseline` = the paper's first table row as we read it: same frozen SD features, class prompt and
-      head, ONE fixed scene prompt (prompt 0), no prompt randomization, no consistency loss, no TTDA.
+    - `--baseline` = the paper's first table row as we read it: same frozen SD features, class prompt and head, ONE
+      fixed scene prompt (prompt 0), no prompt randomization, no consistency loss, no TTDA.
 
-Commands
+Commands (more in README.md: --baseline, --eval-only --ttda --ckpt, --grad-checkpointing, --estimate-memory)
     python ptdiffseg.py --src gta5 --tgt cityscapes,bdd100k,mapillary          # DG training, paper setting
-    python ptdiffseg.py --src gta5 --tgt cityscapes --baseline                  # the baseline row
-    python ptdiffseg.py --src gta5 --tgt cityscapes --grad-checkpointing        # low memory (16 GB, T4)
-    python ptdiffseg.py --tgt cityscapes --eval-only --ttda --ckpt runs/.../checkpoints/step_0040000
-    python ptdiffseg.py --sd-model random-sd15 --estimate-memory                # peak GPU memory, no GPU
     python ptdiffseg.py --demo  # CPU, mini SD, synthetic data; demo-only settings: lr x10, TTDA p_max >= 0.5
 """
 from __future__ import annotations
@@ -80,7 +70,6 @@ from common.cli import UserError, check_common_flags, log, replace_defaults, run
 from common.daformer import poly_warmup_factor
 from common.sd_backbone import AttentionStore, FeatureCapture, encode_prompts, load_sd, to_dtype, vae_encode
 
-
 @dataclass
 class Args:
     # ---- experiment / infrastructure ----
@@ -103,8 +92,7 @@ class Args:
     ckpt: Optional[str] = None
     """checkpoint folder for --eval-only / --predict"""
     predict: Optional[str] = None
-    """folder of images: write <out>/predictions/<stem>_color.png and _trainId.png for each (needs --ckpt;
-    with --ttda also the TTDA prompt's in predictions/ttda/)"""
+    """folder of images -> <out>/predictions/<stem>_color.png, _trainId.png (needs --ckpt; --ttda: also in ttda/)"""
     ckpt_every: int = 4000
     """steps between checkpoints (our choice)"""
     keep_ckpts: int = 3
@@ -116,16 +104,14 @@ class Args:
     profile: int = 0
     """time N training iterations and print one JSON line, then exit"""
     estimate_memory: bool = False
-    """predict the peak GPU memory of one training step of this exact command without a GPU, data or weights
-    (shapes only, benchmarks/measure.py); print one JSON line"""
+    """one JSON line: peak GPU memory of one step of this command, from shapes alone (no GPU; benchmarks/measure.py)"""
     demo: bool = False
     """mini SD (pretrained on the synthetic world) + synthetic sample + short schedule, minutes on a CPU"""
     # ---- data ----
     src: str = "gta5"
     """source dataset, trained on alone (paper: synthetic-to-real DG)"""
     tgt: str = "cityscapes"
-    """target(s), comma-separated, one class set; each scored separately (paper: DG protocol); folder:PATH
-    for your own images"""
+    """target(s), comma-separated, one class set, scored one by one (paper: DG protocol); folder:PATH for own images"""
     data_root: str = "data"
     """where datasets live"""
     batch_size: int = 2
@@ -159,10 +145,9 @@ class Args:
     """AdamW weight decay (DAFormer adamw.py), 0 on the head's norm layers (our choice)"""
     warmup_iters: int = 1500
     """linear warm-up from ratio 1e-6, then poly power 1.0 (DAFormer poly10warm.py)"""
-    # ---- evaluation ----
+    # ---- evaluation, test-time domain adaptation ----
     eval_stride: int = 341
     """sliding-window stride; the window is --crop-size (our choice: 2/3 overlap at 512)"""
-    # ---- test-time domain adaptation ----
     ttda: bool = False
     """learn the scene prompt on the unlabeled target, report mIoU before/after (paper)"""
     ttda_steps: int = 1000
@@ -172,10 +157,8 @@ class Args:
     ttda_threshold: float = 0.9
     """keep pseudo-labelled pixels with p_max >= this (our choice)"""
 
-
 # ---- Prompts: the class prompt (an embedding for every class) and scene prompts (TADP §2.3; abstract) ----
-# The 80 CLIP ImageNet templates (openai/CLIP notebooks/Prompt_Engineering_for_ImageNet.ipynb, also VPD's
-# depth/dump_nyu_text_embeddings.py), in their original order, each followed by "."
+# The 80 CLIP ImageNet templates + "." (CLIP Prompt_Engineering_for_ImageNet.ipynb, VPD dump_nyu_text_embeddings.py)
 TEMPLATES = tuple(f"{t}." for t in """a bad photo of a {}|a photo of many {}|a sculpture of a {}|
 a photo of the hard to see {}|a low resolution photo of the {}|a rendering of a {}|graffiti of a {}|
 a bad photo of the {}|a cropped photo of the {}|a tattoo of a {}|the embroidered {}|a photo of a hard to see {}|
@@ -193,30 +176,24 @@ a photo of the weird {}|the cartoon {}|art of the {}|a drawing of the {}|a photo
 a black and white photo of a {}|the plushie {}|a dark photo of a {}|itap of a {}|graffiti of the {}|a toy {}|
 itap of my {}|a photo of a cool {}|a photo of a small {}|a tattoo of the {}""".replace("\n", "").split("|"))
 
-# [our choice] The scene-prompt pool for prompt randomization. Prompt 0 is the neutral description used at
-# evaluation and as the TTDA initialisation; the others name weather, light and rendering styles so that the
-# head sees the same image under different "domain" descriptions. Prompt 11 is the empty sentence.
+# [our choice] Pool for prompt randomization: prompt 0 (neutral) at evaluation and as the TTDA start; the others name
+# weather, light or rendering style, so the head sees one image under several "domain" descriptions; 11 is "".
 _STREET = "a photo of an urban street scene"
-SCENE_PROMPTS = (
-    _STREET, *(f"{_STREET} {w}" for w in ("on a sunny day", "at night", "in heavy rain", "in dense fog", "in snow",
-                                          "at dusk")),
-    "a rendering of an urban street scene in a video game", "a photorealistic photo of an urban street scene",
-    "a dashcam photo of an urban street scene", "a painting of an urban street scene", "")
-
+SCENE_PROMPTS = (_STREET, *(f"{_STREET} {w}" for w in ("on a sunny day", "at night", "in heavy rain", "in dense fog",
+                 "in snow", "at dusk")), "a rendering of an urban street scene in a video game",
+                 "a photorealistic photo of an urban street scene", "a dashcam photo of an urban street scene",
+                 "a painting of an urban street scene", "")
 
 @torch.no_grad()
 def class_embeddings(tokenizer, text_encoder, class_names: tuple[str, ...]) -> torch.Tensor:
-    """Class prompt [TADP, VPD code; encoder our choice]: c_k = mean_t pooled_EOS(template_t(name_k)), the 80
-    templates tokenized (77 tokens) through SD's text encoder, pooled = final-LayerNorm state at the 1st EOS,
-    averaged, not normalised. All K classes, in id order. Returns (K, d) float32."""
+    """Class prompt [TADP, VPD code; encoder our choice]: c_k = mean_t pooled_EOS(template_t(name_k)) over the 80
+    templates (77 tokens; pooled = final-LayerNorm state at the 1st EOS), not normalised -> (K, d) fp32, in id order."""
     return torch.stack([encode_prompts(tokenizer, text_encoder, [t.format(n) for t in TEMPLATES], pooled=True)
                         .float().mean(0) for n in class_names])  # (K, d); one batch of 80 per class
 
-
 def prompt_embeddings(sd_model: str, class_names: tuple[str, ...], cache_dir: Path,
                       write: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(class (K, d), scene (P, d)); a scene token [our choice] = its sentence's pooled EOS, no templates.
-    Cached in the run folder by (model, classes, templates, pool); the text encoder loads only on a miss."""
+    """(class (K, d), scene (P, d)); cached in the run folder, keyed by (model, classes, templates, pool)."""
     path = prompt_cache(cache_dir, sd_model, class_names)
     if path.is_file():  # a hit: no text encoder at all
         log(f"prompt embeddings: read from cache {path}")
@@ -229,11 +206,9 @@ def prompt_embeddings(sd_model: str, class_names: tuple[str, ...], cache_dir: Pa
     save_prompt_cache(cache_dir, sd_model, class_names, c, s) if write else None  # train(): once --out is ours
     return c, s
 
-
 def prompt_cache(cache_dir: Path, sd_model: str, class_names: tuple[str, ...]) -> Path:
     key = json.dumps([sd_model, list(class_names), list(TEMPLATES), list(SCENE_PROMPTS)])
     return Path(cache_dir) / f"prompt_embeddings-{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
-
 
 def save_prompt_cache(cache_dir: Path, sd_model: str, class_names: tuple, c: torch.Tensor, s: torch.Tensor) -> None:
     if not (path := prompt_cache(cache_dir, sd_model, class_names)).is_file():
@@ -242,19 +217,15 @@ def save_prompt_cache(cache_dir: Path, sd_model: str, class_names: tuple, c: tor
         path.with_suffix(".tmp").replace(path)  # atomic: a killed run never leaves half a cache file
         log(f"prompt embeddings: {len(c)} classes x 80 templates + scene prompts -> {path}")
 
-
 class TextAdapter(nn.Module):
-    """TextAdapter on the class tokens (VPD code vpd/models.py): c' = c + gamma * MLP(c), MLP = Linear(d, d)
-    -> GELU -> Linear(d, d), gamma in R^d initialised to 1e-4: it starts as the identity (tokens SD knows)."""
-
+    """VPD's TextAdapter (vpd/models.py) on class tokens: c' = c + gamma * MLP(c), MLP = Linear -> GELU -> Linear."""
     def __init__(self, d: int, gamma_init: float):
         super().__init__()
         self.fc = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))  # PyTorch default init (VPD)
-        self.gamma = nn.Parameter(torch.full((d,), gamma_init))                           # (d,) per channel
+        self.gamma = nn.Parameter(torch.full((d,), gamma_init))  # (d,), 1e-4: starts as the identity (tokens SD knows)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
         return c + self.gamma * self.fc(c)                                                 # (K, d)
-
 
 # ---- Frozen SD backbone, VPD-style: latent, one UNet pass at t = 1, hooked features + attention maps ----
 # [VPD code; diffusers mapping ours] The module read at each image stride, at crop 512: F64 1280 @ 8^2 = LDM
@@ -264,20 +235,15 @@ FEATURE_MODULES = {8: "up_blocks.3", 16: "up_blocks.2.attentions.1", 32: "up_blo
 # [VPD code: attn_selector 'up_cross+down_cross'] The blocks whose cross-attention probabilities are kept.
 ATTENTION_BLOCKS = {"down_blocks.1.": 16, "down_blocks.2.": 32, "up_blocks.1.": 32, "up_blocks.2.": 16}
 
-
 class FrozenSD:
-    """The frozen VAE (decoder never run) and UNet, `requires_grad_(False)`, stored in `dtype` (the run's
-    `precision.frozen_dtype`: half on GPU halves their memory; fp32 means fp32); nothing here is saved. The
-    attn2 of ATTENTION_BLOCKS also return P = softmax(Q K^T / sqrt(d_head)) (AttentionStore); others: SDPA."""
-
-    def __init__(self, unet, vae, timestep: int, latent_scale: bool, grad_checkpointing: bool = False,
-                 dtype: Optional[torch.dtype] = None):
+    """Frozen VAE (decoder never run) + UNet, `requires_grad_(False)`, stored in `dtype` (precision.frozen_dtype: half
+    on GPU, fp32 = fp32), never saved. attn2 of ATTENTION_BLOCKS also return P = softmax(Q K^T / sqrt(d_head))."""
+    def __init__(self, unet, vae, timestep: int, latent_scale: bool, grad_checkpointing: bool = False, dtype=None):
         if dtype not in (None, unet.dtype):  # autocast never touches frozen weights: storage = compute dtype
             to_dtype(unet, dtype), to_dtype(vae, dtype)
         self.unet, self.vae, self.timestep, self.latent_scale = unet, vae, timestep, latent_scale
         self.store = AttentionStore(unet, select=lambda name: name.startswith(tuple(ATTENTION_BLOCKS)))
-        if grad_checkpointing:
-            unet.enable_gradient_checkpointing()  # recompute activations in backward: memory for compute
+        unet.enable_gradient_checkpointing() if grad_checkpointing else None  # recompute in backward: memory for time
         self.channels = list(unet.config.block_out_channels)  # SD 1.x (320, 640, 1280, 1280) at strides 8..64
         self.d = unet.config.cross_attention_dim  # 768 for SD 1.x
 
@@ -293,9 +259,8 @@ class FrozenSD:
         return z if self.latent_scale else z / self.vae.config.scaling_factor  # VPD: unscaled
 
     def features(self, z: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
-        """One UNet pass at t = timestep, no noise: z (B, 4, h, w), context (B, 1 + K, d) = [scene token,
-        class tokens] -> [F8, F16 ++ A16, F32 ++ A32, F64] in float32. Autograd runs when the caller's does
-        (the adapter's / scene token's gradient flows through cross-attention; UNet parameters get none)."""
+        """One UNet pass at t = timestep, no noise: z (B, 4, h, w), context (B, 1 + K, d) = [scene, class tokens] ->
+        [F8, F16 ++ A16, F32 ++ A32, F64] fp32. Gradients (caller's autograd) reach the context, never UNet weights."""
         B, _, h, w = z.shape  # h, w = H/8, W/8
         t = torch.full((B,), self.timestep, device=z.device, dtype=torch.long)               # (B,) all t = 1
         self.store.clear()  # the maps of this pass only
@@ -315,29 +280,23 @@ class FrozenSD:
         out.append(feats[64])                                                             # (B, C64, h/8, w/8)
         return out
 
-
 # ---- Neck + head: FPN and semantic-FPN head (VPD config fpn_vpd_sd1-5_512x512_gpu8x2.py; mmseg) ---------
 class FPN(nn.Module):
-    """Feature pyramid (Lin et al. 2017): lateral 1x1 -> 256, top-down nearest x2 + add, 3x3 output convs,
-    no norm (mmseg FPN). feats [(B, C_l, H/s_l, W/s_l)] at strides [8, 16, 32, 64] -> 4 maps, 256 channels."""
-
+    """Feature pyramid (Lin et al. 2017; mmseg FPN, no norm): lateral 1x1 -> 256, top-down nearest x2 + add, 3x3 out."""
     def __init__(self, in_channels: list[int], channels: int = 256):
         super().__init__()
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)  # default init (ours)
         self.output = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in in_channels)
 
-    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:  # (B, C_l, H/s_l, W/s_l), s_l = 8 .. 64
         lat = [conv(f) for conv, f in zip(self.lateral, feats)]                           # (B, 256, h_l, w_l)
         for i in range(len(lat) - 1, 0, -1):  # coarse to fine: add the upsampled coarser level
             lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")
         return [conv(x) for conv, x in zip(self.output, lat)]                            # (B, 256, h_l, w_l)
 
-
 class SemanticFPNHead(nn.Module):
-    """Semantic FPN head (Kirillov et al. 2019; mmseg FPNHead): level l gets max(1, log2(s_l / 8)) blocks of
-    3x3 conv -> 128 + BN + ReLU, each followed by bilinear x2 while coarser than stride 8; the four are
-    summed; Dropout2d(0.1); 1x1 conv -> K. Returns logits (B, K, H/8, W/8)."""
-
+    """Semantic FPN head (Kirillov et al. 2019; mmseg FPNHead): level l: max(1, log2(s_l / 8)) x [3x3 conv -> 128, BN,
+    ReLU, bilinear x2 while coarser than stride 8]; levels summed, Dropout2d(0.1), 1x1 conv -> (B, K, H/8, W/8)."""
     def __init__(self, num_classes: int, strides=(8, 16, 32, 64), in_ch: int = 256, channels: int = 128):
         super().__init__()
         self.scale_heads = nn.ModuleList()  # one branch per FPN level
@@ -347,8 +306,7 @@ class SemanticFPNHead(nn.Module):
                 conv = nn.Conv2d(in_ch if k == 0 else channels, channels, 3, padding=1, bias=False)  # + BN
                 nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # mmcv ConvModule
                 blocks += [conv, nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]  # ConvModule order
-                if s != strides[0]:
-                    blocks.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+                blocks += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)] if s != strides[0] else []
             self.scale_heads.append(nn.Sequential(*blocks))  # level l -> (B, 128, H/8, W/8)
         self.dropout = nn.Dropout2d(0.1)  # mmseg decode-head default
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)  # 1x1 classifier -> K logits
@@ -359,13 +317,9 @@ class SemanticFPNHead(nn.Module):
             x = x + F.interpolate(head(f), size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.conv_seg(self.dropout(x))                                              # (B, K, H/8, W/8)
 
-
 class PTDiffSeg(nn.Module):
-    """The trained parts (TextAdapter + FPN + head; the only checkpointed weights, a few MB) and the prompt
-    embeddings as non-persistent buffers (recomputed or read from the cache); SD is passed in."""
-
-    def __init__(self, class_emb: torch.Tensor, scene_emb: torch.Tensor, feat_channels: list[int],
-                 gamma_init: float):
+    """Trained: TextAdapter + FPN + head (the checkpoint, a few MB); prompt embeddings: non-persistent buffers."""
+    def __init__(self, class_emb: torch.Tensor, scene_emb: torch.Tensor, feat_channels: list[int], gamma_init: float):
         super().__init__()
         K, d = class_emb.shape  # K classes; d = 768 for SD 1.x
         self.register_buffer("class_emb", class_emb.float().clone(), persistent=False)    # (K, d)
@@ -384,38 +338,31 @@ class PTDiffSeg(nn.Module):
         """z (B, 4, h, w) latents, scene (B, d) scene tokens -> logits (B, K, h, w) at image stride 8."""
         return self.head(self.neck(sd.features(z, self.context(scene))))  # (B, K, h, w)
 
-
 # ---- Prompt randomization and the losses (abstract: joint segmentation + consistency loss; TADP §2.3) ---
 def scene_prompt_indices(args: Args, step: int, start: int) -> torch.Tensor:
-    """(B, K_s) int64: K_s distinct scene prompts per image, uniform over the pool, a pure function of (seed,
-    step, global image index start + i); `--baseline`: prompt 0 alone, nothing randomized."""
+    """(B, K_s): K_s distinct prompts per image, a pure function of (seed, step, start + i); `--baseline`: prompt 0."""
     if args.baseline:
         return torch.zeros(args.batch_size, 1, dtype=torch.long)                          # (B, 1) prompt 0
     rows = [np.random.default_rng([args.seed, 7, step, start + i]).choice(  # stateless: resume, DDP ranks
         len(SCENE_PROMPTS), size=args.scene_prompts_per_image, replace=False) for i in range(args.batch_size)]
     return torch.as_tensor(np.stack(rows))                                                 # (B, K_s)
 
-
 def segmentation_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """L_seg = (1/K_s) sum_k CE_k, CE_k = CE(up(logits_k), y) averaged over valid pixels (255 = ignore);
-    logits (B, K_s, K, h, w) at stride 8, upsampled bilinearly to the crop; y (B, H, W) int64."""
+    """L_seg = (1/K_s) sum_k CE(up(logits_k), y) on valid pixels: logits (B, K_s, K, h, w) at stride 8, y (B, H, W)."""
     B, Ks, K, h, w = logits.shape  # the K_s prompts of an image share its label: mean over (prompt, pixel)
     up = F.interpolate(logits.flatten(0, 1).float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
     y = y.repeat_interleave(Ks, 0)                                                         # (B * K_s, H, W)
     ce = F.cross_entropy(up, y, ignore_index=255, reduction="sum")                        # sum over pixels
     return ce / (y != 255).sum().clamp_min(1)  # an all-ignore crop gives 0, not NaN
 
-
 def consistency_loss(logits: torch.Tensor) -> torch.Tensor:
-    """L_cons = (1/K_s) sum_k mean_pixels KL(p_k || sg(p_bar)), p_bar = (1/K_s) sum_k p_k [our choice].
-    logits (B, K_s, K, h, w) at stride 8, p_k = softmax over classes; zero iff all K_s predictions agree. The
-    stop-gradient on p_bar changes no gradient (dL / dlog p_bar_c = -p_bar_c and sum_c dp_bar_c = 0); it only
-    spares the backward pass through the mean. Every prompt is pulled to the consensus; none is a teacher."""
+    """L_cons = (1/K_s) sum_k mean_pixels KL(p_k || sg(p_bar)), p_bar = (1/K_s) sum_k p_k [our choice]; logits (B, K_s,
+    K, h, w) at stride 8, p_k = softmax over classes; 0 iff all K_s predictions agree. sg changes no gradient (dL /
+    dlog p_bar_c = -p_bar_c, sum_c dp_bar_c = 0), it spares the backward through the mean; no prompt is a teacher."""
     Ks = logits.shape[1]  # K_s >= 2 prompts per image
     logp = F.log_softmax(logits.float(), dim=2)                                            # (B, K_s, K, h, w)
     logp_bar = (torch.logsumexp(logp, dim=1, keepdim=True) - math.log(Ks)).detach()    # log p_bar (B,1,K,h,w)
     return (logp.exp() * (logp - logp_bar)).sum(2).mean()  # KL summed over classes, mean over k and pixels
-
 
 def ttda_loss(logits: torch.Tensor, logits_src: torch.Tensor, size: tuple[int, int],
               threshold: float) -> tuple[Optional[torch.Tensor], float]:
@@ -432,11 +379,9 @@ def ttda_loss(logits: torch.Tensor, logits_src: torch.Tensor, size: tuple[int, i
     up = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)    # (B, K, H, W)
     return F.cross_entropy(up, y_hat, ignore_index=255, reduction="sum") / kept, kept / y_hat.numel()
 
-
 # ---- Optimizer and learning-rate schedule (DAFormer adamw.py, poly10warm.py) ------------------------------
 def make_optimizer(model: PTDiffSeg, args: Args) -> torch.optim.Optimizer:
-    """AdamW (default betas 0.9, 0.999): head weights and biases (lr 6e-4, wd 0.01), head norm layers (lr
-    6e-4, wd 0: our choice, see the header), adapter incl. gamma (lr 6e-5, wd 0.01); `base_lr` feeds the LR"""
+    """AdamW (betas 0.9, 0.999): head weights + biases, head norms (wd 0: header), adapter; `base_lr`: the schedule's"""
     norms = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)  # any norm a head may hold
     decay, no_decay = [], []
     for m in [*model.neck.modules(), *model.head.modules()]:  # by layer type
@@ -445,13 +390,10 @@ def make_optimizer(model: PTDiffSeg, args: Args) -> torch.optim.Optimizer:
               (list(model.adapter.parameters()), args.adapter_lr, args.weight_decay)]
     return torch.optim.AdamW([dict(params=p, lr=lr, base_lr=lr, weight_decay=wd) for p, lr, wd in groups])
 
-
 # ---- The METHOD STEPs: training on the source only; test-time adaptation of the scene token (abstract) ----
-def train_step(net: nn.Module, sd: FrozenSD, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               x: torch.Tensor, y: torch.Tensor, scene_idx: torch.Tensor, step: int, args: Args,
-               precision: Precision) -> dict:
-    """One optimizer step of L = L_seg + lambda_cons * L_cons on source crops x (B, 3, H, W) in [-1, 1],
-    labels y (B, H, W), scene prompts scene_idx (B, K_s); `step` 0-based. Returns losses and the head's lr."""
+def train_step(net: nn.Module, sd: FrozenSD, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
+               y: torch.Tensor, scene_idx: torch.Tensor, step: int, args: Args, precision: Precision) -> dict:
+    """One step of L = L_seg + lambda_cons * L_cons; x (B, 3, H, W) in [-1, 1], y (B, H, W), scene_idx (B, K_s)."""
     pool = getattr(net, "module", net).scene_pool  # (P, d) scene tokens of the PTDiffSeg (inside DDP or not)
     # ---------- METHOD STEP BEGIN ----------
     factor = poly_warmup_factor(step, args.iters, args.warmup_iters, 1e-6, 1.0)  # linear warm-up, then poly
@@ -478,12 +420,10 @@ def train_step(net: nn.Module, sd: FrozenSD, opt: torch.optim.Optimizer, scaler:
     # ---------- METHOD STEP END ----------
     return {"loss_ce": loss_ce.item(), "loss_cons": loss_cons.item(), "lr": opt.param_groups[0]["lr"]}
 
-
 def ttda_step(model: PTDiffSeg, sd: FrozenSD, s: nn.Parameter, s0: torch.Tensor, opt: torch.optim.Optimizer,
               scaler: torch.amp.GradScaler, x: torch.Tensor, step: int, threshold: float,
               precision: Precision, dist: Dist) -> dict:
-    """One step on target crops x (B, 3, H, W) in [-1, 1]: CE of the logits with the learned scene token s
-    (1, d) against confident pseudo labels of the frozen model with prompt 0 (s0). -> loss, kept, stepped."""
+    """Target crops x (B, 3, H, W): CE of logits(s) on prompt 0's (s0) confident pseudo labels -> loss, kept, stepped"""
     B = x.shape[0]  # `model` is in eval mode with requires_grad off; `opt` holds s only
     # ---------- METHOD STEP BEGIN ----------
     z = sd.encode(x)                                                                       # (B, 4, h, w)
@@ -508,7 +448,6 @@ def ttda_step(model: PTDiffSeg, sd: FrozenSD, s: nn.Parameter, s0: torch.Tensor,
         scaler.update()  # only after a real step (its inf check)
     # ---------- METHOD STEP END ----------
     return {"loss_ttda": loss.item() if loss is not None else 0.0, "kept": kept, "stepped": float(stepped)}
-
 
 # ---- Processes, device, precision, seeds (nanoGPT's train.py; the same block in all four scripts) ----------
 @dataclass
@@ -601,7 +540,6 @@ def set_rng_state(s: dict) -> None:
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
-
 # ---- Setup (plumbing): arguments, datasets, what `train` builds once (Run: evaluation and TTDA read it) ---
 def check_args(args: Args) -> int:
     """The shared checks plus PTDiffSeg's own, before anything is built or written; returns K."""
@@ -618,18 +556,15 @@ def check_args(args: Args) -> int:
                         "class set per run; run each set separately.")
     return next(iter(ks.values()))
 
-
 def build_data(args: Args, num_classes: int) -> dict:
     """{"src": the source TrainStream, "eval" / "ttda": {target: its eval split / its train crops (no labels)}}."""
-    if args.demo:
-        synthetic.ensure_synthetic_sample(args.data_root)
+    synthetic.ensure_synthetic_sample(args.data_root) if args.demo else None
     kw = dict(crop_size=args.crop_size, scale=1 / 8 if args.demo else 1.0, num_classes=num_classes)  # demo: / 8
     evals = [cd.eval_target(t, args.predict) for t in args.tgt.split(",")[: 1 if args.predict else None]]
     src = None if args.eval_only else cd.build_dataset(args.src, args.data_root, **kw, cat_max_ratio=0.75)
     return {"src": None if src is None else cd.TrainStream(src, args.seed, stream_id=0),
             "eval": {t: cd.build_dataset(t, args.data_root, split, train=False, **kw) for t, split in evals},
             "ttda": {t: cd.build_dataset(t, args.data_root, train=True, **kw) for t, _ in evals if args.ttda}}
-
 
 def load_weights(model: PTDiffSeg, weights: dict, where: str) -> None:
     try:
@@ -638,30 +573,25 @@ def load_weights(model: PTDiffSeg, weights: dict, where: str) -> None:
         raise UserError(f"error: --ckpt: '{where}' does not fit this model ({len(model.class_emb)} classes). Expected "
                         "a ptdiffseg.py checkpoint trained with the same class set and --sd-model.") from None
 
-
 Run = NamedTuple("Run", [("args", Args), ("dist", Dist), ("precision", Precision), ("sd", FrozenSD),
                          ("model", PTDiffSeg), ("out", Path), ("num_classes", int), ("data", dict)])
-
 
 # ---- Training loop: setup, data, model, resume, the loop (log, evaluate, checkpoint), end; the TTDA loop -----
 def train(args: Args) -> dict:
     if args.profile or args.estimate_memory:  # measuring tools, not training: benchmarks/measure.py
         from benchmarks.measure import measure
         return measure("ptdiffseg", args, globals())
-    # Processes (torchrun: one per GPU, DDP), device, precision, seed.
     dist, repeatable = init_distributed(args.device, args.deterministic)
     precision = choose_precision(args.precision, dist.device)  # bf16 / fp16 + GradScaler / fp32 on CPU
-    K = check_args(args)
+    K, out = check_args(args), Path(args.out)
     seed_everything(args.seed)  # Python, NumPy, torch; the data streams and scene draws seed per step
-    out = Path(args.out)
     if dist.is_main:
         log("args: " + json.dumps(asdict(args)))
         log(f"device {dist.device} x{dist.world} | {precision.reason} | {repeatable}")
         log("adapting: nothing (--baseline: prompt 0, no consistency loss, no TTDA)" if args.baseline
             else f"adapting: prompt randomization (K_s = {args.scene_prompts_per_image})"
             + "; then the scene token s on the unlabeled target (TTDA)" * args.ttda)
-    # Data and model (checked before anything is written: the prompt cache is written once --out is ours).
-    data = build_data(args, K)
+    data = build_data(args, K)  # data and model are checked before anything is written (the prompt cache: below)
     sd = FrozenSD.load(args, dist.device, precision.frozen_dtype)  # frozen UNet + VAE, in the half dtype on GPUs
     class_emb, scene_emb = prompt_embeddings(args.sd_model, cd.CLASS_SETS[K], out / "cache", write=False)
     model = PTDiffSeg(class_emb, scene_emb, sd.channels, args.adapter_gamma_init).to(dist.device)
@@ -673,8 +603,7 @@ def train(args: Args) -> dict:
         load_weights(model, weights, args.ckpt)
         out.mkdir(parents=True, exist_ok=True)
         metrics.write_metrics(out, args, key="args") if dist.is_main else None
-        step = state.get("step", 0)
-        result = evaluate(run, step)
+        result = evaluate(run, step := state.get("step", 0))
         return finish(result, ttda(run, step, result)[0] if args.ttda else None, run, step, [])
     optimizer, scaler = make_optimizer(model, args), precision.make_scaler()
     start, history = 0, []
@@ -682,8 +611,7 @@ def train(args: Args) -> dict:
         ckpt = runs.latest_checkpoint(out) or out / "checkpoints"
         weights, state = runs.load_checkpoint(ckpt, "--resume")
         load_weights(model, weights, str(ckpt))
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        optimizer.load_state_dict(state["optimizer"]), scaler.load_state_dict(state["scaler"])
         start, history = state["step"], state["train_log"]
         set_rng_state(state["rng"])
         log(f"resumed from {ckpt} at step {start}") if dist.is_main else None
@@ -724,14 +652,12 @@ def train(args: Args) -> dict:
     result = result or evaluate(run, args.iters)  # resumed a finished run: score its final weights
     return finish(result, ttda(run, args.iters, result)[0] if args.ttda else None, run, args.iters, history)
 
-
 def log_line(rec: dict, total: int, ms_per_step: float, device: torch.device) -> str:
     """`step 1200/40000 | loss_ce 0.412 | loss_cons 0.010 | lr 5.0e-04 | 410 ms/step | mem 17.3 GB` (README)."""
     values = [f"{k} {v:.1e}" if k == "lr" or 0 < abs(v) < 1e-3 else f"{k} {v:.3f}" for k, v in rec.items()
               if k != "step"]
     mem = metrics.peak_memory_gb(device)
     return " | ".join([f"step {rec['step']}/{total}", *values, f"{ms_per_step:.0f} ms/step", f"mem {mem:.1f} GB"])
-
 
 def finish(result: dict, adapted: Optional[dict], run: Run, step: int, history: list) -> dict:
     """End of a run: the scores, mean over the targets (+ mIoU16 / mIoU13 for SYNTHIA sources), TTDA's when it
@@ -743,18 +669,15 @@ def finish(result: dict, adapted: Optional[dict], run: Run, step: int, history: 
     if adapted is not None:
         summary.update({f"{k}_before_ttda": v for k, v in scores.items()}, **adapted)
     if run.dist.is_main:
-        mem = metrics.peak_memory_gb(run.dist.device)
         log(" | ".join(["done", *(f"mIoU{k[4:]} {100 * summary[k]:.2f}" for k in scores),
-                        f"peak memory {mem:.2f} GB", f"outputs in {run.out}"]))
+                        f"peak memory {metrics.peak_memory_gb(run.dist.device):.2f} GB", f"outputs in {run.out}"]))
         metrics.write_metrics(run.out, {k: v for k, v in summary.items() if k != "train_log"}, key="final")
         metrics.write_curves(run.out)
     return summary
 
-
 def ttda(run: Run, step: int, before: dict) -> tuple[dict, dict]:
-    """Per target, optimise the scene token s (1, d) from prompt 0 on its train crops (all else frozen and in
-    eval mode: bit-identical), then score the learned prompt -> ({"ttda": record, "miou"}, {target: s}). No
-    checkpoint of its own: a stop names training's last one (at `step`) and TTDA starts over on --resume."""
+    """Per target, tune the scene token s (1, d) from prompt 0 on its train crops (rest frozen, eval mode), score it ->
+    ({"ttda": record, "miou"}, {target: s}). No checkpoint: a stop names training's, at `step`; --resume redoes it."""
     args, dist, model, was_training = run.args, run.dist, run.model, run.model.training
     model.eval().requires_grad_(False)
     learned, record = {}, {}
@@ -796,14 +719,12 @@ def ttda(run: Run, step: int, before: dict) -> tuple[dict, dict]:
             metrics.write_metrics(run.out, record, key="ttda")
     return {"ttda": record, **mean_scores(after)}, learned
 
-
 # ---- Evaluation: sliding window over the eval-resized image, scored by common.metrics -------------------
 @torch.no_grad()
 def slide_logits(run: Run, x: torch.Tensor, scene: torch.Tensor) -> torch.Tensor:
-    """x (1, 3, H, W) in [0, 1] -> logits (1, K, H, W): windows of --crop-size at --eval-stride (mmseg slide),
-    their logits upsampled and averaged; an image smaller than the window is zero-padded and cropped back."""
+    """x (1, 3, H, W) in [0, 1] -> (1, K, H, W): --crop-size windows at --eval-stride (mmseg slide), logits averaged."""
     (win, stride), (H, W) = (run.args.crop_size, run.args.eval_stride), x.shape[-2:]
-    x = F.pad(x * 2 - 1, (0, max(win - W, 0), 0, max(win - H, 0)))
+    x = F.pad(x * 2 - 1, (0, max(win - W, 0), 0, max(win - H, 0)))  # smaller than a window: zero-padded, cropped back
     Hp, Wp = x.shape[-2:]
     ny, nx = -(-(Hp - win) // stride) + 1, -(-(Wp - win) // stride) + 1  # ceil: the last window may overlap
     boxes = [(min(i * stride, Hp - win), min(j * stride, Wp - win)) for i in range(ny) for j in range(nx)]
@@ -818,10 +739,8 @@ def slide_logits(run: Run, x: torch.Tensor, scene: torch.Tensor) -> torch.Tensor
             cnt[..., y0:y0 + win, x0:x0 + win] += 1
     return (acc / cnt)[..., :H, :W]                                                        # (1, K, H, W)
 
-
 def evaluate(run: Run, step: int, scenes: Optional[dict] = None, tag: str = "source prompt"):
-    """Score every target's eval split separately (DG protocol) with prompt 0 or its TTDA prompt (scenes:
-    {target: (1, d)}); print each table and the mean; returns {target: metrics.evaluate result}."""
+    """Score each target's eval split (DG protocol) with prompt 0 or its TTDA prompt (scenes {target: (1, d)})."""
     scale, res, K = (1 / 8 if run.args.demo else 1.0), {}, run.num_classes
     run.model.eval()
     for target, ds in run.data["eval"].items():
@@ -832,8 +751,7 @@ def evaluate(run: Run, step: int, scenes: Optional[dict] = None, tag: str = "sou
             lambda x, scene=scene: slide_logits(run, x, scene), ds, K, cd.CLASS_SETS[K], cd.PALETTES[K],
             device=run.dist.device, dist=run.dist, metric_size=ds.info.metric,
             input_size=lambda hw, t=target: cd.eval_input_size(t, hw, scale), pictures_dir=pics,
-            desc=f"{target} {ds.split} ({tag})",
-            synthia=run.args.src == "synthia" and K == 19,  # mIoU16/13 belong to SYNTHIA-source runs
+            desc=f"{target} {ds.split} ({tag})", synthia=run.args.src == "synthia" and K == 19,  # SYNTHIA: mIoU16/13
             **metrics.RESIZE_PROTOCOLS["mmseg"])
         if run.dist.is_main:
             log(r["table"])  # without labels: the one line of what was written
@@ -847,12 +765,10 @@ def evaluate(run: Run, step: int, scenes: Optional[dict] = None, tag: str = "sou
             f"{100 * float(np.mean([r['miou'] for r in res.values()])):.2f}")
     return res
 
-
 def mean_scores(res: dict) -> dict:
     """The means over the targets of `evaluate`'s {target: result}: "miou" (+ "miou16", "miou13" for SYNTHIA)."""
     return {k: float(np.mean([r[k] for r in res.values()])) for k in ("miou", "miou16", "miou13")
             if all(k in r for r in res.values())}
-
 
 # ---- main ------------------------------------------------------------------------------------------------
 def resolve_args(args: Args) -> Args:
@@ -865,11 +781,9 @@ def resolve_args(args: Args) -> Args:
     return replace(args, out=args.out or f"runs/ptdiffseg-{cd.run_tag(args.src)}-{cd.run_tag(args.tgt)}",
                    eval_only=args.eval_only or bool(args.predict))  # --predict: load --ckpt, no training
 
-
 def main(args: Args) -> dict:
     """Train, then TTDA when asked (or --eval-only / --predict, --profile, --estimate-memory) -> finish's summary."""
     return train(resolve_args(args))
-
 
 if __name__ == "__main__":
     run_cli(main, Args)
