@@ -1,9 +1,8 @@
 """PTDiffSeg: prompting a frozen diffusion backbone for cross-domain semantic segmentation.
 
-R. Gong, M. Danelljan, H. Sun, J. Delgado Mangas, L. Van Gool, "Prompting Diffusion Representations for Cross-Domain
-Semantic Segmentation", BMVC 2024. https://arxiv.org/abs/2307.02138. No official code is public: this is the first
-implementation. [paper] = the abstract; [TADP] = Kondapaneni et al., arXiv 2310.00031 (§2.3, §3, §4.1, Table 4), which
-describes PTDiffSeg; [VPD code] = wl-zhao/VPD, which it builds on.
+R. Gong et al., "Prompting Diffusion Representations for Cross-Domain Semantic Segmentation", BMVC 2024,
+https://arxiv.org/abs/2307.02138. No code is public: this is the first implementation. [paper] = the abstract; [TADP] =
+Kondapaneni et al., arXiv 2310.00031 (PTDiffSeg: §2.3, §3, §4.1, Table 4); [VPD code] = wl-zhao/VPD, its base.
 
 Idea. A frozen Stable Diffusion UNet, run once at t = 1 on the clean latent (VPD), is a domain-general feature extractor
 [paper]. Its cross-attention context is a *prompt*: a token per class (text embeddings refined by a TextAdapter) and a
@@ -38,8 +37,7 @@ Deviations ([our choice] unless marked; the paper gives no code, the VPD code is
     - TTDA: target train crops (labels never read); pseudo labels of the frozen prompt-0 model where p_max >= 0.9; CE
       on kept pixels; AdamW lr 1e-3, wd 0, 1000 steps; offline, no entropy term, not resumable.
     - Autograd runs through the frozen UNet (the adapter's gradient path); an image's K_s prompts share z.
-    - `--baseline` = the paper's first table row as we read it: same frozen SD features, class prompt and head, ONE
-      fixed scene prompt (prompt 0), no prompt randomization, no consistency loss, no TTDA.
+    - `--baseline` = the paper's first table row as we read it: scene prompt 0 only; no randomization, L_cons or TTDA.
 
 Commands (more in README.md: --baseline, --eval-only --ttda --ckpt, --grad-checkpointing, --estimate-memory)
     python ptdiffseg.py --src gta5 --tgt cityscapes,bdd100k,mapillary          # DG training, paper setting
@@ -69,6 +67,7 @@ from common import datasets as cd, metrics, runs, synthetic
 from common.cli import UserError, check_common_flags, log, replace_defaults, run_cli
 from common.daformer import poly_warmup_factor
 from common.sd_backbone import AttentionStore, FeatureCapture, encode_prompts, load_sd, to_dtype, vae_encode
+
 
 @dataclass
 class Args:
@@ -157,6 +156,7 @@ class Args:
     ttda_threshold: float = 0.9
     """keep pseudo-labelled pixels with p_max >= this (our choice)"""
 
+
 # ---- Prompts: the class prompt (an embedding for every class) and scene prompts (TADP §2.3; abstract) ----
 # The 80 CLIP ImageNet templates + "." (CLIP Prompt_Engineering_for_ImageNet.ipynb, VPD dump_nyu_text_embeddings.py)
 TEMPLATES = tuple(f"{t}." for t in """a bad photo of a {}|a photo of many {}|a sculpture of a {}|
@@ -176,13 +176,12 @@ a photo of the weird {}|the cartoon {}|art of the {}|a drawing of the {}|a photo
 a black and white photo of a {}|the plushie {}|a dark photo of a {}|itap of a {}|graffiti of the {}|a toy {}|
 itap of my {}|a photo of a cool {}|a photo of a small {}|a tattoo of the {}""".replace("\n", "").split("|"))
 
-# [our choice] Pool for prompt randomization: prompt 0 (neutral) at evaluation and as the TTDA start; the others name
-# weather, light or rendering style, so the head sees one image under several "domain" descriptions; 11 is "".
-_STREET = "a photo of an urban street scene"
-SCENE_PROMPTS = (_STREET, *(f"{_STREET} {w}" for w in ("on a sunny day", "at night", "in heavy rain", "in dense fog",
-                 "in snow", "at dusk")), "a rendering of an urban street scene in a video game",
-                 "a photorealistic photo of an urban street scene", "a dashcam photo of an urban street scene",
-                 "a painting of an urban street scene", "")
+# [our choice] Prompt 0 neutral, 11 empty; the rest name weather, light or style: one image, several "domain" views.
+_S = "an urban street scene"
+SCENE_PROMPTS = (f"a photo of {_S}", *(f"a photo of {_S} {w}" for w in ("on a sunny day", "at night", "in heavy rain",
+                 "in dense fog", "in snow", "at dusk")), f"a rendering of {_S} in a video game",
+                 f"a photorealistic photo of {_S}", f"a dashcam photo of {_S}", f"a painting of {_S}", "")
+
 
 @torch.no_grad()
 def class_embeddings(tokenizer, text_encoder, class_names: tuple[str, ...]) -> torch.Tensor:
@@ -191,11 +190,11 @@ def class_embeddings(tokenizer, text_encoder, class_names: tuple[str, ...]) -> t
     return torch.stack([encode_prompts(tokenizer, text_encoder, [t.format(n) for t in TEMPLATES], pooled=True)
                         .float().mean(0) for n in class_names])  # (K, d); one batch of 80 per class
 
+
 def prompt_embeddings(sd_model: str, class_names: tuple[str, ...], cache_dir: Path,
                       write: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(class (K, d), scene (P, d)); cached in the run folder, keyed by (model, classes, templates, pool)."""
-    path = prompt_cache(cache_dir, sd_model, class_names)
-    if path.is_file():  # a hit: no text encoder at all
+    if (path := prompt_cache(cache_dir, sd_model, class_names)).is_file():  # a hit: no text encoder at all
         log(f"prompt embeddings: read from cache {path}")
         return tuple(load_file(str(path))[k] for k in ("class", "scene"))
     text = load_sd(sd_model, parts=("text_encoder", "tokenizer"))  # a miss: SD's own text tower
@@ -206,9 +205,11 @@ def prompt_embeddings(sd_model: str, class_names: tuple[str, ...], cache_dir: Pa
     save_prompt_cache(cache_dir, sd_model, class_names, c, s) if write else None  # train(): once --out is ours
     return c, s
 
+
 def prompt_cache(cache_dir: Path, sd_model: str, class_names: tuple[str, ...]) -> Path:
     key = json.dumps([sd_model, list(class_names), list(TEMPLATES), list(SCENE_PROMPTS)])
     return Path(cache_dir) / f"prompt_embeddings-{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
+
 
 def save_prompt_cache(cache_dir: Path, sd_model: str, class_names: tuple, c: torch.Tensor, s: torch.Tensor) -> None:
     if not (path := prompt_cache(cache_dir, sd_model, class_names)).is_file():
@@ -216,6 +217,7 @@ def save_prompt_cache(cache_dir: Path, sd_model: str, class_names: tuple, c: tor
         save_file({"class": c.cpu().contiguous(), "scene": s.cpu().contiguous()}, str(path.with_suffix(".tmp")))
         path.with_suffix(".tmp").replace(path)  # atomic: a killed run never leaves half a cache file
         log(f"prompt embeddings: {len(c)} classes x 80 templates + scene prompts -> {path}")
+
 
 class TextAdapter(nn.Module):
     """VPD's TextAdapter (vpd/models.py) on class tokens: c' = c + gamma * MLP(c), MLP = Linear -> GELU -> Linear."""
@@ -227,6 +229,7 @@ class TextAdapter(nn.Module):
     def forward(self, c: torch.Tensor) -> torch.Tensor:
         return c + self.gamma * self.fc(c)                                                 # (K, d)
 
+
 # ---- Frozen SD backbone, VPD-style: latent, one UNet pass at t = 1, hooked features + attention maps ----
 # [VPD code; diffusers mapping ours] The module read at each image stride, at crop 512: F64 1280 @ 8^2 = LDM
 # output_blocks[1], F32 1280 @ 16^2 = [4], F16 640 @ 32^2 = [7], F8 320 @ 64^2 = last block, before norm_out.
@@ -235,9 +238,9 @@ FEATURE_MODULES = {8: "up_blocks.3", 16: "up_blocks.2.attentions.1", 32: "up_blo
 # [VPD code: attn_selector 'up_cross+down_cross'] The blocks whose cross-attention probabilities are kept.
 ATTENTION_BLOCKS = {"down_blocks.1.": 16, "down_blocks.2.": 32, "up_blocks.1.": 32, "up_blocks.2.": 16}
 
+
 class FrozenSD:
-    """Frozen VAE (decoder never run) + UNet, `requires_grad_(False)`, stored in `dtype` (precision.frozen_dtype: half
-    on GPU, fp32 = fp32), never saved. attn2 of ATTENTION_BLOCKS also return P = softmax(Q K^T / sqrt(d_head))."""
+    """Frozen VAE encoder + UNet, in `dtype`, never saved; ATTENTION_BLOCKS' attn2 keep P = softmax(Q K^T / sqrt(d))."""
     def __init__(self, unet, vae, timestep: int, latent_scale: bool, grad_checkpointing: bool = False, dtype=None):
         if dtype not in (None, unet.dtype):  # autocast never touches frozen weights: storage = compute dtype
             to_dtype(unet, dtype), to_dtype(vae, dtype)
@@ -268,17 +271,16 @@ class FrozenSD:
             # The UNet's own output (noise prediction) is unused; its last layers (norm + 3x3 conv) are cheap.
             self.unet(z.to(self.unet.dtype), t, encoder_hidden_states=context.to(self.unet.dtype))
             feats = {s: cap.features[name].float() for s, name in FEATURE_MODULES.items()}  # s: (B, C_s, ...)
-        # Cross-attention maps [VPD code], head-averaged by the store: (B, h_s * w_s, 1 + K) per layer.
+        # Cross-attention maps [VPD code], head-averaged: (B, hs*ws, 1 + K) per layer; class columns 1..K -> channels.
         out = [feats[8]]                                                                   # (B, C8, h, w)
         for stride in (16, 32):  # maps only at the two middle strides (VPD)
             layers = [p for name, p in self.store.maps.items()  # the layers of this stride
                       if ATTENTION_BLOCKS[next(b for b in ATTENTION_BLOCKS if name.startswith(b))] == stride]
             P = torch.stack(layers).mean(0).float()                                        # (B, hs*ws, 1 + K)
-            # keep the K class columns (drop the scene token, column 0); tokens -> channels
             A = P[:, :, 1:].transpose(1, 2).reshape(B, -1, h * 8 // stride, w * 8 // stride)  # (B, K, hs, ws)
             out.append(torch.cat([feats[stride], A], 1))                                # (B, C_s + K, hs, ws)
-        out.append(feats[64])                                                             # (B, C64, h/8, w/8)
-        return out
+        return out + [feats[64]]                                                          # (B, C64, h/8, w/8)
+
 
 # ---- Neck + head: FPN and semantic-FPN head (VPD config fpn_vpd_sd1-5_512x512_gpu8x2.py; mmseg) ---------
 class FPN(nn.Module):
@@ -294,6 +296,7 @@ class FPN(nn.Module):
             lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")
         return [conv(x) for conv, x in zip(self.output, lat)]                            # (B, 256, h_l, w_l)
 
+
 class SemanticFPNHead(nn.Module):
     """Semantic FPN head (Kirillov et al. 2019; mmseg FPNHead): level l: max(1, log2(s_l / 8)) x [3x3 conv -> 128, BN,
     ReLU, bilinear x2 while coarser than stride 8]; levels summed, Dropout2d(0.1), 1x1 conv -> (B, K, H/8, W/8)."""
@@ -308,14 +311,14 @@ class SemanticFPNHead(nn.Module):
                 blocks += [conv, nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]  # ConvModule order
                 blocks += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)] if s != strides[0] else []
             self.scale_heads.append(nn.Sequential(*blocks))  # level l -> (B, 128, H/8, W/8)
-        self.dropout = nn.Dropout2d(0.1)  # mmseg decode-head default
-        self.conv_seg = nn.Conv2d(channels, num_classes, 1)  # 1x1 classifier -> K logits
+        self.dropout, self.conv_seg = nn.Dropout2d(0.1), nn.Conv2d(channels, num_classes, 1)  # mmseg; 1x1 -> K logits
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         x = self.scale_heads[0](feats[0])                                                 # (B, 128, H/8, W/8)
         for head, f in zip(self.scale_heads[1:], feats[1:]):  # coarser levels, at stride 8, summed
             x = x + F.interpolate(head(f), size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.conv_seg(self.dropout(x))                                              # (B, K, H/8, W/8)
+
 
 class PTDiffSeg(nn.Module):
     """Trained: TextAdapter + FPN + head (the checkpoint, a few MB); prompt embeddings: non-persistent buffers."""
@@ -326,8 +329,7 @@ class PTDiffSeg(nn.Module):
         self.register_buffer("scene_pool", scene_emb.float().clone(), persistent=False)   # (P, d)
         self.adapter = TextAdapter(d, gamma_init)  # trained at lr 6e-5
         c8, c16, c32, c64 = feat_channels  # the maps add K channels at 16 and 32; the scene column is dropped
-        self.neck = FPN([c8, c16 + K, c32 + K, c64])  # neck + head: trained at lr 6e-4
-        self.head = SemanticFPNHead(K)
+        self.neck, self.head = FPN([c8, c16 + K, c32 + K, c64]), SemanticFPNHead(K)  # trained at lr 6e-4
 
     def context(self, scene: torch.Tensor) -> torch.Tensor:
         """scene (B, d) -> context (B, 1 + K, d) = [scene token, adapter(class tokens)], scene token first."""
@@ -338,6 +340,7 @@ class PTDiffSeg(nn.Module):
         """z (B, 4, h, w) latents, scene (B, d) scene tokens -> logits (B, K, h, w) at image stride 8."""
         return self.head(self.neck(sd.features(z, self.context(scene))))  # (B, K, h, w)
 
+
 # ---- Prompt randomization and the losses (abstract: joint segmentation + consistency loss; TADP §2.3) ---
 def scene_prompt_indices(args: Args, step: int, start: int) -> torch.Tensor:
     """(B, K_s): K_s distinct prompts per image, a pure function of (seed, step, start + i); `--baseline`: prompt 0."""
@@ -347,6 +350,7 @@ def scene_prompt_indices(args: Args, step: int, start: int) -> torch.Tensor:
         len(SCENE_PROMPTS), size=args.scene_prompts_per_image, replace=False) for i in range(args.batch_size)]
     return torch.as_tensor(np.stack(rows))                                                 # (B, K_s)
 
+
 def segmentation_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """L_seg = (1/K_s) sum_k CE(up(logits_k), y) on valid pixels: logits (B, K_s, K, h, w) at stride 8, y (B, H, W)."""
     B, Ks, K, h, w = logits.shape  # the K_s prompts of an image share its label: mean over (prompt, pixel)
@@ -354,6 +358,7 @@ def segmentation_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     y = y.repeat_interleave(Ks, 0)                                                         # (B * K_s, H, W)
     ce = F.cross_entropy(up, y, ignore_index=255, reduction="sum")                        # sum over pixels
     return ce / (y != 255).sum().clamp_min(1)  # an all-ignore crop gives 0, not NaN
+
 
 def consistency_loss(logits: torch.Tensor) -> torch.Tensor:
     """L_cons = (1/K_s) sum_k mean_pixels KL(p_k || sg(p_bar)), p_bar = (1/K_s) sum_k p_k [our choice]; logits (B, K_s,
@@ -364,11 +369,11 @@ def consistency_loss(logits: torch.Tensor) -> torch.Tensor:
     logp_bar = (torch.logsumexp(logp, dim=1, keepdim=True) - math.log(Ks)).detach()    # log p_bar (B,1,K,h,w)
     return (logp.exp() * (logp - logp_bar)).sum(2).mean()  # KL summed over classes, mean over k and pixels
 
+
 def ttda_loss(logits: torch.Tensor, logits_src: torch.Tensor, size: tuple[int, int],
               threshold: float) -> tuple[Optional[torch.Tensor], float]:
-    """TTDA objective [paper: pseudo labels; form our choice]: CE(up(logits(s)), y_hat) over confident pixels,
-    y_hat = argmax p_src where max p_src >= threshold, p_src = softmax(up(logits of the frozen prompt-0 net))
-    logits* (B, K, h, w), size = crop (H, W) -> (loss, or None when no pixel is kept; kept fraction)."""
+    """TTDA loss [paper; form ours]: CE(up(logits), y_hat) where max p_src >= threshold, y_hat = argmax p_src, p_src =
+    softmax(up(logits_src)) (prompt 0, frozen); logits* (B, K, h, w), up to size (H, W) -> (loss | None, kept share)."""
     with torch.no_grad():  # the pseudo labels are constants
         p = F.interpolate(logits_src.float(), size=size, mode="bilinear", align_corners=False).softmax(1)
         conf, y_hat = p.max(1)                                                             # (B, H, W)
@@ -379,18 +384,18 @@ def ttda_loss(logits: torch.Tensor, logits_src: torch.Tensor, size: tuple[int, i
     up = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)    # (B, K, H, W)
     return F.cross_entropy(up, y_hat, ignore_index=255, reduction="sum") / kept, kept / y_hat.numel()
 
-# ---- Optimizer and learning-rate schedule (DAFormer adamw.py, poly10warm.py) ------------------------------
+
+# ---- Optimizer (DAFormer adamw.py, poly10warm.py); the METHOD STEPs: source training, TTDA of the scene token ----
 def make_optimizer(model: PTDiffSeg, args: Args) -> torch.optim.Optimizer:
     """AdamW (betas 0.9, 0.999): head weights + biases, head norms (wd 0: header), adapter; `base_lr`: the schedule's"""
-    norms = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)  # any norm a head may hold
-    decay, no_decay = [], []
+    norms, decay, no_decay = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm), [], []  # any head norm
     for m in [*model.neck.modules(), *model.head.modules()]:  # by layer type
         (no_decay if isinstance(m, norms) else decay).extend(m.parameters(recurse=False))
     groups = [(decay, args.lr, args.weight_decay), (no_decay, args.lr, 0.0),  # (params, lr, wd)
               (list(model.adapter.parameters()), args.adapter_lr, args.weight_decay)]
     return torch.optim.AdamW([dict(params=p, lr=lr, base_lr=lr, weight_decay=wd) for p, lr, wd in groups])
 
-# ---- The METHOD STEPs: training on the source only; test-time adaptation of the scene token (abstract) ----
+
 def train_step(net: nn.Module, sd: FrozenSD, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
                y: torch.Tensor, scene_idx: torch.Tensor, step: int, args: Args, precision: Precision) -> dict:
     """One step of L = L_seg + lambda_cons * L_cons; x (B, 3, H, W) in [-1, 1], y (B, H, W), scene_idx (B, K_s)."""
@@ -420,6 +425,7 @@ def train_step(net: nn.Module, sd: FrozenSD, opt: torch.optim.Optimizer, scaler:
     # ---------- METHOD STEP END ----------
     return {"loss_ce": loss_ce.item(), "loss_cons": loss_cons.item(), "lr": opt.param_groups[0]["lr"]}
 
+
 def ttda_step(model: PTDiffSeg, sd: FrozenSD, s: nn.Parameter, s0: torch.Tensor, opt: torch.optim.Optimizer,
               scaler: torch.amp.GradScaler, x: torch.Tensor, step: int, threshold: float,
               precision: Precision, dist: Dist) -> dict:
@@ -448,6 +454,7 @@ def ttda_step(model: PTDiffSeg, sd: FrozenSD, s: nn.Parameter, s0: torch.Tensor,
         scaler.update()  # only after a real step (its inf check)
     # ---------- METHOD STEP END ----------
     return {"loss_ttda": loss.item() if loss is not None else 0.0, "kept": kept, "stepped": float(stepped)}
+
 
 # ---- Processes, device, precision, seeds (nanoGPT's train.py; the same block in all four scripts) ----------
 @dataclass
@@ -540,6 +547,7 @@ def set_rng_state(s: dict) -> None:
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
+
 # ---- Setup (plumbing): arguments, datasets, what `train` builds once (Run: evaluation and TTDA read it) ---
 def check_args(args: Args) -> int:
     """The shared checks plus PTDiffSeg's own, before anything is built or written; returns K."""
@@ -556,6 +564,7 @@ def check_args(args: Args) -> int:
                         "class set per run; run each set separately.")
     return next(iter(ks.values()))
 
+
 def build_data(args: Args, num_classes: int) -> dict:
     """{"src": the source TrainStream, "eval" / "ttda": {target: its eval split / its train crops (no labels)}}."""
     synthetic.ensure_synthetic_sample(args.data_root) if args.demo else None
@@ -566,6 +575,7 @@ def build_data(args: Args, num_classes: int) -> dict:
             "eval": {t: cd.build_dataset(t, args.data_root, split, train=False, **kw) for t, split in evals},
             "ttda": {t: cd.build_dataset(t, args.data_root, train=True, **kw) for t, _ in evals if args.ttda}}
 
+
 def load_weights(model: PTDiffSeg, weights: dict, where: str) -> None:
     try:
         model.load_state_dict(weights)
@@ -573,8 +583,10 @@ def load_weights(model: PTDiffSeg, weights: dict, where: str) -> None:
         raise UserError(f"error: --ckpt: '{where}' does not fit this model ({len(model.class_emb)} classes). Expected "
                         "a ptdiffseg.py checkpoint trained with the same class set and --sd-model.") from None
 
+
 Run = NamedTuple("Run", [("args", Args), ("dist", Dist), ("precision", Precision), ("sd", FrozenSD),
                          ("model", PTDiffSeg), ("out", Path), ("num_classes", int), ("data", dict)])
+
 
 # ---- Training loop: setup, data, model, resume, the loop (log, evaluate, checkpoint), end; the TTDA loop -----
 def train(args: Args) -> dict:
@@ -605,8 +617,7 @@ def train(args: Args) -> dict:
         metrics.write_metrics(out, args, key="args") if dist.is_main else None
         result = evaluate(run, step := state.get("step", 0))
         return finish(result, ttda(run, step, result)[0] if args.ttda else None, run, step, [])
-    optimizer, scaler = make_optimizer(model, args), precision.make_scaler()
-    start, history = 0, []
+    optimizer, scaler, start, history = make_optimizer(model, args), precision.make_scaler(), 0, []
     if args.resume:  # restores the RNG states too: nothing may draw random numbers after this
         ckpt = runs.latest_checkpoint(out) or out / "checkpoints"
         weights, state = runs.load_checkpoint(ckpt, "--resume")
@@ -652,6 +663,7 @@ def train(args: Args) -> dict:
     result = result or evaluate(run, args.iters)  # resumed a finished run: score its final weights
     return finish(result, ttda(run, args.iters, result)[0] if args.ttda else None, run, args.iters, history)
 
+
 def log_line(rec: dict, total: int, ms_per_step: float, device: torch.device) -> str:
     """`step 1200/40000 | loss_ce 0.412 | loss_cons 0.010 | lr 5.0e-04 | 410 ms/step | mem 17.3 GB` (README)."""
     values = [f"{k} {v:.1e}" if k == "lr" or 0 < abs(v) < 1e-3 else f"{k} {v:.3f}" for k, v in rec.items()
@@ -659,21 +671,21 @@ def log_line(rec: dict, total: int, ms_per_step: float, device: torch.device) ->
     mem = metrics.peak_memory_gb(device)
     return " | ".join([f"step {rec['step']}/{total}", *values, f"{ms_per_step:.0f} ms/step", f"mem {mem:.1f} GB"])
 
+
 def finish(result: dict, adapted: Optional[dict], run: Run, step: int, history: list) -> dict:
-    """End of a run: the scores, mean over the targets (+ mIoU16 / mIoU13 for SYNTHIA sources), TTDA's when it
-    ran (the source prompt's then as *_before_ttda), the `done` line, metrics.json's "final", curves."""
+    """End of a run: mean scores (TTDA's if it ran; source prompt's then *_before_ttda), `done`, "final", curves."""
     targets = {t: {k: r[k] for k in ("miou", "per_class_iou", "miou16", "miou13") if k in r} for t, r in result.items()}
     scores = mean_scores(result)
     summary = {"step": step, "targets": targets, **scores,
                "per_class_iou": next(iter(targets.values()))["per_class_iou"], "train_log": history}
-    if adapted is not None:
-        summary.update({f"{k}_before_ttda": v for k, v in scores.items()}, **adapted)
+    summary.update({f"{k}_before_ttda": v for k, v in scores.items()}, **adapted) if adapted is not None else None
     if run.dist.is_main:
         log(" | ".join(["done", *(f"mIoU{k[4:]} {100 * summary[k]:.2f}" for k in scores),
                         f"peak memory {metrics.peak_memory_gb(run.dist.device):.2f} GB", f"outputs in {run.out}"]))
         metrics.write_metrics(run.out, {k: v for k, v in summary.items() if k != "train_log"}, key="final")
         metrics.write_curves(run.out)
     return summary
+
 
 def ttda(run: Run, step: int, before: dict) -> tuple[dict, dict]:
     """Per target, tune the scene token s (1, d) from prompt 0 on its train crops (rest frozen, eval mode), score it ->
@@ -682,8 +694,7 @@ def ttda(run: Run, step: int, before: dict) -> tuple[dict, dict]:
     model.eval().requires_grad_(False)
     learned, record = {}, {}
     for t in run.data["eval"]:
-        s0 = model.scene_pool[:1].clone()                                                  # (1, d) prompt 0
-        s = nn.Parameter(s0.clone())
+        s0, s = model.scene_pool[:1].clone(), nn.Parameter(model.scene_pool[:1].clone())  # (1, d) both prompt 0
         optimizer, scaler = torch.optim.AdamW([s], lr=args.ttda_lr, weight_decay=0.0), run.precision.make_scaler()
         stream = cd.TrainStream(run.data["ttda"][t], args.seed, stream_id=1)
         history, window, t_log, logged, stepped, kept = [], {}, time.perf_counter(), 0, 0, 0.0
@@ -709,15 +720,15 @@ def ttda(run: Run, step: int, before: dict) -> tuple[dict, dict]:
         b, f = before[t]["miou"], after[t]["miou"]
         r.update(miou_before=b, miou_after=f, delta=f - b)
         if dist.is_main:
-            scores = "" if after[t].get("no_labels") else (  # a target without labels: no mIoU to compare
-                f"\nttda {t} | source prompt mIoU {100 * b:.2f} | TTDA prompt mIoU {100 * f:.2f} | "
-                f"delta {100 * (f - b):+.2f}")
+            scores = "" if after[t].get("no_labels") else (f"\nttda {t} | source prompt mIoU {100 * b:.2f} | "
+                f"TTDA prompt mIoU {100 * f:.2f} | delta {100 * (f - b):+.2f}")  # without labels: no mIoU to compare
             log(f"adapted: the scene token s on {t} in {r['stepped']} of {args.ttda_steps} TTDA steps (pixels "
                 f"with p_max >= {args.ttda_threshold} kept: mean fraction {r['mean_kept']:.3f})" + scores)
             (run.out / "ttda").mkdir(exist_ok=True)  # folder:PATH -> folder-<name>_scene.safetensors
             save_file({"scene": learned[t].cpu()}, f"{run.out}/ttda/{cd.run_tag(t)}_scene.safetensors")
             metrics.write_metrics(run.out, record, key="ttda")
     return {"ttda": record, **mean_scores(after)}, learned
+
 
 # ---- Evaluation: sliding window over the eval-resized image, scored by common.metrics -------------------
 @torch.no_grad()
@@ -739,6 +750,7 @@ def slide_logits(run: Run, x: torch.Tensor, scene: torch.Tensor) -> torch.Tensor
             cnt[..., y0:y0 + win, x0:x0 + win] += 1
     return (acc / cnt)[..., :H, :W]                                                        # (1, K, H, W)
 
+
 def evaluate(run: Run, step: int, scenes: Optional[dict] = None, tag: str = "source prompt"):
     """Score each target's eval split (DG protocol) with prompt 0 or its TTDA prompt (scenes {target: (1, d)})."""
     scale, res, K = (1 / 8 if run.args.demo else 1.0), {}, run.num_classes
@@ -747,12 +759,10 @@ def evaluate(run: Run, step: int, scenes: Optional[dict] = None, tag: str = "sou
         scene = scenes[target] if scenes is not None else run.model.scene_pool[:1]
         pics = run.out / "predictions" / ("ttda" if scenes is not None else "") if run.dist.is_main else None
         # mmseg: bilinear eval resize without antialias; metric at native size (Mapillary: half, PIL nearest)
-        res[target] = r = metrics.evaluate(
-            lambda x, scene=scene: slide_logits(run, x, scene), ds, K, cd.CLASS_SETS[K], cd.PALETTES[K],
-            device=run.dist.device, dist=run.dist, metric_size=ds.info.metric,
-            input_size=lambda hw, t=target: cd.eval_input_size(t, hw, scale), pictures_dir=pics,
-            desc=f"{target} {ds.split} ({tag})", synthia=run.args.src == "synthia" and K == 19,  # SYNTHIA: mIoU16/13
-            **metrics.RESIZE_PROTOCOLS["mmseg"])
+        res[target] = r = metrics.evaluate(lambda x, scene=scene: slide_logits(run, x, scene), ds, K, cd.CLASS_SETS[K],
+            cd.PALETTES[K], device=run.dist.device, dist=run.dist, metric_size=ds.info.metric, pictures_dir=pics,
+            input_size=lambda hw, t=target: cd.eval_input_size(t, hw, scale), **metrics.RESIZE_PROTOCOLS["mmseg"],
+            desc=f"{target} {ds.split} ({tag})", synthia=run.args.src == "synthia" and K == 19)  # SYNTHIA: mIoU16/13
         if run.dist.is_main:
             log(r["table"])  # without labels: the one line of what was written
             if not r.get("no_labels"):
@@ -761,29 +771,30 @@ def evaluate(run: Run, step: int, scenes: Optional[dict] = None, tag: str = "sou
             metrics.write_metrics(run.out, {"step": step, "target": target, "prompt": tag, **{
                 k: r[k] for k in ("miou", "per_class_iou", "resolution", "miou16", "miou13") if k in r}})
     if len(res) > 1 and run.dist.is_main:
-        log(f"eval step {step} | mean over {len(res)} targets | {tag} | mIoU "
-            f"{100 * float(np.mean([r['miou'] for r in res.values()])):.2f}")
+        log(f"eval step {step} | mean over {len(res)} targets | {tag} | mIoU {100 * mean_scores(res)['miou']:.2f}")
     return res
+
 
 def mean_scores(res: dict) -> dict:
     """The means over the targets of `evaluate`'s {target: result}: "miou" (+ "miou16", "miou13" for SYNTHIA)."""
     return {k: float(np.mean([r[k] for r in res.values()])) for k in ("miou", "miou16", "miou13")
             if all(k in r for r in res.values())}
 
-# ---- main ------------------------------------------------------------------------------------------------
+
 def resolve_args(args: Args) -> Args:
     """Apply the --demo values (only where the user kept a default) and the default --out."""
     if args.demo:  # mini SD + synthetic sample, minutes on CPU; the user's own flags win
         args = replace_defaults(args, sd_model="mini", data_root="data/synthetic", crop_size=64, iters=50,
-                                out="runs/ptdiffseg-demo", eval_every=50, log_every=10, ckpt_every=50, warmup_iters=5,
-                                lr=6e-3, adapter_lr=6e-4, eval_stride=43, ttda=not args.baseline, ttda_steps=20,
-                                ttda_lr=1e-2, ttda_threshold=0.5)
+            out="runs/ptdiffseg-demo", eval_every=50, log_every=10, ckpt_every=50, warmup_iters=5, lr=6e-3,
+            adapter_lr=6e-4, eval_stride=43, ttda=not args.baseline, ttda_steps=20, ttda_lr=1e-2, ttda_threshold=0.5)
     return replace(args, out=args.out or f"runs/ptdiffseg-{cd.run_tag(args.src)}-{cd.run_tag(args.tgt)}",
                    eval_only=args.eval_only or bool(args.predict))  # --predict: load --ckpt, no training
+
 
 def main(args: Args) -> dict:
     """Train, then TTDA when asked (or --eval-only / --predict, --profile, --estimate-memory) -> finish's summary."""
     return train(resolve_args(args))
+
 
 if __name__ == "__main__":
     run_cli(main, Args)
