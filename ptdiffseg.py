@@ -1,17 +1,14 @@
 """PTDiffSeg: prompting a frozen diffusion backbone for cross-domain semantic segmentation.
 
-R. Gong, M. Danelljan, H. Sun, J. Delgado Mangas, L. Van Gool, "Prompting Diffusion Representations for
-Cross-Domain Semantic Segmentation", BMVC 2024. https://arxiv.org/abs/2307.02138. No official code is
-public: this is the first implementation. [paper] = the abstract; [TADP] = Kondapaneni et al., arXiv
-2310.00031 (§2.3, §3, §4.1, Table 4), which describes PTDiffSeg; [VPD code] = wl-zhao/VPD, which it builds
-on.
+R. Gong et al., "Prompting Diffusion Representations for Cross-Domain Semantic Segmentation", BMVC 2024,
+https://arxiv.org/abs/2307.02138. No code is public: this is the first implementation. [paper] = the abstract; [TADP] =
+Kondapaneni et al., arXiv 2310.00031 (PTDiffSeg: §2.3, §3, §4.1, Table 4); [VPD code] = wl-zhao/VPD, its base.
 
-Idea. A frozen Stable Diffusion UNet, run once per image at t = 1 on the clean latent (VPD), is a feature
-extractor that generalises across domains [paper]. Its cross-attention context is a *prompt*: one token per
-class (template-averaged text embeddings, refined by a small TextAdapter) and a *scene token* ("an urban
-street scene at night"). Only the adapter and a semantic-FPN head are trained, on the source alone; prompt
-randomization draws K_s = 2 scene prompts per image and a KL consistency loss asks for the same prediction
-under each [paper, TADP]. At test time (TTDA) only the scene token is tuned, on confident pseudo labels.
+Idea. A frozen Stable Diffusion UNet, run once at t = 1 on the clean latent (VPD), is a domain-general feature extractor
+[paper]. Its cross-attention context is a *prompt*: a token per class (text embeddings refined by a TextAdapter) and a
+*scene token* ("an urban street scene at night"). Only the adapter and a semantic-FPN head are trained, on the source;
+prompt randomization draws K_s = 2 scene prompts per image and a KL consistency loss asks for the same prediction under
+each [paper, TADP]. At test time (TTDA) only the scene token is tuned, on confident pseudo labels.
 
 Paper -> code
     frozen diffusion backbone, VPD-style (TADP §2.3; VPD code) .... FrozenSD (latent, UNet at t = 1, hooks)
@@ -24,35 +21,26 @@ Paper -> code
     test-time domain adaptation of the scene prompt (abstract) ..... ttda_loss, ttda_step, ttda
 
 Deviations ([our choice] unless marked; the paper gives no code, the VPD code is what we build on)
-    - Class tokens from SD's own text encoder (pooled EOS, 80 CLIP ImageNet templates averaged, not
-      normalised; VPD: CLIP ViT-L/14, projected): the token space SD's cross-attention knows. Context =
-      [scene token, K class tokens]. Latent = VAE posterior mode x 0.18215 (VPD omits it but fine-tunes its
-      UNet; TADP §4.1); `--no-latent-scale` = VPD. [VPD code, kept] t = 1, no noise (VPD issues #27, #28).
-    - 12 scene sentences (token = pooled EOS); K_s = 2 distinct per image and step; prompt 0 at evaluation
-      and as the TTDA start. Consistency = mean_k KL(p_k || sg(mean_k p_k)) at stride 8, weight 1.
-    - Attention maps of every attn2 in down_blocks 1, 2 and up_blocks 1, 2, head- and layer-averaged per
-      stride 16 / 32 (VPD: maps with <= 32^2 queries at 512). FPN + semantic-FPN head written out (no mmseg).
-    - DAFormer DG schedule on one GPU: AdamW, head lr 6e-4, adapter 6e-5, 1500 warm-up steps, poly 1.0, 40k
-      steps, batch 2, crop 512 (VPD: lr 8e-5, 80k, batch 16 on 8 GPUs); GTA5 crops with cat_max_ratio 0.75.
-    - wd 0.01 on weights, biases and gamma (DAFormer's AdamW: no bias multiplier); wd 0 on the head's
-      BatchNorm is our choice (the usual practice for norm layers): DAFormer adds `norm=dict(decay_mult=0.0)`
-      only for MiT backbones, and mmcv matches parameter names, where a ConvModule's BatchNorm is `bn`, so
-      DAFormer's rule would keep the decay on this head.
-    - CE averaged over the valid pixels (our choice: the loss scale does not depend on how much of a crop is
-      ignore); mmseg / VPD average over all pixels, ignored ones counting 0 (`ce_all_pixels` in common/).
+    - Class tokens from SD's own text encoder, tokens its cross-attention knows (VPD: CLIP ViT-L/14, projected): 80 CLIP
+      templates averaged, pooled EOS; context = [scene, K class tokens]. Latent = VAE mode x 0.18215 (TADP §4.1; VPD
+      omits it, fine-tuning its UNet: `--no-latent-scale`); [VPD code] t = 1, no noise (VPD issues #27, #28).
+    - 12 scene sentences (token = pooled EOS); K_s = 2 distinct per image and step; prompt 0 at evaluation and as the
+      TTDA start. Consistency = mean_k KL(p_k || sg(mean_k p_k)) at stride 8, weight 1.
+    - Attention maps of every attn2 in down_blocks 1, 2 and up_blocks 1, 2, head- and layer-averaged per stride 16 / 32
+      (VPD: maps with <= 32^2 queries at 512). FPN + semantic-FPN head written out (no mmseg).
+    - DAFormer DG schedule on one GPU: AdamW, head lr 6e-4, adapter 6e-5, 1500 warm-up steps, poly 1.0, 40k steps,
+      batch 2, crop 512 (VPD: lr 8e-5, 80k, batch 16 on 8 GPUs); GTA5 crops with cat_max_ratio 0.75.
+    - wd 0.01 on weights, biases, gamma (DAFormer's AdamW: no bias multiplier); wd 0 on the head's BatchNorm, usual for
+      norms (DAFormer's `norm=dict(decay_mult=0.0)` is for MiT only and, by mmcv name matching, misses ConvModule `bn`).
+    - CE averaged over valid pixels (scale independent of the ignored share); mmseg / VPD: all pixels (`ce_all_pixels`).
     - Evaluation: mmseg-style sliding window (--crop-size, stride 341) over the eval-resized image.
-    - TTDA: target train crops (labels never read); pseudo labels of the frozen prompt-0 model where p_max >=
-      0.9; CE on kept pixels; AdamW lr 1e-3, wd 0, 1000 steps; offline, no entropy term, not resumable.
+    - TTDA: target train crops (labels never read); pseudo labels of the frozen prompt-0 model where p_max >= 0.9; CE
+      on kept pixels; AdamW lr 1e-3, wd 0, 1000 steps; offline, no entropy term, not resumable.
     - Autograd runs through the frozen UNet (the adapter's gradient path); an image's K_s prompts share z.
-    - `--baseline` = the paper's first table row as we read it: same frozen SD features, class prompt and
-      head, ONE fixed scene prompt (prompt 0), no prompt randomization, no consistency loss, no TTDA.
+    - `--baseline` = the paper's first table row as we read it: scene prompt 0 only; no randomization, L_cons or TTDA.
 
-Commands
+Commands (more in README.md: --baseline, --eval-only --ttda --ckpt, --grad-checkpointing, --estimate-memory)
     python ptdiffseg.py --src gta5 --tgt cityscapes,bdd100k,mapillary          # DG training, paper setting
-    python ptdiffseg.py --src gta5 --tgt cityscapes --baseline                  # the baseline row
-    python ptdiffseg.py --src gta5 --tgt cityscapes --grad-checkpointing        # low memory (16 GB, T4)
-    python ptdiffseg.py --tgt cityscapes --eval-only --ttda --ckpt runs/.../checkpoints/step_0040000
-    python ptdiffseg.py --sd-model random-sd15 --estimate-memory                # peak GPU memory, no GPU
     python ptdiffseg.py --demo  # CPU, mini SD, synthetic data; demo-only settings: lr x10, TTDA p_max >= 0.5
 """
 from __future__ import annotations
@@ -103,8 +91,7 @@ class Args:
     ckpt: Optional[str] = None
     """checkpoint folder for --eval-only / --predict"""
     predict: Optional[str] = None
-    """folder of images: write <out>/predictions/<stem>_color.png and _trainId.png for each (needs --ckpt;
-    with --ttda also the TTDA prompt's in predictions/ttda/)"""
+    """folder of images -> <out>/predictions/<stem>_color.png, _trainId.png (needs --ckpt; --ttda: also in ttda/)"""
     ckpt_every: int = 4000
     """steps between checkpoints (our choice)"""
     keep_ckpts: int = 3
@@ -116,16 +103,14 @@ class Args:
     profile: int = 0
     """time N training iterations and print one JSON line, then exit"""
     estimate_memory: bool = False
-    """predict the peak GPU memory of one training step of this exact command without a GPU, data or weights
-    (shapes only, benchmarks/measure.py); print one JSON line"""
+    """one JSON line: peak GPU memory of one step of this command, from shapes alone (no GPU; benchmarks/measure.py)"""
     demo: bool = False
     """mini SD (pretrained on the synthetic world) + synthetic sample + short schedule, minutes on a CPU"""
     # ---- data ----
     src: str = "gta5"
     """source dataset, trained on alone (paper: synthetic-to-real DG)"""
     tgt: str = "cityscapes"
-    """target(s), comma-separated, one class set; each scored separately (paper: DG protocol); folder:PATH
-    for your own images"""
+    """target(s), comma-separated, one class set, scored one by one (paper: DG protocol); folder:PATH for own images"""
     data_root: str = "data"
     """where datasets live"""
     batch_size: int = 2
@@ -159,10 +144,9 @@ class Args:
     """AdamW weight decay (DAFormer adamw.py), 0 on the head's norm layers (our choice)"""
     warmup_iters: int = 1500
     """linear warm-up from ratio 1e-6, then poly power 1.0 (DAFormer poly10warm.py)"""
-    # ---- evaluation ----
+    # ---- evaluation, test-time domain adaptation ----
     eval_stride: int = 341
     """sliding-window stride; the window is --crop-size (our choice: 2/3 overlap at 512)"""
-    # ---- test-time domain adaptation ----
     ttda: bool = False
     """learn the scene prompt on the unlabeled target, report mIoU before/after (paper)"""
     ttda_steps: int = 1000
@@ -174,8 +158,7 @@ class Args:
 
 
 # ---- Prompts: the class prompt (an embedding for every class) and scene prompts (TADP §2.3; abstract) ----
-# The 80 CLIP ImageNet templates (openai/CLIP notebooks/Prompt_Engineering_for_ImageNet.ipynb, also VPD's
-# depth/dump_nyu_text_embeddings.py), in their original order, each followed by "."
+# The 80 CLIP ImageNet templates + "." (CLIP Prompt_Engineering_for_ImageNet.ipynb, VPD dump_nyu_text_embeddings.py)
 TEMPLATES = tuple(f"{t}." for t in """a bad photo of a {}|a photo of many {}|a sculpture of a {}|
 a photo of the hard to see {}|a low resolution photo of the {}|a rendering of a {}|graffiti of a {}|
 a bad photo of the {}|a cropped photo of the {}|a tattoo of a {}|the embroidered {}|a photo of a hard to see {}|
@@ -193,32 +176,25 @@ a photo of the weird {}|the cartoon {}|art of the {}|a drawing of the {}|a photo
 a black and white photo of a {}|the plushie {}|a dark photo of a {}|itap of a {}|graffiti of the {}|a toy {}|
 itap of my {}|a photo of a cool {}|a photo of a small {}|a tattoo of the {}""".replace("\n", "").split("|"))
 
-# [our choice] The scene-prompt pool for prompt randomization. Prompt 0 is the neutral description used at
-# evaluation and as the TTDA initialisation; the others name weather, light and rendering styles so that the
-# head sees the same image under different "domain" descriptions. Prompt 11 is the empty sentence.
-_STREET = "a photo of an urban street scene"
-SCENE_PROMPTS = (
-    _STREET, *(f"{_STREET} {w}" for w in ("on a sunny day", "at night", "in heavy rain", "in dense fog", "in snow",
-                                          "at dusk")),
-    "a rendering of an urban street scene in a video game", "a photorealistic photo of an urban street scene",
-    "a dashcam photo of an urban street scene", "a painting of an urban street scene", "")
+# [our choice] Prompt 0 neutral, 11 empty; the rest name weather, light or style: one image, several "domain" views.
+_S = "an urban street scene"
+SCENE_PROMPTS = (f"a photo of {_S}", *(f"a photo of {_S} {w}" for w in ("on a sunny day", "at night", "in heavy rain",
+                 "in dense fog", "in snow", "at dusk")), f"a rendering of {_S} in a video game",
+                 f"a photorealistic photo of {_S}", f"a dashcam photo of {_S}", f"a painting of {_S}", "")
 
 
 @torch.no_grad()
 def class_embeddings(tokenizer, text_encoder, class_names: tuple[str, ...]) -> torch.Tensor:
-    """Class prompt [TADP, VPD code; encoder our choice]: c_k = mean_t pooled_EOS(template_t(name_k)), the 80
-    templates tokenized (77 tokens) through SD's text encoder, pooled = final-LayerNorm state at the 1st EOS,
-    averaged, not normalised. All K classes, in id order. Returns (K, d) float32."""
+    """Class prompt [TADP, VPD code; encoder our choice]: c_k = mean_t pooled_EOS(template_t(name_k)) over the 80
+    templates (77 tokens; pooled = final-LayerNorm state at the 1st EOS), not normalised -> (K, d) fp32, in id order."""
     return torch.stack([encode_prompts(tokenizer, text_encoder, [t.format(n) for t in TEMPLATES], pooled=True)
                         .float().mean(0) for n in class_names])  # (K, d); one batch of 80 per class
 
 
 def prompt_embeddings(sd_model: str, class_names: tuple[str, ...], cache_dir: Path,
                       write: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(class (K, d), scene (P, d)); a scene token [our choice] = its sentence's pooled EOS, no templates.
-    Cached in the run folder by (model, classes, templates, pool); the text encoder loads only on a miss."""
-    path = prompt_cache(cache_dir, sd_model, class_names)
-    if path.is_file():  # a hit: no text encoder at all
+    """(class (K, d), scene (P, d)); cached in the run folder, keyed by (model, classes, templates, pool)."""
+    if (path := prompt_cache(cache_dir, sd_model, class_names)).is_file():  # a hit: no text encoder at all
         log(f"prompt embeddings: read from cache {path}")
         return tuple(load_file(str(path))[k] for k in ("class", "scene"))
     text = load_sd(sd_model, parts=("text_encoder", "tokenizer"))  # a miss: SD's own text tower
@@ -244,13 +220,11 @@ def save_prompt_cache(cache_dir: Path, sd_model: str, class_names: tuple, c: tor
 
 
 class TextAdapter(nn.Module):
-    """TextAdapter on the class tokens (VPD code vpd/models.py): c' = c + gamma * MLP(c), MLP = Linear(d, d)
-    -> GELU -> Linear(d, d), gamma in R^d initialised to 1e-4: it starts as the identity (tokens SD knows)."""
-
+    """VPD's TextAdapter (vpd/models.py) on class tokens: c' = c + gamma * MLP(c), MLP = Linear -> GELU -> Linear."""
     def __init__(self, d: int, gamma_init: float):
         super().__init__()
         self.fc = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))  # PyTorch default init (VPD)
-        self.gamma = nn.Parameter(torch.full((d,), gamma_init))                           # (d,) per channel
+        self.gamma = nn.Parameter(torch.full((d,), gamma_init))  # (d,), 1e-4: starts as the identity (tokens SD knows)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
         return c + self.gamma * self.fc(c)                                                 # (K, d)
@@ -266,18 +240,13 @@ ATTENTION_BLOCKS = {"down_blocks.1.": 16, "down_blocks.2.": 32, "up_blocks.1.": 
 
 
 class FrozenSD:
-    """The frozen VAE (decoder never run) and UNet, `requires_grad_(False)`, stored in `dtype` (the run's
-    `precision.frozen_dtype`: half on GPU halves their memory; fp32 means fp32); nothing here is saved. The
-    attn2 of ATTENTION_BLOCKS also return P = softmax(Q K^T / sqrt(d_head)) (AttentionStore); others: SDPA."""
-
-    def __init__(self, unet, vae, timestep: int, latent_scale: bool, grad_checkpointing: bool = False,
-                 dtype: Optional[torch.dtype] = None):
+    """Frozen VAE encoder + UNet, in `dtype`, never saved; ATTENTION_BLOCKS' attn2 keep P = softmax(Q K^T / sqrt(d))."""
+    def __init__(self, unet, vae, timestep: int, latent_scale: bool, grad_checkpointing: bool = False, dtype=None):
         if dtype not in (None, unet.dtype):  # autocast never touches frozen weights: storage = compute dtype
             to_dtype(unet, dtype), to_dtype(vae, dtype)
         self.unet, self.vae, self.timestep, self.latent_scale = unet, vae, timestep, latent_scale
         self.store = AttentionStore(unet, select=lambda name: name.startswith(tuple(ATTENTION_BLOCKS)))
-        if grad_checkpointing:
-            unet.enable_gradient_checkpointing()  # recompute activations in backward: memory for compute
+        unet.enable_gradient_checkpointing() if grad_checkpointing else None  # recompute in backward: memory for time
         self.channels = list(unet.config.block_out_channels)  # SD 1.x (320, 640, 1280, 1280) at strides 8..64
         self.d = unet.config.cross_attention_dim  # 768 for SD 1.x
 
@@ -293,9 +262,8 @@ class FrozenSD:
         return z if self.latent_scale else z / self.vae.config.scaling_factor  # VPD: unscaled
 
     def features(self, z: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
-        """One UNet pass at t = timestep, no noise: z (B, 4, h, w), context (B, 1 + K, d) = [scene token,
-        class tokens] -> [F8, F16 ++ A16, F32 ++ A32, F64] in float32. Autograd runs when the caller's does
-        (the adapter's / scene token's gradient flows through cross-attention; UNet parameters get none)."""
+        """One UNet pass at t = timestep, no noise: z (B, 4, h, w), context (B, 1 + K, d) = [scene, class tokens] ->
+        [F8, F16 ++ A16, F32 ++ A32, F64] fp32. Gradients (caller's autograd) reach the context, never UNet weights."""
         B, _, h, w = z.shape  # h, w = H/8, W/8
         t = torch.full((B,), self.timestep, device=z.device, dtype=torch.long)               # (B,) all t = 1
         self.store.clear()  # the maps of this pass only
@@ -303,30 +271,26 @@ class FrozenSD:
             # The UNet's own output (noise prediction) is unused; its last layers (norm + 3x3 conv) are cheap.
             self.unet(z.to(self.unet.dtype), t, encoder_hidden_states=context.to(self.unet.dtype))
             feats = {s: cap.features[name].float() for s, name in FEATURE_MODULES.items()}  # s: (B, C_s, ...)
-        # Cross-attention maps [VPD code], head-averaged by the store: (B, h_s * w_s, 1 + K) per layer.
+        # Cross-attention maps [VPD code], head-averaged: (B, hs*ws, 1 + K) per layer; class columns 1..K -> channels.
         out = [feats[8]]                                                                   # (B, C8, h, w)
         for stride in (16, 32):  # maps only at the two middle strides (VPD)
             layers = [p for name, p in self.store.maps.items()  # the layers of this stride
                       if ATTENTION_BLOCKS[next(b for b in ATTENTION_BLOCKS if name.startswith(b))] == stride]
             P = torch.stack(layers).mean(0).float()                                        # (B, hs*ws, 1 + K)
-            # keep the K class columns (drop the scene token, column 0); tokens -> channels
             A = P[:, :, 1:].transpose(1, 2).reshape(B, -1, h * 8 // stride, w * 8 // stride)  # (B, K, hs, ws)
             out.append(torch.cat([feats[stride], A], 1))                                # (B, C_s + K, hs, ws)
-        out.append(feats[64])                                                             # (B, C64, h/8, w/8)
-        return out
+        return out + [feats[64]]                                                          # (B, C64, h/8, w/8)
 
 
 # ---- Neck + head: FPN and semantic-FPN head (VPD config fpn_vpd_sd1-5_512x512_gpu8x2.py; mmseg) ---------
 class FPN(nn.Module):
-    """Feature pyramid (Lin et al. 2017): lateral 1x1 -> 256, top-down nearest x2 + add, 3x3 output convs,
-    no norm (mmseg FPN). feats [(B, C_l, H/s_l, W/s_l)] at strides [8, 16, 32, 64] -> 4 maps, 256 channels."""
-
+    """Feature pyramid (Lin et al. 2017; mmseg FPN, no norm): lateral 1x1 -> 256, top-down nearest x2 + add, 3x3 out."""
     def __init__(self, in_channels: list[int], channels: int = 256):
         super().__init__()
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)  # default init (ours)
         self.output = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in in_channels)
 
-    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:  # (B, C_l, H/s_l, W/s_l), s_l = 8 .. 64
         lat = [conv(f) for conv, f in zip(self.lateral, feats)]                           # (B, 256, h_l, w_l)
         for i in range(len(lat) - 1, 0, -1):  # coarse to fine: add the upsampled coarser level
             lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")
@@ -334,10 +298,8 @@ class FPN(nn.Module):
 
 
 class SemanticFPNHead(nn.Module):
-    """Semantic FPN head (Kirillov et al. 2019; mmseg FPNHead): level l gets max(1, log2(s_l / 8)) blocks of
-    3x3 conv -> 128 + BN + ReLU, each followed by bilinear x2 while coarser than stride 8; the four are
-    summed; Dropout2d(0.1); 1x1 conv -> K. Returns logits (B, K, H/8, W/8)."""
-
+    """Semantic FPN head (Kirillov et al. 2019; mmseg FPNHead): level l: max(1, log2(s_l / 8)) x [3x3 conv -> 128, BN,
+    ReLU, bilinear x2 while coarser than stride 8]; levels summed, Dropout2d(0.1), 1x1 conv -> (B, K, H/8, W/8)."""
     def __init__(self, num_classes: int, strides=(8, 16, 32, 64), in_ch: int = 256, channels: int = 128):
         super().__init__()
         self.scale_heads = nn.ModuleList()  # one branch per FPN level
@@ -347,11 +309,9 @@ class SemanticFPNHead(nn.Module):
                 conv = nn.Conv2d(in_ch if k == 0 else channels, channels, 3, padding=1, bias=False)  # + BN
                 nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # mmcv ConvModule
                 blocks += [conv, nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]  # ConvModule order
-                if s != strides[0]:
-                    blocks.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+                blocks += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)] if s != strides[0] else []
             self.scale_heads.append(nn.Sequential(*blocks))  # level l -> (B, 128, H/8, W/8)
-        self.dropout = nn.Dropout2d(0.1)  # mmseg decode-head default
-        self.conv_seg = nn.Conv2d(channels, num_classes, 1)  # 1x1 classifier -> K logits
+        self.dropout, self.conv_seg = nn.Dropout2d(0.1), nn.Conv2d(channels, num_classes, 1)  # mmseg; 1x1 -> K logits
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         x = self.scale_heads[0](feats[0])                                                 # (B, 128, H/8, W/8)
@@ -361,19 +321,15 @@ class SemanticFPNHead(nn.Module):
 
 
 class PTDiffSeg(nn.Module):
-    """The trained parts (TextAdapter + FPN + head; the only checkpointed weights, a few MB) and the prompt
-    embeddings as non-persistent buffers (recomputed or read from the cache); SD is passed in."""
-
-    def __init__(self, class_emb: torch.Tensor, scene_emb: torch.Tensor, feat_channels: list[int],
-                 gamma_init: float):
+    """Trained: TextAdapter + FPN + head (the checkpoint, a few MB); prompt embeddings: non-persistent buffers."""
+    def __init__(self, class_emb: torch.Tensor, scene_emb: torch.Tensor, feat_channels: list[int], gamma_init: float):
         super().__init__()
         K, d = class_emb.shape  # K classes; d = 768 for SD 1.x
         self.register_buffer("class_emb", class_emb.float().clone(), persistent=False)    # (K, d)
         self.register_buffer("scene_pool", scene_emb.float().clone(), persistent=False)   # (P, d)
         self.adapter = TextAdapter(d, gamma_init)  # trained at lr 6e-5
         c8, c16, c32, c64 = feat_channels  # the maps add K channels at 16 and 32; the scene column is dropped
-        self.neck = FPN([c8, c16 + K, c32 + K, c64])  # neck + head: trained at lr 6e-4
-        self.head = SemanticFPNHead(K)
+        self.neck, self.head = FPN([c8, c16 + K, c32 + K, c64]), SemanticFPNHead(K)  # trained at lr 6e-4
 
     def context(self, scene: torch.Tensor) -> torch.Tensor:
         """scene (B, d) -> context (B, 1 + K, d) = [scene token, adapter(class tokens)], scene token first."""
@@ -387,8 +343,7 @@ class PTDiffSeg(nn.Module):
 
 # ---- Prompt randomization and the losses (abstract: joint segmentation + consistency loss; TADP §2.3) ---
 def scene_prompt_indices(args: Args, step: int, start: int) -> torch.Tensor:
-    """(B, K_s) int64: K_s distinct scene prompts per image, uniform over the pool, a pure function of (seed,
-    step, global image index start + i); `--baseline`: prompt 0 alone, nothing randomized."""
+    """(B, K_s): K_s distinct prompts per image, a pure function of (seed, step, start + i); `--baseline`: prompt 0."""
     if args.baseline:
         return torch.zeros(args.batch_size, 1, dtype=torch.long)                          # (B, 1) prompt 0
     rows = [np.random.default_rng([args.seed, 7, step, start + i]).choice(  # stateless: resume, DDP ranks
@@ -397,8 +352,7 @@ def scene_prompt_indices(args: Args, step: int, start: int) -> torch.Tensor:
 
 
 def segmentation_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """L_seg = (1/K_s) sum_k CE_k, CE_k = CE(up(logits_k), y) averaged over valid pixels (255 = ignore);
-    logits (B, K_s, K, h, w) at stride 8, upsampled bilinearly to the crop; y (B, H, W) int64."""
+    """L_seg = (1/K_s) sum_k CE(up(logits_k), y) on valid pixels: logits (B, K_s, K, h, w) at stride 8, y (B, H, W)."""
     B, Ks, K, h, w = logits.shape  # the K_s prompts of an image share its label: mean over (prompt, pixel)
     up = F.interpolate(logits.flatten(0, 1).float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
     y = y.repeat_interleave(Ks, 0)                                                         # (B * K_s, H, W)
@@ -407,10 +361,9 @@ def segmentation_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def consistency_loss(logits: torch.Tensor) -> torch.Tensor:
-    """L_cons = (1/K_s) sum_k mean_pixels KL(p_k || sg(p_bar)), p_bar = (1/K_s) sum_k p_k [our choice].
-    logits (B, K_s, K, h, w) at stride 8, p_k = softmax over classes; zero iff all K_s predictions agree. The
-    stop-gradient on p_bar changes no gradient (dL / dlog p_bar_c = -p_bar_c and sum_c dp_bar_c = 0); it only
-    spares the backward pass through the mean. Every prompt is pulled to the consensus; none is a teacher."""
+    """L_cons = (1/K_s) sum_k mean_pixels KL(p_k || sg(p_bar)), p_bar = (1/K_s) sum_k p_k [our choice]; logits (B, K_s,
+    K, h, w) at stride 8, p_k = softmax over classes; 0 iff all K_s predictions agree. sg changes no gradient (dL /
+    dlog p_bar_c = -p_bar_c, sum_c dp_bar_c = 0), it spares the backward through the mean; no prompt is a teacher."""
     Ks = logits.shape[1]  # K_s >= 2 prompts per image
     logp = F.log_softmax(logits.float(), dim=2)                                            # (B, K_s, K, h, w)
     logp_bar = (torch.logsumexp(logp, dim=1, keepdim=True) - math.log(Ks)).detach()    # log p_bar (B,1,K,h,w)
@@ -419,9 +372,8 @@ def consistency_loss(logits: torch.Tensor) -> torch.Tensor:
 
 def ttda_loss(logits: torch.Tensor, logits_src: torch.Tensor, size: tuple[int, int],
               threshold: float) -> tuple[Optional[torch.Tensor], float]:
-    """TTDA objective [paper: pseudo labels; form our choice]: CE(up(logits(s)), y_hat) over confident pixels,
-    y_hat = argmax p_src where max p_src >= threshold, p_src = softmax(up(logits of the frozen prompt-0 net))
-    logits* (B, K, h, w), size = crop (H, W) -> (loss, or None when no pixel is kept; kept fraction)."""
+    """TTDA loss [paper; form ours]: CE(up(logits), y_hat) where max p_src >= threshold, y_hat = argmax p_src, p_src =
+    softmax(up(logits_src)) (prompt 0, frozen); logits* (B, K, h, w), up to size (H, W) -> (loss | None, kept share)."""
     with torch.no_grad():  # the pseudo labels are constants
         p = F.interpolate(logits_src.float(), size=size, mode="bilinear", align_corners=False).softmax(1)
         conf, y_hat = p.max(1)                                                             # (B, H, W)
@@ -433,12 +385,10 @@ def ttda_loss(logits: torch.Tensor, logits_src: torch.Tensor, size: tuple[int, i
     return F.cross_entropy(up, y_hat, ignore_index=255, reduction="sum") / kept, kept / y_hat.numel()
 
 
-# ---- Optimizer and learning-rate schedule (DAFormer adamw.py, poly10warm.py) ------------------------------
+# ---- Optimizer (DAFormer adamw.py, poly10warm.py); the METHOD STEPs: source training, TTDA of the scene token ----
 def make_optimizer(model: PTDiffSeg, args: Args) -> torch.optim.Optimizer:
-    """AdamW (default betas 0.9, 0.999): head weights and biases (lr 6e-4, wd 0.01), head norm layers (lr
-    6e-4, wd 0: our choice, see the header), adapter incl. gamma (lr 6e-5, wd 0.01); `base_lr` feeds the LR"""
-    norms = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)  # any norm a head may hold
-    decay, no_decay = [], []
+    """AdamW (betas 0.9, 0.999): head weights + biases, head norms (wd 0: header), adapter; `base_lr`: the schedule's"""
+    norms, decay, no_decay = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm), [], []  # any head norm
     for m in [*model.neck.modules(), *model.head.modules()]:  # by layer type
         (no_decay if isinstance(m, norms) else decay).extend(m.parameters(recurse=False))
     groups = [(decay, args.lr, args.weight_decay), (no_decay, args.lr, 0.0),  # (params, lr, wd)
@@ -446,12 +396,9 @@ def make_optimizer(model: PTDiffSeg, args: Args) -> torch.optim.Optimizer:
     return torch.optim.AdamW([dict(params=p, lr=lr, base_lr=lr, weight_decay=wd) for p, lr, wd in groups])
 
 
-# ---- The METHOD STEPs: training on the source only; test-time adaptation of the scene token (abstract) ----
-def train_step(net: nn.Module, sd: FrozenSD, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               x: torch.Tensor, y: torch.Tensor, scene_idx: torch.Tensor, step: int, args: Args,
-               precision: Precision) -> dict:
-    """One optimizer step of L = L_seg + lambda_cons * L_cons on source crops x (B, 3, H, W) in [-1, 1],
-    labels y (B, H, W), scene prompts scene_idx (B, K_s); `step` 0-based. Returns losses and the head's lr."""
+def train_step(net: nn.Module, sd: FrozenSD, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
+               y: torch.Tensor, scene_idx: torch.Tensor, step: int, args: Args, precision: Precision) -> dict:
+    """One step of L = L_seg + lambda_cons * L_cons; x (B, 3, H, W) in [-1, 1], y (B, H, W), scene_idx (B, K_s)."""
     pool = getattr(net, "module", net).scene_pool  # (P, d) scene tokens of the PTDiffSeg (inside DDP or not)
     # ---------- METHOD STEP BEGIN ----------
     factor = poly_warmup_factor(step, args.iters, args.warmup_iters, 1e-6, 1.0)  # linear warm-up, then poly
@@ -482,8 +429,7 @@ def train_step(net: nn.Module, sd: FrozenSD, opt: torch.optim.Optimizer, scaler:
 def ttda_step(model: PTDiffSeg, sd: FrozenSD, s: nn.Parameter, s0: torch.Tensor, opt: torch.optim.Optimizer,
               scaler: torch.amp.GradScaler, x: torch.Tensor, step: int, threshold: float,
               precision: Precision, dist: Dist) -> dict:
-    """One step on target crops x (B, 3, H, W) in [-1, 1]: CE of the logits with the learned scene token s
-    (1, d) against confident pseudo labels of the frozen model with prompt 0 (s0). -> loss, kept, stepped."""
+    """Target crops x (B, 3, H, W): CE of logits(s) on prompt 0's (s0) confident pseudo labels -> loss, kept, stepped"""
     B = x.shape[0]  # `model` is in eval mode with requires_grad off; `opt` holds s only
     # ---------- METHOD STEP BEGIN ----------
     z = sd.encode(x)                                                                       # (B, 4, h, w)
@@ -621,8 +567,7 @@ def check_args(args: Args) -> int:
 
 def build_data(args: Args, num_classes: int) -> dict:
     """{"src": the source TrainStream, "eval" / "ttda": {target: its eval split / its train crops (no labels)}}."""
-    if args.demo:
-        synthetic.ensure_synthetic_sample(args.data_root)
+    synthetic.ensure_synthetic_sample(args.data_root) if args.demo else None
     kw = dict(crop_size=args.crop_size, scale=1 / 8 if args.demo else 1.0, num_classes=num_classes)  # demo: / 8
     evals = [cd.eval_target(t, args.predict) for t in args.tgt.split(",")[: 1 if args.predict else None]]
     src = None if args.eval_only else cd.build_dataset(args.src, args.data_root, **kw, cat_max_ratio=0.75)
@@ -648,20 +593,17 @@ def train(args: Args) -> dict:
     if args.profile or args.estimate_memory:  # measuring tools, not training: benchmarks/measure.py
         from benchmarks.measure import measure
         return measure("ptdiffseg", args, globals())
-    # Processes (torchrun: one per GPU, DDP), device, precision, seed.
     dist, repeatable = init_distributed(args.device, args.deterministic)
     precision = choose_precision(args.precision, dist.device)  # bf16 / fp16 + GradScaler / fp32 on CPU
-    K = check_args(args)
+    K, out = check_args(args), Path(args.out)
     seed_everything(args.seed)  # Python, NumPy, torch; the data streams and scene draws seed per step
-    out = Path(args.out)
     if dist.is_main:
         log("args: " + json.dumps(asdict(args)))
         log(f"device {dist.device} x{dist.world} | {precision.reason} | {repeatable}")
         log("adapting: nothing (--baseline: prompt 0, no consistency loss, no TTDA)" if args.baseline
             else f"adapting: prompt randomization (K_s = {args.scene_prompts_per_image})"
             + "; then the scene token s on the unlabeled target (TTDA)" * args.ttda)
-    # Data and model (checked before anything is written: the prompt cache is written once --out is ours).
-    data = build_data(args, K)
+    data = build_data(args, K)  # data and model are checked before anything is written (the prompt cache: below)
     sd = FrozenSD.load(args, dist.device, precision.frozen_dtype)  # frozen UNet + VAE, in the half dtype on GPUs
     class_emb, scene_emb = prompt_embeddings(args.sd_model, cd.CLASS_SETS[K], out / "cache", write=False)
     model = PTDiffSeg(class_emb, scene_emb, sd.channels, args.adapter_gamma_init).to(dist.device)
@@ -673,17 +615,14 @@ def train(args: Args) -> dict:
         load_weights(model, weights, args.ckpt)
         out.mkdir(parents=True, exist_ok=True)
         metrics.write_metrics(out, args, key="args") if dist.is_main else None
-        step = state.get("step", 0)
-        result = evaluate(run, step)
+        result = evaluate(run, step := state.get("step", 0))
         return finish(result, ttda(run, step, result)[0] if args.ttda else None, run, step, [])
-    optimizer, scaler = make_optimizer(model, args), precision.make_scaler()
-    start, history = 0, []
+    optimizer, scaler, start, history = make_optimizer(model, args), precision.make_scaler(), 0, []
     if args.resume:  # restores the RNG states too: nothing may draw random numbers after this
         ckpt = runs.latest_checkpoint(out) or out / "checkpoints"
         weights, state = runs.load_checkpoint(ckpt, "--resume")
         load_weights(model, weights, str(ckpt))
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        optimizer.load_state_dict(state["optimizer"]), scaler.load_state_dict(state["scaler"])
         start, history = state["step"], state["train_log"]
         set_rng_state(state["rng"])
         log(f"resumed from {ckpt} at step {start}") if dist.is_main else None
@@ -734,33 +673,28 @@ def log_line(rec: dict, total: int, ms_per_step: float, device: torch.device) ->
 
 
 def finish(result: dict, adapted: Optional[dict], run: Run, step: int, history: list) -> dict:
-    """End of a run: the scores, mean over the targets (+ mIoU16 / mIoU13 for SYNTHIA sources), TTDA's when it
-    ran (the source prompt's then as *_before_ttda), the `done` line, metrics.json's "final", curves."""
+    """End of a run: mean scores (TTDA's if it ran; source prompt's then *_before_ttda), `done`, "final", curves."""
     targets = {t: {k: r[k] for k in ("miou", "per_class_iou", "miou16", "miou13") if k in r} for t, r in result.items()}
     scores = mean_scores(result)
     summary = {"step": step, "targets": targets, **scores,
                "per_class_iou": next(iter(targets.values()))["per_class_iou"], "train_log": history}
-    if adapted is not None:
-        summary.update({f"{k}_before_ttda": v for k, v in scores.items()}, **adapted)
+    summary.update({f"{k}_before_ttda": v for k, v in scores.items()}, **adapted) if adapted is not None else None
     if run.dist.is_main:
-        mem = metrics.peak_memory_gb(run.dist.device)
         log(" | ".join(["done", *(f"mIoU{k[4:]} {100 * summary[k]:.2f}" for k in scores),
-                        f"peak memory {mem:.2f} GB", f"outputs in {run.out}"]))
+                        f"peak memory {metrics.peak_memory_gb(run.dist.device):.2f} GB", f"outputs in {run.out}"]))
         metrics.write_metrics(run.out, {k: v for k, v in summary.items() if k != "train_log"}, key="final")
         metrics.write_curves(run.out)
     return summary
 
 
 def ttda(run: Run, step: int, before: dict) -> tuple[dict, dict]:
-    """Per target, optimise the scene token s (1, d) from prompt 0 on its train crops (all else frozen and in
-    eval mode: bit-identical), then score the learned prompt -> ({"ttda": record, "miou"}, {target: s}). No
-    checkpoint of its own: a stop names training's last one (at `step`) and TTDA starts over on --resume."""
+    """Per target, tune the scene token s (1, d) from prompt 0 on its train crops (rest frozen, eval mode), score it ->
+    ({"ttda": record, "miou"}, {target: s}). No checkpoint: a stop names training's, at `step`; --resume redoes it."""
     args, dist, model, was_training = run.args, run.dist, run.model, run.model.training
     model.eval().requires_grad_(False)
     learned, record = {}, {}
     for t in run.data["eval"]:
-        s0 = model.scene_pool[:1].clone()                                                  # (1, d) prompt 0
-        s = nn.Parameter(s0.clone())
+        s0, s = model.scene_pool[:1].clone(), nn.Parameter(model.scene_pool[:1].clone())  # (1, d) both prompt 0
         optimizer, scaler = torch.optim.AdamW([s], lr=args.ttda_lr, weight_decay=0.0), run.precision.make_scaler()
         stream = cd.TrainStream(run.data["ttda"][t], args.seed, stream_id=1)
         history, window, t_log, logged, stepped, kept = [], {}, time.perf_counter(), 0, 0, 0.0
@@ -786,9 +720,8 @@ def ttda(run: Run, step: int, before: dict) -> tuple[dict, dict]:
         b, f = before[t]["miou"], after[t]["miou"]
         r.update(miou_before=b, miou_after=f, delta=f - b)
         if dist.is_main:
-            scores = "" if after[t].get("no_labels") else (  # a target without labels: no mIoU to compare
-                f"\nttda {t} | source prompt mIoU {100 * b:.2f} | TTDA prompt mIoU {100 * f:.2f} | "
-                f"delta {100 * (f - b):+.2f}")
+            scores = "" if after[t].get("no_labels") else (f"\nttda {t} | source prompt mIoU {100 * b:.2f} | "
+                f"TTDA prompt mIoU {100 * f:.2f} | delta {100 * (f - b):+.2f}")  # without labels: no mIoU to compare
             log(f"adapted: the scene token s on {t} in {r['stepped']} of {args.ttda_steps} TTDA steps (pixels "
                 f"with p_max >= {args.ttda_threshold} kept: mean fraction {r['mean_kept']:.3f})" + scores)
             (run.out / "ttda").mkdir(exist_ok=True)  # folder:PATH -> folder-<name>_scene.safetensors
@@ -800,10 +733,9 @@ def ttda(run: Run, step: int, before: dict) -> tuple[dict, dict]:
 # ---- Evaluation: sliding window over the eval-resized image, scored by common.metrics -------------------
 @torch.no_grad()
 def slide_logits(run: Run, x: torch.Tensor, scene: torch.Tensor) -> torch.Tensor:
-    """x (1, 3, H, W) in [0, 1] -> logits (1, K, H, W): windows of --crop-size at --eval-stride (mmseg slide),
-    their logits upsampled and averaged; an image smaller than the window is zero-padded and cropped back."""
+    """x (1, 3, H, W) in [0, 1] -> (1, K, H, W): --crop-size windows at --eval-stride (mmseg slide), logits averaged."""
     (win, stride), (H, W) = (run.args.crop_size, run.args.eval_stride), x.shape[-2:]
-    x = F.pad(x * 2 - 1, (0, max(win - W, 0), 0, max(win - H, 0)))
+    x = F.pad(x * 2 - 1, (0, max(win - W, 0), 0, max(win - H, 0)))  # smaller than a window: zero-padded, cropped back
     Hp, Wp = x.shape[-2:]
     ny, nx = -(-(Hp - win) // stride) + 1, -(-(Wp - win) // stride) + 1  # ceil: the last window may overlap
     boxes = [(min(i * stride, Hp - win), min(j * stride, Wp - win)) for i in range(ny) for j in range(nx)]
@@ -820,21 +752,17 @@ def slide_logits(run: Run, x: torch.Tensor, scene: torch.Tensor) -> torch.Tensor
 
 
 def evaluate(run: Run, step: int, scenes: Optional[dict] = None, tag: str = "source prompt"):
-    """Score every target's eval split separately (DG protocol) with prompt 0 or its TTDA prompt (scenes:
-    {target: (1, d)}); print each table and the mean; returns {target: metrics.evaluate result}."""
+    """Score each target's eval split (DG protocol) with prompt 0 or its TTDA prompt (scenes {target: (1, d)})."""
     scale, res, K = (1 / 8 if run.args.demo else 1.0), {}, run.num_classes
     run.model.eval()
     for target, ds in run.data["eval"].items():
         scene = scenes[target] if scenes is not None else run.model.scene_pool[:1]
         pics = run.out / "predictions" / ("ttda" if scenes is not None else "") if run.dist.is_main else None
         # mmseg: bilinear eval resize without antialias; metric at native size (Mapillary: half, PIL nearest)
-        res[target] = r = metrics.evaluate(
-            lambda x, scene=scene: slide_logits(run, x, scene), ds, K, cd.CLASS_SETS[K], cd.PALETTES[K],
-            device=run.dist.device, dist=run.dist, metric_size=ds.info.metric,
-            input_size=lambda hw, t=target: cd.eval_input_size(t, hw, scale), pictures_dir=pics,
-            desc=f"{target} {ds.split} ({tag})",
-            synthia=run.args.src == "synthia" and K == 19,  # mIoU16/13 belong to SYNTHIA-source runs
-            **metrics.RESIZE_PROTOCOLS["mmseg"])
+        res[target] = r = metrics.evaluate(lambda x, scene=scene: slide_logits(run, x, scene), ds, K, cd.CLASS_SETS[K],
+            cd.PALETTES[K], device=run.dist.device, dist=run.dist, metric_size=ds.info.metric, pictures_dir=pics,
+            input_size=lambda hw, t=target: cd.eval_input_size(t, hw, scale), **metrics.RESIZE_PROTOCOLS["mmseg"],
+            desc=f"{target} {ds.split} ({tag})", synthia=run.args.src == "synthia" and K == 19)  # SYNTHIA: mIoU16/13
         if run.dist.is_main:
             log(r["table"])  # without labels: the one line of what was written
             if not r.get("no_labels"):
@@ -843,8 +771,7 @@ def evaluate(run: Run, step: int, scenes: Optional[dict] = None, tag: str = "sou
             metrics.write_metrics(run.out, {"step": step, "target": target, "prompt": tag, **{
                 k: r[k] for k in ("miou", "per_class_iou", "resolution", "miou16", "miou13") if k in r}})
     if len(res) > 1 and run.dist.is_main:
-        log(f"eval step {step} | mean over {len(res)} targets | {tag} | mIoU "
-            f"{100 * float(np.mean([r['miou'] for r in res.values()])):.2f}")
+        log(f"eval step {step} | mean over {len(res)} targets | {tag} | mIoU {100 * mean_scores(res)['miou']:.2f}")
     return res
 
 
@@ -854,14 +781,12 @@ def mean_scores(res: dict) -> dict:
             if all(k in r for r in res.values())}
 
 
-# ---- main ------------------------------------------------------------------------------------------------
 def resolve_args(args: Args) -> Args:
     """Apply the --demo values (only where the user kept a default) and the default --out."""
     if args.demo:  # mini SD + synthetic sample, minutes on CPU; the user's own flags win
         args = replace_defaults(args, sd_model="mini", data_root="data/synthetic", crop_size=64, iters=50,
-                                out="runs/ptdiffseg-demo", eval_every=50, log_every=10, ckpt_every=50, warmup_iters=5,
-                                lr=6e-3, adapter_lr=6e-4, eval_stride=43, ttda=not args.baseline, ttda_steps=20,
-                                ttda_lr=1e-2, ttda_threshold=0.5)
+            out="runs/ptdiffseg-demo", eval_every=50, log_every=10, ckpt_every=50, warmup_iters=5, lr=6e-3,
+            adapter_lr=6e-4, eval_stride=43, ttda=not args.baseline, ttda_steps=20, ttda_lr=1e-2, ttda_threshold=0.5)
     return replace(args, out=args.out or f"runs/ptdiffseg-{cd.run_tag(args.src)}-{cd.run_tag(args.tgt)}",
                    eval_only=args.eval_only or bool(args.predict))  # --predict: load --ckpt, no training
 
