@@ -72,89 +72,59 @@ from common.sd_backbone import AttentionStore, FeatureCapture, encode_prompts, l
 @dataclass
 class Args:
     # ---- experiment / infrastructure ----
-    out: Optional[str] = None
-    """run folder; default runs/ptdiffseg-<src>-<tgt>"""
-    seed: int = 0
-    """seeds Python, NumPy, torch and the data streams (our choice)"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
-    precision: str = "auto"
-    """auto | fp32 | bf16 | fp16: autocast of the trained parts, storage of the frozen SD (fp32: all fp32)"""
-    deterministic: bool = False
-    """CUDA: deterministic cuDNN/cuBLAS, same-seed runs bit-identical on one GPU model (slower)"""
-    grad_checkpointing: bool = False
-    """recompute the frozen UNet's activations in backward: less memory, same gradients (our choice)"""
-    resume: bool = False
-    """continue from the latest checkpoint in --out"""
-    eval_only: bool = False
-    """only evaluate --ckpt (optionally after --ttda)"""
-    ckpt: Optional[str] = None
-    """checkpoint folder for --eval-only / --predict"""
-    predict: Optional[str] = None
-    """folder of images -> <out>/predictions/<stem>_color.png, _trainId.png (needs --ckpt; --ttda: also in ttda/)"""
-    ckpt_every: int = 4000
-    """steps between checkpoints (our choice)"""
-    keep_ckpts: int = 3
-    """how many checkpoints to keep (our choice)"""
-    log_every: int = 50
-    """steps between log lines (our choice)"""
-    eval_every: int = 4000
-    """steps between evaluations (our choice)"""
-    profile: int = 0
-    """time N training iterations and print one JSON line, then exit"""
-    estimate_memory: bool = False
-    """one JSON line: peak GPU memory of one step of this command, from shapes alone (no GPU; benchmarks/measure.py)"""
-    demo: bool = False
-    """mini SD (pretrained on the synthetic world) + synthetic sample + short schedule, minutes on a CPU"""
+    out: Optional[str] = None  # run folder; default runs/ptdiffseg-<src>-<tgt>
+    seed: int = 0  # seeds Python, NumPy, torch and the data streams (our choice)
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast of the trained parts, storage of the frozen SD (fp32:
+                             # all fp32)
+    deterministic: bool = False  # CUDA: deterministic cuDNN/cuBLAS, same-seed runs bit-identical on one GPU model
+                                 # (slower)
+    grad_checkpointing: bool = False  # recompute the frozen UNet's activations in backward: less memory, same gradients
+                                      # (our choice)
+    resume: bool = False  # continue from the latest checkpoint in --out
+    eval_only: bool = False  # only evaluate --ckpt (optionally after --ttda)
+    ckpt: Optional[str] = None  # checkpoint folder for --eval-only / --predict
+    predict: Optional[str] = None  # folder of images -> <out>/predictions/<stem>_color.png, _trainId.png (needs --ckpt;
+                                   # --ttda: also in ttda/)
+    ckpt_every: int = 4000  # steps between checkpoints (our choice)
+    keep_ckpts: int = 3  # how many checkpoints to keep (our choice)
+    log_every: int = 50  # steps between log lines (our choice)
+    eval_every: int = 4000  # steps between evaluations (our choice)
+    profile: int = 0  # time N training iterations and print one JSON line, then exit
+    estimate_memory: bool = False  # one JSON line: peak GPU memory of one step of this command, from shapes alone (no
+                                   # GPU; benchmarks/measure.py)
+    demo: bool = False  # mini SD (pretrained on the synthetic world) + synthetic sample + short schedule, minutes on a
+                        # CPU
     # ---- data ----
-    src: str = "gta5"
-    """source dataset, trained on alone (paper: synthetic-to-real DG)"""
-    tgt: str = "cityscapes"
-    """target(s), comma-separated, one class set, scored one by one (paper: DG protocol); folder:PATH for own images"""
-    data_root: str = "data"
-    """where datasets live"""
-    batch_size: int = 2
-    """source crops per step, also the TTDA batch (VPD: 2 per GPU)"""
-    crop_size: int = 512
-    """training crop and sliding-window size, a multiple of 64 (VPD: 512)"""
+    src: str = "gta5"  # source dataset, trained on alone (paper: synthetic-to-real DG)
+    tgt: str = "cityscapes"  # target(s), comma-separated, one class set, scored one by one (paper: DG protocol);
+                             # folder:PATH for own images
+    data_root: str = "data"  # where datasets live
+    batch_size: int = 2  # source crops per step, also the TTDA batch (VPD: 2 per GPU)
+    crop_size: int = 512  # training crop and sliding-window size, a multiple of 64 (VPD: 512)
     # ---- backbone ----
-    sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """hub id or folder; mini = pretrained miniature, tiny / random-sd15 = random weights (VPD: SD v1-5)"""
-    timestep: int = 1
-    """the one UNet pass, no noise (VPD code; VPD issue #27)"""
-    latent_scale: bool = True
-    """multiply the latent by 0.18215 (our choice; TADP §4.1; off = VPD)"""
+    sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id or folder; mini = pretrained miniature, tiny
+                                                                   # / random-sd15 = random weights (VPD: SD v1-5)
+    timestep: int = 1  # the one UNet pass, no noise (VPD code; VPD issue #27)
+    latent_scale: bool = True  # multiply the latent by 0.18215 (our choice; TADP §4.1; off = VPD)
     # ---- method ----
-    baseline: bool = False
-    """the paper's baseline row: scene prompt 0 only, no randomization, no consistency loss, no TTDA"""
-    scene_prompts_per_image: int = 2
-    """K_s distinct scene prompts per image and step (our choice)"""
-    consistency_weight: float = 1.0
-    """lambda_cons of the KL consistency loss (our choice)"""
-    adapter_gamma_init: float = 1e-4
-    """initial gamma of the TextAdapter (VPD code vpd/models.py TextAdapter)"""
+    baseline: bool = False  # the paper's baseline row: scene prompt 0 only, no randomization, no consistency loss, no
+                            # TTDA
+    scene_prompts_per_image: int = 2  # K_s distinct scene prompts per image and step (our choice)
+    consistency_weight: float = 1.0  # lambda_cons of the KL consistency loss (our choice)
+    adapter_gamma_init: float = 1e-4  # initial gamma of the TextAdapter (VPD code vpd/models.py TextAdapter)
     # ---- optimisation ----
-    iters: int = 40000
-    """optimizer steps (our choice, DAFormer schedule)"""
-    lr: float = 6e-4
-    """FPN + head learning rate (our choice, DAFormer convention)"""
-    adapter_lr: float = 6e-5
-    """TextAdapter learning rate, 0.1 x head (our choice, DAFormer convention)"""
-    weight_decay: float = 0.01
-    """AdamW weight decay (DAFormer adamw.py), 0 on the head's norm layers (our choice)"""
-    warmup_iters: int = 1500
-    """linear warm-up from ratio 1e-6, then poly power 1.0 (DAFormer poly10warm.py)"""
+    iters: int = 40000  # optimizer steps (our choice, DAFormer schedule)
+    lr: float = 6e-4  # FPN + head learning rate (our choice, DAFormer convention)
+    adapter_lr: float = 6e-5  # TextAdapter learning rate, 0.1 x head (our choice, DAFormer convention)
+    weight_decay: float = 0.01  # AdamW weight decay (DAFormer adamw.py), 0 on the head's norm layers (our choice)
+    warmup_iters: int = 1500  # linear warm-up from ratio 1e-6, then poly power 1.0 (DAFormer poly10warm.py)
     # ---- evaluation, test-time domain adaptation ----
-    eval_stride: int = 341
-    """sliding-window stride; the window is --crop-size (our choice: 2/3 overlap at 512)"""
-    ttda: bool = False
-    """learn the scene prompt on the unlabeled target, report mIoU before/after (paper)"""
-    ttda_steps: int = 1000
-    """TTDA optimizer steps (our choice)"""
-    ttda_lr: float = 1e-3
-    """TTDA AdamW learning rate, wd 0, constant (our choice)"""
-    ttda_threshold: float = 0.9
-    """keep pseudo-labelled pixels with p_max >= this (our choice)"""
+    eval_stride: int = 341  # sliding-window stride; the window is --crop-size (our choice: 2/3 overlap at 512)
+    ttda: bool = False  # learn the scene prompt on the unlabeled target, report mIoU before/after (paper)
+    ttda_steps: int = 1000  # TTDA optimizer steps (our choice)
+    ttda_lr: float = 1e-3  # TTDA AdamW learning rate, wd 0, constant (our choice)
+    ttda_threshold: float = 0.9  # keep pseudo-labelled pixels with p_max >= this (our choice)
 
 
 # ---- Prompts: the class prompt (an embedding for every class) and scene prompts (TADP §2.3; abstract) ----
@@ -221,6 +191,7 @@ def save_prompt_cache(cache_dir: Path, sd_model: str, class_names: tuple, c: tor
 
 class TextAdapter(nn.Module):
     """VPD's TextAdapter (vpd/models.py) on class tokens: c' = c + gamma * MLP(c), MLP = Linear -> GELU -> Linear."""
+
     def __init__(self, d: int, gamma_init: float):
         super().__init__()
         self.fc = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))  # PyTorch default init (VPD)
@@ -241,6 +212,7 @@ ATTENTION_BLOCKS = {"down_blocks.1.": 16, "down_blocks.2.": 32, "up_blocks.1.": 
 
 class FrozenSD:
     """Frozen VAE encoder + UNet, in `dtype`, never saved; ATTENTION_BLOCKS' attn2 keep P = softmax(Q K^T / sqrt(d))."""
+
     def __init__(self, unet, vae, timestep: int, latent_scale: bool, grad_checkpointing: bool = False, dtype=None):
         if dtype not in (None, unet.dtype):  # autocast never touches frozen weights: storage = compute dtype
             to_dtype(unet, dtype), to_dtype(vae, dtype)
@@ -285,6 +257,7 @@ class FrozenSD:
 # ---- Neck + head: FPN and semantic-FPN head (VPD config fpn_vpd_sd1-5_512x512_gpu8x2.py; mmseg) ---------
 class FPN(nn.Module):
     """Feature pyramid (Lin et al. 2017; mmseg FPN, no norm): lateral 1x1 -> 256, top-down nearest x2 + add, 3x3 out."""
+
     def __init__(self, in_channels: list[int], channels: int = 256):
         super().__init__()
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)  # default init (ours)
@@ -300,6 +273,7 @@ class FPN(nn.Module):
 class SemanticFPNHead(nn.Module):
     """Semantic FPN head (Kirillov et al. 2019; mmseg FPNHead): level l: max(1, log2(s_l / 8)) x [3x3 conv -> 128, BN,
     ReLU, bilinear x2 while coarser than stride 8]; levels summed, Dropout2d(0.1), 1x1 conv -> (B, K, H/8, W/8)."""
+
     def __init__(self, num_classes: int, strides=(8, 16, 32, 64), in_ch: int = 256, channels: int = 128):
         super().__init__()
         self.scale_heads = nn.ModuleList()  # one branch per FPN level
@@ -322,6 +296,7 @@ class SemanticFPNHead(nn.Module):
 
 class PTDiffSeg(nn.Module):
     """Trained: TextAdapter + FPN + head (the checkpoint, a few MB); prompt embeddings: non-persistent buffers."""
+
     def __init__(self, class_emb: torch.Tensor, scene_emb: torch.Tensor, feat_channels: list[int], gamma_init: float):
         super().__init__()
         K, d = class_emb.shape  # K classes; d = 768 for SD 1.x
