@@ -67,3 +67,16 @@ def test_strings_name_only_flags_a_script_accepts():
                 unknown |= {(p.name, f) for f in re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]", n.value)
                             if f not in flags}
     assert not unknown, sorted(unknown)
+
+
+def test_every_args_field_has_its_help():
+    """--help texts: the comment after each `Args` field (common/cli.py reads them)."""
+    import dataclasses
+    import importlib
+    import sys
+    sys.path.insert(0, str(ROOT))
+    from common import cli
+    for m in ("madm", "iccld", "ptdiffseg", "diff"):
+        args = importlib.import_module(m).Args
+        docs = cli._field_docs(args)
+        assert [f.name for f in dataclasses.fields(args) if not docs.get(f.name)] == [], m
