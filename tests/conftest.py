@@ -16,6 +16,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # Keep the CPU tests from oversubscribing the 2 cores when several subprocesses run.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The scripts' CPU numerics (their init_distributed sets it before any computation; MKL reads it once, at its first
+# call, which in a test session may come from an earlier test): in-process runs compute as `python madm.py` does.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 
 def pytest_configure(config):
