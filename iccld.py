@@ -121,15 +121,13 @@ class Args:
 
 WARMUP_RATIO, POLY_POWER = 1e-6, 1.0     # DAFormer poly10warm.py
 DISC_BETAS, DISC_POLY_POWER = (0.9, 0.99), 0.9  # ADVENT advent/domain_adaptation/config.py
-# --demo: a mini SD pretrained in an hour, nothing precious: larger LRs learn quickly; pseudo threshold 0.3: at 0.968
-# mini's teacher is confident on too few target pixels (mean q 0.00 in both stages: the target side would not act)
+# --demo: larger LRs (mini SD: nothing precious); pseudo threshold 0.3 (at 0.968 mini's mean q is 0.00: no target side)
 DEMO = dict(sd_model="mini", data_root="data/synthetic", out="runs/iccld-demo", iters=100, iters_stage2=50,
             crop_size=64, warmup_iters=10, lr=2e-3, new_layer_lr=1e-2, disc_lr=1e-3, pseudo_threshold=0.3,
             log_every=10, eval_every=10**6, ckpt_every=10**6)
 
 
-def checkpointed(enabled: bool, fn, *xs):
-    """`fn(*xs)`; with --grad-checkpointing its activations are recomputed in backward, not stored (same values)."""
+def checkpointed(enabled: bool, fn, *xs):  # fn(*xs); --grad-checkpointing: recomputed in backward, same values
     if enabled and torch.is_grad_enabled():  # under no_grad nothing is stored anyway
         return torch.utils.checkpoint.checkpoint(fn, *xs, use_reentrant=False)
     return fn(*xs)
@@ -137,8 +135,7 @@ def checkpointed(enabled: bool, fn, *xs):
 
 # ---- E: the SD VAE encoder with skip outputs (Fig. 2, left) ------------------------------------------------
 class ImageEncoder(nn.Module):
-    """E(x) -> (z0, skips) (header, item 1), an explicit loop to take the skips: x (B, 3, H, W) in [-1, 1] -> z0 (B, 4,
-    H/8, W/8), the scaled posterior mean (the mode: no sampling noise), skips [f1, f2, f4, f8] (128 to 512 channels)."""
+    """E(x) -> (z0, skips) (header, item 1), an explicit loop to take the skips; x (B, 3, H, W) in [-1, 1]."""
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.encoder = copy.deepcopy(vae.encoder)
@@ -153,20 +150,19 @@ class ImageEncoder(nn.Module):
                 for resnet in blk.resnets:
                     h = resnet(h, temb=None)
                 return h
-            h = checkpointed(ck, run, h)                          # (B, C_i, H/2^i, W/2^i) = skip f_{2^i}
+            h = checkpointed(ck, run, h)                          # (B, C_i, H/2^i, W/2^i) = skip f_{2^i}, C_i 128..512
             skips.append(h)
             for down in blk.downsamplers or []:
                 h = down(h)                                       # stride doubles
         h = checkpointed(ck, enc.mid_block, h)                    # (B, 512, H/8, W/8)
         moments = self.quant_conv(enc.conv_out(enc.conv_act(enc.conv_norm_out(h))))  # (B, 8, H/8, W/8)
-        return moments[:, :4] * self.scaling_factor, skips        # (B, 4, H/8, W/8) posterior mean, scaled
+        return moments[:, :4] * self.scaling_factor, skips        # (B, 4, H/8, W/8) scaled posterior mean (no noise)
 
 
 # ---- D: segmentation decoder with inter-coder connections (Fig. 2, right) ----------------------------------
 class SegDecoder(nn.Module):
-    """D(z, skips) -> logits (header, item 1): z (B, 4, h, w) scaled latent -> (B, K, 8h, 8w). Connection k, a 1x1
-    conv with zero weight and bias, adds the encoder skip of up_blocks[k]'s stride (f8 -> 0, ..., f1 -> 3) to that
-    block's *input*: D starts as exactly the pretrained decoder (tested; ControlNet's "zero convolution")."""
+    """D(z, skips) -> logits (header, item 1): connection k, a zero-init 1x1 conv, adds the skip of up_blocks[k]'s
+    stride (f8 -> 0, ..., f1 -> 3) to its *input*: D starts as the pretrained decoder (ControlNet's zero conv)."""
     def __init__(self, vae: nn.Module, num_classes: int, skip_channels: list[int]):
         super().__init__()
         self.post_quant_conv = copy.deepcopy(vae.post_quant_conv) if vae.post_quant_conv is not None else nn.Identity()
@@ -180,7 +176,7 @@ class SegDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         dec, ck = self.decoder, self.grad_checkpointing
-        h = dec.conv_in(self.post_quant_conv(z / self.scaling_factor))    # (B, 512, h, w)
+        h = dec.conv_in(self.post_quant_conv(z / self.scaling_factor))    # z (B, 4, h, w) scaled -> (B, 512, h, w)
         h = checkpointed(ck, dec.mid_block, h)                    # (B, 512, h, w)
         for k, blk in enumerate(dec.up_blocks):
             h = h + self.skip_convs[k](skips[-1 - k])             # inter-coder connection at stride 8 / 2^k
@@ -189,39 +185,34 @@ class SegDecoder(nn.Module):
 
 
 class ICCLDNet(nn.Module):
-    """(E, D) as one module: one parameter list for DDP and the EMA. forward(x, z_lab): E once, then D on the image
-    latent and on the label latent with the *same* skips (as at inference: generated latent + the image's skips) in
-    one D batch of 2B; x (B, 3, H, W) in [0, 1], z_lab (B, 4, H/8, W/8) -> logits_img, logits_lab (B, K, H, W)."""
+    """(E, D) as one module (one parameter list for DDP and the EMA). forward(x in [0, 1], z_lab): E once, then one D
+    batch of 2B: image latent and label latent, both with the image's skips (as the generated latent at inference)."""
     def __init__(self, vae: nn.Module, num_classes: int):
         super().__init__()
         self.E = ImageEncoder(vae)
         self.D = SegDecoder(vae, num_classes, [b.resnets[-1].out_channels for b in vae.encoder.down_blocks])
 
-    def new_parameters(self) -> list[nn.Parameter]:  # not in the pretrained VAE: trained at new_layer_lr
-        return list(self.D.skip_convs.parameters()) + list(self.D.decoder.conv_out.parameters())
     def direct(self, x: torch.Tensor) -> torch.Tensor:  # D(E(x)): x (B, 3, H, W) in [0, 1] -> logits (B, K, H, W)
         return self.D(*self.E((x * 2 - 1).to(next(self.parameters()).dtype)))
 
     def forward(self, x: torch.Tensor, z_lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z0, skips = self.E(x * 2 - 1)                             # (B, 4, H/8, W/8), skips at strides 1..8
-        z = torch.cat([z0, z_lab.to(z0.dtype)])                   # (2B, 4, H/8, W/8)
+        z = torch.cat([z0, z_lab.to(z0.dtype)])                   # (2B, 4, H/8, W/8), z_lab (B, 4, H/8, W/8)
         return self.D(z, [torch.cat([f, f]) for f in skips]).chunk(2)     # 2 x (B, K, H, W)
 
 
 # ---- Label latents: the space eps_theta generates in (MADM's palette idea) ---------------------------------
 class LabelLatents(nn.Module):
-    """z_y = E_lab(pal(y)) (header, item 2), ignore -> black; E_lab is never fine-tuned: stage 2's UNet learns the
-    space D learnt to decode in stage 1. y (B, H, W) int64, 255 = ignore -> z_y (B, 4, H/8, W/8) float32, scaled."""
+    """z_y = E_lab(pal(y)) (header, item 2), never fine-tuned: stage 2's UNet learns the space D learnt in stage 1."""
     def __init__(self, vae: nn.Module, palette: np.ndarray):
         super().__init__()
         self.E_lab = ImageEncoder(vae).requires_grad_(False).eval()
-        lut = torch.zeros(256, 3, dtype=torch.uint8)              # uint8: no dtype cast ever rounds it
-        lut[: len(palette)] = torch.as_tensor(np.asarray(palette), dtype=torch.uint8)  # ids >= K stay black
-        self.register_buffer("lut", lut, persistent=False)
+        self.register_buffer("lut", torch.zeros(256, 3, dtype=torch.uint8), persistent=False)  # uint8: never rounded
+        self.lut[: len(palette)] = torch.as_tensor(np.asarray(palette), dtype=torch.uint8)  # ids >= K stay black
 
     @torch.no_grad()
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        pal = self.lut[y].permute(0, 3, 1, 2).float() / 255       # (B, 3, H, W) in [0, 1]
+        pal = self.lut[y].permute(0, 3, 1, 2).float() / 255       # y (B, H, W), 255 = ignore -> (B, 3, H, W) in [0, 1]
         return self.E_lab((pal * 2 - 1).to(next(self.E_lab.parameters()).dtype))[0].float()  # (B, 4, H/8, W/8)
 
 
@@ -233,13 +224,11 @@ def pseudo_labels(net_ema: ICCLDNet, x_t: torch.Tensor, threshold: float, rows: 
     p_max, y_hat = net_ema.direct(x_t).float().softmax(1).max(1)  # (B, H, W) each
     q = (p_max >= threshold).float().mean()
     w_t = torch.full_like(p_max, float(q))
-    w_t[:, :rows[0]] = 0
-    w_t[:, w_t.shape[1] - rows[1]:] = 0
+    w_t[:, :rows[0]] = w_t[:, w_t.shape[1] - rows[1]:] = 0
     return y_hat, q, w_t
 
 
-def pl_rows(args: Args) -> tuple[int, int]:
-    """Cityscapes rows without pseudo weight (ego car, borders), scaled with the crop (DAFormer's: 512 crops)."""
+def pl_rows(args: Args) -> tuple[int, int]:  # Cityscapes rows without pseudo weight, scaled with the crop (DAFormer)
     return tuple(round(r * args.crop_size / 512) for r in args.pl_crop) if args.tgt == "cityscapes" else (0, 0)
 
 
@@ -248,34 +237,29 @@ def class_mix(x_s, y_s, x_t, y_hat, w_t):
     """ClassMix of source into target (Fig. 1: x^{s+t}, y^{s+t}; DAFormer `dacs.py`), one mask for image, label and
     pixel weight, then strong augmentation -> x_m (B, 3, H, W) in [0, 1], y_m, w_m (B, H, W) (source 1, target w_t)."""
     M = class_mix_masks(y_s)                                      # (B, 1, H, W), 1 = source pixel
-    m = M[:, 0].bool()
     x_m = strong_augment(M * x_s + (1 - M) * x_t)                 # x^{s+t}, augmented
-    return x_m, torch.where(m, y_s, y_hat), torch.where(m, torch.ones_like(w_t), w_t)
+    return x_m, torch.where(M[:, 0].bool(), y_s, y_hat), torch.where(M[:, 0].bool(), 1.0, w_t)
 
 
 def stage1_losses(net, x, y, z_lab, weight=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_img, L_lab) = (CE(D(E(x)), y; w), CE(D(z_y(y), skips(x)), y; w)), CE over all pixels (DAFormer). L_lab
-    teaches D to decode *label* latents with the image's own skips, as after stage 2's UNet (header, item 10)."""
+    """(L_img, L_lab) = (CE(D(E(x)), y; w), CE(D(z_y(y), skips(x)), y; w)), CE over all pixels (header, items 3, 10)."""
     logits_img, logits_lab = net(x, z_lab)                        # (B, K, H, W) each
     return ce_all_pixels(logits_img, y, weight), ce_all_pixels(logits_lab, y, weight)
 
 
 def param_groups(model: nn.Module, new: list[nn.Parameter], args: Args) -> list[dict]:
-    """AdamW groups (header, item 7): pretrained at --lr, `new` at --new-layer-lr; no weight decay on norm layers.
-    "base" = lr before the schedule; group 0 = pretrained, decayed (its lr is logged)."""
+    """AdamW groups (header, item 7), "base" = lr before the schedule; group 0 (pretrained, decayed): the logged lr."""
     norms = {id(p) for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) for p in m.parameters()}
-    new_ids, groups = {id(p) for p in new}, {}
+    new_ids, groups, lrs = {id(p) for p in new}, {}, {True: args.new_layer_lr, False: args.lr}
     for p in model.parameters():                                  # (is new, is norm) -> parameters
         groups.setdefault((id(p) in new_ids, id(p) in norms), []).append(p)
-    lrs = {True: args.new_layer_lr, False: args.lr}
     return [{"params": ps, "lr": lrs[is_new], "base": lrs[is_new], "weight_decay": 0.0 if is_norm else
              args.weight_decay} for (is_new, is_norm), ps in sorted(groups.items())]
 
 
 # ---- Stage 2: eps_theta conditioned on the image latent + adversarial alignment (Fig. 1, bottom) -----------
 def widen_conv_in(unet: nn.Module, extra: int = 4) -> nn.Module:
-    """conv_in 4 -> 4 + extra input channels: weight[:, :4] pretrained, weight[:, 4:] = 0, bias kept (InstructPix2Pix):
-    the output is unchanged at first whatever the condition holds (tested); stage 2 learns to use the image latent."""
+    """conv_in 4 -> 4 + extra channels, zero weights (InstructPix2Pix): the output is unchanged at first (tested)."""
     old = unet.conv_in
     new = nn.Conv2d(old.in_channels + extra, old.out_channels, old.kernel_size, old.stride, old.padding)
     with torch.no_grad():                                         # weight[:, 4:] = 0 (padding), bias kept
@@ -286,8 +270,7 @@ def widen_conv_in(unet: nn.Module, extra: int = 4) -> nn.Module:
 
 
 def discriminator(c_in: int = 4, ch: int = 64) -> nn.Sequential:
-    """ADVENT-style discriminator on x0_hat: (B, 4, h, w) -> patch logits (B, 1, h/8, w/8). ADVENT's five 4x4 stride-2
-    convs (on full-size softmax maps) would leave 2x2 of a 64x64 latent: our last two are 3x3 stride 1."""
+    """On x0_hat; ADVENT's five 4x4 stride-2 convs would leave 2x2 of a 64x64 latent: our last two are 3x3 stride 1."""
     return nn.Sequential(nn.Conv2d(c_in, ch, 4, 2, 1), nn.LeakyReLU(0.2, True),           # (B, 64, h/2, w/2)
                          nn.Conv2d(ch, ch * 2, 4, 2, 1), nn.LeakyReLU(0.2, True),         # (B, 128, h/4, w/4)
                          nn.Conv2d(ch * 2, ch * 4, 4, 2, 1), nn.LeakyReLU(0.2, True),     # (B, 256, h/8, w/8)
@@ -341,23 +324,21 @@ def sample_to_last_step(unet, z0: torch.Tensor, ctx, ddim: DDIMScheduler, steps:
 @torch.no_grad()
 def predict_diffusion(net: ICCLDNet, unet, ctx, ddim: DDIMScheduler, steps: int, generator, x: torch.Tensor,
                       z_T: Optional[torch.Tensor] = None):
-    """ICCLD's prediction (Fig. 2), x (B, 3, H, W) in [0, 1]: z0, skips = E(x); z_T ~ N(0, I) from the CPU generator
-    (same on any device) unless given; `steps` DDIM steps; the last x0_hat z0_bar (DDPM Eq. 15) -> D(z0_bar, skips)."""
+    """Fig. 2's inference: z0, skips = E(x); `steps` DDIM steps from z_T; the last x0_hat z0_bar -> D(z0_bar, skips)."""
     dtype, u_dtype = next(net.parameters()).dtype, next(unet.parameters()).dtype
-    z0, skips = net.E((x * 2 - 1).to(dtype))                      # (B, 4, H/8, W/8), skips
-    z_T = torch.randn(z0.shape, generator=generator) if z_T is None else z_T     # (B, 4, H/8, W/8)
+    z0, skips = net.E((x * 2 - 1).to(dtype))                      # x (B, 3, H, W) in [0, 1] -> (B, 4, H/8, W/8), skips
+    z_T = torch.randn(z0.shape, generator=generator) if z_T is None else z_T     # N(0, I), CPU: same on any device
     z, s = sample_to_last_step(unet, z0, ctx, ddim, steps, z_T.to(z0.device))   # z_s, s: the last step
     eps_hat = unet(torch.cat([z, z0.float()], 1).to(u_dtype), s,
                    encoder_hidden_states=ctx.expand(len(z), -1, -1).to(u_dtype)).sample.float()
-    z0_bar = predict_x0(z, eps_hat, ddim.alphas_cumprod[int(s)].to(z.device))  # (B, 4, h, w)
+    z0_bar = predict_x0(z, eps_hat, ddim.alphas_cumprod[int(s)].to(z.device))  # (B, 4, h, w), DDPM Eq. 15
     return net.D(z0_bar.to(dtype), skips)                         # (B, K, H, W)
 
 
-# ---- The two training steps (one optimizer step of each stage) ---------------------------------------------
+# ---- The two training steps: one optimizer step each; batch = (x_s, y_s, x_t); random draws: torch's global -----
 def train_step_stage1(net, net_ema: ICCLDNet, lab: LabelLatents, opt, scaler, batch, i: int, args: Args,
                       prec: Precision) -> dict[str, float]:
-    """Stage-1 step i (Fig. 1 top; i = steps done): net (E, D) trained, maybe DDP-wrapped; lab the frozen label
-    encoder; batch = (x_s (B, 3, c, c) in [0, 1], y_s (B, c, c), x_t (B, 3, c, c)). Random draws: torch's global."""
+    """Stage-1 step i (Fig. 1 top; i = steps done), net (E, D) maybe DDP-wrapped; x_s, x_t (B, 3, c, c) in [0, 1]."""
     x_s, y_s, x_t = batch
     # ---------- METHOD STEP BEGIN ----------
     f = poly_warmup_factor(i, args.iters, args.warmup_iters, WARMUP_RATIO, POLY_POWER)
@@ -398,10 +379,8 @@ class Frozen:  # what stage 2 reads but never trains (`fz` in its step)
 
 def train_step_stage2(unet, unet_ema, disc, fz: Frozen, opt, opt_d, scaler, batch, j: int, args: Args,
                       prec: Precision) -> dict[str, float]:
-    """Stage-2 step j (Fig. 1 bottom): eps_theta on L_eps + lambda_adv L_adv with the discriminator frozen, then the
-    discriminator on the detached x0_hat. unet, disc maybe DDP-wrapped; batch as in stage 1; random draws: global."""
-    x_s, y_s, x_t = batch
-    b, T, logs = x_s.shape[0], len(fz.alpha_bars), {}
+    """Stage-2 step j (Fig. 1 bottom): eps_theta on L_eps + lambda_adv L_adv, then the discriminator (maybe DDP too)."""
+    (x_s, y_s, x_t), b, T, logs = batch, len(batch[0]), len(fz.alpha_bars), {}
     # ---------- METHOD STEP BEGIN ----------
     f = poly_warmup_factor(j, args.iters_stage2, args.warmup_iters, WARMUP_RATIO, POLY_POWER)
     for g in opt.param_groups:
@@ -471,10 +450,8 @@ class Run:  # what `train` derives once from Args and the hardware; the stage lo
         return module.requires_grad_(False).eval().to(self.dist.device, self.precision.frozen_dtype)
 
 
-# Stage1 (Fig. 1, top): net = (E, D) trained in fp32, net_ema its EMA copy (pseudo labels, evaluated, stage 2's
-# start), lab the label encoder; Stage2 (Fig. 1, bottom): unet = eps_theta, unet_ema (evaluated), disc, frozen.
-Stage1 = namedtuple("Stage1", "net net_ema lab optimizer scaler")
-Stage2 = namedtuple("Stage2", "unet unet_ema disc frozen optimizer optimizer_d scaler")
+Stage1 = namedtuple("Stage1", "net net_ema lab optimizer scaler")  # Fig. 1 top; net = (E, D), trained in fp32
+Stage2 = namedtuple("Stage2", "unet unet_ema disc frozen optimizer optimizer_d scaler")  # Fig. 1 bottom: eps_theta
 
 
 def build_stage1(args: Args, run: Run) -> Stage1:
@@ -482,7 +459,8 @@ def build_stage1(args: Args, run: Run) -> Stage1:
     net.E.grad_checkpointing = net.D.grad_checkpointing = args.grad_checkpointing
     net_ema = copy.deepcopy(net).requires_grad_(False).eval()     # EMA copy in fp32 (header, item 8)
     lab = run.freeze(LabelLatents(run.sd.vae, PALETTES[run.num_classes]))
-    optimizer = torch.optim.AdamW(param_groups(net, net.new_parameters(), args), betas=(0.9, 0.999))
+    new = [*net.D.skip_convs.parameters(), *net.D.decoder.conv_out.parameters()]  # not in the VAE: new_layer_lr
+    optimizer = torch.optim.AdamW(param_groups(net, new, args), betas=(0.9, 0.999))
     return Stage1(net, net_ema, lab, optimizer, run.precision.make_scaler())
 
 
@@ -501,8 +479,7 @@ def build_stage2(args: Args, run: Run, net_weights: Optional[dict]) -> Stage2:
 
 
 # ---- Setup: checks, data, SD, stage-1 weights, --profile / --estimate-memory --------------------------------
-def check_args(args: Args) -> None:
-    """ICCLD's own checks after the shared ones, before anything is built or written."""
+def check_args(args: Args) -> None:  # ICCLD's own checks after the shared ones, before anything is built or written
     check_common_flags(args, crop_multiple=8)
     measuring = args.profile or args.estimate_memory
     for bad, msg in (
@@ -521,10 +498,8 @@ def check_args(args: Args) -> None:
             raise UserError("error: " + msg)
 
 
-def build_data(args: Args, num_classes: int):
-    """Source/target training streams (source with rare-class sampling, DAFormer) and the evaluation set."""
-    if args.demo:
-        ensure_synthetic_sample(args.data_root)
+def build_data(args: Args, num_classes: int):  # training streams (source: rare-class sampling, DAFormer), eval set
+    ensure_synthetic_sample(args.data_root) if args.demo else None
     kw = dict(scale=1 / 8 if args.demo else 1.0, num_classes=num_classes)
     name, split = eval_target(args.tgt, args.predict)  # --predict: every image of its folder, no labels
     if args.eval_only:
@@ -536,8 +511,7 @@ def build_data(args: Args, num_classes: int):
             build_dataset(name, args.data_root, split, **kw))
 
 
-def load_backbone(args: Args) -> tuple[Any, Optional[torch.Tensor]]:
-    """The SD parts on the CPU: the VAE; for stage 2 and evaluation the UNet and the "" context (1, 77, d)."""
+def load_backbone(args: Args) -> tuple[Any, Optional[torch.Tensor]]:  # SD on the CPU: VAE (+ UNet, "" context)
     stage2 = args.stage != "1" or args.eval_only
     sd = load_sd(args.sd_model, ("vae", "unet", "text_encoder", "tokenizer") if stage2 else ("vae",))
     ctx = encode_prompts(sd.tokenizer, sd.text_encoder, [""]).float() if stage2 else None
@@ -545,13 +519,14 @@ def load_backbone(args: Args) -> tuple[Any, Optional[torch.Tensor]]:
     return sd, ctx
 
 
-def load_weights(module: nn.Module, weights: dict, prefix: str, where: str) -> None:
+def load_weights(module: nn.Module, weights: dict, prefix: str, where: str) -> nn.Module:
     """The checkpoint tensors named `prefix` + key into `module`; one-line error when they do not fit."""
     try:
         module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
     except RuntimeError as e:
         raise UserError(f"error: --ckpt: '{where}' does not fit this model ({str(e).splitlines()[0]}). Expected "
                         "a checkpoint of iccld.py with the same --sd-model and --tgt class set.") from None
+    return module
 
 
 def load_stage1_weights(path: str) -> tuple[dict, int]:
@@ -670,14 +645,12 @@ def train(args: Args) -> dict:
     check_args(args), seed_everything(args.seed)
     K, out = check_pair(args.src, args.tgt), Path(args.out or f"runs/iccld-{run_tag(args.src)}-{run_tag(args.tgt)}")
     if dist.is_main:
-        log("args: " + json.dumps(asdict(args)))
-        log(f"device {dist.device} x{dist.world} | {precision.reason} | {repeatable}")
+        log(f"args: {json.dumps(asdict(args))}\ndevice {dist.device} x{dist.world} | {precision.reason} | {repeatable}")
     data = build_data(args, K)                                    # checked before anything is written
     run = Run(dist, precision, K, *load_backbone(args), out)
     if args.eval_only:  # --eval-only / --predict: a stage-2 checkpoint scores both paths, a stage-1 one D(E(x))
         weights, state = runs.load_checkpoint(args.ckpt)
-        net, unet = ICCLDNet(run.sd.vae, K), None
-        load_weights(net, weights, "net_ema.", args.ckpt)
+        net, unet = load_weights(ICCLDNet(run.sd.vae, K), weights, "net_ema.", args.ckpt), None
         if any(k.startswith("unet_ema.") for k in weights):  # a fresh copy, as training's unet_ema: on CPU
             unet = copy.deepcopy(widen_conv_in(run.sd.unet))   # from_pretrained's memory-mapped tensors are not
             load_weights(unet, weights, "unet_ema.", args.ckpt)  # 64-byte aligned: other SIMD paths, 1e-6 apart
@@ -711,13 +684,11 @@ def train(args: Args) -> dict:
 
 def train_stage(args: Args, run: Run, stage: Stage1 | Stage2, data: tuple, resume: Optional[tuple], offset: int,
                 miou_direct: Optional[float] = None) -> dict:
-    """The loop of one stage. resume: (weights, state) of its checkpoint, or None; offset: the steps before it
-    (stage 2: stage 1's), added to the checkpoint names and the data stream's step. -> the last evaluation."""
+    """One stage's loop -> its last evaluation; resume: (weights, state) or None; offset: steps before (stage 1's)."""
     dist, out, b, number = run.dist, run.out, args.batch_size, 1 if isinstance(stage, Stage1) else 2
     (src_stream, tgt_stream, val_set), total = data, args.iters if number == 1 else args.iters_stage2
-    # what a checkpoint holds (stage 2: + the frozen stage-1 model, for --eval-only), what is evaluated
-    parts = nn.ModuleDict(dict(net=stage.net, net_ema=stage.net_ema) if number == 1 else dict(
-        unet=stage.unet, unet_ema=stage.unet_ema, disc=stage.disc, net_ema=stage.frozen.net))
+    parts = nn.ModuleDict(dict(net=stage.net, net_ema=stage.net_ema) if number == 1 else dict(  # checkpointed; +
+        unet=stage.unet, unet_ema=stage.unet_ema, disc=stage.disc, net_ema=stage.frozen.net))  # D(E) for --eval-only
     optimizers = {k: v for k, v in stage._asdict().items() if k.startswith(("optimizer", "scaler"))}  # AdamW (+ Adam)
     evaluated, start, history = (stage.net_ema, None) if number == 1 else (stage.frozen.net, stage.unet_ema), 0, []
     if resume:  # restores the RNG states too: nothing may draw random numbers after this
@@ -779,8 +750,7 @@ def log_line(rec: dict, total: int, ms_per_step: float, device: torch.device) ->
     return " | ".join([f"step {rec['step']}/{total}", *values, f"{ms_per_step:.0f} ms/step", f"mem {mem:.1f} GB"])
 
 
-def finish(res: dict, run: Run, head: str) -> dict:
-    """End of a run: `head | mIoU ..` (+ mIoU16 / mIoU13 for SYNTHIA sources), metrics.json's "final", curves."""
+def finish(res: dict, run: Run, head: str) -> dict:  # end of a run: `head | mIoU ..`, metrics.json's "final", curves
     if run.dist.is_main:
         log(" | ".join([head, *(f"mIoU{k[4:]} {100 * res[k]:.2f}" for k in ("miou", "miou16", "miou13") if k in res)]))
         metrics.write_metrics(run.out, {k: v for k, v in res.items() if k not in ("table", "confusion")}, "final")
@@ -819,8 +789,7 @@ def evaluate(args: Args, net: ICCLDNet, unet, dataset, run: Run, step: int, miou
     return {**final, "miou_direct": miou_direct, "step": step, "stage": 1 if unet is None else 2}
 
 
-def main(args: Args) -> dict:
-    """Train (--stage 1, 2 or both), or --eval-only, --predict, --profile, --estimate-memory; returns the metrics."""
+def main(args: Args) -> dict:  # train (--stage 1, 2, both) or --eval-only, --predict, --profile, --estimate-memory
     args = replace_defaults(args, **DEMO) if args.demo else args
     return train(replace(args, eval_only=args.eval_only or bool(args.predict)))  # --predict: load --ckpt
 
