@@ -1,8 +1,6 @@
 """The command line of every script, made from its `Args` dataclass (CleanRL style), and its terminal output.
-
-Bad input ends with one line on stderr and exit code 2 (`UserError`); a run stopped by SIGTERM / SIGINT after its
-checkpoint exits 75 (`Stopped`; sysexits.h EX_TEMPFAIL: try again, with --resume).
-"""
+Bad input: one line on stderr, exit code 2 (`UserError`); stopped by SIGTERM / SIGINT after the checkpoint: exit 75
+(`Stopped`; sysexits.h EX_TEMPFAIL: try again, with --resume)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +11,6 @@ import sys
 import textwrap
 import tokenize
 import typing
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 EXIT_STOPPED = 75
@@ -48,12 +45,11 @@ def _field_docs(args_cls: type) -> dict[str, str]:
         return {}
     docs, field, prev = {}, None, None
     for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-        if tok.string == ":" and prev and prev.type == tokenize.NAME and prev.start[1] == 4:  # `name:` in the body
+        if tok.string == ":" and prev.type == tokenize.NAME and prev.start[1] == 4:  # `name:` in the class body
             field = prev.string
-        elif tok.type == tokenize.COMMENT and field and tok.string.startswith("# ----"):  # a section banner
-            field = None
-        elif tok.type == tokenize.COMMENT and field:
-            docs[field] = (docs.get(field, "") + " " + tok.string[1:].strip()).strip()
+        elif tok.type == tokenize.COMMENT and field:  # its help, or a section banner that ends it
+            field = None if tok.string.startswith("# ----") else field
+            docs.update({field: f"{docs.get(field, '')} {tok.string[1:].strip()}".strip()} if field else {})
         prev = tok
     return docs
 
@@ -96,7 +92,7 @@ def replace_defaults(args: Any, **values: Any) -> Any:
 def run_cli(main: Callable[[Any], Any], args_cls: type, argv: Optional[list[str]] = None) -> None:
     """Run `main(parse_args(...))`: exit 2 on a UserError (one line), 75 when stopped. Pasted into a notebook cell
     (`__main__` there too) it parses nothing (the kernel's `-f kernel.json` would fail) and says what to call."""
-    if argv is None and Path(sys.argv[0] if sys.argv else "").name.endswith("kernel_launcher.py"):
+    if argv is None and sys.argv and sys.argv[0].endswith("kernel_launcher.py"):
         name = args_cls.__name__
         return print(f"{name} and main are defined; run main({name}(demo=True)) for the demo, or "
                      f"main({name}(src=..., tgt=..., ...)) (the kernel's command line is not parsed).")
@@ -107,8 +103,7 @@ def run_cli(main: Callable[[Any], Any], args_cls: type, argv: Optional[list[str]
         sys.exit(2)
     except Stopped:  # the checkpoint is written and the line printed
         sys.exit(EXIT_STOPPED)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # outside the training loop (which stops after a checkpoint): no traceback
         sys.exit(130)
 
 
@@ -121,10 +116,8 @@ def check_common_flags(args: Any, crop_multiple: int) -> None:
                   ("profile", 0)):
         if getattr(args, k) < lo:
             raise UserError(f"error: --{k.replace('_', '-')}: got {getattr(args, k)}. Expected an integer >= {lo}.")
-    for a, b in (("eval_only", "resume"), ("profile", "estimate_memory")):
-        if getattr(args, a) and getattr(args, b):
-            raise UserError(f"error: --{b.replace('_', '-')}: cannot be combined with --{a.replace('_', '-')}. "
-                            "Expected one of them.")
+    for a, b in (("eval-only", "resume"), ("profile", "estimate-memory")):
+        if getattr(args, a.replace("-", "_")) and getattr(args, b.replace("-", "_")):
+            raise UserError(f"error: --{b}: cannot be combined with --{a}. Expected one of them.")
     if args.crop_size < crop_multiple or args.crop_size % crop_multiple:
-        raise UserError(f"error: --crop-size: got {args.crop_size}. Expected a positive multiple of "
-                        f"{crop_multiple} (e.g. 512).")
+        raise UserError(f"error: --crop-size: got {args.crop_size}. Expected a positive multiple of {crop_multiple}.")

@@ -56,9 +56,8 @@ def save_checkpoint(out: Path, step: int, weights: dict[str, torch.Tensor], stat
 
 
 def latest_checkpoint(out: Path) -> Optional[Path]:
-    done = sorted(p for p in (out / "checkpoints").glob("step_*") if p.name[5:].isdigit()
-                  and (p / "state.pt").exists())
-    return done[-1] if done else None
+    ok = sorted(p for p in (out / "checkpoints").glob("step_*") if p.name[5:].isdigit() and (p / "state.pt").exists())
+    return ok[-1] if ok else None
 
 
 def load_checkpoint(path: str | Path, flag: str = "--ckpt") -> tuple[dict, dict]:
