@@ -194,6 +194,11 @@ class TimeOffsetHook:
 F32, F16, F8 = "up_blocks.1.upsamplers.0", "up_blocks.2.upsamplers.0", "up_blocks.3"
 
 
+def feature_channels(unet: nn.Module) -> tuple[int, int, int]:
+    """(C_f8, C_f16, C_f32) = (320, 640, 1280) for SD 1.x: the widths out of up_blocks[3], [2], [1]."""
+    return tuple(unet.config.block_out_channels[:3])
+
+
 def _no_autocast(kind: str) -> contextlib.AbstractContextManager:
     """Leave the trained parts' autocast: the frozen VAE runs in its storage dtype (also on meta tensors)."""
     return torch.autocast(kind, enabled=False) if kind in ("cuda", "cpu") else contextlib.nullcontext()
@@ -507,8 +512,7 @@ def build_model(args: Args, num_classes: int, device: torch.device, precision: P
                     TimeOffsetHook(unet), torch.randn(1, 4, 64, 64, generator=g).to(device))
     torch.manual_seed(args.seed)                                              # head / conditioning init
     cond = Conditioning(e_empty, unet.time_embedding.linear_2.out_features)   # d_t = 1280 in SD 1.x
-    c_feats = tuple(unet.config.block_out_channels[:3])  # (C_f8, C_f16, C_f32) = (320, 640, 1280) in SD 1.x
-    seg = SegHead(cond, c_feats, num_classes, args.fusion_stride).to(device)
+    seg = SegHead(cond, feature_channels(unet), num_classes, args.fusion_stride).to(device)
     ema_seg = copy.deepcopy(seg).requires_grad_(False)                        # teacher: EMA of SegHead only
     ema_seg.train()  # the teacher head runs in train mode (dropout, BN batch statistics), as official
     return Student(unet, seg, frozen), ema_seg

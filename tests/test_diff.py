@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import run_two_gloo_processes, sigterm_on_call
+from conftest import background, run_two_gloo_processes, sigterm_on_call
 import torch
 import torch.nn.functional as F
 
@@ -744,8 +744,7 @@ def _run(args, timeout=600, **kw):
 
 
 def test_demo_end_to_end(tmp_path):
-    out = tmp_path / "demo"
-    r = _run(["--demo", "--out", str(out)])
+    r, out = background("diff-demo")   # started at collection, beside the other tests (conftest.py)
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["args"]["sd_model"] == "mini" and metrics["evals"][-1]["miou"] is not None

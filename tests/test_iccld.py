@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import run_two_gloo_processes, sigterm_on_call
+from conftest import background, run_two_gloo_processes, sigterm_on_call
 import torch
 
 import iccld
@@ -964,13 +964,11 @@ def test_synthia_run_ends_with_miou16_13_in_the_line_the_result_and_metrics_json
 
 # ---- the demo, end to end ------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_demo_end_to_end_and_learns(tmp_path):
+def test_demo_end_to_end_and_learns():
     """`python iccld.py --demo`: both stages on the synthetic sample. Exit 0, metrics.json, pictures, the eval
     lines; the losses fall and both evaluated paths beat any constant prediction (the learning test); the target
     side acts (q > 0) in most steps of both stages and the printout says what adapts."""
-    out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "iccld.py", "--demo", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc, out = background("iccld-demo")   # started at collection, beside the other tests (conftest.py)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "metrics.json").read_text())
     assert data["args"]["demo"] and data["args"]["sd_model"] == "mini"

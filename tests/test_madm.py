@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 import madm
+from conftest import background
 import madm_reference as ref
 from common.datasets import CLASS_SETS, PALETTES, check_pair
 from common.cli import UserError
@@ -810,7 +811,7 @@ def test_learning_on_synthetic_source(data, tmp_path):
 ADAPT_GAINS = (0.92, 4.50, 2.98, 4.72, 2.90, 3.73, 4.61, 6.00, 2.60, 2.48) + (1.21, 1.89, 5.79, 5.14, 2.80)
 
 
-def test_adapts_on_mini(data, tmp_path):
+def test_adapts_on_mini(data):
     """Adapted beats source-only: MADM cityscapes -> dsec_event on the pretrained mini SD, --demo settings (crop 64,
     eval 64, lr 3e-3, fusion stride 4, the paper's pseudo threshold 0.968), 30 steps on the default sample
     (data/synthetic: 8 train / 4 eval images), seed 0, once with --source-only and once adapted, in process:
@@ -833,17 +834,17 @@ def test_adapts_on_mini(data, tmp_path):
     labels that carry no weight (of seeds 0..4 the margin catches it at seed 0 only). Cost: 20 s (baseline) +
     37 s (adapted) of one core: both runs 53.7 s wall / 51.5 s CPU, pytest 60 s, with the machine lightly loaded;
     178 s wall under a load of 6 on the shared 2 cores."""
-    common = dict(demo=True, sd_model="mini", data_root=str(DATA), iters=30, seed=0, eval_every=30,
-                  ckpt_every=30, log_every=5)
-    t, cpu = time.time(), time.process_time()
-    base = madm.main(madm.Args(**common, source_only=True, out=str(tmp_path / "source-only")))
-    full = madm.main(madm.Args(**common, out=str(tmp_path / "adapted")))
+    runs = {}
+    for variant in ("base", "full"):  # the two commands, started at collection beside the other tests (conftest.py)
+        r, out = background(f"madm-adapt-{variant}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[variant] = json.loads((out / "metrics.json").read_text())
+    base, full = (runs[v]["final"] for v in ("base", "full"))
     gain = 100 * (full["miou"] - base["miou"])
     margin = 0.5 * min(ADAPT_GAINS)
-    qs = [rec["q"] for rec in full["train_log"]]
+    qs = [rec["q"] for rec in runs["full"]["train_log"]]
     print(f"source-only {100 * base['miou']:.2f} | adapted {100 * full['miou']:.2f} | gain {gain:+.2f} "
-          f"(margin {margin:.2f}) | q per 5 steps {[round(q, 3) for q in qs]} | {time.time() - t:.1f} s wall, "
-          f"{time.process_time() - cpu:.1f} s CPU")
+          f"(margin {margin:.2f}) | q per 5 steps {[round(q, 3) for q in qs]}")
     assert gain > margin, (100 * base["miou"], 100 * full["miou"], margin)
     assert len(qs) == 6 and sum(q > 0 for q in qs) >= 4, qs   # q > 0 in 25 of the 30 steps measured
 
@@ -1076,9 +1077,7 @@ def test_demo_end_to_end(tmp_path):
     """`python madm.py --demo`: exit 0, metrics.json, pictures, curves, an mIoU line, and the target side acts for
     most of the run on mini at the paper's threshold 0.968: the start line says what adapts and q > 0 in most steps
     (27 of 40 measured on 2026-12-07)."""
-    out = tmp_path / "demo"
-    t = time.time()
-    r = _run(["--demo", "--out", str(out)], timeout=240)
+    r, out = background("madm-demo")   # started at collection, beside the other tests (conftest.py)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "eval step 40 | mIoU" in r.stdout and "per-class results" in r.stdout
     assert "adapting: EMA-teacher pseudo labels on the target" in r.stdout
@@ -1092,4 +1091,3 @@ def test_demo_end_to_end(tmp_path):
     assert n >= 20, n
     assert list((out / "predictions").glob("*.png"))
     assert (out / "checkpoints" / "step_0000040" / "weights.safetensors").exists()
-    print(f"demo wall time {time.time() - t:.1f} s")

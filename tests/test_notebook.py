@@ -67,7 +67,8 @@ def _colab_cells() -> list[str]:
 def test_readme_colab_cells_run_in_order_in_a_kernel(tmp_path):
     """Every Python cell of the README's Colab section, in order, except the first (clone + install). Drive is a
     local folder holding the synthetic sample; the real run (cell 5) is shrunk to the tiny SD and two steps by
-    adding `demo=True, iters=2, ttda_steps=1` to its Args, so it runs the same code path with the cell's own flags."""
+    adding `demo=True, iters=2, ttda_steps=1` to its Args, so it runs the same code path with the cell's own flags;
+    the demo cell runs 4 steps instead of 40 (the whole demo is tests/test_madm.py's test_demo_end_to_end)."""
     cells = _colab_cells()
     assert len(cells) >= 5 and all(ln.startswith(("!", "%", "#")) for ln in cells[0].strip().splitlines())
     drive_root = tmp_path / "content" / "drive"
@@ -76,6 +77,7 @@ def test_readme_colab_cells_run_in_order_in_a_kernel(tmp_path):
         code = code.replace("/content/drive", str(drive_root))
         if "from google.colab import drive" not in code and "Args(src=" in code:
             code = code.replace("Args(src=", "Args(demo=True, iters=2, ttda_steps=1, src=", 1)
+        code = code.replace("main(Args(demo=True))", "main(Args(demo=True, iters=4, eval_every=4, ckpt_every=4))")
         runnable.append(code)
     assert any("demo=True, iters=2" in c for c in runnable), "the real-run cell was not found"
     r = _kernel(f"""
