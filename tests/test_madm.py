@@ -1076,7 +1076,7 @@ def test_synthia_run_ends_with_miou16_13_in_the_line_the_result_and_metrics_json
 def test_demo_end_to_end(tmp_path):
     """`python madm.py --demo`: exit 0, metrics.json, pictures, curves, an mIoU line, and the target side acts for
     most of the run on mini at the paper's threshold 0.968: the start line says what adapts and q > 0 in most steps
-    (27 of 40 measured on 2026-12-07)."""
+    (29 of 40 measured on 2026-12-07)."""
     r, out = background("madm-demo")   # started at collection, beside the other tests (conftest.py)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "eval step 40 | mIoU" in r.stdout and "per-class results" in r.stdout
