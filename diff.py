@@ -522,7 +522,7 @@ def load_weights(model: nn.Module, weights: dict, where: str) -> None:
                         "checkpoint of diff.py with the same --sd-model, --proj-dims and --tgt class set.") from None
 
 
-# ---- Processes, device, precision, seeds (nanoGPT's train.py; the same block in all four scripts) ----------
+# ---- Processes, device, precision, seeds (Same as madm.py: the same block in all four scripts) ----------------------
 @dataclass
 class Dist:
     """The processes init_distributed found: torchrun starts one per GPU; without it, one."""

@@ -543,7 +543,7 @@ def load_stage1_weights(path: str) -> tuple[dict, int]:
     return net_weights, state["step"] if state.get("stage") == 1 else state.get("offset", 0)
 
 
-# ---- Processes, device, precision, seeds (nanoGPT's train.py; the same block in all four scripts) ----------
+# ---- Processes, device, precision, seeds (Same as madm.py: the same block in all four scripts) ----------------------
 @dataclass
 class Dist:
     """The processes init_distributed found: torchrun starts one per GPU; without it, one."""

@@ -431,7 +431,7 @@ def ttda_step(model: PTDiffSeg, sd: FrozenSD, s: nn.Parameter, s0: torch.Tensor,
     return {"loss_ttda": loss.item() if loss is not None else 0.0, "kept": kept, "stepped": float(stepped)}
 
 
-# ---- Processes, device, precision, seeds (nanoGPT's train.py; the same block in all four scripts) ----------
+# ---- Processes, device, precision, seeds (Same as madm.py: the same block in all four scripts) ----------------------
 @dataclass
 class Dist:
     """The processes init_distributed found: torchrun starts one per GPU; without it, one."""
